@@ -1,0 +1,1 @@
+"""perp's command line: one module per subcommand; `app` only registers them."""

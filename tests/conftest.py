@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny models of every family saved as checkpoint directories, the
+real checkpoints and data in ../shared (skipped with a reason when absent), and a CLI
+runner that goes through `main` so exit codes are the real ones."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from perp_cli import tiny
+from perp_cli.cli.app import main
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("PERP_SHARED", ROOT.parent / "shared"))
+FAMILIES = sorted(tiny.FAMILY_CONFIGS)
+
+
+def shared_path(*parts: str) -> Path:
+    """A path inside ../shared, or skip the test saying why."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent (real checkpoints/data live in ../shared or $PERP_SHARED)")
+    return path
+
+
+def save_tiny(path: Path, family: str = "opt", seed: int = 0, **overrides) -> Path:
+    """Write a tiny random model of `family` plus the byte tokenizer as an HF directory."""
+    model = tiny.build_model(family, seed=seed, **overrides)
+    model.save_pretrained(path)
+    tiny.build_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def tiny_dir(tmp_path: Path) -> Path:
+    return save_tiny(tmp_path / "tiny-opt-random", "opt")
+
+
+@pytest.fixture(params=FAMILIES)
+def family_dir(request, tmp_path: Path) -> Path:
+    return save_tiny(tmp_path / f"tiny-{request.param}", request.param)
+
+
+@pytest.fixture
+def calib_file(tmp_path: Path) -> Path:
+    """A small local text corpus (the package's demo text) for calibration and training."""
+    from importlib.resources import files
+
+    path = tmp_path / "corpus.txt"
+    path.write_text(files("perp_cli").joinpath("demo/corpus.txt").read_text(encoding="utf-8"), encoding="utf-8")
+    return path
+
+
+@dataclass
+class CliResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def json(self):
+        return json.loads(self.stdout)
+
+
+def run_cli(*args: str) -> CliResult:
+    """Run `perp ARGS` in-process through `main`, capturing stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    from perp_cli.progress import console
+
+    old_file = console.file
+    console.file = err
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            code = main([str(a) for a in args])
+    finally:
+        console.file = old_file
+    return CliResult(code, out.getvalue(), err.getvalue())
