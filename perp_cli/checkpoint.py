@@ -38,6 +38,7 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 TMP_MARKER = ".perp-tmp-"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 # vLLM refuses directories that carry these; perp never writes them.
 FORBIDDEN_CONFIG_KEYS = ("sparsity_config", "quantization_config")
 
@@ -234,12 +235,19 @@ def load(
 def _load_tokenizer(where: str, trust_remote_code: bool, required: bool) -> Any:
     from transformers import AutoTokenizer
 
+    path = Path(where)
+    if path.is_dir() and not any((path / n).is_file() for n in TOKENIZER_FILES):
+        # transformers 5 would build an empty tokenizer here instead of failing
+        if required:
+            raise CheckpointError(f"{where} has no tokenizer files; this step needs one (copy them from the base model)")
+        return None
     try:
-        return AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     except Exception as exc:
         if required:
             raise CheckpointError(f"cannot load a tokenizer from {where}: {_first_line(exc)}") from exc
         return None
+    return tokenizer
 
 
 def _read_adapters(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:

@@ -13,8 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from perp_cli import tiny
-from perp_cli.cli.app import main
+# Tests never touch the network: any accidental hub access fails fast instead of hanging.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from perp_cli import tiny  # noqa: E402
+from perp_cli.cli.app import main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("PERP_SHARED", ROOT.parent / "shared"))

@@ -13,11 +13,17 @@ import sys
 import traceback
 from typing import Annotated
 
-import click
 import typer
 from rich.markup import escape
 
 from perp_cli import __version__
+
+try:  # recent typer vendors its own copy of click and raises that copy's exceptions
+    from typer._click.exceptions import NoArgsIsHelpError
+    from typer._click.exceptions import UsageError as ClickUsageError
+except ImportError:  # pragma: no cover - older typer on real click
+    from click.exceptions import NoArgsIsHelpError
+    from click.exceptions import UsageError as ClickUsageError
 from perp_cli.cli import inspect as inspect_cmd
 from perp_cli.errors import Interrupted, PerpError
 from perp_cli.progress import console
@@ -72,13 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, prog_name="perp", standalone_mode=False)
         return 0
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return exc.exit_code
-    except click.exceptions.UsageError as exc:
+    except NoArgsIsHelpError as exc:  # bare `perp`: the help is the answer
+        sys.stdout.write(exc.format_message() + "\n")
+        return 0
+    except ClickUsageError as exc:
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
         _say("perp: error:", f"{exc.format_message()}{hint}")
         return 2
-    except (KeyboardInterrupt, click.exceptions.Abort, Interrupted) as exc:
+    except (KeyboardInterrupt, typer.Abort, Interrupted) as exc:
         reason = str(exc) if isinstance(exc, Interrupted) else "interrupted"
         _say("perp:", f"{reason}; no output was written")
         return 130

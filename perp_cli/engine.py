@@ -1,0 +1,277 @@
+"""The one block-by-block calibration engine (pruning, and later reconstruction).
+
+Wanda, SparseGPT and layer-wise reconstruction all need the activations entering each
+decoder block. Following the SparseGPT/Wanda references, the engine
+
+1. runs the embeddings on the calibration windows and catches the inputs of block 0
+   (hidden states plus the keyword arguments transformers 5 passes to a decoder layer:
+   rotary `position_embeddings`, `attention_mask`, `position_ids`, ...; `use_cache` off),
+2. for each block in order: moves the block to the device, hands it and its inputs to a
+   callback (which may hook the block and run it, modify it, or run other modules on the
+   same inputs), then
+3. feeds the inputs through the block *as the callback left it* (the pruned block) to
+   get the next block's inputs, and moves the block back to the host.
+
+Only the current block lives on the device; the rest of the model stays on the host.
+`offload=True` keeps the calibration activations on the host too, moving one micro-batch
+at a time to the device (slower, but device memory then holds only one block and one
+micro-batch).
+
+The keyword arguments are caught once from a batch of one window, so their tensors
+(causal mask, rotary tables, position ids) broadcast over any micro-batch size; all
+calibration windows have the same length and no padding, which makes this exact.
+
+Example (what `perp reconstruct` needs: hook a block, run a dense copy on the same
+inputs, change the block, let the engine propagate through the changed block)::
+
+    from perp_cli import engine
+
+    def step(s: engine.BlockStep) -> None:
+        s.status("collecting")
+        seen = []
+        handle = s.block.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
+        s.inputs.run(s.block, keep_outputs=False)        # (a) hooks see every micro-batch
+        handle.remove()
+        dense = dense_blocks[s.index].to(s.device)
+        targets = s.inputs.run(dense)                      # (c) any module, same inputs
+        dense.to("cpu")
+        for x, y in zip(s.inputs.batches(), targets):     # (b) modify the block
+            loss = (s.inputs.call(s.block, x) - y.to(s.device)).pow(2).mean()
+            ...
+        # returning None: the engine computes the next inputs through s.block
+
+    final = engine.calibrate(model, tokens, step, device="cpu", batch_size=8)
+
+A callback that already computed the next block's inputs (for instance while training)
+may return them as a `BlockInputs` (`s.inputs.replaced(outputs)`) to skip the extra pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from perp_cli import arch
+
+
+class _Caught(Exception):
+    """Raised by the pre-hook on block 0 to stop the model forward after the embeddings."""
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    """Move tensors (also inside tuples/lists/dicts) to `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _hidden(output: Any) -> torch.Tensor:
+    """A decoder layer's hidden states (transformers 5 returns a tensor, older a tuple)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@dataclass
+class BlockInputs:
+    """Calibration activations entering one block, in micro-batches.
+
+    `hidden` holds `[b, seqlen, hidden]` tensors on `store` (the device, or the host when
+    offloading); `args`/`kwargs` are the extra arguments every block is called with,
+    kept on `device`.
+    """
+
+    hidden: list[torch.Tensor]
+    args: tuple
+    kwargs: dict[str, Any]
+    device: torch.device
+    store: torch.device
+
+    def __len__(self) -> int:
+        return len(self.hidden)
+
+    @property
+    def num_windows(self) -> int:
+        return sum(h.shape[0] for h in self.hidden)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        """Each micro-batch of hidden states, on the compute device."""
+        for h in self.hidden:
+            yield h.to(self.device)
+
+    def call(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Run a decoder block (or a copy of one) on one micro-batch `x`."""
+        return _hidden(module(x, *self.args, **self.kwargs))
+
+    @torch.no_grad()
+    def run(self, module: nn.Module, keep_outputs: bool = True) -> list[torch.Tensor]:
+        """Run `module` over every micro-batch; outputs (on `store`) if `keep_outputs`.
+
+        With `keep_outputs=False` this is the statistics pass: forward hooks registered
+        on submodules see all calibration tokens, and nothing is kept.
+        """
+        outputs = []
+        for x in self.batches():
+            y = self.call(module, x)
+            if keep_outputs:
+                outputs.append(y.to(self.store))
+        return outputs
+
+    def replaced(self, hidden: list[torch.Tensor]) -> "BlockInputs":
+        """The same call arguments with new hidden states (the next block's inputs)."""
+        return BlockInputs([h.to(self.store) for h in hidden], self.args, self.kwargs, self.device, self.store)
+
+    def propagate(self, module: nn.Module) -> "BlockInputs":
+        """The inputs of the next block: `module` applied to these inputs."""
+        return self.replaced(self.run(module))
+
+
+@dataclass
+class BlockStep:
+    """What a callback gets for block `index`: the block (already on `device`), its
+    inputs, and `status(text)` to show what it is doing in the progress bar."""
+
+    index: int
+    block: nn.Module
+    inputs: BlockInputs
+    device: torch.device
+    status: Callable[[str], None]
+
+
+StepFn = Callable[[BlockStep], "BlockInputs | None"]
+
+
+@contextlib.contextmanager
+def _outside_blocks_on(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Temporarily move every parameter and buffer outside the blocks to `device`
+    (embeddings, rotary tables, final norm, lm_head), leaving the blocks on the host."""
+    prefix = arch.spec_for(model).blocks + "."
+    moved: list[tuple[torch.Tensor, torch.device]] = []
+    seen: set[int] = set()
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    for name, t in tensors:
+        if name.startswith(prefix) or id(t) in seen or t.device == device:
+            continue
+        seen.add(id(t))
+        moved.append((t, t.device))
+        t.data = t.data.to(device)
+    try:
+        yield
+    finally:
+        for t, home in moved:
+            t.data = t.data.to(home)
+
+
+@torch.no_grad()
+def capture_inputs(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    offload: bool = False,
+) -> BlockInputs:
+    """The inputs of block 0 for every calibration window of `tokens` `[n, seqlen]`.
+
+    A forward pre-hook on block 0 records its arguments and aborts the forward, so only
+    the embeddings run. The call arguments are taken from a one-window batch so that
+    they broadcast over micro-batches of any size.
+    """
+    device = torch.device(device)
+    store = torch.device("cpu") if offload else device
+    first = arch.blocks(model)[0]
+    caught: dict[str, Any] = {}
+
+    def catch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        if args:
+            caught["hidden"], caught["args"] = args[0], args[1:]
+        else:
+            caught["hidden"], caught["args"] = kwargs.pop("hidden_states"), ()
+        caught["kwargs"] = dict(kwargs)
+        raise _Caught
+
+    def embed(batch: torch.Tensor) -> dict[str, Any]:
+        caught.clear()
+        try:
+            model(input_ids=batch.to(device), use_cache=False)
+        except _Caught:
+            pass
+        if "hidden" not in caught:
+            raise RuntimeError("the model forward never reached its first decoder block")
+        return dict(caught)
+
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with _outside_blocks_on(model, device):
+            one = embed(tokens[:1])
+            hidden = [embed(tokens[i : i + batch_size])["hidden"].to(store) for i in range(0, tokens.shape[0], batch_size)]
+    finally:
+        handle.remove()
+    kwargs = {k: v for k, v in one["kwargs"].items() if k not in ("cache", "past_key_values", "past_key_value")}
+    kwargs["use_cache"] = False
+    args = tuple(None if isinstance(a, torch.nn.Module) or type(a).__name__.endswith("Cache") else a for a in one["args"])
+    return BlockInputs(hidden, _to(args, device), _to(kwargs, device), device, store)
+
+
+def run_blocks(
+    model: nn.Module,
+    inputs: BlockInputs,
+    step: StepFn,
+    progress: Any = None,
+    description: str = "blocks",
+) -> BlockInputs:
+    """Call `step` on every block in order and propagate the inputs through each block
+    after `step` returns (or take the inputs `step` returned). Returns the outputs of the
+    last block. `progress` is an optional Rich `Progress` showing one bar over blocks."""
+    blocks = arch.blocks(model)
+    task = progress.add_task(description, total=len(blocks), status="") if progress is not None else None
+
+    def status(text: str) -> None:
+        if progress is not None:
+            progress.update(task, status=text)
+
+    for index, block in enumerate(blocks):
+        home = next(block.parameters()).device
+        block.to(inputs.device)
+        try:
+            status(f"block {index}")
+            returned = step(BlockStep(index, block, inputs, inputs.device, status))
+            status(f"block {index}: propagating")
+            inputs = returned if returned is not None else inputs.propagate(block)
+        finally:
+            block.to(home)
+        if progress is not None:
+            progress.advance(task)
+    status("done")
+    return inputs
+
+
+def calibrate(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    step: StepFn,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    offload: bool = False,
+    progress: Any = None,
+    description: str = "blocks",
+) -> BlockInputs:
+    """`capture_inputs` then `run_blocks`: the whole block-sequential pass."""
+    was_training = model.training
+    model.eval()
+    try:
+        inputs = capture_inputs(model, tokens, device=device, batch_size=batch_size, offload=offload)
+        return run_blocks(model, inputs, step, progress=progress, description=description)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,96 @@
+"""Masks from scores: which weights to prune, given a score per weight (low = prune).
+
+Every method reduces to a score; the comparison group decides what competes with what:
+
+* `row`: each output row prunes the same number of weights (Wanda's default),
+* `matrix`: the whole matrix competes (magnitude's and random's default),
+* `global`: every prunable weight of the model competes,
+* N:M: every group of M consecutive inputs keeps its N best.
+
+Counts are exact: a group of n weights at sparsity s prunes `prune_count(n, s)` weights,
+ties broken by position (stable sort), so the same scores always give the same mask. A
+weight already pruned by an earlier step (`pruned`) is pruned again first and stays
+pruned even if the group then exceeds its count: masks never revive weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+_EPS = 1e-9
+
+
+def prune_count(n: int, sparsity: float) -> int:
+    """floor(n·s), robust to float representation (0.7·100 is 70, 0.29·100 is 29)."""
+    return min(n, int(math.floor(n * sparsity + _EPS * max(1, n))))
+
+
+def _forced(scores: torch.Tensor, pruned: torch.Tensor | None) -> torch.Tensor:
+    """Scores with already-pruned weights moved to the very bottom."""
+    scores = scores.float()
+    if pruned is None:
+        return scores
+    return scores.masked_fill(pruned.to(scores.device), float("-inf"))
+
+
+def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of the k lowest entries of each row of a 2-D `scores` (stable ties)."""
+    out = torch.zeros_like(scores, dtype=torch.bool)
+    if k > 0:
+        order = torch.sort(scores, dim=-1, stable=True).indices[..., :k]
+        out.scatter_(-1, order, True)
+    return out
+
+
+def prune_mask(
+    scores: torch.Tensor, sparsity: float, scope: str, pruned: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Pruned-weight mask (True = prune) of a 2-D `[out, in]` score tensor.
+
+    `scope` is `row` (each row prunes floor(in·s)) or `matrix` (floor(out·in·s) overall).
+    """
+    s = _forced(scores, pruned)
+    if scope == "row":
+        out = _lowest(s, prune_count(s.shape[1], sparsity))
+    elif scope == "matrix":
+        out = _lowest(s.reshape(1, -1), prune_count(s.numel(), sparsity)).reshape(s.shape)
+    else:
+        raise ValueError(f"unknown scope {scope!r}")
+    return out if pruned is None else out | pruned.to(out.device)
+
+
+def nm_prune_mask(scores: torch.Tensor, n: int, m: int, pruned: torch.Tensor | None = None) -> torch.Tensor:
+    """Pruned-weight mask keeping the n highest scores in every m consecutive inputs.
+
+    The input dimension (last) must be a multiple of m; callers check and report.
+    """
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"input dimension {cols} is not a multiple of {m}")
+    s = _forced(scores, pruned).reshape(rows, cols // m, m)
+    out = _lowest(s, m - n).reshape(rows, cols)
+    return out if pruned is None else out | pruned.to(out.device)
+
+
+def global_prune_masks(
+    scores: dict[str, torch.Tensor], sparsity: float, pruned: dict[str, torch.Tensor | None] | None = None
+) -> dict[str, torch.Tensor]:
+    """Pruned-weight masks when all matrices compete: floor(total·s) lowest scores overall.
+
+    The scores are concatenated once (4 bytes per weight on the host); ties are broken by
+    the order of `scores`, then position.
+    """
+    pruned = pruned or {}
+    keys = list(scores)
+    flat = torch.cat([_forced(scores[k], pruned.get(k)).reshape(-1).cpu() for k in keys])
+    chosen = _lowest(flat.reshape(1, -1), prune_count(flat.numel(), sparsity)).reshape(-1)
+    out, offset = {}, 0
+    for k in keys:
+        n = scores[k].numel()
+        mask = chosen[offset : offset + n].reshape(scores[k].shape)
+        old = pruned.get(k)
+        out[k] = mask if old is None else mask | old.cpu()
+        offset += n
+    return out

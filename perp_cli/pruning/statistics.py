@@ -1,0 +1,133 @@
+"""Calibration statistics of a block's matrix inputs, one object per input group.
+
+Matrices that read the same input (q/k/v, gate/up, each expert's slices) share one
+statistics object: the reference implementations compute the same Hessian three times
+for q, k and v; here it is computed once.
+
+Inputs are caught with forward pre-hooks on the module that owns the group's first
+matrix. transformers 5 stores Mixtral's experts fused (`MixtralExperts.forward(hidden,
+top_k_index, top_k_weights)`), so no per-expert module exists to hook: one pre-hook on
+the experts module recomputes, for each expert, the tokens the router sent to it (its
+`gate_up` input) and `act(gate) * up` from that expert's slice (its `down` input),
+exactly as `MixtralExperts.forward` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from perp_cli import arch
+from perp_cli.arch import Matrix
+
+
+class NormStat:
+    """Σ x_j² per input feature over all tokens (Wanda's ‖X_j‖₂², float64 accumulator)."""
+
+    def __init__(self, features: int, device: torch.device) -> None:
+        self.sq = torch.zeros(features, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        self.sq += x.float().pow(2).sum(dim=0).double()
+        self.tokens += x.shape[0]
+
+    def norms(self) -> torch.Tensor:
+        """‖X_j‖₂ as float32."""
+        return self.sq.sqrt().float()
+
+
+class HessianStat:
+    """Σ xxᵀ over all tokens in float32; `hessian()` = 2/N · Σ xxᵀ (SparseGPT's H)."""
+
+    def __init__(self, features: int, device: torch.device) -> None:
+        self.sum = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.float()
+        self.sum.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        return self.sum * (2.0 / max(self.tokens, 1))
+
+
+StatFactory = Callable[[int, torch.device], Any]
+
+
+@dataclass
+class Group:
+    """Matrices sharing one input, and the statistics of that input."""
+
+    matrices: list[Matrix]
+    stat: Any
+
+    @property
+    def label(self) -> str:
+        return ",".join(m.key for m in self.matrices)
+
+
+def target_groups(model: nn.Module, index: int, keys: set[str]) -> list[list[Matrix]]:
+    """`arch.input_groups` of block `index` restricted to the matrices being pruned."""
+    groups = []
+    for group in arch.input_groups(model, index):
+        chosen = [m for m in group if m.key in keys]
+        if chosen:
+            groups.append(chosen)
+    return groups
+
+
+def _expert_hook(experts: nn.Module, by_expert: dict[tuple[str, int], Group], spec: arch.ArchSpec) -> Callable:
+    gate_up_local, down_local = spec.fused_experts
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        values = list(args) + [kwargs[k] for k in names[len(args) :] if k in kwargs]
+        hidden, top_k_index = values[0], values[1]
+        for e in range(experts.gate_up_proj.shape[0]):
+            token_idx = (top_k_index == e).any(dim=-1).nonzero().reshape(-1)
+            if token_idx.numel() == 0:
+                continue
+            x = hidden[token_idx]
+            group = by_expert.get((gate_up_local, e))
+            if group is not None:
+                group.stat.add(x)
+            group = by_expert.get((down_local, e))
+            if group is not None:
+                gate, up = nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
+                group.stat.add(experts.act_fn(gate) * up)
+
+    return hook
+
+
+@contextlib.contextmanager
+def collecting(model: nn.Module, groups: list[list[Matrix]], factory: StatFactory, device: torch.device) -> Iterator[list[Group]]:
+    """Attach one statistics object per group while the block runs; yields the groups."""
+    spec = arch.spec_for(model)
+    out = [Group(g, factory(g[0].shape[1], device)) for g in groups]
+    handles = []
+    experts: dict[int, tuple[nn.Module, dict[tuple[str, int], Group]]] = {}
+    for group in out:
+        first = group.matrices[0]
+        if first.expert is not None:
+            owner, table = experts.setdefault(id(first.owner), (first.owner, {}))
+            table[(first.local, first.expert)] = group
+            continue
+
+        def hook(module: nn.Module, args: tuple, group: Group = group) -> None:
+            x = args[0]
+            group.stat.add(x.reshape(-1, x.shape[-1]))
+
+        handles.append(first.owner.register_forward_pre_hook(hook))
+    for owner, table in experts.values():
+        handles.append(owner.register_forward_pre_hook(_expert_hook(owner, table, spec), with_kwargs=True))
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,255 @@
+"""The checkpoint contract: round trips, atomic writes, refusals, consistency checks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from perp_cli import arch, checkpoint, tiny
+from perp_cli.errors import CheckpointError, NumericalError, UsageError
+from perp_cli.manifest import StepRecord, sha256_file
+from perp_cli.mask import MaskSet, Pattern, apply
+
+from conftest import save_tiny
+
+
+def _tree_digest(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def _magnitude_masks(model, sparsity: float = 0.5) -> MaskSet:
+    masks = {}
+    for name in {m.name for m in arch.matrices(model)}:
+        w = dict(model.named_parameters())[name].detach()
+        k = int(w.numel() * sparsity)
+        threshold = w.abs().flatten().kthvalue(k).values
+        masks[name] = w.abs() > threshold
+    return MaskSet(masks)
+
+
+def _step(inp: str = "in") -> StepRecord:
+    return StepRecord(command="test", args={"x": 1}, input=inp, seed=0)
+
+
+@pytest.mark.parametrize("shard", [None, "100KB"])
+def test_save_load_round_trip_is_bitwise(family_dir: Path, tmp_path: Path, shard: str | None) -> None:
+    ckpt = checkpoint.load(family_dir)
+    masks = _magnitude_masks(ckpt.model)
+    apply(ckpt.model, masks)
+    out = tmp_path / "out"
+    kwargs = {"max_shard_size": shard} if shard else {}
+    checkpoint.save(out, ckpt.model, ckpt.tokenizer, masks, ckpt.manifest, _step(str(family_dir)), **kwargs)
+    if shard:
+        assert (out / checkpoint.WEIGHTS_INDEX_NAME).is_file()
+    again = checkpoint.load(out)
+    before = ckpt.model.state_dict()
+    for name, tensor in again.model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    for name, keep in masks.masks.items():
+        assert torch.equal(again.masks[name], keep)
+    manifest = json.loads((out / "perp.json").read_text())
+    assert manifest["masks_sha256"] == sha256_file(out / "masks.safetensors")
+    assert manifest["history"][-1]["command"] == "test"
+    assert abs(manifest["sparsity"]["total"] - 0.5) < 0.01
+    # plain transformers loads it without perp
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(plain.state_dict()[masks.names()[0]], before[masks.names()[0]])
+    config = json.loads((out / "config.json").read_text())
+    assert "sparsity_config" not in config and "quantization_config" not in config
+
+
+def test_masks_are_bit_packed(tiny_dir: Path, tmp_path: Path) -> None:
+    ckpt = checkpoint.load(tiny_dir)
+    masks = _magnitude_masks(ckpt.model)
+    apply(ckpt.model, masks)
+    checkpoint.save(tmp_path / "o", ckpt.model, ckpt.tokenizer, masks, ckpt.manifest, _step())
+    raw = load_file(str(tmp_path / "o" / "masks.safetensors"))
+    for name, keep in masks.masks.items():
+        assert raw[name].dtype == torch.uint8 and raw[name].numel() == (keep.numel() + 7) // 8
+
+
+def test_history_is_copied_and_appended(tiny_dir: Path, tmp_path: Path) -> None:
+    ckpt = checkpoint.load(tiny_dir)
+    checkpoint.save(tmp_path / "a", ckpt.model, ckpt.tokenizer, None, ckpt.manifest, _step(str(tiny_dir)))
+    a = checkpoint.load(tmp_path / "a")
+    checkpoint.save(tmp_path / "b", a.model, a.tokenizer, None, a.manifest, StepRecord("second", {}, str(tmp_path / "a")))
+    history = json.loads((tmp_path / "b" / "perp.json").read_text())["history"]
+    assert [h["command"] for h in history] == ["test", "second"]
+    assert {"wall_time_s", "peak_memory", "versions", "args", "seed"} <= set(history[0])
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def test_failure_midway_leaves_no_output_and_input_unchanged(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    before = _tree_digest(tiny_dir)
+    ckpt = checkpoint.load(tiny_dir)
+    masks = _magnitude_masks(ckpt.model)
+    apply(ckpt.model, masks)
+
+    def failing_write_masks(path, m):  # the weights are written, the masks never are
+        raise Boom("disk died after half the files")
+
+    monkeypatch.setattr(checkpoint, "write_masks", failing_write_masks)
+    out = tmp_path / "out"
+    with pytest.raises(Boom):
+        checkpoint.save(out, ckpt.model, ckpt.tokenizer, masks, ckpt.manifest, _step())
+    assert not out.exists()
+    assert list(tmp_path.glob(".out*")) == []
+    assert _tree_digest(tiny_dir) == before
+
+
+def test_keyboard_interrupt_during_write_leaves_nothing(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    ckpt = checkpoint.load(tiny_dir)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ckpt.tokenizer, "save_pretrained", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(tmp_path / "out", ckpt.model, ckpt.tokenizer, None, ckpt.manifest, _step())
+    assert not (tmp_path / "out").exists() and list(tmp_path.glob(".out*")) == []
+
+
+def test_stale_temporary_from_killed_process_is_cleaned(tiny_dir: Path, tmp_path: Path) -> None:
+    stale = tmp_path / f".out{checkpoint.TMP_MARKER}999999"  # a pid that is not running
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    ckpt = checkpoint.load(tiny_dir)
+    checkpoint.save(tmp_path / "out", ckpt.model, ckpt.tokenizer, None, ckpt.manifest, _step())
+    assert not stale.exists() and (tmp_path / "out" / "perp.json").is_file()
+
+
+def test_existing_output_needs_overwrite_and_is_replaced_whole(tiny_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old-file").write_text("x")
+    with pytest.raises(UsageError, match="already exists"):
+        checkpoint.check_output(out, [tiny_dir], overwrite=False)
+    ckpt = checkpoint.load(tiny_dir)
+    checkpoint.save(out, ckpt.model, ckpt.tokenizer, None, ckpt.manifest, _step(), overwrite=True)
+    assert not (out / "old-file").exists() and (out / "perp.json").exists()
+
+
+def test_output_inside_input_or_symlink_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="inside"):
+        checkpoint.check_output(tiny_dir / "sub", [tiny_dir], overwrite=False)
+    with pytest.raises(UsageError, match="inside"):
+        checkpoint.check_output(tiny_dir, [tiny_dir], overwrite=True)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UsageError, match="symlink"):
+        checkpoint.check_output(link, [tiny_dir], overwrite=True)
+
+
+def test_weights_changed_behind_the_masks_back_are_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    ckpt = checkpoint.load(tiny_dir)
+    masks = _magnitude_masks(ckpt.model)
+    apply(ckpt.model, masks)
+    name = masks.names()[0]
+    dict(ckpt.model.named_parameters())[name].data[~masks[name]] = 0.5
+    with pytest.raises(CheckpointError, match="refusing to write.*nonzero"):
+        checkpoint.save(tmp_path / "o", ckpt.model, ckpt.tokenizer, masks, ckpt.manifest, _step())
+    assert not (tmp_path / "o").exists()
+
+
+def test_nan_weights_are_never_written(tiny_dir: Path, tmp_path: Path) -> None:
+    ckpt = checkpoint.load(tiny_dir)
+    next(ckpt.model.parameters()).data[0, 0] = float("nan")
+    with pytest.raises(NumericalError):
+        checkpoint.save(tmp_path / "o", ckpt.model, ckpt.tokenizer, None, ckpt.manifest, _step())
+    assert not (tmp_path / "o").exists()
+
+
+def test_mask_hash_mismatch_and_foreign_masks_are_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    ckpt = checkpoint.load(tiny_dir)
+    masks = _magnitude_masks(ckpt.model)
+    apply(ckpt.model, masks)
+    out = tmp_path / "o"
+    checkpoint.save(out, ckpt.model, ckpt.tokenizer, masks, ckpt.manifest, _step())
+    manifest = json.loads((out / "perp.json").read_text())
+    manifest["masks_sha256"] = "0" * 64
+    (out / "perp.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="sha256"):
+        checkpoint.load(out)
+    # masks of another model (llama names) on an OPT model
+    other = save_tiny(tmp_path / "llama", "llama")
+    lck = checkpoint.load(other)
+    lmasks = _magnitude_masks(lck.model)
+    apply(lck.model, lmasks)
+    checkpoint.save(tmp_path / "l", lck.model, lck.tokenizer, lmasks, lck.manifest, _step())
+    manifest["masks_sha256"] = sha256_file(tmp_path / "l" / "masks.safetensors")
+    (out / "perp.json").write_text(json.dumps(manifest))
+    (out / "masks.safetensors").write_bytes((tmp_path / "l" / "masks.safetensors").read_bytes())
+    with pytest.raises(CheckpointError, match="names no parameter"):
+        checkpoint.load(out)
+
+
+def test_newer_manifest_version_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
+    ckpt = checkpoint.load(tiny_dir)
+    checkpoint.save(tmp_path / "o", ckpt.model, ckpt.tokenizer, None, ckpt.manifest, _step())
+    manifest = json.loads((tmp_path / "o" / "perp.json").read_text())
+    manifest["format_version"] = 99
+    (tmp_path / "o" / "perp.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        checkpoint.load(tmp_path / "o")
+
+
+def test_pickle_only_directory_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "pickled"
+    tiny.build_model("opt").save_pretrained(d)
+    os.remove(d / "model.safetensors")
+    torch.save({}, d / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="--allow-pickle"):
+        checkpoint.load(d)
+
+
+def test_corrupt_weights_and_missing_shard(tiny_dir: Path, tmp_path: Path) -> None:
+    (tiny_dir / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match="cannot load"):
+        checkpoint.load(tiny_dir)
+    sharded = tmp_path / "sharded"
+    tiny.build_model("opt").save_pretrained(sharded, max_shard_size="100KB")
+    shard = sorted(sharded.glob("model-0*.safetensors"))[0]
+    shard.unlink()
+    with pytest.raises(CheckpointError, match="missing shard"):
+        checkpoint.load(sharded)
+
+
+def test_missing_dir_and_unmapped_architecture(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="no such directory"):
+        checkpoint.load(tmp_path / "nope")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model("gpt_neox", hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                               intermediate_size=64, vocab_size=64)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "neox")
+    from perp_cli.errors import ArchitectureError
+
+    with pytest.raises(ArchitectureError, match="GPTNeoXForCausalLM"):
+        checkpoint.load(tmp_path / "neox")
+
+
+def test_tokenizer_is_optional_until_needed(tmp_path: Path) -> None:
+    d = tmp_path / "notok"
+    tiny.build_model("opt").save_pretrained(d)
+    ckpt = checkpoint.load(d)
+    assert ckpt.tokenizer is None
+    with pytest.raises(CheckpointError, match="no tokenizer"):
+        ckpt.require_tokenizer()
+
+
+def test_shared_checkpoints_load_dense(tmp_path: Path) -> None:
+    from conftest import shared_path
+
+    for name in ("tiny-opt", "stories260K"):
+        ckpt = checkpoint.load(shared_path("models", name))
+        assert ckpt.masks is None and ckpt.tokenizer is not None
+        assert len(arch.matrices(ckpt.model)) > 0
