@@ -14,6 +14,7 @@ one left behind by SIGKILL is cleaned up by the next write to the same target.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -449,25 +450,36 @@ def save(
     manifest.setdefault("source_model", step.input)
     manifest["history"] = list(manifest_in.get("history", [])) + [step.finish()]
 
-    with staging(out, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp, max_shard_size=max_shard_size)
-        _strip_forbidden_config(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if masks is not None:
-            manifest["masks_sha256"] = write_masks(tmp, masks)
-            manifest["pattern"] = str(masks.pattern)
-            manifest["sparsity"] = {
-                "total": round(masks.total_sparsity(), 6),
-                "per_tensor": {n: round(s, 6) for n, s in masks.sparsity().items()},
-            }
-        if adapters is not None:
-            save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, str(tmp / ADAPTERS_NAME))
-            (tmp / ADAPTERS_CONFIG_NAME).write_text(json.dumps(adapters_config or {}, indent=2) + "\n")
-            manifest["adapters"] = {"sha256": sha256_file(tmp / ADAPTERS_NAME), **(adapters_config or {})}
-        (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-        _verify_written(tmp, masks)
+    try:
+        with staging(out, overwrite=overwrite) as tmp:
+            model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            _strip_forbidden_config(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if masks is not None:
+                manifest["masks_sha256"] = write_masks(tmp, masks)
+                manifest["pattern"] = str(masks.pattern)
+                manifest["sparsity"] = {
+                    "total": round(masks.total_sparsity(), 6),
+                    "per_tensor": {n: round(s, 6) for n, s in masks.sparsity().items()},
+                }
+            if adapters is not None:
+                save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, str(tmp / ADAPTERS_NAME))
+                (tmp / ADAPTERS_CONFIG_NAME).write_text(json.dumps(adapters_config or {}, indent=2) + "\n")
+                manifest["adapters"] = {"sha256": sha256_file(tmp / ADAPTERS_NAME), **(adapters_config or {})}
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+            _verify_written(tmp, masks)
+    except OSError as exc:
+        raise CheckpointError(_write_failure(out, exc)) from exc
     return manifest
+
+
+def _write_failure(out: str | Path, exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return f"out of disk space while writing {out}; nothing was written (free space and rerun)"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {out}: {exc.strerror}; nothing was written"
+    return f"writing {out} failed: {exc.strerror or exc}; nothing was written"
 
 
 def _verify_written(path: Path, masks: MaskSet | None) -> None:
@@ -480,3 +492,31 @@ def _verify_written(path: Path, masks: MaskSet | None) -> None:
         for name, keep in masks.masks.items():
             if not torch.equal(again.masks[name], keep.cpu().bool()):
                 raise CheckpointError(f"written mask {name} does not read back identically")
+
+
+def record_eval(path: str | Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """Append an evaluation `entry` to the directory's `perp.json` (`evaluations` list).
+
+    The only change `perp eval --record` makes to a checkpoint: weights, masks and the
+    step history are untouched (an evaluation is not a step that produced the weights).
+    A plain HF directory gets a fresh manifest. The file is rewritten atomically (temp
+    sibling + os.replace), so a crash leaves the old or the new manifest, never half.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; cannot record an evaluation in it")
+    manifest = read_manifest(path) or empty_manifest(str(path.resolve()))
+    manifest["evaluations"] = list(manifest.get("evaluations", [])) + [entry]
+    target = path / MANIFEST_NAME
+    tmp = path / f".{MANIFEST_NAME}{TMP_MARKER}{os.getpid()}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(manifest, indent=2, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise CheckpointError(f"cannot record the evaluation in {target}: {exc.strerror or exc}") from exc
+    return manifest

@@ -253,3 +253,19 @@ def test_shared_checkpoints_load_dense(tmp_path: Path) -> None:
         ckpt = checkpoint.load(shared_path("models", name))
         assert ckpt.masks is None and ckpt.tokenizer is not None
         assert len(arch.matrices(ckpt.model)) > 0
+
+
+def test_out_of_disk_is_a_clear_error_and_leaves_nothing(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import errno as _errno
+
+    ckpt = checkpoint.load(tiny_dir)
+    masks = _magnitude_masks(ckpt.model)
+    apply(ckpt.model, masks)
+
+    def full_disk(*a, **k):
+        raise OSError(_errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    with pytest.raises(CheckpointError, match="out of disk space"):
+        checkpoint.save(tmp_path / "o", ckpt.model, ckpt.tokenizer, masks, ckpt.manifest, _step())
+    assert not (tmp_path / "o").exists() and list(tmp_path.glob(".o*")) == []
