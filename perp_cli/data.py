@@ -144,7 +144,8 @@ def load_source(source: str, split: str = "train", text_field: str = "text") -> 
 
 
 def _token_ids(tokenizer: Any, text: str) -> torch.Tensor:
-    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    # verbose=False: tokenizing a whole corpus longer than model_max_length is intended here
+    return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
 
 
 def sample_windows(

@@ -54,7 +54,8 @@ def inspect(
 
 def _render(report: Report, per_matrix: bool) -> None:
     title = f"{report.model_class} ({report.model_type}) · pattern {report.pattern} · total sparsity {report.total_sparsity:.2%}"
-    table = Table(title=title, title_justify="left")
+    console.print(title, highlight=False)
+    table = Table()
     if per_matrix:
         for col in ("block", "matrix", "shape", "sparsity", "mask", "masked = 0", "N:M ok"):
             table.add_column(col, justify="right" if col in ("block", "sparsity", "mask") else "left")
