@@ -1,5 +1,3 @@
-import sys
+from perp_cli.cli import run
 
-from perp_cli.cli.app import main
-
-sys.exit(main())
+run()

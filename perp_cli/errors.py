@@ -55,7 +55,9 @@ class InconsistentCheckpoint(PerpError):
     exit_code = 3
 
 
-class Interrupted(PerpError):
-    """SIGINT/SIGTERM arrived; the step was abandoned and nothing was written."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM arrived. It unwinds exactly like Ctrl-C (a KeyboardInterrupt), so every
+    `finally` and every atomic-write cleanup runs, and no `except Exception` in library
+    code can swallow it."""
 
     exit_code = 130

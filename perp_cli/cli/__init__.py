@@ -1,1 +1,32 @@
-"""perp's command line: one module per subcommand; `app` only registers them."""
+"""perp's command line: one module per subcommand; `app` only registers them.
+
+`run` is the console script. It installs the SIGTERM handler before the heavy imports
+(torch, transformers), so a job killed while starting up still exits with 130 and a
+one-line message instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+
+last_signal: list[str] = []  # which signal interrupted the run, for the one-line message
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    from perp_cli.errors import Interrupted
+
+    last_signal.append("terminated (SIGTERM)")
+    raise Interrupted("terminated (SIGTERM)")
+
+
+def run() -> None:
+    """Entry point of `perp` and `python -m perp_cli`."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        from perp_cli.cli.app import main
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Interrupted) while importing
+        sys.stderr.write("perp: interrupted while starting; no output was written\n")
+        sys.exit(130)
+    sys.exit(main())
