@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from perp_cli.errors import ArchitectureError
+from perp_cli.errors import ArchitectureError, UsageError
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,7 @@ def matrices(model: nn.Module, targets: str | None = None, exclude: str | None =
         pattern = re.compile(targets)
         found = [m for m in found if pattern.search(m.name)]
         if not found:
-            raise ArchitectureError(f"--targets {targets!r} matches no prunable matrix")
+            raise UsageError(f"--targets {targets!r} matches no prunable matrix (see `perp inspect` for the names)")
     if exclude:
         pattern = re.compile(exclude)
         found = [m for m in found if not pattern.search(m.name)]

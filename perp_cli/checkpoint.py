@@ -331,6 +331,8 @@ def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool) -> 
     probe = parent
     while not probe.exists():
         probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"cannot write to {parent}: {probe} is not a directory")
     if not os.access(probe, os.W_OK):
         raise UsageError(f"cannot write to {parent} (permission denied)")
     return resolved

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from perp_cli import arch, tiny
-from perp_cli.errors import ArchitectureError
+from perp_cli.errors import ArchitectureError, UsageError
 
 EXPECTED_LOCALS = {
     "opt": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"],
@@ -89,7 +89,7 @@ def test_targets_and_exclude() -> None:
     model = tiny.build_model("opt")
     assert all("fc" in m.name for m in arch.matrices(model, targets=r"\.fc\d"))
     assert not any("q_proj" in m.name for m in arch.matrices(model, exclude="q_proj"))
-    with pytest.raises(ArchitectureError, match="matches no prunable matrix"):
+    with pytest.raises(UsageError, match="matches no prunable matrix"):
         arch.matrices(model, targets="nothing_like_this")
 
 
