@@ -16,6 +16,9 @@ import pytest
 # Tests never touch the network: any accidental hub access fails fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Idle OpenMP threads must not spin: subprocess tests and parallel jobs share 2 cores, and
+# busy-waiting workers made forward passes ~70x slower there. Set before torch loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from perp_cli import tiny  # noqa: E402
 from perp_cli.cli.app import main  # noqa: E402

@@ -21,9 +21,17 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Interrupted("terminated (SIGTERM)")
 
 
+def _on_sigint(signum: int, frame: object) -> None:
+    # Remember the signal: some libraries (transformers' lazy imports) wrap a
+    # KeyboardInterrupt raised inside them into another exception.
+    last_signal.append("interrupted (SIGINT)")
+    raise KeyboardInterrupt
+
+
 def run() -> None:
     """Entry point of `perp` and `python -m perp_cli`."""
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, _on_sigint)
     try:
         from perp_cli.cli.app import main
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Interrupted) while importing

@@ -24,8 +24,15 @@ try:  # recent typer vendors its own copy of click and raises that copy's except
 except ImportError:  # pragma: no cover - older typer on real click
     from click.exceptions import NoArgsIsHelpError
     from click.exceptions import UsageError as ClickUsageError
+from perp_cli.cli import demo as demo_cmd
+from perp_cli.cli import eval as eval_cmd
 from perp_cli.cli import inspect as inspect_cmd
-from perp_cli.errors import Interrupted, PerpError
+from perp_cli.cli import prune as prune_cmd
+from perp_cli.cli import merge as merge_cmd
+from perp_cli.cli import retrain as retrain_cmd
+from perp_cli.cli import reconstruct as reconstruct_cmd
+from perp_cli.cli import _on_sigint, _on_sigterm, last_signal
+from perp_cli.errors import PerpError
 from perp_cli.progress import console
 
 app = typer.Typer(
@@ -61,6 +68,12 @@ def _root(
 
 
 app.command("inspect")(inspect_cmd.inspect)
+app.command("eval")(eval_cmd.eval_cmd)
+app.command("prune")(prune_cmd.prune_cmd)
+app.command("retrain")(retrain_cmd.retrain_cmd)
+app.command("reconstruct")(reconstruct_cmd.reconstruct_cmd)
+app.command("merge")(merge_cmd.merge_cmd)
+app.command("demo")(demo_cmd.demo)
 
 
 def _say(prefix: str, message: str) -> None:
@@ -68,16 +81,17 @@ def _say(prefix: str, message: str) -> None:
     console.print(f"[red]{prefix}[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Interrupted("terminated (SIGTERM)")
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (the console script exits with it)."""
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)  # SIGTERM unwinds like Ctrl-C
+    previous_int = signal.signal(signal.SIGINT, _on_sigint)
+    last_signal.clear()
     try:
-        app(args=argv, prog_name="perp", standalone_mode=False)
-        return 0
+        code = app(args=argv, prog_name="perp", standalone_mode=False)
+        # typer turns KeyboardInterrupt (Ctrl-C, and SIGTERM via Interrupted) into exit 130
+        if code == 130:
+            _say("perp:", f"{last_signal[-1] if last_signal else 'interrupted'}; no output was written")
+        return code if isinstance(code, int) else 0
     except typer.Exit as exc:
         return exc.exit_code
     except NoArgsIsHelpError as exc:  # bare `perp`: the help is the answer
@@ -87,25 +101,28 @@ def main(argv: list[str] | None = None) -> int:
         hint = f" (see `{exc.ctx.command_path} --help`)" if exc.ctx else ""
         _say("perp: error:", f"{exc.format_message()}{hint}")
         return 2
-    except (KeyboardInterrupt, typer.Abort, Interrupted) as exc:
-        reason = str(exc) if isinstance(exc, Interrupted) else "interrupted"
-        _say("perp:", f"{reason}; no output was written")
+    except (KeyboardInterrupt, typer.Abort):
+        _say("perp:", f"{last_signal[-1] if last_signal else 'interrupted'}; no output was written")
         return 130
-    except PerpError as exc:
-        if _state["debug"]:
-            traceback.print_exc()
-        _say("perp: error:", str(exc))
-        return exc.exit_code
-    except Exception as exc:  # an unexpected failure: still one line, traceback on request
-        if _state["debug"]:
-            traceback.print_exc()
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        _say("perp: internal error:", f"{type(exc).__name__}: {text} (rerun with `perp --debug` for a traceback)")
-        return 1
+    except Exception as exc:
+        if last_signal:  # a signal arrived and some library re-wrapped its KeyboardInterrupt
+            _say("perp:", f"{last_signal[-1]}; no output was written")
+            return 130
+        return _report_failure(exc)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         sys.stdout.flush()
 
 
-def console_script() -> None:
-    sys.exit(main())
+def _report_failure(exc: Exception) -> int:
+    """One line for a failure; the traceback only in debug mode."""
+    if _state["debug"]:
+        traceback.print_exception(exc)
+    if isinstance(exc, PerpError):
+        _say("perp: error:", str(exc))
+        return exc.exit_code
+    # an unexpected failure: still one line
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    _say("perp: internal error:", f"{type(exc).__name__}: {text} (rerun with `perp --debug` for a traceback)")
+    return 1

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from perp_cli.errors import NumericalError
-from perp_cli.pruning.selection import prune_mask
+from perp_cli.pruning.selection import nm_prune_mask, prune_mask
 
 MAX_DAMP_RETRIES = 6
 
@@ -116,7 +116,6 @@ def prune_matrix(
         w1 = w_all[:, i1:i2].clone()
         q1 = torch.zeros_like(w1)
         err1 = torch.zeros_like(w1)
-        losses1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
         d1 = torch.diag(hinv1)
         old1 = old[:, i1:i2] if old is not None else None
@@ -125,27 +124,19 @@ def prune_matrix(
         else:
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(count):
-            w = w1[:, i]
-            d = hinv1[i, i]
             if n != 0 and i % m == 0:
                 tmp = w1[:, i : i + m] ** 2 / d1[i : i + m].reshape(1, -1) ** 2
-                if old1 is not None:
-                    tmp = tmp.masked_fill(old1[:, i : i + m], float("-inf"))
-                order = torch.sort(tmp, dim=1, stable=True).indices[:, : m - n]
-                mask1.scatter_(1, i + order, True)
-                if old1 is not None:
-                    mask1[:, i : i + m] |= old1[:, i : i + m]
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            q1[:, i] = q
-            losses1[:, i] = (w - q) ** 2 / d**2
-            err = (w - q) / d
-            w1[:, i:] -= err.unsqueeze(1).matmul(hinv1[i, i:].unsqueeze(0))
+                mask1[:, i : i + m] = nm_prune_mask(tmp, n, m, old1[:, i : i + m] if old1 is not None else None)
+            w = w1[:, i]
+            pruned_i = mask1[:, i]
+            q1[:, i] = w.masked_fill(pruned_i, 0)  # q: the weight kept, or 0
+            err = torch.where(pruned_i, w, 0) / hinv1[i, i]  # (w − q) / [U]_ii
             err1[:, i] = err
+            w1[:, i + 1 :].addr_(err, hinv1[i, i + 1 :], alpha=-1)  # OBS update within the block
         w_all[:, i1:i2] = q1
         out_mask[:, i1:i2] = mask1
-        losses += torch.sum(losses1, 1) / 2
-        w_all[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
+        losses += err1.pow(2).sum(dim=1) / 2  # (w − q)² / [U]_ii² summed
+        w_all[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of later columns
 
     if not torch.isfinite(w_all).all():
         raise NumericalError("SparseGPT produced non-finite weights; raise --damp or use more calibration samples")

@@ -1,0 +1,104 @@
+"""WikiText-2 perplexity of Wanda and SparseGPT, alone and followed by `perp reconstruct`.
+
+    python bench/reconstruct_quality.py                 # ../shared/models/tiny-opt, ../shared/data
+    python bench/reconstruct_quality.py --windows 20 --settings 0.6 --steps 40   # quicker
+
+Calibration: `--nsamples` windows of `--seqlen` tokens from the local C4 sample (the
+references' recipe), the same windows for pruning and for reconstruction. Reconstruction
+uses the library defaults (biases + norms + MaskLoRA r=16, target = dense block on the
+reconstructed stream) with `--steps` AdamW steps per block of `--batch-size` windows at
+`--lr`. Evaluation: the WikiText-2 test rows joined with "\\n\\n", the first `--windows`
+non-overlapping windows of `--eval-seqlen` tokens (`perp_cli.perplexity`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("PERP_SHARED", ROOT.parent / "shared"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(SHARED / "models" / "tiny-opt"))
+    parser.add_argument("--calib", default=str(SHARED / "data" / "c4" / "c4-train.00000-of-01024.first1000.jsonl"))
+    parser.add_argument("--eval", default=str(SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"))
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=256)
+    parser.add_argument("--eval-seqlen", type=int, default=256)
+    parser.add_argument("--windows", type=int, default=100)
+    parser.add_argument("--methods", default="wanda,sparsegpt")
+    parser.add_argument("--settings", default="0.5,0.6,0.7,2:4", help="sparsities and/or N:M patterns")
+    parser.add_argument("--steps", type=int, default=100, help="AdamW steps per block")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=None, help="default: the library's")
+    parser.add_argument("--train", default="biases,norms")
+    parser.add_argument("--adapter", default="masklora")
+    parser.add_argument("--target", default="dense")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from perp_cli import checkpoint, data
+    from perp_cli.perplexity import eval_token_ids, perplexity
+    from perp_cli.pruner import PruneConfig, calibration_tokens, prune
+    from perp_cli.reconstruction import ReconstructConfig, reconstruct
+
+    base = checkpoint.load(args.model, need_tokenizer=True)
+    ids = eval_token_ids(base.tokenizer, data.load_source(args.eval), args.eval_seqlen)
+    probe = PruneConfig("wanda", calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen)
+    tokens, record = calibration_tokens(base, probe)
+    rec_kw = dict(steps_per_block=args.steps, batch_size=args.batch_size, train=args.train, adapter=args.adapter, target=args.target)
+    if args.lr is not None:
+        rec_kw["lr"] = args.lr
+    rec_cfg = ReconstructConfig(**rec_kw)
+
+    def ppl(model: torch.nn.Module) -> float:
+        return perplexity(model, ids, args.eval_seqlen, batch_size=8, max_windows=args.windows).ppl
+
+    print(f"model {args.model}; calibration {record['source']} {list(tokens.shape)} sha256 {record['token_ids_sha256'][:12]}; "
+          f"reconstruction {rec_cfg.train} + {rec_cfg.adapter}, target {rec_cfg.target}, {rec_cfg.steps_per_block} steps x "
+          f"{rec_cfg.batch_size} windows per block, lr {rec_cfg.lr:g}; eval WikiText-2 test, first {args.windows} windows "
+          f"of {args.eval_seqlen}", file=sys.stderr)
+    dense = ppl(base.model)
+    print(f"  dense ppl {dense:.2f}", file=sys.stderr)
+    rows = []
+    for setting in args.settings.split(","):
+        pattern = setting if ":" in setting else "unstructured"
+        sparsity = None if ":" in setting else float(setting)
+        row = {"setting": setting}
+        for method in args.methods.split(","):
+            ckpt = copy.deepcopy(base)
+            ckpt.masks, _, _ = prune(ckpt, PruneConfig(method, sparsity=sparsity, pattern=pattern, seqlen=args.seqlen), tokens=tokens)
+            row[method] = ppl(ckpt.model)
+            start = time.time()
+            outcome = reconstruct(ckpt, base.model, tokens, rec_cfg)
+            row[f"{method}_s"] = time.time() - start
+            row[f"{method}+rec"] = ppl(ckpt.model)
+            mse = " ".join(f"{b.mse_before:.3g}->{b.mse_after:.3g}{'(restored)' if b.restored else ''}" for b in outcome.blocks)
+            print(f"  {method:10s} {setting:5s} ppl {row[method]:8.2f} -> {row[f'{method}+rec']:8.2f} "
+                  f"({row[f'{method}_s']:.0f}s; block MSE {mse})", file=sys.stderr)
+        rows.append(row)
+
+    methods = args.methods.split(",")
+    header = " | ".join(f"{m} | {m} + reconstruct" for m in methods)
+    print(f"| sparsity | dense | {header} |")
+    print("|---|---:|" + "---:|---:|" * len(methods))
+    for row in rows:
+        cells = " | ".join(f"{row[m]:.2f} | {row[m + '+rec']:.2f}" for m in methods)
+        print(f"| {row['setting']} | {dense:.2f} | {cells} |")
+    seconds = [row[f"{m}_s"] for row in rows for m in methods]
+    print(f"\nreconstruction time per run: {min(seconds):.0f}-{max(seconds):.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

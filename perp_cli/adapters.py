@@ -1,0 +1,446 @@
+"""Low-rank adapters on the prunable matrices, including PERP's sparsity-preserving ones.
+
+Every adapter holds `A [r, in]` and `B [out, r]` (float32) for one `[out, in]` matrix of
+the arch map and changes the weight the layer computes with:
+
+* `lora`       W + s·BA                 plain LoRA (Hu et al.); merging densifies a pruned W,
+* `masklora`   W + s·(M ⊙ BA)           PERP's MaskLoRA: the update lives on the kept weights,
+* `scalelora`  W ⊙ BA                   PERP's ScaleLoRA (alias `multlora`): a multiplicative
+                                        update, so zeros stay zero; A = B = 1/sqrt(r) makes
+                                        BA all ones, the model unchanged at step 0,
+* `lora-prune` W + s·BA while training, W + M ⊙ (s·BA) in eval mode and when merged
+               (dense LoRA pruned at the end, PERP's baseline).
+
+s = alpha / r. M is the mask from `masks.safetensors`, never `W != 0`: a kept weight may
+be exactly zero and must still be allowed to move. Standard LoRA initialisation (A
+Kaiming-uniform, B = 0) makes `lora`, `masklora` and `lora-prune` exact no-ops at step 0.
+
+How adapters enter the forward pass: the module that owns the weight (`nn.Linear`, GPT-2
+`Conv1D`, Mixtral's fused `experts`) keeps its parameters and names; its `forward` is
+wrapped so that, for the duration of the call, the parameter slot holds the effective
+weight in the parameter's own layout (expert slices stacked back into the 3-D tensor).
+The original forward code then runs unchanged, so every layout and routing detail stays
+the library's. Plain LoRA on a 2-D layer uses the cheaper `W x + s·B(A x)` path instead of
+materialising the weight.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from perp_cli import arch
+from perp_cli.errors import CheckpointError, NumericalError, UsageError
+from perp_cli.mask import MaskSet
+
+KINDS = ("lora", "masklora", "scalelora", "lora-prune")
+ALIASES = {"multlora": "scalelora"}
+NEEDS_MASK = ("masklora", "lora-prune")
+CONFIG_FORMAT = 1
+INIT = {
+    "lora": "A kaiming_uniform(a=sqrt(5)), B zeros",
+    "masklora": "A kaiming_uniform(a=sqrt(5)), B zeros",
+    "lora-prune": "A kaiming_uniform(a=sqrt(5)), B zeros",
+    "scalelora": "A = B = 1/sqrt(rank) (BA all ones)",
+}
+_HOOK_ATTR = "_perp_adapted"
+
+
+def canonical_kind(kind: str) -> str:
+    """The adapter type for a user-facing name (`multlora` -> `scalelora`)."""
+    kind = ALIASES.get(kind.strip().lower(), kind.strip().lower())
+    if kind not in KINDS:
+        names = ", ".join(KINDS + tuple(ALIASES))
+        raise UsageError(f"--adapter {kind!r} is not one of none, {names}")
+    return kind
+
+
+class Adapter(nn.Module):
+    """Low-rank factors for one `[out, in]` matrix, and how they combine with it."""
+
+    def __init__(
+        self,
+        kind: str,
+        out_features: int,
+        in_features: int,
+        rank: int,
+        alpha: float,
+        mask: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.kind = canonical_kind(kind)
+        if rank < 1:
+            raise UsageError(f"--rank must be at least 1, got {rank}")
+        self.rank = rank
+        self.alpha = float(alpha)
+        self.scale = self.alpha / rank
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, dtype=torch.float32, device=device))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, dtype=torch.float32, device=device))
+        if mask is not None and tuple(mask.shape) != (out_features, in_features):
+            raise ValueError(f"mask shape {tuple(mask.shape)} does not match the matrix {(out_features, in_features)}")
+        self.mask = None if mask is None else mask.to(device=device, dtype=torch.bool)
+        self.merged = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            if self.kind == "scalelora":
+                self.lora_A.fill_(1.0 / math.sqrt(self.rank))
+                self.lora_B.fill_(1.0 / math.sqrt(self.rank))
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+                nn.init.zeros_(self.lora_B)
+
+    def extra_repr(self) -> str:
+        return f"{self.kind}, rank={self.rank}, alpha={self.alpha}, masked={self.mask is not None}"
+
+    def masked(self, training: bool) -> bool:
+        """Whether the update is restricted to M (lora-prune: only outside training)."""
+        return self.mask is not None and (self.kind == "masklora" or (self.kind == "lora-prune" and not training))
+
+    def lowrank_path(self, training: bool) -> bool:
+        """True when the update is a dense s·BA, computable as s·B(Ax) without the weight."""
+        return self.kind == "lora" or (self.kind == "lora-prune" and not self.masked(training))
+
+    def product(self) -> torch.Tensor:
+        """BA, `[out, in]`, float32."""
+        return self.lora_B @ self.lora_A
+
+    def delta_weight(self, weight: torch.Tensor, training: bool = False) -> torch.Tensor:
+        """The additive update `effective - W`, float32 `[out, in]` (ScaleLoRA: W ⊙ (BA - 1))."""
+        ba = self.product()
+        if self.kind == "scalelora":
+            return weight.float() * ba - weight.float()
+        update = self.scale * ba
+        if self.masked(training):
+            update = torch.where(self.mask, update, torch.zeros((), dtype=update.dtype, device=update.device))
+        return update
+
+    def effective_weight(self, weight: torch.Tensor, training: bool = False) -> torch.Tensor:
+        """The weight the layer computes with, in `weight`'s dtype and `[out, in]` layout."""
+        if self.kind == "scalelora":
+            return (weight.float() * self.product()).to(weight.dtype)
+        return (weight.float() + self.delta_weight(weight, training)).to(weight.dtype)
+
+    def lowrank(self, x: torch.Tensor) -> torch.Tensor:
+        """s·B(Ax), the dense LoRA update applied to activations."""
+        return self.scale * F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+
+    @torch.no_grad()
+    def merge(self, matrix: arch.Matrix, allow_densify: bool = False) -> None:
+        """Fold the update into the matrix in place (eval semantics: lora-prune masked).
+
+        Safe: the new weight is computed aside and checked (finite; no nonzero where the
+        mask says pruned, unless `allow_densify`) before it replaces the old one.
+        """
+        if self.merged:
+            raise UsageError(f"adapter on {matrix.key} is already merged")
+        w = matrix.weight()
+        new = self.effective_weight(w, training=False)
+        if not torch.isfinite(new).all():
+            raise NumericalError(f"merging the adapter into {matrix.key} gives NaN or inf; nothing was changed")
+        if self.mask is not None and not allow_densify:
+            outside = int(((new != 0) & ~self.mask).sum())
+            if outside:
+                raise NumericalError(
+                    f"merging the {self.kind} adapter into {matrix.key} would put {outside} nonzeros where the mask says pruned"
+                )
+        w.copy_(new)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self, matrix: arch.Matrix) -> None:
+        """Undo `merge` (up to float rounding, as PEFT does): W - delta, or W / BA."""
+        if not self.merged:
+            raise UsageError(f"adapter on {matrix.key} is not merged")
+        w = matrix.weight()
+        if self.kind == "scalelora":
+            ba = self.product()
+            lost = (ba == 0) & (w == 0) & (self.mask if self.mask is not None else torch.ones_like(ba, dtype=torch.bool))
+            if bool(lost.any()):
+                raise NumericalError(f"cannot unmerge {matrix.key}: BA has zeros, the original weights there are lost")
+            old = torch.where(w == 0, torch.zeros_like(ba), w.float() / ba)
+        else:
+            old = w.float() - self.delta_weight(w, training=False)
+        w.copy_(old.to(w.dtype))
+        self.merged = False
+
+
+# ----------------------------------------------------------------------------- wiring
+
+
+def _slot_view(matrix: arch.Matrix, param: torch.Tensor) -> torch.Tensor:
+    """`param`'s `[out, in]` view for this matrix, keeping autograd (unlike `Matrix.weight`)."""
+    w = param if matrix.expert is None else param[matrix.expert]
+    return w.t() if matrix.transposed else w
+
+
+class _Adapted:
+    """One owner module's wrapped forward, with the adapters of its matrices.
+
+    An owner may hold several adapted parameters (Mixtral's `experts` owns both
+    `gate_up_proj` and `down_proj`), each possibly with one adapter per expert slice.
+    """
+
+    def __init__(self, owner: nn.Module) -> None:
+        self.owner = owner
+        self.entries: list[tuple[arch.Matrix, Adapter]] = []
+        self.original = owner.forward  # bound method of the class: no recursion through the patch
+        owner.forward = self.forward
+        owner.__dict__[_HOOK_ATTR] = self
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        live = [(m, a) for m, a in self.entries if not a.merged]
+        if not live:
+            return self.original(*args, **kwargs)
+        training = self.owner.training
+        if len(live) == 1 and live[0][0].expert is None and live[0][1].lowrank_path(training):
+            adapter = live[0][1]
+            out = self.original(*args, **kwargs)
+            x = args[0] if args else next(iter(kwargs.values()))
+            return out + adapter.lowrank(x).to(out.dtype)
+        by_attr: dict[str, list[tuple[arch.Matrix, Adapter]]] = {}
+        for m, a in live:
+            by_attr.setdefault(m.attr, []).append((m, a))
+        saved = {attr: self.owner._parameters[attr] for attr in by_attr}
+        try:
+            for attr, entries in by_attr.items():
+                # a plain tensor in the parameter's slot, for this call only
+                self.owner._parameters[attr] = _effective(saved[attr], entries, training)
+            return self.original(*args, **kwargs)
+        finally:
+            for attr, param in saved.items():
+                self.owner._parameters[attr] = param
+
+    def restore(self) -> None:
+        del self.owner.forward
+        del self.owner.__dict__[_HOOK_ATTR]
+
+
+def _effective(param: torch.Tensor, entries: list[tuple[arch.Matrix, Adapter]], training: bool) -> torch.Tensor:
+    """The effective parameter, in the parameter's own layout (3-D for fused experts)."""
+    if entries[0][0].expert is None:
+        (matrix, adapter), = entries
+        eff = adapter.effective_weight(_slot_view(matrix, param), training)
+        return (eff.t() if matrix.transposed else eff).contiguous()
+    by_expert = {m.expert: (m, a) for m, a in entries}
+    slices = []
+    for e in range(param.shape[0]):
+        if e in by_expert:
+            m, a = by_expert[e]
+            slices.append(a.effective_weight(_slot_view(m, param), training))
+        else:
+            slices.append(param[e])
+    return torch.stack(slices)
+
+
+def matrix_mask(matrix: arch.Matrix, masks: MaskSet | None) -> torch.Tensor | None:
+    """The `[out, in]` keep-mask of one matrix (a view of the stored mask), or None."""
+    if masks is None or matrix.name not in masks:
+        return None
+    keep = masks[matrix.name]
+    if matrix.expert is not None:
+        keep = keep[matrix.expert]
+    return keep.t() if matrix.transposed else keep
+
+
+def match_targets(model: nn.Module, targets: str | None) -> list[arch.Matrix]:
+    """Prunable matrices whose key (`name` or `name[expert]`) matches the regex (all if None)."""
+    found = arch.matrices(model)
+    if not targets:
+        return found
+    try:
+        pattern = re.compile(targets)
+    except re.error as exc:
+        raise UsageError(f"--adapter-targets {targets!r} is not a valid regular expression: {exc}") from exc
+    chosen = [m for m in found if pattern.search(m.key)]
+    if not chosen:
+        raise UsageError(f"--adapter-targets {targets!r} matches no prunable matrix (names look like {found[0].key})")
+    return chosen
+
+
+def attached(model: nn.Module) -> dict[str, Adapter]:
+    """The adapters currently attached to `model`, by matrix key."""
+    out: dict[str, Adapter] = {}
+    seen: set[int] = set()
+    for m in arch.matrices(model):
+        hook = m.owner.__dict__.get(_HOOK_ATTR)
+        if hook is not None and id(hook) not in seen:
+            seen.add(id(hook))
+            out.update({mm.key: a for mm, a in hook.entries})
+    return out
+
+
+def attached_matrices(model: nn.Module) -> dict[str, tuple[arch.Matrix, Adapter]]:
+    """Like `attached`, with each adapter's matrix (what `merge` needs)."""
+    out: dict[str, tuple[arch.Matrix, Adapter]] = {}
+    seen: set[int] = set()
+    for m in arch.matrices(model):
+        hook = m.owner.__dict__.get(_HOOK_ATTR)
+        if hook is not None and id(hook) not in seen:
+            seen.add(id(hook))
+            out.update({mm.key: (mm, a) for mm, a in hook.entries})
+    return out
+
+
+def attach(
+    model: nn.Module,
+    kind: str,
+    rank: int = 16,
+    alpha: float = 32.0,
+    targets: str | None = None,
+    masks: MaskSet | None = None,
+) -> dict[str, Adapter]:
+    """Attach a fresh adapter of `kind` to every targeted matrix; return them by key.
+
+    `masklora` and `lora-prune` need `masks` (from `masks.safetensors`); matrices the
+    masks do not cover are dense, and their update is unrestricted. Initialisation draws
+    from torch's global RNG: seed it first for reproducible adapters.
+    """
+    kind = canonical_kind(kind)
+    if kind in NEEDS_MASK and (masks is None or len(masks) == 0):
+        raise UsageError(f"--adapter {kind} restricts the update to the pruning mask, but the input has no masks.safetensors (use scalelora or lora for a dense model)")
+    if attached(model):
+        raise UsageError("the model already has adapters attached; merge or detach them first")
+    hooks: dict[int, _Adapted] = {}
+    out: dict[str, Adapter] = {}
+    for m in match_targets(model, targets):
+        out_f, in_f = m.shape
+        adapter = Adapter(kind, out_f, in_f, rank, alpha, mask=matrix_mask(m, masks), device=m.parameter.device)
+        hook = hooks.get(id(m.owner)) or hooks.setdefault(id(m.owner), _Adapted(m.owner))
+        hook.entries.append((m, adapter))
+        out[m.key] = adapter
+    return out
+
+
+def detach(model: nn.Module) -> dict[str, Adapter]:
+    """Remove every adapter (merged or not) and restore the original forwards."""
+    removed = attached(model)
+    for m in arch.matrices(model):
+        hook = m.owner.__dict__.get(_HOOK_ATTR)
+        if hook is not None:
+            hook.restore()
+    return removed
+
+
+def state_dict(adapters: dict[str, Adapter]) -> dict[str, torch.Tensor]:
+    """`{key}.lora_A` / `{key}.lora_B` tensors for `adapters.safetensors` (masks live elsewhere)."""
+    out = {}
+    for key, a in adapters.items():
+        out[f"{key}.lora_A"] = a.lora_A.detach().float().cpu().contiguous()
+        out[f"{key}.lora_B"] = a.lora_B.detach().float().cpu().contiguous()
+    return out
+
+
+def config(adapters: dict[str, Adapter], targets: str | None) -> dict[str, Any]:
+    """`adapters.json`: everything needed to re-attach them (type, rank, alpha, targets, init)."""
+    first = next(iter(adapters.values()))
+    return {
+        "format": CONFIG_FORMAT,
+        "type": first.kind,
+        "rank": first.rank,
+        "alpha": first.alpha,
+        "scale": None if first.kind == "scalelora" else first.scale,
+        "targets": targets,
+        "init": INIT[first.kind],
+        "masked": first.kind in NEEDS_MASK,
+        "matrices": list(adapters),
+    }
+
+
+def attach_saved(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    cfg: dict[str, Any],
+    masks: MaskSet | None,
+) -> dict[str, Adapter]:
+    """Re-attach adapters written by `state_dict` + `config`, checking they fit the model."""
+    if not isinstance(cfg, dict) or "type" not in cfg or "matrices" not in cfg:
+        raise CheckpointError("adapters.json lacks 'type' or 'matrices'; it was not written by perp retrain")
+    if int(cfg.get("format", 1)) > CONFIG_FORMAT:
+        raise CheckpointError(f"adapters.json has format {cfg.get('format')}; this perp reads up to {CONFIG_FORMAT}")
+    kind = canonical_kind(str(cfg["type"]))
+    if kind in NEEDS_MASK and masks is None:
+        raise CheckpointError(f"the checkpoint has {kind} adapters but no masks.safetensors to restrict them")
+    by_key = {m.key: m for m in arch.matrices(model)}
+    rank, alpha = int(cfg["rank"]), float(cfg["alpha"])
+    if attached(model):
+        raise UsageError("the model already has adapters attached")
+    hooks: dict[int, _Adapted] = {}
+    out: dict[str, Adapter] = {}
+    for key in cfg["matrices"]:
+        m = by_key.get(key)
+        if m is None:
+            raise CheckpointError(f"adapters.json names {key}, which is not a prunable matrix of this model")
+        a_t, b_t = tensors.get(f"{key}.lora_A"), tensors.get(f"{key}.lora_B")
+        out_f, in_f = m.shape
+        if a_t is None or b_t is None or tuple(a_t.shape) != (rank, in_f) or tuple(b_t.shape) != (out_f, rank):
+            raise CheckpointError(f"adapters.safetensors lacks {key}.lora_A/B of shapes {(rank, in_f)} / {(out_f, rank)}")
+        adapter = Adapter(kind, out_f, in_f, rank, alpha, mask=matrix_mask(m, masks), device=m.parameter.device)
+        with torch.no_grad():
+            adapter.lora_A.copy_(a_t)
+            adapter.lora_B.copy_(b_t)
+        hook = hooks.get(id(m.owner)) or hooks.setdefault(id(m.owner), _Adapted(m.owner))
+        hook.entries.append((m, adapter))
+        out[key] = adapter
+    return out
+
+
+def attach_from_checkpoint(ckpt: Any) -> dict[str, Adapter]:
+    """Re-attach a checkpoint's unmerged adapters to `ckpt.model` in place.
+
+    After this the model computes exactly what `perp merge` would write (lora-prune in
+    eval mode is masked). Returns the adapters (empty when the checkpoint has none).
+    """
+    if ckpt.adapters_config is None:
+        return {}
+    return attach_saved(ckpt.model, ckpt.adapters or {}, ckpt.adapters_config, ckpt.masks)
+
+
+# ----------------------------------------------------------------------------- PEFT export
+
+
+def peft_files(adapters: dict[str, Adapter], model: nn.Module, base_model: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """`adapter_config.json` and `adapter_model.safetensors` contents PEFT's LoRA loads.
+
+    Only plain `lora` on 2-D layers has a PEFT equivalent; the base model must be the
+    retrained checkpoint (its biases and norms may have changed too).
+    """
+    kinds = {a.kind for a in adapters.values()}
+    if kinds != {"lora"}:
+        raise UsageError(f"--export-peft needs --adapter lora; PEFT has no equivalent of {', '.join(sorted(kinds))}")
+    by_key = {m.key: m for m in arch.matrices(model)}
+    tensors: dict[str, torch.Tensor] = {}
+    modules = []
+    for key, a in adapters.items():
+        m = by_key[key]
+        if m.expert is not None:
+            raise UsageError("--export-peft cannot export adapters on fused expert weights")
+        module = m.name[: -len(".weight")]
+        modules.append(module)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a.lora_A.detach().float().cpu().contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = a.lora_B.detach().float().cpu().contiguous()
+    first = next(iter(adapters.values()))
+    cfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": first.rank,
+        "lora_alpha": first.alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": modules,
+        "fan_in_fan_out": arch.spec_for(model).transposed,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    return cfg, tensors

@@ -1,0 +1,116 @@
+"""`perp prune MODEL -o OUT`: magnitude, random, Wanda or SparseGPT; unstructured or N:M."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from perp_cli import checkpoint
+from perp_cli.cli.common import (
+    AllowPickleOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    OutputOpt,
+    OverwriteOpt,
+    QuietOpt,
+    SeedOpt,
+    TrustRemoteCodeOpt,
+    emit_json,
+)
+from perp_cli.manifest import StepRecord
+from perp_cli.progress import console
+from perp_cli.pruner import PruneConfig, plan, prune
+
+
+def prune_cmd(
+    model: ModelArg,
+    output: OutputOpt,
+    method: Annotated[str, typer.Option("--method", help="magnitude (|W|, no data), random (baseline, no data), wanda (|W|·‖X‖₂, calibration) or sparsegpt (OBS updates, calibration). Required.", show_default=False)],
+    sparsity: Annotated[float | None, typer.Option("--sparsity", help="Fraction of weights to prune, 0 <= S < 1. Default: 0.5 unstructured; for N:M it is 1 - N/M (an explicit value that disagrees is an error).", show_default=False)] = None,
+    pattern: Annotated[str, typer.Option("--pattern", help="unstructured, or N:M (at most N kept in every M consecutive inputs, e.g. 2:4, 4:8).")] = "unstructured",
+    scope: Annotated[str | None, typer.Option("--scope", help="Unstructured comparison group: row, matrix or global (all prunable weights). Default: row for wanda, matrix for magnitude/random; sparsegpt picks per 128-column block (matrix = all rows of the block, as published; row = each row).", show_default=False)] = None,
+    targets: Annotated[str | None, typer.Option("--targets", help="Regex on parameter names: prune only matching matrices (default: every block matrix; embeddings and lm_head are never pruned).", show_default=False)] = None,
+    exclude: Annotated[str | None, typer.Option("--exclude", help="Regex on parameter names: leave matching matrices dense.", show_default=False)] = None,
+    skip_indivisible: Annotated[bool, typer.Option("--skip-indivisible", help="With N:M, leave matrices whose input dimension is not a multiple of M dense (reported) instead of failing.")] = False,
+    calib: Annotated[str, typer.Option("--calib", help="Calibration text for wanda/sparsegpt: c4 or wikitext2 (hub, needs network), or a local .txt/.raw/.jsonl/.parquet file or datasets directory.")] = "c4",
+    text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl/.parquet/datasets calibration data.")] = "text",
+    nsamples: Annotated[int, typer.Option("--nsamples", help="Number of calibration windows.")] = 128,
+    seqlen: Annotated[int | None, typer.Option("--seqlen", help="Tokens per calibration window. Default: min(2048, the model's max positions).", show_default=False)] = None,
+    calib_concat: Annotated[bool, typer.Option("--calib-concat", help="Draw windows from all documents joined together (when too few documents are longer than --seqlen).")] = False,
+    damp: Annotated[float, typer.Option("--damp", help="SparseGPT damping, as a fraction of the Hessian's mean diagonal (raised x10 and retried if the Cholesky fails).")] = 0.01,
+    blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT column block size (mask chosen per block; lazy updates between blocks).")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward micro-batch.")] = 8,
+    offload_activations: Annotated[bool, typer.Option("--offload-activations", help="Keep calibration activations on the host, one micro-batch at a time on the device.")] = False,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+) -> None:
+    """Prune a checkpoint and write weights with exact zeros, masks and a manifest.
+
+    Weights an earlier step pruned stay pruned. Wanda and SparseGPT calibrate block by
+    block: each block is pruned, then the calibration data goes through the pruned
+    block to the next one; only the current block is on the device.
+    """
+    config = PruneConfig(
+        method=method, sparsity=sparsity, pattern=pattern, scope=scope, targets=targets, exclude=exclude,
+        skip_indivisible=skip_indivisible, damp=damp, blocksize=blocksize, calib=calib, text_field=text_field,
+        nsamples=nsamples, seqlen=seqlen, calib_concat=calib_concat, seed=seed, device=device,
+        batch_size=batch_size, offload_activations=offload_activations, quiet=quiet,
+    )
+    plan(config)  # usage errors before loading anything
+    checkpoint.check_output(output, inputs=[model], overwrite=overwrite)
+    ckpt = checkpoint.load(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code, need_tokenizer=False)
+    step = StepRecord("prune", args={**vars(config), "model": model, "output": str(output), "dtype": dtype}, input=model, seed=seed)
+    masks, results, data_record = prune(ckpt, config)
+    step.data, step.results = data_record, results
+    checkpoint.save(output, ckpt.model, ckpt.tokenizer, masks, manifest_in=ckpt.manifest, step=step, overwrite=overwrite)
+
+    achieved = results["sparsity_achieved"]
+    if json_out:
+        emit_json({
+            "output": str(output), "method": results["method"], "pattern": results["pattern"], "scope": results["scope"],
+            "sparsity": achieved["pruned_tensors"], "sparsity_all_masked": achieved["all_masked_tensors"],
+            "per_tensor": achieved["per_tensor"], "skipped_indivisible": results["skipped_indivisible"],
+            "notes": results["notes"], "pruning_time_s": results["pruning_time_s"], "peak_memory": results["peak_memory"],
+            "calibration": data_record,
+        })
+    if not quiet:
+        _render(results, str(output))
+
+
+def _render(results: dict, output: str) -> None:
+    """One row per block (the per-tensor numbers are in --json and perp.json)."""
+    achieved = results["sparsity_achieved"]
+    by_block: dict[str, list[float]] = {}
+    for name, s in achieved["per_tensor"].items():
+        block = re.search(r"\.(\d+)\.", name)
+        by_block.setdefault(block.group(1) if block else "-", []).append(s)
+    scope = "" if ":" in results["pattern"] else f" · scope {results['scope']}"
+    table = Table(title=f"{results['method']} · {results['pattern']}{scope}", title_justify="left")
+    for col in ("block", "tensors", "min sparsity", "max sparsity"):
+        table.add_column(col, justify="right")
+    for block, values in by_block.items():
+        table.add_row(block, str(len(values)), f"{min(values):.2%}", f"{max(values):.2%}")
+    console.print(table)
+    for kind, lines in results["notes"].items():
+        for line in lines:
+            console.print(f"[yellow]{kind}[/]: {escape(line)}", soft_wrap=True)
+    for key in results["skipped_indivisible"]:
+        console.print(f"[yellow]left dense (inputs not divisible by M)[/]: {escape(key)}", soft_wrap=True)
+    console.print(
+        f"sparsity {achieved['pruned_tensors']:.2%} over {results['matrices_pruned']} matrices "
+        f"in {results['pruning_time_s']:.1f}s → {escape(output)}",
+        soft_wrap=True,
+    )

@@ -1,0 +1,171 @@
+"""`perp retrain IN -o OUT`: PERP retraining of a tiny parameter subset and/or adapters."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from perp_cli import adapters as adapters_mod
+from perp_cli import checkpoint, data
+from perp_cli.cli.common import (
+    AllowPickleOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    OutputOpt,
+    OverwriteOpt,
+    QuietOpt,
+    SeedOpt,
+    TrustRemoteCodeOpt,
+    emit_json,
+)
+from perp_cli.errors import UsageError
+from perp_cli.manifest import StepRecord
+from perp_cli.progress import console
+from perp_cli.training import RetrainOptions, TrainConfig, retrain
+
+
+def retrain_cmd(
+    model: ModelArg,
+    output: OutputOpt,
+    train: Annotated[str, typer.Option("--train", help="Comma list of what trains: biases (projection biases), norms (LayerNorm weight+bias / RMSNorm weight), lm_head, embeddings, all (full retraining; pruned weights stay exactly 0), or none (adapter only). A tied lm_head IS the input embedding matrix: training either trains both (see --untie-lm-head).")] = "biases,norms",
+    add_biases: Annotated[bool, typer.Option("--add-biases", help="Add zero-initialised biases to the projections of models without them and set the config flags so the output loads in plain transformers (LLaMA: attention_bias, mlp_bias). Refused for families without such flags.")] = False,
+    untie_lm_head: Annotated[bool, typer.Option("--untie-lm-head", help="Give lm_head its own copy of the embedding matrix (tie_word_embeddings=false) so --train lm_head leaves the input embeddings alone.")] = False,
+    adapter: Annotated[str, typer.Option("--adapter", help="none; lora (W + s·BA, merge densifies); masklora (W + s·(M⊙BA), keeps sparsity; needs masks); scalelora or multlora (W ⊙ BA, BA = 1 at init, keeps sparsity); lora-prune (dense LoRA while training, masked at merge; needs masks). s = alpha/rank.")] = "none",
+    adapter_targets: Annotated[str | None, typer.Option("--adapter-targets", help="Regex (re.search) on matrix names, e.g. 'self_attn'; experts are named NAME[e]. Default: every prunable matrix.", show_default=False)] = None,
+    rank: Annotated[int, typer.Option("--rank", help="Adapter rank r.")] = 16,
+    alpha: Annotated[float, typer.Option("--alpha", help="Adapter scaling numerator: the update is (alpha/rank)·BA (unused by scalelora).")] = 32.0,
+    data_source: Annotated[str, typer.Option("--data", help="Training text: c4 or wikitext2 (hub, needs network), or a local .txt/.raw/.jsonl/.parquet file or datasets directory.")] = "c4",
+    text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl/.parquet/datasets data.")] = "text",
+    seqlen: Annotated[int | None, typer.Option("--seqlen", help="Tokens per training window. Default: min(2048, the model's max positions).", show_default=False)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per micro-batch.")] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches accumulated per optimizer step (effective batch = batch-size x grad-accum).")] = 1,
+    steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps. Default 100 unless --tokens is given.", show_default=False)] = None,
+    tokens: Annotated[int | None, typer.Option("--tokens", help="Train on this many tokens instead of --steps (rounded up to whole steps of batch-size x grad-accum x seqlen).", show_default=False)] = None,
+    lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate.")] = 5e-4,
+    warmup: Annotated[float, typer.Option("--warmup", help="Linear warmup, as a fraction of the steps, in [0, 1).")] = 0.1,
+    schedule: Annotated[str, typer.Option("--schedule", help="After warmup: linear (decay to 0), cosine (decay to 0) or constant.")] = "linear",
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decoupled weight decay (pruned weights stay 0 regardless).")] = 0.0,
+    grad_checkpointing: Annotated[bool, typer.Option("--grad-checkpointing", help="Recompute activations in the backward pass: less memory, about 30% more time.")] = False,
+    eval_every: Annotated[int, typer.Option("--eval-every", help="Print held-out perplexity on --eval-data every N steps (0: only at the end when --eval-data is given).")] = 0,
+    eval_data: Annotated[str | None, typer.Option("--eval-data", help="Held-out text for --eval-every: wikitext2 (hub) or a local file, e.g. wiki.test.raw.", show_default=False)] = None,
+    eval_windows: Annotated[int, typer.Option("--eval-windows", help="Evaluate the first N windows of --eval-data (of --seqlen tokens).")] = 32,
+    export_peft: Annotated[Path | None, typer.Option("--export-peft", help="Also write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for --adapter lora; its base model is OUT.", show_default=False)] = None,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+) -> None:
+    """Retrain a pruned checkpoint PERP-style; pruned weights stay exactly zero.
+
+    Only the chosen parameters and adapters get gradients and optimizer state (float32,
+    even when the frozen weights are bf16/fp16). Adapters are written unmerged
+    (adapters.safetensors + adapters.json); fold them in with `perp merge`. A NaN or inf
+    loss stops training and writes nothing.
+    """
+    opts = RetrainOptions(train=train, adapter=adapter, adapter_targets=adapter_targets, rank=rank, alpha=alpha,
+                          add_biases=add_biases, untie_lm_head=untie_lm_head)
+    kind = None if adapter.strip().lower() == "none" else adapters_mod.canonical_kind(adapter)
+    if export_peft is not None and kind != "lora":
+        raise UsageError("--export-peft needs --adapter lora (PEFT has no MaskLoRA/ScaleLoRA equivalent)")
+    if steps is not None and tokens is not None:
+        raise UsageError("give --steps or --tokens, not both")
+    if tokens is not None and tokens < 1:
+        raise UsageError(f"--tokens must be at least 1, got {tokens}")
+    if eval_every and eval_data is None:
+        raise UsageError("--eval-every needs --eval-data (held-out text)")
+    if eval_windows < 1:
+        raise UsageError(f"--eval-windows must be at least 1, got {eval_windows}")
+    cfg = TrainConfig(steps=steps or 1, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
+                      schedule=schedule, weight_decay=weight_decay, grad_checkpointing=grad_checkpointing,
+                      eval_every=eval_every, seed=seed)
+    cfg.validate()
+    checkpoint.check_output(output, inputs=[model], overwrite=overwrite)
+    if export_peft is not None:
+        checkpoint.check_output(export_peft, inputs=[model, output], overwrite=overwrite)
+
+    ckpt = checkpoint.load(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code, need_tokenizer=True)
+    seqlen = data.default_seqlen(ckpt.model, seqlen)
+    per_step = batch_size * grad_accum * seqlen
+    cfg.steps = math.ceil(tokens / per_step) if tokens is not None else (steps or 100)
+    if eval_data is not None and not eval_every:
+        cfg.eval_every = cfg.steps
+    if ckpt.masks is None and not quiet:
+        console.print(f"[yellow]note[/]: {model} has no masks.safetensors: dense retraining (no sparsity to preserve)", soft_wrap=True)
+
+    source = data.load_source(data_source, split="train", text_field=text_field)
+    windows = data.sample_windows(ckpt.tokenizer, source, nsamples=cfg.steps * batch_size * grad_accum, seqlen=seqlen, seed=seed)
+    eval_fn, eval_record = None, {}
+    if eval_data is not None:
+        from perp_cli.perplexity import eval_token_ids, perplexity
+
+        eval_source = data.load_source(eval_data, split="test", text_field=text_field)
+        eval_ids = eval_token_ids(ckpt.tokenizer, eval_source, seqlen)
+        eval_record = {**eval_source.describe(), "windows": eval_windows, "seqlen": seqlen}
+
+        def eval_fn() -> float:
+            return perplexity(ckpt.model, eval_ids, seqlen, batch_size, max_windows=eval_windows, quiet=True).ppl
+
+    args = {
+        "model": model, "output": str(output), "train": train, "add_biases": add_biases, "untie_lm_head": untie_lm_head,
+        "adapter": kind or "none", "adapter_targets": adapter_targets, "rank": rank, "alpha": alpha, "data": data_source,
+        "seqlen": seqlen, "batch_size": batch_size, "grad_accum": grad_accum, "steps": cfg.steps, "tokens": tokens,
+        "lr": lr, "warmup": warmup, "schedule": schedule, "weight_decay": weight_decay,
+        "grad_checkpointing": grad_checkpointing, "eval_every": cfg.eval_every, "eval_data": eval_data,
+        "eval_windows": eval_windows, "dtype": dtype, "device": device, "export_peft": export_peft,
+    }
+    step = StepRecord("retrain", args=args, input=model, seed=seed)
+    outcome = retrain(ckpt, opts, cfg, windows, eval_fn=eval_fn, quiet=quiet)
+    step.data = {"train": data.describe_tokens(source, windows), **({"eval": eval_record} if eval_record else {})}
+    results = outcome.results()
+    if outcome.tied_lm_head:
+        results["note"] = "lm_head is tied to the input embeddings: training one trained the other"
+    step.results = results
+    checkpoint.save(output, ckpt.model, ckpt.tokenizer, ckpt.masks, manifest_in=ckpt.manifest, step=step,
+                    overwrite=overwrite, adapters=outcome.adapters_state, adapters_config=outcome.adapters_config)
+    if export_peft is not None:
+        _export_peft(export_peft, outcome.adapters, ckpt.model, output, overwrite)
+
+    if json_out:
+        emit_json({"output": str(output), **results, **({"export_peft": str(export_peft)} if export_peft else {})})
+    if not quiet:
+        _render(results, str(output))
+
+
+def _export_peft(where: Path, adapters: dict, model, base: Path, overwrite: bool) -> None:
+    import json
+
+    from safetensors.torch import save_file
+
+    cfg, tensors = adapters_mod.peft_files(adapters, model, str(Path(base).resolve()))
+    with checkpoint.staging(where, overwrite=overwrite) as tmp:
+        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
+def _render(results: dict, output: str) -> None:
+    table = Table(title=f"retrain · {', '.join(results['trained'])}" + (f" + {results['adapters']} adapters" if results["adapters"] else ""), title_justify="left")
+    table.add_column("")
+    table.add_column("value", justify="right")
+    table.add_row("trainable parameters", f"{results['trainable_parameters']:,} ({results['trainable_share']:.4%})")
+    table.add_row("tokens seen", f"{results['tokens_seen']:,}")
+    table.add_row("loss", f"{results['initial_loss']:.4f} → {results['final_loss']:.4f}")
+    table.add_row("tokens/s", f"{results['tokens_per_s']:,.0f}")
+    table.add_row("training time", f"{results['train_wall_time_s']:.1f} s")
+    table.add_row("peak host memory", f"{results['peak_memory'].get('host_rss_mib', 0):,.0f} MiB")
+    for record in results["evals"]:
+        table.add_row(f"perplexity @ step {record['step']}", f"{record['perplexity']:.2f}")
+    console.print(table)
+    if results.get("note"):
+        console.print(f"[yellow]note[/]: {results['note']}", soft_wrap=True)
+    console.print(f"→ {output}", soft_wrap=True)

@@ -1,0 +1,365 @@
+"""`prune(ckpt, config)`: the library behind `perp prune`.
+
+One recipe for every method:
+
+1. validate the request (method, pattern, sparsity, scope) before any work;
+2. choose the matrices from the architecture map (`--targets`/`--exclude`), check N:M
+   divisibility, and read the input's masks: already-pruned weights stay pruned, so
+   the new mask is always a subset of the old one;
+3. data-free methods (magnitude, random) score every matrix directly; calibration
+   methods (Wanda, SparseGPT) run the block-sequential engine: per block, one pass with
+   statistics hooks (one statistics object per input group), then each group is pruned
+   and the calibration inputs go through the *pruned* block to the next one;
+4. the masks are assembled in each parameter's own layout, applied (exact zeros), and
+   the achieved sparsity is measured from the masks.
+
+`--scope global` needs every score before any mask: for Wanda the scores are then
+collected on the dense model's activations (blocks are not pruned during the pass).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from perp_cli import arch, checkpoint, data, engine, mask
+from perp_cli.arch import Matrix
+from perp_cli.checkpoint import Checkpoint
+from perp_cli.errors import ArchitectureError, UsageError
+from perp_cli.manifest import peak_memory, sha256_tensor
+from perp_cli.mask import MaskSet, Pattern
+from perp_cli.progress import make_progress
+from perp_cli.pruning import METHODS, Method
+from perp_cli.pruning.magnitude import magnitude_scores
+from perp_cli.pruning.random_ import random_scores
+from perp_cli.pruning.selection import global_prune_masks, nm_prune_mask, prune_mask
+from perp_cli.pruning.sparsegpt import inverse_hessian, prune_matrix
+from perp_cli.pruning.statistics import Group, collecting, target_groups
+from perp_cli.pruning.wanda import wanda_scores
+
+
+@dataclass
+class PruneConfig:
+    """Everything `perp prune` can be asked; defaults follow the references."""
+
+    method: str
+    sparsity: float | None = None  # None: 0.5 unstructured, 1 - N/M for N:M
+    pattern: str = "unstructured"
+    scope: str | None = None  # None: the method's default
+    targets: str | None = None
+    exclude: str | None = None
+    skip_indivisible: bool = False
+    damp: float = 0.01
+    blocksize: int = 128
+    calib: str = "c4"
+    text_field: str = "text"
+    nsamples: int = 128
+    seqlen: int | None = None
+    calib_concat: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    batch_size: int = 8
+    offload_activations: bool = False
+    quiet: bool = True
+
+
+class PruneOutcome(NamedTuple):
+    masks: MaskSet
+    results: dict[str, Any]
+    data: dict[str, Any]  # calibration source and token hash ({} for data-free methods)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    method: Method
+    pattern: Pattern
+    sparsity: float
+    scope: str  # row | matrix | global | N:M
+
+
+def plan(config: PruneConfig) -> _Plan:
+    """Validate the options against each other; raise UsageError before any work."""
+    method = METHODS.get(config.method)
+    if method is None:
+        raise UsageError(f"--method {config.method!r} is not one of {', '.join(METHODS)}")
+    pattern = Pattern.parse(config.pattern)
+    if pattern.structured:
+        if config.sparsity is not None and abs(config.sparsity - pattern.sparsity) > 1e-9:
+            raise UsageError(
+                f"--pattern {pattern} means sparsity {pattern.sparsity:g}, but --sparsity {config.sparsity:g} was given; drop one"
+            )
+        if config.scope is not None:
+            raise UsageError("--scope applies to unstructured pruning; with N:M every group of M inputs is its own group")
+        if method.name == "sparsegpt" and config.blocksize % pattern.m:
+            raise UsageError(f"--blocksize {config.blocksize} must be a multiple of M={pattern.m} for {pattern}")
+        sparsity, scope = pattern.sparsity, str(pattern)
+    else:
+        sparsity = 0.5 if config.sparsity is None else config.sparsity
+        if not 0.0 <= sparsity < 1.0:
+            raise UsageError(f"--sparsity must be in [0, 1), got {sparsity}")
+        scope = config.scope or method.default_scope
+        if scope not in method.scopes:
+            raise UsageError(f"--scope {scope!r} is not available for {method.name} (choose from {', '.join(method.scopes)})")
+    if config.damp <= 0:
+        raise UsageError(f"--damp must be positive, got {config.damp}")
+    if config.blocksize < 1:
+        raise UsageError(f"--blocksize must be at least 1, got {config.blocksize}")
+    if config.nsamples < 1:
+        raise UsageError(f"--nsamples must be at least 1, got {config.nsamples}")
+    if config.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
+    for flag, regex in (("--targets", config.targets), ("--exclude", config.exclude)):
+        if regex:
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise UsageError(f"{flag} {regex!r} is not a valid regular expression: {exc}") from exc
+    return _Plan(method, pattern, sparsity, scope)
+
+
+def _choose_matrices(model: nn.Module, config: PruneConfig, pattern: Pattern) -> tuple[list[Matrix], list[str]]:
+    """Targeted matrices, and those skipped because M does not divide their inputs."""
+    found = arch.matrices(model, config.targets, config.exclude)
+    if not found:
+        raise UsageError("--targets/--exclude leave no matrix to prune")
+    skipped: list[str] = []
+    if pattern.structured:
+        bad = [m for m in found if m.shape[1] % pattern.m]
+        if bad and not config.skip_indivisible:
+            names = ", ".join(sorted({m.key for m in bad})[:3]) + (" ..." if len(bad) > 3 else "")
+            raise UsageError(
+                f"{pattern} needs input dimensions divisible by {pattern.m}; {names} has {bad[0].shape[1]} inputs "
+                "(pass --skip-indivisible to leave such matrices dense, or --exclude them)"
+            )
+        skipped = [m.key for m in bad]
+        found = [m for m in found if m.shape[1] % pattern.m == 0]
+        if not found:
+            raise UsageError(f"no targeted matrix has an input dimension divisible by {pattern.m}")
+    return found, skipped
+
+
+def _old_pruned(masks: MaskSet | None, m: Matrix) -> torch.Tensor | None:
+    """Weights of `m` an earlier step pruned, `[out, in]` (True = pruned), or None."""
+    if masks is None or m.name not in masks:
+        return None
+    keep = masks[m.name]
+    if m.expert is not None:
+        keep = keep[m.expert]
+    keep = keep.t() if m.transposed else keep
+    return ~keep.bool()
+
+
+def _check_carried_masks(model: nn.Module, old: MaskSet | None, names: set[str], pattern: Pattern) -> None:
+    """Masks carried over untouched must obey the new pattern, or the output is invalid."""
+    if old is None or not pattern.structured:
+        return
+    transposed = arch.spec_for(model).transposed
+    for name, keep in old.masks.items():
+        if name not in names and mask.nm_violations(keep, pattern, transposed=transposed and keep.dim() == 2):
+            raise UsageError(
+                f"{name} keeps its {old.pattern} mask from the input, which breaks {pattern}; include it in --targets"
+            )
+
+
+class _Pruner:
+    """State of one pruning run: pruned masks by matrix key, notes for the manifest."""
+
+    def __init__(self, ckpt: Checkpoint, config: PruneConfig, p: _Plan, matrices: list[Matrix]) -> None:
+        self.model = ckpt.model
+        self.old = ckpt.masks
+        self.config = config
+        self.p = p
+        self.matrices = matrices
+        self.keys = {m.key for m in matrices}
+        self.pruned: dict[str, torch.Tensor] = {}
+        self.global_scores: dict[str, torch.Tensor] = {}
+        self.notes: dict[str, list[str]] = {}
+        self.block_seconds: list[dict[str, float]] = []  # per calibrated block: statistics pass, pruning
+        self.generator = torch.Generator().manual_seed(config.seed)
+
+    def note(self, kind: str, text: str) -> None:
+        self.notes.setdefault(kind, []).append(text)
+
+    # --- mask selection and writing
+
+    def select(self, scores: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
+        if self.p.pattern.structured:
+            return nm_prune_mask(scores, self.p.pattern.n, self.p.pattern.m, old)
+        return prune_mask(scores, self.p.sparsity, self.p.scope, old)
+
+    def commit(self, m: Matrix, pruned: torch.Tensor) -> None:
+        """Zero the pruned weights in place and remember the mask."""
+        with torch.no_grad():
+            m.weight().masked_fill_(pruned.to(m.weight().device), 0)
+        self.pruned[m.key] = pruned.cpu()
+
+    def score_or_select(self, m: Matrix, scores: torch.Tensor) -> None:
+        old = _old_pruned(self.old, m)
+        if self.p.scope == "global":
+            self.global_scores[m.key] = scores.cpu()
+        else:
+            self.commit(m, self.select(scores, old))
+
+    def finish_global(self) -> None:
+        if not self.global_scores:
+            return
+        by_key = {m.key: m for m in self.matrices}
+        old = {k: _old_pruned(self.old, by_key[k]) for k in self.global_scores}
+        for key, pruned in global_prune_masks(self.global_scores, self.p.sparsity, old).items():
+            self.commit(by_key[key], pruned)
+
+    # --- data-free methods
+
+    def run_data_free(self, progress: Any) -> None:
+        task = progress.add_task("matrices", total=len(self.matrices), status="")
+        for m in self.matrices:
+            progress.update(task, status=m.key)
+            if self.p.method.name == "magnitude":
+                scores = magnitude_scores(m.weight())
+            else:
+                scores = random_scores(m.shape, self.generator)
+            self.score_or_select(m, scores)
+            progress.advance(task)
+        self.finish_global()
+
+    # --- calibration methods
+
+    def prune_group(self, group: Group, status: Any) -> None:
+        status(f"block {group.matrices[0].block}: {group.label}")
+        if group.stat.tokens == 0:  # an expert the router never chose on this data
+            self.note("no_calibration_tokens", f"{group.label}: magnitude fallback")
+            for m in group.matrices:
+                self.score_or_select(m, magnitude_scores(m.weight()))
+            return
+        if self.p.method.name == "wanda":
+            norms = group.stat.norms()
+            for m in group.matrices:
+                self.score_or_select(m, wanda_scores(m.weight(), norms))
+            return
+        inverse = inverse_hessian(group.stat.hessian(), self.config.damp, where=group.label)
+        if inverse.retries:
+            self.note("damping", f"{group.label}: Hessian not positive definite, damp raised to {inverse.damp:g} ({inverse.retries} retries)")
+        n, mm = (self.p.pattern.n, self.p.pattern.m) if self.p.pattern.structured else (0, 0)
+        scope = self.p.scope if not self.p.pattern.structured else "matrix"
+        for m in group.matrices:
+            w = m.weight()
+            result = prune_matrix(w, inverse, self.p.sparsity, n, mm, self.config.blocksize, scope, _old_pruned(self.old, m))
+            with torch.no_grad():
+                w.copy_(result.weight.to(w.dtype))
+            self.commit(m, result.pruned)
+
+    def step(self, s: engine.BlockStep) -> None:
+        groups = target_groups(self.model, s.index, self.keys)
+        if not groups:
+            return None
+        s.status(f"block {s.index}: statistics")
+        start = time.perf_counter()
+        with collecting(self.model, groups, self.p.method.statistic, s.device) as stats:
+            s.inputs.run(s.block, keep_outputs=False)
+        _sync(s.device)
+        middle = time.perf_counter()
+        for group in stats:
+            self.prune_group(group, s.status)
+        _sync(s.device)
+        self.block_seconds.append({"statistics": round(middle - start, 4), "prune": round(time.perf_counter() - middle, 4)})
+        return None
+
+    # --- assembling the result
+
+    def mask_set(self) -> MaskSet:
+        """Keep-masks in each parameter's layout; untouched input masks carried over."""
+        params = dict(self.model.named_parameters())
+        keep: dict[str, torch.Tensor] = {}
+        if self.old is not None:
+            keep.update({n: k.clone().bool() for n, k in self.old.masks.items()})
+        for m in self.matrices:
+            slice_keep = m.to_param_layout(~self.pruned[m.key])
+            if m.expert is None:
+                keep[m.name] = slice_keep.contiguous()
+            else:
+                if m.name not in keep:
+                    keep[m.name] = torch.ones(params[m.name].shape, dtype=torch.bool)
+                keep[m.name][m.expert] = slice_keep
+        return MaskSet(keep, self.p.pattern)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued device work so per-block timings are real."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def calibration_tokens(ckpt: Checkpoint, config: PruneConfig) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Sample the calibration windows as the references do; returns tokens and their description."""
+    seqlen = data.default_seqlen(ckpt.model, config.seqlen)
+    source = data.load_source(config.calib, split="train", text_field=config.text_field)
+    tokens = data.sample_windows(ckpt.require_tokenizer(), source, config.nsamples, seqlen, config.seed, config.calib_concat)
+    return tokens, {**data.describe_tokens(source, tokens), "seqlen": seqlen, "concat": config.calib_concat}
+
+
+def prune(ckpt: Checkpoint, config: PruneConfig, tokens: torch.Tensor | None = None) -> PruneOutcome:
+    """Prune `ckpt.model` in place and return its masks, results and calibration record.
+
+    `tokens` (`[n, seqlen]`) replaces sampling from `config.calib` (tests, benchmarks).
+    """
+    start = time.time()
+    p = plan(config)
+    if ckpt.adapters is not None:
+        raise UsageError(f"{ckpt.source} has unmerged adapters; run `perp merge` first, then prune the merged checkpoint")
+    device = checkpoint.resolve_device(config.device)
+    model = ckpt.model
+    torch.manual_seed(config.seed)
+    try:
+        matrices, skipped = _choose_matrices(model, config, p.pattern)
+    except ArchitectureError as exc:
+        raise UsageError(str(exc)) from exc
+    _check_carried_masks(model, ckpt.masks, {m.name for m in matrices}, p.pattern)
+    pruner = _Pruner(ckpt, config, p, matrices)
+    data_record: dict[str, Any] = {}
+
+    with make_progress(config.quiet) as progress:
+        if p.method.statistic is None:
+            pruner.run_data_free(progress)
+        else:
+            if tokens is None:
+                tokens, data_record = calibration_tokens(ckpt, config)
+            else:
+                data_record = {"source": "tokens given by the caller", "token_ids_sha256": sha256_tensor(tokens), "shape": list(tokens.shape)}
+            engine.calibrate(
+                model, tokens, pruner.step, device=device, batch_size=config.batch_size,
+                offload=config.offload_activations, progress=progress, description=f"{p.method.name} blocks",
+            )
+            pruner.finish_global()
+
+    masks = pruner.mask_set()
+    mask.apply(model, masks)
+    pruned_names = sorted({m.name for m in matrices})
+    per_tensor = masks.sparsity()
+    kept = sum(int(masks[n].sum()) for n in pruned_names)
+    total = sum(masks[n].numel() for n in pruned_names)
+    results = {
+        "method": p.method.name,
+        "pattern": str(p.pattern),
+        "scope": p.scope,
+        "sparsity_requested": p.sparsity,
+        "sparsity_achieved": {
+            "pruned_tensors": round(1 - kept / total, 6) if total else 0.0,
+            "all_masked_tensors": round(masks.total_sparsity(), 6),
+            "per_tensor": {n: round(per_tensor[n], 6) for n in masks.names()},
+        },
+        "matrices_pruned": len(matrices),
+        "skipped_indivisible": skipped,
+        "notes": pruner.notes,
+        "block_seconds": pruner.block_seconds,
+        "pruning_time_s": round(time.time() - start, 3),
+        "device": str(device),
+        "config": asdict(config),
+        "peak_memory": peak_memory(),
+    }
+    return PruneOutcome(masks, results, data_record)
+

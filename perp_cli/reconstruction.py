@@ -1,0 +1,465 @@
+"""Layer-wise reconstruction: train each pruned block to reproduce the dense block's output.
+
+PERP (Zimmer et al., 2023, arXiv 2312.15230) shows that the small parameter subsets that
+recover a pruned model in full retraining (biases, norms, MaskLoRA) also recover it
+block by block: retraining-free pruning (Wanda, SparseGPT) followed by a short
+reconstruction of each block against the dense model's block output is much better,
+with the memory of one block at a time.
+
+For block i, with the calibration windows flowing through the block-sequential engine
+(`engine.calibrate`, the same loop pruning uses):
+
+* X_i, the inputs: the calibration activations after the already reconstructed blocks
+  0..i-1 (the engine's stream);
+* T_i, the target: the dense block i applied to X_i (`target="dense"`, PERP's choice),
+  or the dense model's own block output on its own activation stream
+  (`target="dense-stream"`: the dense model runs block by block in lockstep, so later
+  blocks also learn to undo the drift of earlier ones);
+* the loss: mean squared error between the pruned block's output on X_i and T_i;
+* what trains: `--train` subsets restricted to block i (`trainable.select_trainable`)
+  and adapters on block i's matrices, AdamW with 10% warmup and linear decay
+  (`training.fit`, whose masked gradients and re-masking keep `--train all` sparse);
+* afterwards the adapters are merged into block i under its mask and detached; if the
+  block's error on the calibration inputs got worse, its pre-training state is put back;
+* X_{i+1} = reconstructed block i applied to X_i.
+
+Only block i of the pruned model and block i of the dense model are on the device at a
+time; both models otherwise stay on the host (activations too with `offload`). Masks
+never change: every masked weight stays exactly 0 (checked after every block).
+
+The block runs in eval mode (no dropout: reconstruction is a regression onto fixed
+targets); only the modules carrying adapters see training mode, so `lora-prune` trains
+its dense update and is masked when merged, as in `retrain`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from perp_cli import adapters as adapters_mod
+from perp_cli import arch, checkpoint, engine
+from perp_cli import trainable as trainable_mod
+from perp_cli.errors import NumericalError, UsageError
+from perp_cli.manifest import peak_memory
+from perp_cli.mask import MaskSet, nonzeros_outside
+from perp_cli.progress import make_progress
+from perp_cli.training import TrainConfig, fit, mixed_precision
+
+TARGETS = ("dense", "dense-stream")
+
+
+@dataclass
+class ReconstructConfig:
+    """What `perp reconstruct` trains and how (defaults: PERP's biases+norms+MaskLoRA)."""
+
+    train: str = "biases,norms"
+    adapter: str = "masklora"  # "none" or an adapters.KINDS entry (plain lora is refused)
+    adapter_targets: str | None = None
+    rank: int = 16
+    alpha: float = 32.0
+    add_biases: bool = False
+    target: str = "dense"
+    steps_per_block: int = 100
+    batch_size: int = 8
+    lr: float = 1e-3
+    warmup: float = 0.1
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "cpu"
+    offload: bool = False
+    quiet: bool = True
+
+    @property
+    def adapter_kind(self) -> str | None:
+        """The canonical adapter type, or None for `none`."""
+        name = (self.adapter or "none").strip().lower()
+        return None if name == "none" else adapters_mod.canonical_kind(name)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            steps=self.steps_per_block, batch_size=self.batch_size, lr=self.lr, warmup=self.warmup,
+            schedule="linear", weight_decay=self.weight_decay, seed=self.seed,
+        )
+
+    def validate(self) -> None:
+        """Usage errors before anything is loaded."""
+        parts = trainable_mod.parse_spec(self.train)
+        outside = [p for p in parts if p in trainable_mod.OUTSIDE_BLOCKS]
+        if outside:
+            raise UsageError(f"--train {outside[0]} lives outside the decoder blocks; reconstruction trains biases, norms, all or none")
+        kind = self.adapter_kind
+        if kind == "lora":
+            raise UsageError(
+                "--adapter lora would fill the pruned weights when merged into the block; "
+                "use masklora, scalelora or lora-prune (they keep the mask), or none"
+            )
+        if parts == ["none"] and kind is None:
+            raise UsageError("--train none with --adapter none trains nothing; choose a subset or an adapter")
+        if self.target not in TARGETS:
+            raise UsageError(f"--target {self.target!r} is not one of {', '.join(TARGETS)}")
+        if self.adapter_targets:
+            try:
+                re.compile(self.adapter_targets)
+            except re.error as exc:
+                raise UsageError(f"--adapter-targets {self.adapter_targets!r} is not a valid regular expression: {exc}") from exc
+        if self.rank < 1:
+            raise UsageError(f"--rank must be at least 1, got {self.rank}")
+        if self.steps_per_block < 1:
+            raise UsageError(f"--steps-per-block must be at least 1, got {self.steps_per_block}")
+        self.train_config().validate()
+
+
+@dataclass
+class BlockReport:
+    """One block's reconstruction: errors on the calibration inputs, before and after.
+
+    `mse_trained` is the error right after training (adapters merged); `mse_after` the
+    error of what is kept: the same, unless training made the block worse and its
+    pre-training state was restored (`restored`, then `mse_after == mse_before`).
+    """
+
+    block: int
+    mse_before: float
+    mse_trained: float
+    mse_after: float
+    restored: bool
+    trainable_parameters: int
+    tokens: int
+    loss_first: float | None
+    loss_last: float | None
+    time_s: float
+
+    @property
+    def reduction(self) -> float:
+        """Fraction of the block's error removed (0 when restored or already exact)."""
+        return 1.0 - self.mse_after / self.mse_before if self.mse_before > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["reduction"] = round(self.reduction, 6)
+        out["time_s"] = round(self.time_s, 3)
+        return out
+
+
+@dataclass
+class ReconstructOutcome:
+    """What `reconstruct` did, for the manifest, the table and `--json`."""
+
+    config: ReconstructConfig
+    blocks: list[BlockReport]
+    trained: list[str]
+    adapter: str
+    added_biases: list[str]
+    total_parameters: int
+    wall_time_s: float
+    device: str
+    peak_memory: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def restored(self) -> list[int]:
+        return [b.block for b in self.blocks if b.restored]
+
+    def results(self) -> dict[str, Any]:
+        largest = max((b.trainable_parameters for b in self.blocks), default=0)
+        return {
+            "target": self.config.target,
+            "trained": self.trained,
+            "adapter": self.adapter,
+            "rank": self.config.rank if self.adapter != "none" else None,
+            "alpha": self.config.alpha if self.adapter not in ("none", "scalelora") else None,
+            "adapter_targets": self.config.adapter_targets,
+            "added_biases": len(self.added_biases),
+            "steps_per_block": self.config.steps_per_block,
+            "batch_size": self.config.batch_size,
+            "lr": self.config.lr,
+            "warmup": self.config.warmup,
+            "weight_decay": self.config.weight_decay,
+            "tokens_per_block": max((b.tokens for b in self.blocks), default=0),
+            "trainable_parameters": sum(b.trainable_parameters for b in self.blocks),
+            "trainable_parameters_largest_block": largest,
+            "total_parameters": self.total_parameters,
+            "blocks": [b.to_json() for b in self.blocks],
+            "restored_blocks": self.restored,
+            "reconstruction_time_s": round(self.wall_time_s, 3),
+            "device": self.device,
+            "peak_memory": self.peak_memory,
+        }
+
+
+# ----------------------------------------------------------------------------- the dense reference
+
+
+def dense_source(ckpt: checkpoint.Checkpoint, dense: str | Path | None) -> str:
+    """The dense reference: `dense` if given, else the manifest's `source_model`.
+
+    A checkpoint with no recorded source (or whose recorded source is itself, as for a
+    plain Hugging Face directory) cannot default: the user must say `--dense`.
+    """
+    if dense is not None:
+        return str(dense)
+    source = ckpt.manifest.get("source_model")
+    if not source:
+        raise UsageError(f"{ckpt.source} records no source model in its perp.json; pass --dense DIR (the dense model it was pruned from)")
+    path = Path(source).expanduser()
+    if ckpt.local_dir is not None and path.exists() and path.resolve() == ckpt.local_dir:
+        raise UsageError(f"{ckpt.source} is its own recorded source model; pass --dense DIR (the dense model it was pruned from)")
+    if (source.startswith((".", "/", "~")) or source.count("/") > 1) and not path.exists():
+        raise UsageError(f"the recorded source model {source} of {ckpt.source} no longer exists; pass --dense DIR")
+    return source
+
+
+def check_compatible(pruned: nn.Module, dense: nn.Module) -> None:
+    """The dense reference must be the same architecture with the same tensor shapes."""
+    p_spec, d_spec = arch.spec_for(pruned), arch.spec_for(dense)
+    if p_spec.model_type != d_spec.model_type:
+        raise UsageError(f"--dense is a {d_spec.model_type} model but the pruned checkpoint is {p_spec.model_type}")
+    p_shapes = {n: tuple(t.shape) for n, t in pruned.state_dict().items()}
+    d_shapes = {n: tuple(t.shape) for n, t in dense.state_dict().items()}
+    missing = sorted(set(p_shapes) ^ set(d_shapes))
+    if missing:
+        raise UsageError(f"--dense does not match the pruned model: tensor {missing[0]} exists in only one of them")
+    for name, shape in p_shapes.items():
+        if d_shapes[name] != shape:
+            raise UsageError(f"--dense does not match the pruned model: {name} is {d_shapes[name]} there, {shape} here")
+
+
+# ----------------------------------------------------------------------------- per-block math
+
+
+def _squared_error_sum(output: torch.Tensor, target: torch.Tensor) -> float:
+    return float((output.double() - target.double()).pow(2).sum())
+
+
+@torch.no_grad()
+def block_error(
+    inputs: engine.BlockInputs, block: nn.Module, targets: list[torch.Tensor], keep_outputs: bool = False
+) -> tuple[float, list[torch.Tensor]]:
+    """Mean squared error of `block` on every calibration micro-batch against `targets`
+    (accumulated in float64 over all elements), and the outputs (on the store) if asked."""
+    total, count, outputs = 0.0, 0, []
+    for x, t in zip(inputs.batches(), targets):
+        y = inputs.call(block, x)
+        total += _squared_error_sum(y, t.to(y.device))
+        count += y.numel()
+        if keep_outputs:
+            outputs.append(y.to(inputs.store))
+    return total / max(count, 1), outputs
+
+
+def batch_order(num_batches: int, steps: int, generator: torch.Generator) -> list[int]:
+    """Which calibration micro-batch each step trains on: a fresh shuffle every epoch."""
+    order: list[int] = []
+    while len(order) < steps:
+        order.extend(torch.randperm(num_batches, generator=generator).tolist())
+    return order[:steps]
+
+
+def _block_seed(seed: int, index: int) -> int:
+    """A distinct, reproducible seed per (run seed, block)."""
+    return (seed * 1_000_003 + index) % (2**63)
+
+
+@contextlib.contextmanager
+def _adapter_owners_training(entries: dict[str, tuple[arch.Matrix, adapters_mod.Adapter]]) -> Iterator[None]:
+    """Training mode for the modules carrying adapters only (lora-prune is dense while
+    training); the rest of the block keeps eval mode, so no dropout noise."""
+    owners = {id(m.owner): m.owner for m, _ in entries.values()}
+    for owner in owners.values():
+        owner.train()
+    try:
+        yield
+    finally:
+        for owner in owners.values():
+            owner.eval()
+
+
+def _mask_violations(model: nn.Module, masks: MaskSet, prefix: str) -> str | None:
+    params = dict(model.named_parameters())
+    for name, keep in masks.masks.items():
+        if name.startswith(prefix) and name in params:
+            outside = nonzeros_outside(params[name].detach(), keep.to(params[name].device))
+            if outside:
+                return f"{name} has {outside} nonzeros where the mask says pruned"
+    return None
+
+
+# ----------------------------------------------------------------------------- the block step
+
+
+class _Reconstructor:
+    """State of one run: the two models, the config, the dense stream, the reports."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dense: nn.Module,
+        masks: MaskSet,
+        cfg: ReconstructConfig,
+        dense_inputs: engine.BlockInputs | None,
+    ) -> None:
+        self.model = model
+        self.dense = dense
+        self.masks = masks
+        self.cfg = cfg
+        self.kind = cfg.adapter_kind
+        self.dense_inputs = dense_inputs
+        self.prefix = arch.spec_for(model).blocks
+        wanted = adapters_mod.match_targets(model, cfg.adapter_targets) if self.kind else []
+        self.adapter_keys: dict[int, list[str]] = {}
+        for m in wanted:
+            self.adapter_keys.setdefault(m.block, []).append(m.key)
+        self.reports: list[BlockReport] = []
+
+    def targets(self, s: engine.BlockStep) -> list[torch.Tensor]:
+        """T_i: dense block i on X_i, or on the dense stream (which then advances)."""
+        dense_block = arch.blocks(self.dense)[s.index]
+        home = next(dense_block.parameters()).device
+        dense_block.to(s.device)
+        try:
+            if self.dense_inputs is None:
+                return s.inputs.run(dense_block)
+            outputs = self.dense_inputs.run(dense_block)
+            self.dense_inputs = self.dense_inputs.replaced(outputs)
+            return outputs
+        finally:
+            dense_block.to(home)
+
+    def attach(self, index: int) -> dict[str, adapters_mod.Adapter]:
+        keys = self.adapter_keys.get(index)
+        if not keys:
+            return {}
+        only_block = "^(?:" + "|".join(re.escape(k) for k in keys) + ")$"
+        return adapters_mod.attach(self.model, self.kind, self.cfg.rank, self.cfg.alpha, only_block, self.masks)
+
+    def train(self, s: engine.BlockStep, targets: list[torch.Tensor]) -> tuple[int, int, float | None, float | None]:
+        """Train block `s.index` towards `targets`, merge its adapters; returns the
+        trainable parameter count, tokens seen, and the first and last training losses."""
+        cfg, model, inputs = self.cfg, self.model, s.inputs
+        params = trainable_mod.select_trainable(model, cfg.train, block=s.index)
+        trainable_mod.set_trainable(model, params)
+        torch.manual_seed(_block_seed(cfg.seed, s.index))
+        adapters = self.attach(s.index)
+        try:
+            adapter_params = [p for a in adapters.values() for p in a.parameters()]
+            if not params and not adapter_params:
+                return 0, 0, None, None
+            keep = [(p, self.masks[name]) for name, p in params.items() if name in self.masks]
+            generator = torch.Generator().manual_seed(_block_seed(cfg.seed, s.index))
+            order = batch_order(len(inputs), cfg.steps_per_block, generator)
+            steps = cfg.steps_per_block
+
+            with mixed_precision(s.block, list(params.values())) as amp:
+
+                def loss_fn(step: int, micro: int) -> torch.Tensor:
+                    if step % 10 == 0 or step + 1 == steps:
+                        s.status(f"block {s.index}: step {step + 1}/{steps}")
+                    k = order[step]
+                    x = inputs.hidden[k].to(inputs.device)
+                    with amp():
+                        y = inputs.call(s.block, x)
+                    return (y.float() - targets[k].to(y.device).float()).pow(2).mean()
+
+                with _adapter_owners_training(adapters_mod.attached_matrices(model)):
+                    try:
+                        result = fit(
+                            list(params.values()) + adapter_params, loss_fn, cfg.train_config(), keep_masks=keep,
+                            quiet=True, description=f"block {s.index}",
+                        )
+                    except NumericalError as exc:
+                        raise NumericalError(f"block {s.index}: {exc}") from exc
+            with torch.no_grad():
+                for matrix, adapter in adapters_mod.attached_matrices(model).values():
+                    adapter.merge(matrix)
+            count = sum(p.numel() for p in params.values()) + sum(p.numel() for p in adapter_params)
+            tokens = sum(inputs.hidden[k].shape[0] * inputs.hidden[k].shape[1] for k in order)
+            return count, tokens, result.initial_loss, result.final_loss
+        finally:
+            adapters_mod.detach(model)
+            model.requires_grad_(False)
+
+    def step(self, s: engine.BlockStep) -> engine.BlockInputs | None:
+        start = time.perf_counter()
+        s.status(f"block {s.index}: dense targets")
+        targets = self.targets(s)
+        s.status(f"block {s.index}: error before")
+        before, _ = block_error(s.inputs, s.block, targets)
+        snapshot = {k: v.detach().to("cpu", copy=True) for k, v in s.block.state_dict().items()}  # host: one block on the device
+        count, tokens, loss_first, loss_last = self.train(s, targets)
+        s.status(f"block {s.index}: error after")
+        trained, outputs = block_error(s.inputs, s.block, targets, keep_outputs=True)
+        restored = not trained <= before  # also catches NaN
+        if restored:
+            s.block.load_state_dict(snapshot)
+            outputs = []
+        problem = _mask_violations(self.model, self.masks, f"{self.prefix}.{s.index}.")
+        if problem:  # cannot happen with masked merges and masked gradients; never let it reach disk
+            raise NumericalError(f"reconstructing block {s.index} broke the mask: {problem}")
+        self.reports.append(BlockReport(
+            block=s.index, mse_before=before, mse_trained=trained, mse_after=before if restored else trained,
+            restored=restored, trainable_parameters=count, tokens=tokens, loss_first=loss_first, loss_last=loss_last,
+            time_s=time.perf_counter() - start,
+        ))
+        return None if restored else s.inputs.replaced(outputs)
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def reconstruct(
+    pruned_ckpt: checkpoint.Checkpoint,
+    dense_model: nn.Module,
+    tokens: torch.Tensor,
+    cfg: ReconstructConfig,
+) -> ReconstructOutcome:
+    """Reconstruct `pruned_ckpt.model` block by block in place against `dense_model`.
+
+    `tokens` are the calibration windows `[n, seqlen]`. The dense model is only read;
+    it stays on the host except for the block being reconstructed. The masks are not
+    changed; the adapters are merged into the weights (nothing to save separately).
+    """
+    start = time.perf_counter()
+    cfg.validate()
+    model = pruned_ckpt.model
+    if pruned_ckpt.adapters_config is not None:
+        raise UsageError(f"{pruned_ckpt.source} has unmerged adapters; run `perp merge` on it first")
+    if pruned_ckpt.masks is None or len(pruned_ckpt.masks) == 0:
+        raise UsageError(f"{pruned_ckpt.source} has no masks.safetensors: nothing was pruned, so there is nothing to reconstruct")
+    if tokens.dim() != 2 or tokens.shape[0] < 1:
+        raise UsageError(f"calibration tokens must be [n, seqlen] with n >= 1, got {list(tokens.shape)}")
+    check_compatible(model, dense_model)
+    added = trainable_mod.add_biases(model) if cfg.add_biases else []
+    trainable_mod.select_trainable(model, cfg.train, block=0)  # e.g. `biases` on LLaMA: the error names --add-biases
+    device = checkpoint.resolve_device(cfg.device)
+    dense_model.eval()
+    dense_model.requires_grad_(False)
+    model.requires_grad_(False)
+
+    dense_inputs = None
+    if cfg.target == "dense-stream":
+        dense_inputs = engine.capture_inputs(dense_model, tokens, device=device, batch_size=cfg.batch_size, offload=cfg.offload)
+    worker = _Reconstructor(model, dense_model, pruned_ckpt.masks, cfg, dense_inputs)
+    with make_progress(cfg.quiet) as progress:
+        engine.calibrate(
+            model, tokens, worker.step, device=device, batch_size=cfg.batch_size, offload=cfg.offload,
+            progress=progress, description="reconstruct blocks",
+        )
+    parts = trainable_mod.parse_spec(cfg.train)
+    return ReconstructOutcome(
+        config=cfg,
+        blocks=worker.reports,
+        trained=parts,
+        adapter=cfg.adapter_kind or "none",
+        added_biases=added,
+        total_parameters=trainable_mod.count_parameters(model),
+        wall_time_s=time.perf_counter() - start,
+        device=str(device),
+        peak_memory=peak_memory(),
+    )

@@ -1,0 +1,408 @@
+"""The retraining loop: AdamW over the trainable parameters only, plus the `retrain` recipe.
+
+PERP's point is cost: if only biases and norms (or low-rank adapters) are trainable,
+only they get gradients and AdamW state, so retraining needs little more memory than
+inference. The loop makes that true by freezing everything else before it builds the
+optimizer, and by never touching a frozen parameter.
+
+Invariants the loop keeps:
+
+* sparsity: a trainable tensor that has a mask (full retraining, `--train all`) gets
+  its gradient masked before the step and is re-masked after it, so every pruned weight
+  is exactly zero after every step, weight decay and AdamW's momentum included;
+* mixed precision: frozen weights may stay bf16/fp16 while trainable parameters (and
+  therefore their gradients and optimizer state) are float32; the forward runs under
+  autocast in the low precision; trained tensors are cast back when training ends;
+* a NaN or inf loss stops training with `NumericalError` (the caller writes nothing).
+
+`fit` is the loop itself, independent of what the loss is, so layer-wise reconstruction
+can reuse it with a block-output MSE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+
+from perp_cli import adapters as adapters_mod
+from perp_cli import trainable as trainable_mod
+from perp_cli.errors import NumericalError, UsageError
+from perp_cli.manifest import peak_memory
+from perp_cli.mask import MaskSet
+from perp_cli.progress import console, make_progress
+
+SCHEDULES = ("linear", "cosine", "constant")
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (defaults follow PERP: AdamW, lr 5e-4, 10% warmup, linear decay)."""
+
+    steps: int
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 5e-4
+    warmup: float = 0.1
+    schedule: str = "linear"
+    weight_decay: float = 0.0
+    grad_checkpointing: bool = False
+    eval_every: int = 0
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise UsageError(f"--steps must be at least 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.grad_accum < 1:
+            raise UsageError(f"--grad-accum must be at least 1, got {self.grad_accum}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise UsageError(f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.schedule not in SCHEDULES:
+            raise UsageError(f"--schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.weight_decay < 0:
+            raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.eval_every < 0:
+            raise UsageError(f"--eval-every must be >= 0, got {self.eval_every}")
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.warmup * self.steps))
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup_steps: int, schedule: str) -> float:
+    """Learning rate of optimizer step `step` (0-based).
+
+    Warmup ramps linearly to `base_lr`, reaching it at step `warmup_steps - 1` (so no
+    step is wasted at lr 0); then `linear` and `cosine` decay towards 0 at step `total`,
+    `constant` stays.
+    """
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base_lr
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    if schedule == "linear":
+        return base_lr * (1.0 - progress)
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise UsageError(f"unknown schedule {schedule!r}")
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens_seen: int
+    initial_loss: float
+    final_loss: float
+    losses: list[float]
+    wall_time_s: float
+    tokens_per_s: float
+    peak_memory: dict[str, float]
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "tokens_seen": self.tokens_seen,
+            "initial_loss": round(self.initial_loss, 6),
+            "final_loss": round(self.final_loss, 6),
+            "train_wall_time_s": round(self.wall_time_s, 3),
+            "tokens_per_s": round(self.tokens_per_s, 1),
+            "peak_memory": self.peak_memory,
+            "evals": self.evals,
+        }
+
+
+def _status(loss: float, lr: float, tokens_per_s: float) -> str:
+    text = f"loss {loss:.4f} · lr {lr:.2e} · {tokens_per_s:,.0f} tok/s"
+    if torch.cuda.is_available():
+        text += f" · {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+    return text
+
+
+def fit(
+    params: list[nn.Parameter],
+    loss_fn: Callable[[int, int], torch.Tensor],
+    cfg: TrainConfig,
+    keep_masks: list[tuple[nn.Parameter, torch.Tensor]] = (),
+    tokens_per_micro: int = 0,
+    on_eval: Callable[[int], dict[str, float]] | None = None,
+    quiet: bool = False,
+    description: str = "retrain",
+) -> TrainResult:
+    """Run `cfg.steps` AdamW steps on `params`, each accumulating `cfg.grad_accum` losses.
+
+    `loss_fn(step, micro)` returns the scalar loss of one micro-batch. `keep_masks`
+    pairs a parameter with its keep-mask (same layout): its gradient is zeroed outside
+    the mask before each step and its pruned entries are reset to exactly 0 after it.
+    `on_eval(step)` runs after every `cfg.eval_every` steps and returns numbers to log.
+    """
+    cfg.validate()
+    if not params:
+        raise UsageError("nothing to train: choose --train subsets and/or an --adapter")
+    for p in params:
+        if p.dtype != torch.float32:
+            raise UsageError(f"trainable parameters must be float32 (mixed precision keeps them so), got {p.dtype}")
+    pruned = [(p, ~keep.to(device=p.device, dtype=torch.bool)) for p, keep in keep_masks]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    losses: list[float] = []
+    evals: list[dict[str, float]] = []
+    tokens = 0
+    eval_time = 0.0
+    start = time.perf_counter()
+    with make_progress(quiet) as progress:
+        task = progress.add_task(description, total=cfg.steps, status="")
+        for step in range(cfg.steps):
+            lr = lr_at(step, cfg.steps, cfg.lr, cfg.warmup_steps, cfg.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for micro in range(cfg.grad_accum):
+                loss = loss_fn(step, micro)
+                if not torch.isfinite(loss.detach()):
+                    raise NumericalError(
+                        f"the training loss became {loss.item()} at step {step + 1}; nothing was written "
+                        f"(lower --lr, now {cfg.lr:g}, or check the input checkpoint)"
+                    )
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.item() / cfg.grad_accum
+                tokens += tokens_per_micro
+            with torch.no_grad():
+                for p, prune in pruned:
+                    if p.grad is not None:
+                        p.grad.masked_fill_(prune, 0)
+            optimizer.step()
+            with torch.no_grad():
+                for p, prune in pruned:
+                    p.masked_fill_(prune, 0)
+            losses.append(step_loss)
+            elapsed = time.perf_counter() - start - eval_time
+            progress.update(task, advance=1, status=_status(step_loss, lr, tokens / max(elapsed, 1e-9)))
+            if on_eval is not None and cfg.eval_every and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+                eval_start = time.perf_counter()
+                record = {"step": step + 1, **on_eval(step + 1)}
+                eval_time += time.perf_counter() - eval_start
+                evals.append(record)
+                if not quiet:
+                    shown = " · ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step")
+                    progress.console.print(f"step {step + 1}: {shown}")
+    wall = time.perf_counter() - start - eval_time  # training only: evaluation is not training cost
+    return TrainResult(
+        steps=cfg.steps,
+        tokens_seen=tokens,
+        initial_loss=losses[0],
+        final_loss=losses[-1],
+        losses=losses,
+        wall_time_s=wall,
+        tokens_per_s=tokens / max(wall, 1e-9),
+        peak_memory=peak_memory(),
+        evals=evals,
+    )
+
+
+# ----------------------------------------------------------------------------- language modelling
+
+
+def autocast_dtype(model: nn.Module) -> torch.dtype | None:
+    """The low precision to autocast to, if any parameter is bf16/fp16."""
+    for p in model.parameters():
+        if p.dtype in LOW_PRECISION:
+            return p.dtype
+    return None
+
+
+@contextlib.contextmanager
+def mixed_precision(model: nn.Module, params: list[nn.Parameter]) -> Iterator[contextlib.AbstractContextManager]:
+    """Trainable parameters in float32 for the duration; yields the autocast context to run under.
+
+    On exit the trained tensors are cast back to their stored dtype, so the checkpoint
+    keeps the dtype it was loaded with.
+    """
+    original = {id(p): (p, p.dtype) for p in params if p.dtype != torch.float32}
+    for p, _ in original.values():
+        p.data = p.data.float()
+    low = autocast_dtype(model)
+    device_type = next(model.parameters()).device.type
+    try:
+        yield (lambda: torch.autocast(device_type, dtype=low)) if low else contextlib.nullcontext
+    finally:
+        for p, dtype in original.values():
+            p.data = p.data.to(dtype)
+
+
+def train_lm(
+    model: nn.Module,
+    windows: torch.Tensor,
+    cfg: TrainConfig,
+    params: dict[str, nn.Parameter],
+    adapters: dict[str, adapters_mod.Adapter] | None = None,
+    masks: MaskSet | None = None,
+    eval_fn: Callable[[], float] | None = None,
+    quiet: bool = False,
+) -> TrainResult:
+    """Next-token training of `params` (and adapters) on `windows` `[n, seqlen]`.
+
+    Micro-batch k of the run is `windows[k*bs:(k+1)*bs]`, in order, so the same windows
+    and seed give the same run. `masks` keeps any trainable masked tensor sparse.
+    `eval_fn` (held-out perplexity) runs in eval mode every `cfg.eval_every` steps.
+    """
+    needed = cfg.steps * cfg.grad_accum * cfg.batch_size
+    if windows.shape[0] < needed:
+        raise UsageError(f"{needed} training windows are needed, {windows.shape[0]} were given")
+    adapters = adapters or {}
+    trainable_mod.set_trainable(model, params)
+    adapter_params = [p for a in adapters.values() for p in a.parameters()]
+    for p in adapter_params:
+        p.requires_grad_(True)
+    keep = [(p, masks[name]) for name, p in params.items() if masks is not None and name in masks]
+    device = next(model.parameters()).device
+    seqlen = windows.shape[1]
+    use_cache = getattr(model.config, "use_cache", None)
+    torch.manual_seed(cfg.seed)
+    with mixed_precision(model, list(params.values())) as amp:
+
+        def loss_fn(step: int, micro: int) -> torch.Tensor:
+            k = step * cfg.grad_accum + micro
+            ids = windows[k * cfg.batch_size : (k + 1) * cfg.batch_size].to(device)
+            with amp():
+                return model(input_ids=ids, labels=ids, use_cache=False).loss.float()
+
+        def on_eval(step: int) -> dict[str, float]:
+            model.eval()
+            try:
+                with torch.no_grad(), amp():
+                    return {"perplexity": float(eval_fn())}
+            finally:
+                model.train()
+
+        if cfg.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        try:
+            return fit(
+                list(params.values()) + adapter_params,
+                loss_fn,
+                cfg,
+                keep_masks=keep,
+                tokens_per_micro=cfg.batch_size * seqlen,
+                on_eval=on_eval if eval_fn is not None else None,
+                quiet=quiet,
+            )
+        finally:
+            model.eval()
+            model.requires_grad_(False)
+            for p in adapter_params:
+                p.requires_grad_(False)
+            if cfg.grad_checkpointing:
+                model.gradient_checkpointing_disable()
+            if use_cache is not None:
+                model.config.use_cache = use_cache
+
+
+# ----------------------------------------------------------------------------- the retrain recipe
+
+
+@dataclass
+class RetrainOptions:
+    """What `perp retrain` trains, besides the optimisation settings."""
+
+    train: str = "biases,norms"
+    adapter: str | None = None
+    adapter_targets: str | None = None
+    rank: int = 16
+    alpha: float = 32.0
+    add_biases: bool = False
+    untie_lm_head: bool = False
+
+
+@dataclass
+class RetrainOutcome:
+    result: TrainResult
+    trainable_parameters: int
+    total_parameters: int
+    trained: list[str]
+    tied_lm_head: bool
+    added_biases: list[str]
+    dense: bool
+    adapters: dict[str, adapters_mod.Adapter] = field(default_factory=dict)
+    adapters_state: dict[str, torch.Tensor] | None = None
+    adapters_config: dict[str, Any] | None = None
+
+    @property
+    def trainable_share(self) -> float:
+        return self.trainable_parameters / self.total_parameters
+
+    def results(self) -> dict[str, Any]:
+        return {
+            "trainable_parameters": self.trainable_parameters,
+            "total_parameters": self.total_parameters,
+            "trainable_share": round(self.trainable_share, 8),
+            "trained": self.trained,
+            "tied_lm_head": self.tied_lm_head,
+            "added_biases": len(self.added_biases),
+            "dense_retraining": self.dense,
+            "adapters": len(self.adapters),
+            **self.result.summary(),
+        }
+
+
+def retrain(
+    ckpt: Any,
+    opts: RetrainOptions,
+    cfg: TrainConfig,
+    windows: torch.Tensor,
+    eval_fn: Callable[[], float] | None = None,
+    quiet: bool = False,
+) -> RetrainOutcome:
+    """PERP retraining of `ckpt.model` in place; adapters come back detached and unmerged.
+
+    The model's weights afterwards are the base weights with the trained subset updated;
+    the adapters' tensors and config are returned for `adapters.safetensors`/`.json`.
+    """
+    model = ckpt.model
+    cfg.validate()
+    if ckpt.adapters_config is not None:
+        raise UsageError(f"{ckpt.source} has unmerged adapters; run `perp merge` on it first")
+    kind = adapters_mod.canonical_kind(opts.adapter) if opts.adapter and opts.adapter != "none" else None
+    parts = trainable_mod.parse_spec(opts.train)
+    if parts == ["none"] and kind is None:
+        raise UsageError("--train none with --adapter none trains nothing; choose a subset or an adapter")
+    if kind in adapters_mod.NEEDS_MASK and ckpt.masks is None:
+        raise UsageError(f"--adapter {kind} needs the pruning masks, but {ckpt.source} has no masks.safetensors (a dense model: use scalelora or lora)")
+    if opts.untie_lm_head:
+        trainable_mod.untie_lm_head(model)
+    added = trainable_mod.add_biases(model) if opts.add_biases else []
+    params = trainable_mod.select_trainable(model, opts.train)
+    tied = trainable_mod.lm_head_is_tied(model) and bool({"lm_head", "embeddings", "all"} & set(parts))
+    torch.manual_seed(cfg.seed)
+    adapters = (
+        adapters_mod.attach(model, kind, opts.rank, opts.alpha, opts.adapter_targets, ckpt.masks) if kind else {}
+    )
+    try:
+        result = train_lm(model, windows, cfg, params, adapters, ckpt.masks, eval_fn, quiet)
+    finally:
+        adapters_mod.detach(model)
+    n_train = sum(p.numel() for p in params.values()) + sum(p.numel() for a in adapters.values() for p in a.parameters())
+    return RetrainOutcome(
+        result=result,
+        trainable_parameters=n_train,
+        total_parameters=trainable_mod.count_parameters(model),
+        trained=parts,
+        tied_lm_head=tied,
+        added_biases=added,
+        dense=ckpt.masks is None,
+        adapters=adapters,
+        adapters_state=adapters_mod.state_dict(adapters) if adapters else None,
+        adapters_config=adapters_mod.config(adapters, opts.adapter_targets) if adapters else None,
+    )

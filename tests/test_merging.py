@@ -1,0 +1,112 @@
+"""Merging: same logits as unmerged, same mask support, plain LoRA refused without the flag."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from perp_cli import adapters, arch, mask, tiny
+from perp_cli.checkpoint import mask_problems
+from perp_cli.errors import NumericalError, UsageError
+from perp_cli.mask import MaskSet
+from perp_cli.merging import merge_attached, merge_checkpoint, probe_batch
+
+IDS = torch.randint(4, 260, (2, 20), generator=torch.Generator().manual_seed(3))
+
+
+def magnitude_masks(model, sparsity: float = 0.6) -> MaskSet:
+    masks: dict[str, torch.Tensor] = {}
+    for m in arch.matrices(model):
+        w = m.weight()
+        keep = w.abs() > w.abs().flatten().kthvalue(int(w.numel() * sparsity)).values
+        if m.expert is None:
+            masks[m.name] = m.to_param_layout(keep).contiguous()
+        else:
+            masks.setdefault(m.name, torch.ones(m.parameter.shape, dtype=torch.bool))[m.expert] = keep
+    ms = MaskSet(masks)
+    mask.apply(model, ms)
+    return ms
+
+
+def trained(family: str, kind: str, masks_too: bool = True):
+    """A pruned tiny model with adapters whose factors look trained (random, nonzero)."""
+    model = tiny.build_model(family)
+    masks = magnitude_masks(model)
+    ads = adapters.attach(model, kind, rank=4, alpha=8, masks=masks)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for a in ads.values():
+            a.lora_A.add_(0.1 * torch.randn(a.lora_A.shape, generator=gen))
+            a.lora_B.add_(0.1 * torch.randn(a.lora_B.shape, generator=gen))
+    return model, masks, ads
+
+
+CASES = [(f, k) for f in ("opt", "gpt2", "mixtral") for k in ("masklora", "scalelora", "lora-prune")] + [("llama", "masklora")]
+
+
+@pytest.mark.parametrize("family,kind", CASES)
+def test_merged_logits_equal_unmerged_and_support_is_identical(family, kind):
+    model, masks, _ = trained(family, kind)
+    model.eval()
+    with torch.no_grad():
+        unmerged = model(IDS).logits
+    support = {n: (p != 0) for n, p in model.named_parameters() if n in masks}
+    report = merge_attached(model, masks)
+    assert adapters.attached(model) == {}
+    assert report.kind == kind and report.tensors == len(arch.matrices(model))
+    assert report.relative_diff <= report.tolerance and report.masks_kept
+    with torch.no_grad():
+        merged = model(IDS).logits
+    assert torch.allclose(merged, unmerged, atol=1e-5, rtol=1e-4)
+    assert mask_problems(model, masks) == []
+    for name, p in model.named_parameters():
+        if name in masks:
+            # no new nonzero; a kept weight may only become zero by exact arithmetic accident
+            assert not bool(((p != 0) & ~support[name]).any()), name
+
+
+def test_plain_lora_is_refused_unless_densifying_is_allowed():
+    model, masks, _ = trained("opt", "lora")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(UsageError, match="--allow-densify"):
+        merge_attached(model, masks)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())  # refused before touching anything
+    with torch.no_grad():
+        unmerged = model(IDS).logits
+    report = merge_attached(model, masks, allow_densify=True)
+    assert not report.masks_kept
+    assert report.densified_density is not None and report.densified_density > 0.99
+    assert torch.allclose(model(IDS).logits, unmerged, atol=1e-5, rtol=1e-4)
+
+
+def test_lora_on_unpruned_matrices_merges_without_the_flag():
+    model = tiny.build_model("opt")
+    ads = adapters.attach(model, "lora", rank=4, alpha=8)
+    with torch.no_grad():
+        for a in ads.values():
+            a.lora_B.normal_()
+    report = merge_attached(model, None)
+    assert report.densified_density is None and not report.masks_kept
+
+
+def test_a_non_finite_adapter_stops_the_merge():
+    model, masks, ads = trained("opt", "masklora")
+    with torch.no_grad():
+        next(iter(ads.values())).lora_A.fill_(float("nan"))
+    with pytest.raises(NumericalError):
+        merge_attached(model, masks)
+
+
+def test_merge_checkpoint_needs_adapters():
+    class Bare:
+        adapters_config = None
+        source = "somewhere"
+
+    with pytest.raises(UsageError, match="nothing to merge"):
+        merge_checkpoint(Bare())
+
+
+def test_probe_batch_is_fixed_and_within_vocab_and_positions():
+    model = tiny.build_model("gpt2")
+    a, b = probe_batch(model), probe_batch(model)
+    assert torch.equal(a, b) and a.max() < 320 and a.shape[1] <= 256

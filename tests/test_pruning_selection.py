@@ -1,0 +1,69 @@
+"""Masks from scores: exact counts per comparison group, stable ties, no revival."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from perp_cli.pruning.selection import global_prune_masks, nm_prune_mask, prune_count, prune_mask
+
+
+def test_prune_count_is_floor_robust_to_float_representation() -> None:
+    assert prune_count(100, 0.7) == 70
+    assert prune_count(100, 0.29) == 29  # 0.29 * 100 is 28.999999999999996
+    assert prune_count(7, 0.5) == 3
+    assert prune_count(10, 0.0) == 0
+    assert prune_count(10, 0.999) == 9
+
+
+@settings(max_examples=40, deadline=None)
+@given(rows=st.integers(1, 9), cols=st.integers(1, 17), sparsity=st.floats(0, 0.99), seed=st.integers(0, 2**16))
+def test_row_and_matrix_scopes_prune_exact_counts_of_the_lowest(rows: int, cols: int, sparsity: float, seed: int) -> None:
+    scores = torch.rand(rows, cols, generator=torch.Generator().manual_seed(seed))
+    row = prune_mask(scores, sparsity, "row")
+    assert (row.sum(dim=1) == prune_count(cols, sparsity)).all()
+    for r in range(rows):  # every pruned score is <= every kept score of the same row
+        if row[r].any() and (~row[r]).any():
+            assert scores[r][row[r]].max() <= scores[r][~row[r]].min()
+    mat = prune_mask(scores, sparsity, "matrix")
+    assert int(mat.sum()) == prune_count(rows * cols, sparsity)
+    if mat.any() and (~mat).any():
+        assert scores[mat].max() <= scores[~mat].min()
+
+
+def test_ties_are_broken_by_position() -> None:
+    scores = torch.zeros(2, 4)
+    assert prune_mask(scores, 0.5, "row").tolist() == [[True, True, False, False]] * 2
+    assert prune_mask(scores, 0.5, "matrix").tolist() == [[True, True, True, True], [False] * 4]
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 7), extra=st.integers(1, 4), groups=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_nm_keeps_exactly_n_best_per_group(n: int, extra: int, groups: int, seed: int) -> None:
+    m = n + extra
+    scores = torch.rand(3, groups * m, generator=torch.Generator().manual_seed(seed))
+    pruned = nm_prune_mask(scores, n, m).reshape(3, groups, m)
+    assert ((~pruned).sum(dim=-1) == n).all()
+    s = scores.reshape(3, groups, m)
+    kept_min = s.masked_fill(pruned, float("inf")).min(dim=-1).values
+    pruned_max = s.masked_fill(~pruned, float("-inf")).max(dim=-1).values
+    assert (pruned_max <= kept_min).all()
+
+
+def test_global_ranks_all_matrices_together() -> None:
+    scores = {"a": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "b": torch.tensor([[0.5, 10.0, 0.1]])}
+    out = global_prune_masks(scores, 0.5)  # floor(7 * 0.5) = 3 lowest: 0.1, 0.5, 1.0
+    assert out["a"].tolist() == [[True, False], [False, False]]
+    assert out["b"].tolist() == [[True, False, True]]
+
+
+def test_already_pruned_weights_stay_pruned_and_are_counted_first() -> None:
+    scores = torch.tensor([[5.0, 1.0, 2.0, 3.0]])
+    old = torch.tensor([[True, False, False, False]])  # the highest score was pruned before
+    assert prune_mask(scores, 0.5, "row", old).tolist() == [[True, True, False, False]]
+    # more already pruned than the new count: all stay pruned (never revived)
+    old3 = torch.tensor([[True, False, True, True]])
+    assert prune_mask(scores, 0.25, "matrix", old3).tolist() == [[True, False, True, True]]
+    assert nm_prune_mask(scores, 2, 4, old).tolist() == [[True, True, False, False]]
+    assert global_prune_masks({"x": scores}, 0.25, {"x": old3})["x"].tolist() == [[True, False, True, True]]

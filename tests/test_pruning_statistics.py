@@ -1,0 +1,97 @@
+"""Per-group calibration statistics: one object per shared input, and Mixtral experts'
+statistics from exactly the tokens the router sends them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from perp_cli import arch, engine, tiny
+from perp_cli.pruning.statistics import HessianStat, NormStat, collecting, target_groups
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensor ops on 2 shared cores are many times faster single-threaded
+    (OpenMP threads spin on every tiny op when the cores are busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tokens(n: int = 3, seqlen: int = 20) -> torch.Tensor:
+    return torch.randint(4, tiny.VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(5))
+
+
+def _block0_inputs(model: nn.Module, tokens: torch.Tensor) -> engine.BlockInputs:
+    return engine.capture_inputs(model, tokens, batch_size=2)
+
+
+def test_qkv_share_one_hessian_equal_to_the_direct_sum() -> None:
+    model = tiny.build_model("llama")
+    tokens = _tokens()
+    inputs = _block0_inputs(model, tokens)
+    block = arch.blocks(model)[0]
+    keys = {m.key for m in arch.block_matrices(model, 0)}
+    groups = target_groups(model, 0, keys)
+    seen: list[torch.Tensor] = []
+    h = block.self_attn.q_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with collecting(model, groups, HessianStat, torch.device("cpu")) as stats:
+        inputs.run(block, keep_outputs=False)
+    h.remove()
+    assert [len(g.matrices) for g in stats] == [3, 1, 2, 1]
+    x = torch.cat(seen).double()
+    assert stats[0].stat.tokens == tokens.numel()
+    torch.testing.assert_close(stats[0].stat.hessian().double(), 2 / x.shape[0] * x.t() @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_target_groups_keep_only_chosen_members() -> None:
+    model = tiny.build_model("opt")
+    keys = {m.key for m in arch.matrices(model, targets=r"layers\.1\..*(k_proj|fc2)")}
+    assert [[m.local for m in g] for g in target_groups(model, 1, keys)] == [["self_attn.k_proj"], ["fc2"]]
+    assert target_groups(model, 0, keys) == []
+
+
+def test_mixtral_expert_statistics_come_from_routed_tokens_only() -> None:
+    model = tiny.build_model("mixtral")
+    tokens = _tokens(n=4)
+    inputs = _block0_inputs(model, tokens)
+    block = arch.blocks(model)[0]
+    keys = {m.key for m in arch.block_matrices(model, 0)}
+    groups = target_groups(model, 0, keys)
+    moe_inputs: list[torch.Tensor] = []
+    h = block.mlp.register_forward_pre_hook(lambda m, a: moe_inputs.append(a[0].reshape(-1, a[0].shape[-1])))
+    with collecting(model, groups, NormStat, torch.device("cpu")) as stats:
+        inputs.run(block, keep_outputs=False)
+    h.remove()
+
+    # the routing computed by hand from the router weights
+    x = torch.cat(moe_inputs)
+    probs = torch.softmax(x @ block.mlp.gate.weight.t(), dim=-1)
+    chosen = torch.topk(probs, model.config.num_experts_per_tok, dim=-1).indices
+    experts = block.mlp.experts
+    by_key = {g.label: g for g in stats}
+    total = 0
+    for e in range(model.config.num_local_experts):
+        routed = x[(chosen == e).any(dim=-1)]
+        total += routed.shape[0]
+        gate_up = by_key[f"model.layers.0.mlp.experts.gate_up_proj[{e}]"].stat
+        down = by_key[f"model.layers.0.mlp.experts.down_proj[{e}]"].stat
+        assert gate_up.tokens == down.tokens == routed.shape[0]
+        torch.testing.assert_close(gate_up.norms(), routed.norm(dim=0), rtol=1e-5, atol=1e-6)
+        gate, up = (routed @ experts.gate_up_proj[e].t()).chunk(2, dim=-1)
+        torch.testing.assert_close(down.norms(), (nn.functional.silu(gate) * up).norm(dim=0), rtol=1e-5, atol=1e-6)
+    assert total == x.shape[0] * model.config.num_experts_per_tok
+
+
+def test_gpt2_conv1d_inputs_are_the_in_features() -> None:
+    model = tiny.build_model("gpt2")
+    inputs = _block0_inputs(model, _tokens())
+    keys = {m.key for m in arch.block_matrices(model, 0)}
+    with collecting(model, target_groups(model, 0, keys), NormStat, torch.device("cpu")) as stats:
+        inputs.run(arch.blocks(model)[0], keep_outputs=False)
+    # c_fc reads 64 features, c_proj (mlp) reads 4·64
+    assert [g.stat.sq.numel() for g in stats] == [64, 64, 64, 256]
+    assert [m.shape[1] for g in stats for m in g.matrices] == [64, 64, 64, 256]
