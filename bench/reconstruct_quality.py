@@ -57,7 +57,7 @@ def main() -> None:
     ids = eval_token_ids(base.tokenizer, data.load_source(args.eval), args.eval_seqlen)
     probe = PruneConfig("wanda", calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen)
     tokens, record = calibration_tokens(base, probe)
-    rec_kw = dict(steps_per_block=args.steps, batch_size=args.batch_size, train=args.train, adapter=args.adapter, target=args.target)
+    rec_kw = {"steps_per_block": args.steps, "batch_size": args.batch_size, "train": args.train, "adapter": args.adapter, "target": args.target}
     if args.lr is not None:
         rec_kw["lr"] = args.lr
     rec_cfg = ReconstructConfig(**rec_kw)

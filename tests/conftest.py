@@ -38,6 +38,9 @@ def shared_path(*parts: str) -> Path:
 
 def save_tiny(path: Path, family: str = "opt", seed: int = 0, **overrides) -> Path:
     """Write a tiny random model of `family` plus the byte tokenizer as an HF directory."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     model = tiny.build_model(family, seed=seed, **overrides)
     model.save_pretrained(path)
     tiny.build_tokenizer().save_pretrained(path)

@@ -12,11 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, save_tiny, shared_path
 from safetensors.torch import load_file
 
 from perp_cli import checkpoint
-
-from conftest import run_cli, save_tiny, shared_path
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,12 @@ from perp_cli.cli.common import (
 from perp_cli.errors import UsageError
 from perp_cli.manifest import StepRecord
 from perp_cli.progress import console
-from perp_cli.reconstruction import ReconstructConfig, check_compatible, dense_source, reconstruct
+from perp_cli.reconstruction import (
+    ReconstructConfig,
+    check_compatible,
+    dense_source,
+    reconstruct,
+)
 
 
 def reconstruct_cmd(
