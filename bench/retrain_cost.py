@@ -12,22 +12,27 @@ magnitude, so masks exist for MaskLoRA and masked full retraining), the baseline
 configuration starts from; "overhead" is peak minus model. Speed is measured over the
 steps after a first warm-up step. Weights and tokens are random: the shapes, not the
 values, set the cost.
+
+glibc keeps freed memory of the many weight-sized temporaries (MaskLoRA builds
+W + s·(M⊙BA) per matrix per step) in fragmented heaps, which inflates peak RSS;
+`--mmap-threshold 65536` shows the memory the step actually needs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 
 import torch
 
-OPT_125M = dict(
-    hidden_size=768, ffn_dim=3072, num_hidden_layers=12, num_attention_heads=12, word_embed_proj_dim=768,
-    max_position_embeddings=2048, vocab_size=50272, do_layer_norm_before=True, enable_bias=True, dropout=0.0,
-)
+OPT_125M = {
+    "hidden_size": 768, "ffn_dim": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "word_embed_proj_dim": 768,
+    "max_position_embeddings": 2048, "vocab_size": 50272, "do_layer_norm_before": True, "enable_bias": True, "dropout": 0.0,
+}
 CONFIGS = "biases,norms;biases,norms+masklora;all"
 
 
@@ -92,6 +97,10 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16, help="MaskLoRA rank (alpha = 2 x rank)")
     parser.add_argument("--configs", default=CONFIGS, help="';'-separated TRAIN[+ADAPTER] configurations")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--mmap-threshold", type=int, default=0,
+                        help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the workers, e.g. 65536: freed tensors "
+                             "then go back to the OS at once, so peak RSS shows what the step needs rather than "
+                             "allocator fragmentation (0: glibc's default, what a user gets)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.small:
@@ -103,13 +112,14 @@ def main() -> None:
         return
 
     print(f"OPT-125m shapes, {args.layers} blocks; {args.steps} steps of {args.batch_size} x {args.seqlen} tokens; "
-          f"{torch.get_num_threads()} threads", file=sys.stderr)
+          f"{torch.get_num_threads()} threads; glibc mmap threshold {args.mmap_threshold or 'default'}", file=sys.stderr)
     rows = {}
     for config in args.configs.split(";"):
         cmd = [sys.executable, __file__, "--worker", config, "--layers", str(args.layers), "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--seqlen", str(args.seqlen), "--rank", str(args.rank),
                "--threads", str(torch.get_num_threads())]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": str(args.mmap_threshold)} if args.mmap_threshold else {})}
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if out.returncode:
             sys.exit(f"{config} failed:\n{out.stderr}")
         rows[config] = json.loads(out.stdout.strip().splitlines()[-1])

@@ -123,10 +123,19 @@ class Adapter(nn.Module):
         return update
 
     def effective_weight(self, weight: torch.Tensor, training: bool = False) -> torch.Tensor:
-        """The weight the layer computes with, in `weight`'s dtype and `[out, in]` layout."""
+        """The weight the layer computes with, in `weight`'s dtype and `[out, in]` layout.
+
+        Built in place in the one buffer `BA` allocates (scale, mask, add W): the forward
+        pass then creates a single weight-sized tensor per matrix instead of four, which
+        keeps MaskLoRA's peak memory close to what its saved tensors need.
+        """
+        w = self.product()
         if self.kind == "scalelora":
-            return (weight.float() * self.product()).to(weight.dtype)
-        return (weight.float() + self.delta_weight(weight, training)).to(weight.dtype)
+            return w.mul_(weight).to(weight.dtype)
+        w.mul_(self.scale)
+        if self.masked(training):
+            w.mul_(self.mask)
+        return w.add_(weight).to(weight.dtype)
 
     def lowrank(self, x: torch.Tensor) -> torch.Tensor:
         """s·B(Ax), the dense LoRA update applied to activations."""
@@ -209,18 +218,72 @@ class _Adapted:
         for m, a in live:
             by_attr.setdefault(m.attr, []).append((m, a))
         saved = {attr: self.owner._parameters[attr] for attr in by_attr}
+
+        def build() -> dict[str, torch.Tensor]:
+            return {attr: _effective(saved[attr], entries, training) for attr, entries in by_attr.items()}
+
+        effective = build()
+        recompute = _Recompute(build, effective) if torch.is_grad_enabled() and not _outer_saved_hooks() else None
         try:
-            for attr, entries in by_attr.items():
-                # a plain tensor in the parameter's slot, for this call only
-                self.owner._parameters[attr] = _effective(saved[attr], entries, training)
-            return self.original(*args, **kwargs)
+            # a plain tensor in the parameter's slot, for this call only
+            self.owner._parameters.update(effective)
+            if recompute is None:
+                return self.original(*args, **kwargs)
+            with torch.autograd.graph.saved_tensors_hooks(recompute.pack, recompute.unpack):
+                return self.original(*args, **kwargs)
         finally:
-            for attr, param in saved.items():
-                self.owner._parameters[attr] = param
+            self.owner._parameters.update(saved)
 
     def restore(self) -> None:
         del self.owner.forward
         del self.owner.__dict__[_HOOK_ATTR]
+
+
+class _Recompute:
+    """Saved-tensor hooks that keep a recipe, not a copy, of the effective weights.
+
+    The layer's backward needs its weight to compute the input gradient. Saving the
+    materialised W + s·(M⊙BA) would hold a second copy of every adapted matrix until the
+    backward pass (the reference implementation does): a whole model's worth of memory.
+    Instead the saved tensor is replaced by (which weight, its view geometry) and
+    rebuilt from W, A and B when the backward pass asks for it; they cannot change in
+    between, since the optimizer steps only after the backward pass. The cost is one
+    extra `BA` per matrix per backward.
+    """
+
+    def __init__(self, build: Any, effective: dict[str, torch.Tensor]) -> None:
+        self.build = build
+        self.storages = {t.untyped_storage().data_ptr(): attr for attr, t in effective.items()}
+        self.cache: dict[str, torch.Tensor] | None = None
+
+    def pack(self, t: torch.Tensor) -> Any:
+        try:
+            attr = self.storages.get(t.untyped_storage().data_ptr())
+        except (RuntimeError, NotImplementedError):  # tensors without plain storage
+            return t
+        if attr is None:
+            return t
+        return attr, t.size(), t.stride(), t.storage_offset()
+
+    def unpack(self, packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        attr, size, stride, offset = packed
+        if self.cache is None:
+            with torch.no_grad():
+                self.cache = self.build()
+        return self.cache[attr].as_strided(size, stride, offset)
+
+
+def _outer_saved_hooks() -> bool:
+    """True inside activation checkpointing (or another saved-tensor manager).
+
+    Checkpointing already discards and recomputes everything the block saves, the
+    effective weights included; hooks of ours would take precedence inside the layer and
+    keep its inputs alive, undoing checkpointing's saving.
+    """
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
 
 
 def _effective(param: torch.Tensor, entries: list[tuple[arch.Matrix, Adapter]], training: bool) -> torch.Tensor:
@@ -250,9 +313,18 @@ def matrix_mask(matrix: arch.Matrix, masks: MaskSet | None) -> torch.Tensor | No
     return keep.t() if matrix.transposed else keep
 
 
-def match_targets(model: nn.Module, targets: str | None) -> list[arch.Matrix]:
-    """Prunable matrices whose key (`name` or `name[expert]`) matches the regex (all if None)."""
-    found = arch.matrices(model)
+def match_targets(model: nn.Module, targets: str | None, block: int | None = None) -> list[arch.Matrix]:
+    """Prunable matrices whose key (`name` or `name[expert]`) matches the regex (all if None).
+
+    `block` restricts them to one decoder block (layer-wise reconstruction).
+    """
+    if block is None:
+        found = arch.matrices(model)
+    else:
+        n_blocks = len(arch.blocks(model))
+        if not 0 <= block < n_blocks:
+            raise UsageError(f"block {block} does not exist (the model has {n_blocks})")
+        found = arch.block_matrices(model, block)
     if not targets:
         return found
     try:
@@ -296,6 +368,7 @@ def attach(
     alpha: float = 32.0,
     targets: str | None = None,
     masks: MaskSet | None = None,
+    block: int | None = None,
 ) -> dict[str, Adapter]:
     """Attach a fresh adapter of `kind` to every targeted matrix; return them by key.
 
@@ -310,7 +383,7 @@ def attach(
         raise UsageError("the model already has adapters attached; merge or detach them first")
     hooks: dict[int, _Adapted] = {}
     out: dict[str, Adapter] = {}
-    for m in match_targets(model, targets):
+    for m in match_targets(model, targets, block):
         out_f, in_f = m.shape
         adapter = Adapter(kind, out_f, in_f, rank, alpha, mask=matrix_mask(m, masks), device=m.parameter.device)
         hook = hooks.get(id(m.owner)) or hooks.setdefault(id(m.owner), _Adapted(m.owner))

@@ -396,11 +396,19 @@ def staging(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 def write_masks(path: Path, masks: MaskSet) -> str:
     """Write `masks.safetensors` and return its sha256."""
-    packed = {name: pack_bits(keep) for name, keep in masks.masks.items()}
+    # sorted names: the same masks always give the same bytes (and the same sha256)
+    packed = {name: pack_bits(masks.masks[name]) for name in sorted(masks.masks)}
+    return write_packed_masks(path, packed, {name: list(keep.shape) for name, keep in masks.masks.items()}, masks.pattern)
+
+
+def write_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict[str, list[int]], pattern: Pattern) -> str:
+    """Write already bit-packed masks (`mask.pack_bits`) as `masks.safetensors`; return its
+    sha256. Streaming packs each block's masks as it finishes, so the bool masks of the
+    whole model (1 byte per weight) never exist at once."""
     metadata = {
         "format_version": str(FORMAT_VERSION),
-        "pattern": str(masks.pattern),
-        "shapes": json.dumps({name: list(keep.shape) for name, keep in masks.masks.items()}),
+        "pattern": str(pattern),
+        "shapes": json.dumps(shapes, sort_keys=True),
     }
     file = path / MASKS_NAME
     save_file(packed, str(file), metadata=metadata)
@@ -414,6 +422,16 @@ def _strip_forbidden_config(path: Path) -> None:
         for key in FORBIDDEN_CONFIG_KEYS:
             config.pop(key, None)
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def next_manifest(manifest_in: dict[str, Any], step: StepRecord) -> dict[str, Any]:
+    """The input's manifest with `step` appended to its history, and without the fields
+    that describe the input's masks/adapters (the writer sets them for the output)."""
+    manifest = {k: v for k, v in manifest_in.items() if k not in ("sparsity", "masks_sha256", "adapters")}
+    manifest["format_version"] = FORMAT_VERSION
+    manifest.setdefault("source_model", step.input)
+    manifest["history"] = list(manifest_in.get("history", [])) + [step.finish()]
+    return manifest
 
 
 def save(
@@ -447,10 +465,7 @@ def save(
             if not torch.isfinite(t).all():
                 raise NumericalError(f"refusing to write: adapter tensor {name} contains NaN or inf")
 
-    manifest = {k: v for k, v in manifest_in.items() if k not in ("sparsity", "masks_sha256", "adapters")}
-    manifest["format_version"] = FORMAT_VERSION
-    manifest.setdefault("source_model", step.input)
-    manifest["history"] = list(manifest_in.get("history", [])) + [step.finish()]
+    manifest = next_manifest(manifest_in, step)
 
     try:
         with staging(out, overwrite=overwrite) as tmp:

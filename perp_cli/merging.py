@@ -97,7 +97,7 @@ def merge_attached(model: nn.Module, masks: MaskSet | None, allow_densify: bool 
     model.eval()
     ids = probe_batch(model)
     before = _logits(model, ids)
-    for key, (matrix, adapter) in entries.items():
+    for matrix, adapter in entries.values():
         adapter.merge(matrix, allow_densify=bool(dense_keys))
     adapters_mod.detach(model)
     after = _logits(model, ids)

@@ -24,8 +24,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from perp_cli import trainable as trainable_mod
 from perp_cli.errors import NumericalError, UsageError
 from perp_cli.manifest import peak_memory
 from perp_cli.mask import MaskSet
-from perp_cli.progress import console, make_progress
+from perp_cli.progress import make_progress
 
 SCHEDULES = ("linear", "cosine", "constant")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -76,7 +77,7 @@ class TrainConfig:
 
     @property
     def warmup_steps(self) -> int:
-        return int(round(self.warmup * self.steps))
+        return round(self.warmup * self.steps)
 
 
 def lr_at(step: int, total: int, base_lr: float, warmup_steps: int, schedule: str) -> float:
@@ -223,8 +224,11 @@ def autocast_dtype(model: nn.Module) -> torch.dtype | None:
 
 
 @contextlib.contextmanager
-def mixed_precision(model: nn.Module, params: list[nn.Parameter]) -> Iterator[contextlib.AbstractContextManager]:
-    """Trainable parameters in float32 for the duration; yields the autocast context to run under.
+def mixed_precision(
+    model: nn.Module, params: list[nn.Parameter]
+) -> Iterator[Callable[[], contextlib.AbstractContextManager]]:
+    """Trainable parameters in float32 for the duration; yields a factory of the autocast
+    context to run forward passes under (a no-op context when every weight is float32).
 
     On exit the trained tensors are cast back to their stored dtype, so the checkpoint
     keeps the dtype it was loaded with.

@@ -155,7 +155,7 @@ def test_plain_lora_merge_refuses_to_fill_pruned_weights():
 
 def test_merge_rejects_non_finite_updates_and_changes_nothing():
     model, masks = pruned("opt")
-    ads = adapters.attach(model, "masklora", rank=4, alpha=8, masks=masks)
+    adapters.attach(model, "masklora", rank=4, alpha=8, masks=masks)
     m, a = next(iter(adapters.attached_matrices(model).values()))
     with torch.no_grad():
         a.lora_B.fill_(float("inf"))
@@ -214,8 +214,9 @@ def test_usage_errors():
 @pytest.mark.parametrize("family", ["opt", "gpt2"])
 def test_peft_export_loads_in_peft_with_the_same_logits(family, tmp_path):
     peft = pytest.importorskip("peft")
-    from safetensors.torch import save_file
     import json
+
+    from safetensors.torch import save_file
 
     model = tiny.build_model(family)
     ads = adapters.attach(model, "lora", rank=4, alpha=8)
@@ -240,3 +241,47 @@ def test_peft_export_refuses_other_kinds():
     ads = adapters.attach(model, "masklora", rank=4, alpha=8, masks=masks)
     with pytest.raises(UsageError, match="--adapter lora"):
         adapters.peft_files(ads, model, "x")
+
+
+@pytest.mark.parametrize("family,kind", [("opt", "masklora"), ("gpt2", "scalelora"), ("mixtral", "masklora"), ("llama", "lora-prune")])
+def test_gradients_match_an_independent_functional_reference(family, kind):
+    """Backward through the wrapped forward (weights rebuilt, not saved) gives the true gradients."""
+    from torch.func import functional_call
+
+    model, masks = pruned(family)
+    ads = adapters.attach(model, kind, rank=4, alpha=8, masks=masks)
+    randomize(ads)
+    model.train()
+    torch.manual_seed(0)  # OPT's dropout: the same masks in both runs
+    model(IDS, labels=IDS).loss.backward()
+    got = {k: (a.lora_A.grad, a.lora_B.grad) for k, a in ads.items()}
+
+    ref = copy.deepcopy(model)
+    adapters.detach(ref)
+    leaves = {k: (a.lora_A.detach().clone().requires_grad_(), a.lora_B.detach().clone().requires_grad_()) for k, a in ads.items()}
+    slices: dict[str, dict[int, torch.Tensor]] = {}
+    params = {}
+    for m in arch.matrices(ref):
+        A, B = leaves[m.key]
+        keep = adapters.matrix_mask(m, masks)
+        eff = expected_weight(kind, m.weight(), A, B, keep, 8, 4, training=True)
+        if m.expert is None:
+            params[m.name] = eff.t() if m.transposed else eff
+        else:
+            slices.setdefault(m.name, {})[m.expert] = eff
+    for name, per_expert in slices.items():
+        params[name] = torch.stack([per_expert[e] for e in sorted(per_expert)])
+    torch.manual_seed(0)
+    functional_call(ref, params, (IDS,), {"labels": IDS}).loss.backward()
+    for k, (A, B) in leaves.items():
+        assert torch.allclose(got[k][0], A.grad, atol=1e-6, rtol=1e-4), k
+        assert torch.allclose(got[k][1], B.grad, atol=1e-6, rtol=1e-4), k
+
+
+def test_attach_to_one_block_for_reconstruction():
+    model, masks = pruned("opt")
+    ads = adapters.attach(model, "masklora", rank=4, alpha=8, masks=masks, block=1)
+    assert len(ads) == 6 and all(".layers.1." in k for k in ads)
+    adapters.detach(model)
+    with pytest.raises(UsageError, match="block 2"):
+        adapters.attach(model, "masklora", masks=masks, block=2)

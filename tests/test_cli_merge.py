@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_cli, save_tiny
+
 from perp_cli import adapters, checkpoint, mask
 
 IDS = torch.randint(4, 260, (2, 24), generator=torch.Generator().manual_seed(11))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_cli, save_tiny, shared_path
 from safetensors.torch import load_file
 
-from conftest import run_cli, save_tiny, shared_path
 from perp_cli import adapters, arch, checkpoint, data, mask
 from perp_cli.mask import MaskSet
 

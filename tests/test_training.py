@@ -43,8 +43,8 @@ def test_schedules_match_their_definitions():
 
 
 def test_config_validation():
-    for bad in (dict(steps=0), dict(steps=1, warmup=1.0), dict(steps=1, schedule="step"), dict(steps=1, lr=0.0),
-                dict(steps=1, grad_accum=0), dict(steps=1, weight_decay=-1.0)):
+    for bad in ({"steps": 0}, {"steps": 1, "warmup": 1.0}, {"steps": 1, "schedule": "step"}, {"steps": 1, "lr": 0.0},
+                {"steps": 1, "grad_accum": 0}, {"steps": 1, "weight_decay": -1.0}):
         with pytest.raises(UsageError):
             TrainConfig(**bad).validate()
 
@@ -149,3 +149,16 @@ def test_too_few_windows_and_nothing_to_train_are_usage_errors():
         train_lm(model, WINDOWS[:3], TrainConfig(steps=2, batch_size=2), select_trainable(model, "norms"), quiet=True)
     with pytest.raises(UsageError, match="nothing to train"):
         train_lm(model, WINDOWS, TrainConfig(steps=1, batch_size=2), {}, quiet=True)
+
+
+def test_adapters_train_identically_with_and_without_gradient_checkpointing():
+    finals = []
+    for ckpt in (False, True):
+        model = tiny.build_model("llama")
+        masks = magnitude_masks(model)
+        torch.manual_seed(0)
+        ads = adapters.attach(model, "masklora", rank=4, alpha=8, masks=masks)
+        train_lm(model, WINDOWS, TrainConfig(steps=2, batch_size=2, lr=1e-2, grad_checkpointing=ckpt),
+                 select_trainable(model, "norms"), ads, masks, quiet=True)
+        finals.append(torch.cat([p.detach().flatten() for a in ads.values() for p in a.parameters()]))
+    assert torch.allclose(finals[0], finals[1], atol=1e-6)

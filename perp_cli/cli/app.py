@@ -81,11 +81,22 @@ def _say(prefix: str, message: str) -> None:
     console.print(f"[red]{prefix}[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
+def _quiet_libraries() -> None:
+    """Library chatter (transformers' one-time warnings, progress bars) is noise in a pipeline's
+    stderr; perp reports what matters itself. --debug keeps it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (the console script exits with it)."""
     previous = signal.signal(signal.SIGTERM, _on_sigterm)  # SIGTERM unwinds like Ctrl-C
     previous_int = signal.signal(signal.SIGINT, _on_sigint)
     last_signal.clear()
+    if not _state["debug"]:
+        _quiet_libraries()
     try:
         code = app(args=argv, prog_name="perp", standalone_mode=False)
         # typer turns KeyboardInterrupt (Ctrl-C, and SIGTERM via Interrupted) into exit 130

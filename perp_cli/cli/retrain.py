@@ -11,6 +11,7 @@ from rich.table import Table
 
 from perp_cli import adapters as adapters_mod
 from perp_cli import checkpoint, data
+from perp_cli import trainable as trainable_mod
 from perp_cli.cli.common import (
     AllowPickleOpt,
     DeviceOpt,
@@ -89,6 +90,8 @@ def retrain_cmd(
                       schedule=schedule, weight_decay=weight_decay, grad_checkpointing=grad_checkpointing,
                       eval_every=eval_every, seed=seed)
     cfg.validate()
+    if trainable_mod.parse_spec(train) == ["none"] and kind is None:
+        raise UsageError("--train none with --adapter none trains nothing; choose a subset or an adapter")
     checkpoint.check_output(output, inputs=[model], overwrite=overwrite)
     if export_peft is not None:
         checkpoint.check_output(export_peft, inputs=[model, output], overwrite=overwrite)
@@ -100,8 +103,8 @@ def retrain_cmd(
     cfg.steps = math.ceil(tokens / per_step) if tokens is not None else (steps or 100)
     if eval_data is not None and not eval_every:
         cfg.eval_every = cfg.steps
-    if ckpt.masks is None and not quiet:
-        console.print(f"[yellow]note[/]: {model} has no masks.safetensors: dense retraining (no sparsity to preserve)", soft_wrap=True)
+    if ckpt.masks is None and kind in adapters_mod.NEEDS_MASK:
+        raise UsageError(f"--adapter {kind} needs the pruning masks, but {model} has no masks.safetensors (a dense model: use scalelora or lora)")
 
     source = data.load_source(data_source, split="train", text_field=text_field)
     windows = data.sample_windows(ckpt.tokenizer, source, nsamples=cfg.steps * batch_size * grad_accum, seqlen=seqlen, seed=seed)
@@ -131,10 +134,11 @@ def retrain_cmd(
     if outcome.tied_lm_head:
         results["note"] = "lm_head is tied to the input embeddings: training one trained the other"
     step.results = results
+    peft = adapters_mod.peft_files(outcome.adapters, ckpt.model, str(output.resolve())) if export_peft else None
     checkpoint.save(output, ckpt.model, ckpt.tokenizer, ckpt.masks, manifest_in=ckpt.manifest, step=step,
                     overwrite=overwrite, adapters=outcome.adapters_state, adapters_config=outcome.adapters_config)
-    if export_peft is not None:
-        _export_peft(export_peft, outcome.adapters, ckpt.model, output, overwrite)
+    if peft is not None:
+        _write_peft(export_peft, *peft, overwrite=overwrite)
 
     if json_out:
         emit_json({"output": str(output), **results, **({"export_peft": str(export_peft)} if export_peft else {})})
@@ -142,12 +146,12 @@ def retrain_cmd(
         _render(results, str(output))
 
 
-def _export_peft(where: Path, adapters: dict, model, base: Path, overwrite: bool) -> None:
+def _write_peft(where: Path, cfg: dict, tensors: dict, overwrite: bool) -> None:
+    """A PEFT adapter directory, written atomically like a checkpoint."""
     import json
 
     from safetensors.torch import save_file
 
-    cfg, tensors = adapters_mod.peft_files(adapters, model, str(Path(base).resolve()))
     with checkpoint.staging(where, overwrite=overwrite) as tmp:
         (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
@@ -166,6 +170,8 @@ def _render(results: dict, output: str) -> None:
     for record in results["evals"]:
         table.add_row(f"perplexity @ step {record['step']}", f"{record['perplexity']:.2f}")
     console.print(table)
+    if results["dense_retraining"]:
+        console.print("[yellow]note[/]: the input has no masks.safetensors: this was dense retraining (no sparsity to preserve)", soft_wrap=True)
     if results.get("note"):
         console.print(f"[yellow]note[/]: {results['note']}", soft_wrap=True)
     console.print(f"→ {output}", soft_wrap=True)

@@ -159,6 +159,15 @@ def parent_is_a_file(e: Env) -> None:
     (e.root / "ro").write_text("a file, not a directory")
 
 
+def retrained_with_plain_lora(e: Env) -> None:
+    out = e.root / "lora"
+    result = run_cli("retrain", e.pruned, "-o", out, "--train", "none", "--adapter", "lora", "--data", str(CORPUS),
+                     "--steps", "2", "--batch-size", "1", "--seqlen", "32", "-q")
+    assert result.exit_code == 0, result.stderr
+    shutil.rmtree(e.pruned)
+    shutil.copytree(out, e.pruned)
+
+
 # --- the cases ------------------------------------------------------------------------
 
 D, P, O = "{dense}", "{pruned}", "{out}"
@@ -206,7 +215,14 @@ CASES: list[tuple[str, Callable[[Env], None] | None, list[str], int, str]] = [
     ("bad-dtype", None, ["prune", D, "-o", O, "--method", "magnitude", "--sparsity", "0.5", "--dtype", "float8"], 2, "dtype"),
     ("cuda-without-gpu", None, ["prune", D, "-o", O, "--method", "magnitude", "--sparsity", "0.5", "--device", "cuda"], 2, "CUDA"),
     ("unknown-method", None, ["prune", D, "-o", O, "--method", "obs"], 2, "method"),
+    ("retrain-masklora-without-masks", None, ["retrain", D, "-o", O, "--adapter", "masklora", "--data", str(CORPUS),
+                                              "--steps", "2", "--seqlen", "32"], 2, "mask"),
+    ("merge-lora-densifies", retrained_with_plain_lora, ["merge", P, "-o", O], 2, "--allow-densify"),
+    ("reconstruct-without-masks", None, ["reconstruct", D, "-o", O, "--dense", D, *CALIB], 2, "mask"),
+    ("reconstruct-other-architecture", None, ["reconstruct", P, "-o", O, "--dense", "{root}/llama", *CALIB], 2, ""),
     # numerical faults
+    ("reconstruct-loss-diverges", None, ["reconstruct", P, "-o", O, "--dense", D, *CALIB, "--lr", "1e30",
+                                         "--train", "all", "--steps-per-block", "3"], 1, ""),
     ("retrain-loss-diverges", None, RETRAIN + ["--lr", "1e30", "--train", "all"], 1, ""),
 ]
 
@@ -216,6 +232,8 @@ def test_bad_input(env: Env, case) -> None:
     name, breaker, argv, code, fragment = case
     if breaker is not None:
         breaker(env)
+    if name == "reconstruct-other-architecture":
+        save_tiny(env.root / "llama", "llama")
     before = {p: _digest(p) for p in (env.dense, env.pruned) if p.exists()}
     args = [a.format(dense=env.dense, pruned=env.pruned, out=env.out, root=env.root) for a in argv]
     result = run_cli(*args)
