@@ -48,6 +48,18 @@ def save_tiny(path: Path, family: str = "opt", seed: int = 0, **overrides) -> Pa
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test single-threaded: small tensor ops on 2 shared cores are many times
+    faster with one thread (OpenMP workers spin on every tiny op when cores are busy)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def tiny_dir(tmp_path: Path) -> Path:
     return save_tiny(tmp_path / "tiny-opt-random", "opt")
 

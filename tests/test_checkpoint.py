@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from perp_cli import arch, checkpoint, tiny
 from perp_cli.errors import CheckpointError, NumericalError, UsageError
 from perp_cli.manifest import StepRecord, sha256_file
-from perp_cli.mask import MaskSet, Pattern, apply
+from perp_cli.mask import MaskSet, apply
 
 from conftest import save_tiny
 

@@ -16,13 +16,7 @@ from perp_cli import checkpoint
 from conftest import run_cli, save_tiny
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensor ops on 2 shared cores are many times faster single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _calib(calib_file: Path) -> list[str]:

@@ -18,13 +18,7 @@ from safetensors.torch import load_file
 from perp_cli import checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensor ops on 2 shared cores are many times faster single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tree_hash(path: Path) -> dict[str, str]:

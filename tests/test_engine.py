@@ -11,14 +11,7 @@ from perp_cli import arch, engine, tiny
 from conftest import FAMILIES
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensor ops on 2 shared cores are many times faster single-threaded
-    (OpenMP threads spin on every tiny op when the cores are busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokens(n: int = 5, seqlen: int = 24, seed: int = 0) -> torch.Tensor:

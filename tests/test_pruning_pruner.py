@@ -19,14 +19,7 @@ from perp_cli.pruning.selection import prune_count
 from conftest import FAMILIES, shared_path
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensor ops on 2 shared cores are many times faster single-threaded
-    (OpenMP threads spin on every tiny op when the cores are busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = ["magnitude", "random", "wanda", "sparsegpt"]
 

@@ -13,14 +13,7 @@ from perp_cli.pruning.sparsegpt import inverse_hessian, prune_matrix
 from perp_cli.pruning.statistics import HessianStat
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensor ops on 2 shared cores are many times faster single-threaded
-    (OpenMP threads spin on every tiny op when the cores are busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_sparsegpt(w: torch.Tensor, x: torch.Tensor, sparsity: float, n: int, m: int, blocksize: int,

@@ -15,14 +15,7 @@ from perp_cli.pruner import PruneConfig, prune
 from perp_cli.pruning.wanda import wanda_scores
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensor ops on 2 shared cores are many times faster single-threaded
-    (OpenMP threads spin on every tiny op when the cores are busy)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _matrix_inputs(model: nn.Module, index: int, tokens: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -23,13 +23,7 @@ from perp_cli.reconstruction import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small tensor ops on 2 shared cores are many times faster single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tokens(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
