@@ -44,6 +44,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 FORBIDDEN_CONFIG_KEYS = ("sparsity_config", "quantization_config")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass
@@ -172,12 +173,20 @@ def load(
     trust_remote_code: bool = False,
     need_tokenizer: bool = False,
     verify: bool = True,
+    device_map: str | dict[str, Any] | None = None,
+    offload_dir: str | Path | None = None,
 ) -> Checkpoint:
     """Load a local directory (perp's or any HF one) or a hub id, with masks and manifest.
 
     Consistency is checked here, once, for every command: mask hash, mask names and
     shapes against the model, masked weights exactly zero, all weights finite. Only
     `inspect` passes `verify=False`, because reporting disagreement is its job.
+
+    `device_map="auto"` (or a dict, as in `from_pretrained`) lets Accelerate spread the
+    blocks over every visible GPU, then CPU RAM, then `offload_dir` on disk, instead of
+    putting the model on `device`; with no GPU everything lands on the CPU. Offloaded
+    weights sit on the meta device between forward passes; the checks bring them to the
+    CPU one module at a time (`resident`).
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -191,12 +200,14 @@ def load(
             raise CheckpointError(f"{source}: no such directory")
         _check_local_dir(path, allow_pickle)
     manifest = read_manifest(path) if local else None
+    placement = device_map_kwargs(device_map, offload_dir)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path) if local else source,
             dtype=resolve_dtype(dtype),
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
+            **placement,
         )
     except (UsageError, CheckpointError):
         raise
@@ -208,7 +219,8 @@ def load(
             f"(hub ids need network access): {_first_line(exc)}"
         ) from exc
     model.eval()
-    model.to(resolve_device(device))
+    if device_map is None:
+        model.to(resolve_device(device))
     arch.spec_for(model)  # fail early and clearly for an unmapped architecture
     tokenizer = _load_tokenizer(str(path) if local else source, trust_remote_code, need_tokenizer)
     masks = read_masks(path, manifest) if local else None
@@ -231,6 +243,49 @@ def load(
         if problems:
             raise CheckpointError(f"{source}: weights and masks disagree: {problems[0]} (run `perp inspect` for all)")
     return ckpt
+
+
+def device_map_kwargs(device_map: str | dict[str, Any] | None, offload_dir: str | Path | None = None) -> dict[str, Any]:
+    """`from_pretrained` keywords for a device map; commands call it first to fail fast
+    (an unknown map or missing Accelerate is a usage error)."""
+    if device_map is None:
+        if offload_dir is not None:
+            raise UsageError("--offload-dir only applies with --device-map")
+        return {}
+    if isinstance(device_map, str) and device_map not in DEVICE_MAPS:
+        raise UsageError(f"--device-map {device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
+    try:
+        import accelerate  # noqa: F401  (transformers dispatches through it)
+    except ImportError as exc:
+        raise UsageError("--device-map needs Accelerate: pip install 'perp[dist]'") from exc
+    placement: dict[str, Any] = {"device_map": device_map}
+    if offload_dir is not None:
+        placement["offload_folder"] = str(Path(offload_dir).expanduser())
+    return placement
+
+
+def offloaded_parameters(model: nn.Module) -> list[str]:
+    """Parameters a device map offloaded (CPU or disk): they are on the meta device
+    between forward passes, so nothing can train or re-point them."""
+    return [name for name, p in model.named_parameters() if p.is_meta]
+
+
+@contextlib.contextmanager
+def resident(model: nn.Module, name: str, param: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The values of parameter `name`: `param` itself, or, for a weight a device map
+    offloaded, its module's weights brought to the CPU for the duration (one module at a
+    time, so checking a model larger than memory stays possible)."""
+    if not param.is_meta:
+        yield param
+        return
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    if not has_offloaded_params(owner):
+        raise CheckpointError(f"parameter {name} has no values (meta device) and no offload to read them from")
+    with align_module_device(owner, torch.device("cpu")):
+        yield getattr(owner, attr)
 
 
 def _load_tokenizer(where: str, trust_remote_code: bool, required: bool) -> Any:
@@ -269,8 +324,9 @@ def _read_adapters(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str
 
 def check_finite(model: nn.Module, where: str) -> None:
     for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise NumericalError(f"{where}: parameter {name} contains NaN or inf")
+        with resident(model, name, p) as values:
+            if not torch.isfinite(values).all():
+                raise NumericalError(f"{where}: parameter {name} contains NaN or inf")
 
 
 def mask_problems(model: nn.Module, masks: MaskSet) -> list[str]:
@@ -286,7 +342,8 @@ def mask_problems(model: nn.Module, masks: MaskSet) -> list[str]:
         if tuple(p.shape) != tuple(keep.shape):
             problems.append(f"mask {name} has shape {tuple(keep.shape)}, the weight {tuple(p.shape)}")
             continue
-        outside = nonzeros_outside(p.detach(), keep)
+        with resident(model, name, p) as values:
+            outside = nonzeros_outside(values.detach(), keep)
         if outside:
             problems.append(f"{name} has {outside} nonzero weights where the mask says pruned")
         bad = nm_violations(keep, masks.pattern, transposed=transposed and p.dim() == 2)

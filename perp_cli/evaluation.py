@@ -51,6 +51,8 @@ class EvalSettings:
     seed: int = 0
     dtype: str = "auto"
     device: str = "auto"
+    device_map: str | None = None
+    offload_dir: str | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
     record: bool = False
@@ -71,6 +73,9 @@ class EvalSettings:
             raise UsageError(f"--include-path {self.include_path} is not a directory")
         if len(set(dataset_labels(self.datasets))) != len(self.datasets):
             raise UsageError("the same --dataset is given twice")
+        if self.device_map is not None and self.device != "auto":
+            raise UsageError("give --device or --device-map, not both")
+        checkpoint.device_map_kwargs(self.device_map, self.offload_dir)
 
     def args(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("quiet", "record")}
@@ -107,13 +112,25 @@ def load_sources(settings: EvalSettings) -> dict[str, TextSource]:
 
 
 def measured_sparsity(model: torch.nn.Module) -> float:
-    """Fraction of exact zeros over the prunable matrices (each tensor counted once)."""
+    """Fraction of exact zeros over the prunable matrices (each tensor counted once;
+    weights a device map offloaded are read one module at a time)."""
     seen: dict[str, torch.Tensor] = {}
     for m in arch.matrices(model):
         seen.setdefault(m.name, m.parameter)
     total = sum(p.numel() for p in seen.values())
-    zeros = sum(int((p.detach() == 0).sum()) for p in seen.values())
+    zeros = 0
+    for name, p in seen.items():
+        with checkpoint.resident(model, name, p) as values:
+            zeros += int((values.detach() == 0).sum())
     return zeros / total if total else 0.0
+
+
+def placement(model: torch.nn.Module) -> str:
+    """Where the model computes: one device, or a device map's devices in order."""
+    device_map = getattr(model, "hf_device_map", None)
+    if not device_map:
+        return str(next(model.parameters()).device)
+    return ",".join(dict.fromkeys(str(d) for d in device_map.values()))
 
 
 def manifest_sparsity(manifest: dict[str, Any]) -> float | None:
@@ -134,6 +151,11 @@ def attach_adapters(ckpt: Checkpoint) -> None:
     """Wrap the model with its saved adapters, so it is scored as `retrain` left it."""
     if ckpt.adapters is None:
         return
+    if checkpoint.offloaded_parameters(ckpt.model):
+        raise UsageError(
+            f"{ckpt.source} has unmerged adapters, which cannot wrap weights a device map offloaded to CPU/disk; "
+            "run `perp merge` on it first, or use more GPUs"
+        )
     try:
         from perp_cli.adapters import attach_from_checkpoint
     except ImportError as exc:
@@ -190,7 +212,7 @@ def evaluate_checkpoint(
         "model": ckpt.source,
         "class": type(model).__name__,
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-        "device": str(next(model.parameters()).device),
+        "device": placement(model),
         "sparsity": sparsity if sparsity is not None else measured_sparsity(model),
         "sparsity_from": "manifest" if sparsity is not None else "measured",
         "trainable_share": trainable_share(ckpt.manifest),
@@ -250,6 +272,7 @@ def evaluate_checkpoints(models: list[str], settings: EvalSettings) -> list[dict
         ckpt = checkpoint.load(
             model, dtype=settings.dtype, device=settings.device, allow_pickle=settings.allow_pickle,
             trust_remote_code=settings.trust_remote_code, need_tokenizer=True,
+            device_map=settings.device_map, offload_dir=settings.offload_dir,
         )
         try:
             result = evaluate_checkpoint(ckpt, settings, sources, cache)

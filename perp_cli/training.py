@@ -13,7 +13,10 @@ Invariants the loop keeps:
 * mixed precision: frozen weights may stay bf16/fp16 while trainable parameters (and
   therefore their gradients and optimizer state) are float32; the forward runs under
   autocast in the low precision; trained tensors are cast back when training ends;
-* a NaN or inf loss stops training with `NumericalError` (the caller writes nothing).
+* a NaN or inf loss stops training with `NumericalError` (the caller writes nothing);
+* data parallelism (`dist`, see `distributed.py`): each rank computes its contiguous
+  share of every global micro-batch and DDP averages the gradients, so N processes take
+  the same steps as one; without `dist` nothing of this runs.
 
 `fit` is the loop itself, independent of what the loss is, so layer-wise reconstruction
 can reuse it with a block-output MSE.
@@ -33,6 +36,7 @@ from torch import nn
 
 from perp_cli import adapters as adapters_mod
 from perp_cli import trainable as trainable_mod
+from perp_cli.distributed import Distributed
 from perp_cli.errors import NumericalError, UsageError
 from perp_cli.manifest import peak_memory
 from perp_cli.mask import MaskSet
@@ -140,6 +144,8 @@ def fit(
     on_eval: Callable[[int], dict[str, float]] | None = None,
     quiet: bool = False,
     description: str = "retrain",
+    dist: Distributed | None = None,
+    replica: nn.Module | None = None,
 ) -> TrainResult:
     """Run `cfg.steps` AdamW steps on `params`, each accumulating `cfg.grad_accum` losses.
 
@@ -147,8 +153,14 @@ def fit(
     pairs a parameter with its keep-mask (same layout): its gradient is zeroed outside
     the mask before each step and its pruned entries are reset to exactly 0 after it.
     `on_eval(step)` runs after every `cfg.eval_every` steps and returns numbers to log.
+
+    With `dist`, `loss_fn` is this rank's share and `replica` the DDP module computing
+    it: gradients are all-reduced on the last micro-batch of each step only, the logged
+    loss (and the NaN check, so every rank stops together) is the mean over ranks, and
+    only rank 0 draws progress. `tokens_per_micro` counts the global micro-batch.
     """
     cfg.validate()
+    quiet = quiet or (dist is not None and not dist.is_main)
     if not params:
         raise UsageError("nothing to train: choose --train subsets and/or an --adapter")
     for p in params:
@@ -170,14 +182,17 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for micro in range(cfg.grad_accum):
-                loss = loss_fn(step, micro)
-                if not torch.isfinite(loss.detach()):
-                    raise NumericalError(
-                        f"the training loss became {loss.item()} at step {step + 1}; nothing was written "
-                        f"(lower --lr, now {cfg.lr:g}, or check the input checkpoint)"
-                    )
-                (loss / cfg.grad_accum).backward()
-                step_loss += loss.item() / cfg.grad_accum
+                sync = dist.no_sync(replica, micro + 1 == cfg.grad_accum) if dist else contextlib.nullcontext()
+                with sync:
+                    loss = loss_fn(step, micro)
+                    value = dist.mean(loss) if dist else loss.detach()
+                    if not torch.isfinite(value):
+                        raise NumericalError(
+                            f"the training loss became {value.item()} at step {step + 1}; nothing was written "
+                            f"(lower --lr, now {cfg.lr:g}, or check the input checkpoint)"
+                        )
+                    (loss / cfg.grad_accum).backward()
+                step_loss += value.item() / cfg.grad_accum
                 tokens += tokens_per_micro
             with torch.no_grad():
                 for p, prune in pruned:
@@ -254,12 +269,17 @@ def train_lm(
     masks: MaskSet | None = None,
     eval_fn: Callable[[], float] | None = None,
     quiet: bool = False,
+    dist: Distributed | None = None,
 ) -> TrainResult:
     """Next-token training of `params` (and adapters) on `windows` `[n, seqlen]`.
 
     Micro-batch k of the run is `windows[k*bs:(k+1)*bs]`, in order, so the same windows
     and seed give the same run. `masks` keeps any trainable masked tensor sparse.
     `eval_fn` (held-out perplexity) runs in eval mode every `cfg.eval_every` steps.
+
+    With `dist` (a data-parallel launch), `cfg.batch_size` is the global micro-batch and
+    this rank trains on its slice `dist.local_slice(bs)` of each one; every rank holds
+    the same `windows` and runs `eval_fn` (same numbers; only rank 0 prints them).
     """
     needed = cfg.steps * cfg.grad_accum * cfg.batch_size
     if windows.shape[0] < needed:
@@ -273,14 +293,18 @@ def train_lm(
     device = next(model.parameters()).device
     seqlen = windows.shape[1]
     use_cache = getattr(model.config, "use_cache", None)
-    torch.manual_seed(cfg.seed)
+    share = dist.local_slice(cfg.batch_size) if dist else slice(None)
+    # dropout draws differ per rank (as they do per window in one process); rank 0 = seed
+    torch.manual_seed(cfg.seed + (dist.rank if dist else 0))
     with mixed_precision(model, list(params.values())) as amp:
+        # DDP records the trainable parameters (requires_grad, float32) when it wraps
+        replica = dist.wrap(model, adapter_params) if dist else model
 
         def loss_fn(step: int, micro: int) -> torch.Tensor:
             k = step * cfg.grad_accum + micro
-            ids = windows[k * cfg.batch_size : (k + 1) * cfg.batch_size].to(device)
+            ids = windows[k * cfg.batch_size : (k + 1) * cfg.batch_size][share].to(device)
             with amp():
-                return model(input_ids=ids, labels=ids, use_cache=False).loss.float()
+                return replica(input_ids=ids, labels=ids, use_cache=False).loss.float()
 
         def on_eval(step: int) -> dict[str, float]:
             model.eval()
@@ -302,6 +326,8 @@ def train_lm(
                 tokens_per_micro=cfg.batch_size * seqlen,
                 on_eval=on_eval if eval_fn is not None else None,
                 quiet=quiet,
+                dist=dist,
+                replica=replica if dist else None,
             )
         finally:
             model.eval()
@@ -368,11 +394,13 @@ def retrain(
     windows: torch.Tensor,
     eval_fn: Callable[[], float] | None = None,
     quiet: bool = False,
+    dist: Distributed | None = None,
 ) -> RetrainOutcome:
     """PERP retraining of `ckpt.model` in place; adapters come back detached and unmerged.
 
     The model's weights afterwards are the base weights with the trained subset updated;
     the adapters' tensors and config are returned for `adapters.safetensors`/`.json`.
+    `dist` makes this one rank of a data-parallel run (see `train_lm`).
     """
     model = ckpt.model
     cfg.validate()
@@ -394,7 +422,7 @@ def retrain(
         adapters_mod.attach(model, kind, opts.rank, opts.alpha, opts.adapter_targets, ckpt.masks) if kind else {}
     )
     try:
-        result = train_lm(model, windows, cfg, params, adapters, ckpt.masks, eval_fn, quiet)
+        result = train_lm(model, windows, cfg, params, adapters, ckpt.masks, eval_fn, quiet, dist)
     finally:
         adapters_mod.detach(model)
     n_train = sum(p.numel() for p in params.values()) + sum(p.numel() for a in adapters.values() for p in a.parameters())

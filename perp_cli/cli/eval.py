@@ -13,6 +13,7 @@ from rich.table import Table
 from perp_cli.cli.common import AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, QuietOpt, SeedOpt, TrustRemoteCodeOpt, emit_json
 from perp_cli.errors import UsageError
 from perp_cli.evaluation import EvalSettings, comparison_rows, evaluate_checkpoints
+from perp_cli.plotting import check_plot_path, eval_bars
 from perp_cli.progress import console
 from perp_cli.zeroshot import parse_tasks
 
@@ -40,10 +41,13 @@ def eval_cmd(
     include_path: Annotated[Path | None, typer.Option("--include-path", help="lm-eval: a directory of extra task YAMLs (local tasks run offline).", show_default=False)] = None,
     num_fewshot: Annotated[int | None, typer.Option("--num-fewshot", help="lm-eval: few-shot examples. Default: the task's own (0 for the paper tasks).", show_default=False)] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Also save all results as JSON to this file (never inside an evaluated checkpoint).", show_default=False)] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Also draw a bar chart (.png/.pdf/.svg) of perplexity per dataset and sparsity per checkpoint (and mean zero-shot accuracy with --tasks). Needs pip install 'perp[plot]'. Default: no plot.", show_default=False)] = None,
     record: Annotated[bool, typer.Option("--record", help="Append the results to each directory's perp.json ('evaluations'); without it eval never writes to a checkpoint.")] = False,
     json_out: JsonOpt = False,
     dtype: DtypeOpt = "auto",
     device: DeviceOpt = "auto",
+    device_map: Annotated[str | None, typer.Option("--device-map", help="auto (or balanced, balanced_low_0, sequential): spread a model too big for one device over all visible GPUs, then CPU RAM, then --offload-dir (Accelerate), instead of --device; without a GPU everything runs on the CPU. Default: off.", show_default=False)] = None,
+    offload_dir: Annotated[Path | None, typer.Option("--offload-dir", help="With --device-map: a directory for the weights that fit neither the GPUs nor CPU RAM. Default: none (such a model fails to load).", show_default=False)] = None,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
@@ -61,31 +65,37 @@ def eval_cmd(
         datasets=list(dataset) if dataset else ([] if task_list else ["wikitext2"]),
         split=split, text_field=text_field, seqlen=seqlen, batch_size=batch_size, max_windows=max_windows,
         add_bos=add_bos, tasks=task_list, limit=limit, include_path=str(include_path) if include_path else None,
-        num_fewshot=num_fewshot, seed=seed, dtype=dtype, device=device, allow_pickle=allow_pickle,
+        num_fewshot=num_fewshot, seed=seed, dtype=dtype, device=device, device_map=device_map,
+        offload_dir=str(offload_dir) if offload_dir else None, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, record=record, quiet=quiet,
     )
     if output is not None:
         _check_output_file(output, models)
+    if plot is not None:
+        _check_output_file(plot, models, "--plot")
+        check_plot_path(plot)  # unsupported suffix or missing matplotlib: fail before any model loads
     results = evaluate_checkpoints(models, settings)
     summary = {"settings": settings.args(), "results": results}
     if output is not None:
         _write_json(output, summary)
+    if plot is not None:
+        eval_bars(results, plot)
     if json_out:
         emit_json(summary)
     if not quiet:
         _render(results)
 
 
-def _check_output_file(output: Path, models: list[str]) -> None:
+def _check_output_file(output: Path, models: list[str], flag: str = "--output") -> None:
     target = output.expanduser().resolve()
     if target.is_dir():
-        raise UsageError(f"--output {output} is a directory; give a file name")
+        raise UsageError(f"{flag} {output} is a directory; give a file name")
     if not target.parent.is_dir():
-        raise UsageError(f"--output {output}: directory {target.parent} does not exist")
+        raise UsageError(f"{flag} {output}: directory {target.parent} does not exist")
     for model in models:
         path = Path(model).expanduser()
         if path.is_dir() and path.resolve() in target.parents:
-            raise UsageError(f"--output {output} is inside the checkpoint {model}; eval never writes into a checkpoint")
+            raise UsageError(f"{flag} {output} is inside the checkpoint {model}; eval never writes into a checkpoint")
 
 
 def _write_json(output: Path, summary: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from perp_cli import adapters as adapters_mod
-from perp_cli import checkpoint, data
+from perp_cli import checkpoint, data, distributed
 from perp_cli import trainable as trainable_mod
 from perp_cli.cli.common import (
     AllowPickleOpt,
@@ -44,8 +44,8 @@ def retrain_cmd(
     data_source: Annotated[str, typer.Option("--data", help="Training text: c4 or wikitext2 (hub, needs network), or a local .txt/.raw/.jsonl/.parquet file or datasets directory.")] = "c4",
     text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl/.parquet/datasets data.")] = "text",
     seqlen: Annotated[int | None, typer.Option("--seqlen", help="Tokens per training window. Default: min(2048, the model's max positions).", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per micro-batch.")] = 4,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches accumulated per optimizer step (effective batch = batch-size x grad-accum).")] = 1,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per micro-batch. Under torchrun / accelerate launch this is the GLOBAL micro-batch, split evenly over the processes (must divide by their number), so N processes take the same steps as one.")] = 4,
+    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches accumulated per optimizer step (effective batch = batch-size x grad-accum, whatever the number of processes).")] = 1,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps. Default 100 unless --tokens is given.", show_default=False)] = None,
     tokens: Annotated[int | None, typer.Option("--tokens", help="Train on this many tokens instead of --steps (rounded up to whole steps of batch-size x grad-accum x seqlen).", show_default=False)] = None,
     lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate.")] = 5e-4,
@@ -59,6 +59,7 @@ def retrain_cmd(
     export_peft: Annotated[Path | None, typer.Option("--export-peft", help="Also write a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) for --adapter lora; its base model is OUT.", show_default=False)] = None,
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
+    device_map: Annotated[str | None, typer.Option("--device-map", help="auto (or balanced, balanced_low_0, sequential): spread the blocks over all visible GPUs with Accelerate (everything on the CPU without one), instead of --device; the model must fit in the GPUs (offloaded weights cannot train). Not with torchrun / accelerate launch. Default: off.", show_default=False)] = None,
     dtype: DtypeOpt = "auto",
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
@@ -72,6 +73,9 @@ def retrain_cmd(
     even when the frozen weights are bf16/fp16). Adapters are written unmerged
     (adapters.safetensors + adapters.json); fold them in with `perp merge`. A NaN or inf
     loss stops training and writes nothing.
+
+    Data-parallel: `torchrun --nproc-per-node N -m perp_cli retrain ...` or `accelerate
+    launch -m perp_cli retrain ...`; rank 0 alone writes the output.
     """
     opts = RetrainOptions(train=train, adapter=adapter, adapter_targets=adapter_targets, rank=rank, alpha=alpha,
                           add_biases=add_biases, untie_lm_head=untie_lm_head)
@@ -92,12 +96,26 @@ def retrain_cmd(
     cfg.validate()
     if trainable_mod.parse_spec(train) == ["none"] and kind is None:
         raise UsageError("--train none with --adapter none trains nothing; choose a subset or an adapter")
+    if device_map is not None and device != "auto":
+        raise UsageError("give --device or --device-map, not both")
+    checkpoint.device_map_kwargs(device_map)
     checkpoint.check_output(output, inputs=[model], overwrite=overwrite)
     if export_peft is not None:
         checkpoint.check_output(export_peft, inputs=[model, output], overwrite=overwrite)
+    dist = distributed.setup(device)
+    if dist is not None:
+        if device_map is not None:
+            raise UsageError("--device-map spreads one model over the GPUs; a torchrun / accelerate launch gives each process its own GPU: use one or the other")
+        dist.local_slice(batch_size)  # an uneven split fails now, not after loading
 
-    ckpt = checkpoint.load(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code, need_tokenizer=True)
+    ckpt = checkpoint.load(model, dtype=dtype, device=str(dist.device) if dist else device, allow_pickle=allow_pickle,
+                           trust_remote_code=trust_remote_code, need_tokenizer=True, device_map=device_map)
+    offloaded = checkpoint.offloaded_parameters(ckpt.model) if device_map else []
+    if offloaded:
+        raise UsageError(
+            f"--device-map {device_map} offloaded {len(offloaded)} parameters (e.g. {offloaded[0]}) to CPU/disk, "
+            "where they cannot train; use more GPUs, --dtype bfloat16, or a smaller model"
+        )
     seqlen = data.default_seqlen(ckpt.model, seqlen)
     per_step = batch_size * grad_accum * seqlen
     cfg.steps = math.ceil(tokens / per_step) if tokens is not None else (steps or 100)
@@ -126,20 +144,31 @@ def retrain_cmd(
         "lr": lr, "warmup": warmup, "schedule": schedule, "weight_decay": weight_decay,
         "grad_checkpointing": grad_checkpointing, "eval_every": cfg.eval_every, "eval_data": eval_data,
         "eval_windows": eval_windows, "dtype": dtype, "device": device, "export_peft": export_peft,
+        "device_map": device_map,
     }
     step = StepRecord("retrain", args=args, input=model, seed=seed)
-    outcome = retrain(ckpt, opts, cfg, windows, eval_fn=eval_fn, quiet=quiet)
+    outcome = retrain(ckpt, opts, cfg, windows, eval_fn=eval_fn, quiet=quiet, dist=dist)
     step.data = {"train": data.describe_tokens(source, windows), **({"eval": eval_record} if eval_record else {})}
     results = outcome.results()
+    results.update(dist.describe(batch_size) if dist else {"world_size": 1})
     if outcome.tied_lm_head:
         results["note"] = "lm_head is tied to the input embeddings: training one trained the other"
     step.results = results
-    peft = adapters_mod.peft_files(outcome.adapters, ckpt.model, str(output.resolve())) if export_peft else None
-    checkpoint.save(output, ckpt.model, ckpt.tokenizer, ckpt.masks, manifest_in=ckpt.manifest, step=step,
-                    overwrite=overwrite, adapters=outcome.adapters_state, adapters_config=outcome.adapters_config)
-    if peft is not None:
-        _write_peft(export_peft, *peft, overwrite=overwrite)
 
+    def write() -> None:
+        peft = adapters_mod.peft_files(outcome.adapters, ckpt.model, str(output.resolve())) if export_peft else None
+        checkpoint.save(output, ckpt.model, ckpt.tokenizer, ckpt.masks, manifest_in=ckpt.manifest, step=step,
+                        overwrite=overwrite, adapters=outcome.adapters_state, adapters_config=outcome.adapters_config)
+        if peft is not None:
+            _write_peft(export_peft, *peft, overwrite=overwrite)
+
+    if dist is None:
+        write()
+    else:  # every rank holds the same trained weights; rank 0 writes them, the others wait for it
+        dist.on_main(write)
+        dist.close()
+        if not dist.is_main:
+            return
     if json_out:
         emit_json({"output": str(output), **results, **({"export_peft": str(export_peft)} if export_peft else {})})
     if not quiet:
