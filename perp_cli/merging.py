@@ -77,7 +77,7 @@ def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def merge_attached(model: nn.Module, masks: MaskSet | None, allow_densify: bool = False) -> MergeReport:
+def merge_attached(model: nn.Module, masks: MaskSet | None, allow_densify: bool = False, seed: int = PROBE_SEED) -> MergeReport:
     """Merge every adapter attached to `model` in place, verify, and detach them.
 
     On a failed check the exception propagates; the caller must not save `model` then.
@@ -95,7 +95,7 @@ def merge_attached(model: nn.Module, masks: MaskSet | None, allow_densify: bool 
             "or retrain with --adapter masklora/scalelora/lora-prune"
         )
     model.eval()
-    ids = probe_batch(model)
+    ids = probe_batch(model, seed=seed)
     before = _logits(model, ids)
     for matrix, adapter in entries.values():
         adapter.merge(matrix, allow_densify=bool(dense_keys))
@@ -123,12 +123,12 @@ def merge_attached(model: nn.Module, masks: MaskSet | None, allow_densify: bool 
     return MergeReport(kind, len(entries), diff, scale, rel, tol, masks_kept, density)
 
 
-def merge_checkpoint(ckpt: Any, allow_densify: bool = False) -> MergeReport:
+def merge_checkpoint(ckpt: Any, allow_densify: bool = False, seed: int = PROBE_SEED) -> MergeReport:
     """Re-attach `ckpt`'s saved adapters and merge them into `ckpt.model` (see module doc)."""
     if ckpt.adapters_config is None:
         raise UsageError(f"{ckpt.source} has no adapters.safetensors/adapters.json: nothing to merge")
     adapters_mod.attach_from_checkpoint(ckpt)
     try:
-        return merge_attached(ckpt.model, ckpt.masks, allow_densify)
+        return merge_attached(ckpt.model, ckpt.masks, allow_densify, seed=seed)
     finally:
         adapters_mod.detach(ckpt.model)

@@ -77,7 +77,7 @@ def demo(
              "--nsamples", "16", *calib, *common],
             ["retrain", pruned, "-o", retrained, "--train", "biases,norms", "--adapter", "masklora",
              "--data", text, "--seqlen", str(seqlen), "--batch-size", "4", "--steps", str(steps), *common],
-            ["merge", retrained, "-o", merged, *common[2:]],
+            ["merge", retrained, "-o", merged, *common],
             ["inspect", merged, "--expect-sparsity", str(sparsity), "--per-block"] + (["--quiet"] if quiet else []),
             ["eval", model, pruned, merged, "--dataset", text, "--seqlen", str(seqlen), "--device", device]
             + (["--quiet"] if quiet else []),

@@ -17,6 +17,7 @@ from perp_cli.cli.common import (
     OverwriteOpt,
     QuietOpt,
     TrustRemoteCodeOpt,
+    SeedOpt,
     emit_json,
 )
 from perp_cli.manifest import StepRecord
@@ -30,6 +31,7 @@ def merge_cmd(
     allow_densify: Annotated[bool, typer.Option("--allow-densify", help="Merge plain LoRA adapters into pruned matrices densely: the pruned weights fill in, no masks are written, and the resulting density is reported.")] = False,
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
+    seed: SeedOpt = 0,
     overwrite: OverwriteOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -47,8 +49,9 @@ def merge_cmd(
     ckpt = checkpoint.load(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code)
     step = StepRecord("merge", args={"model": model, "output": str(output), "allow_densify": allow_densify,
-                                     "dtype": dtype, "device": device}, input=model)
-    report = merge_checkpoint(ckpt, allow_densify=allow_densify)
+                                     "dtype": dtype, "device": device}, input=model, seed=seed)
+    # the seed only draws the probe batch: the merge itself is deterministic arithmetic
+    report = merge_checkpoint(ckpt, allow_densify=allow_densify, seed=seed)
     step.results = report.to_json()
     masks = ckpt.masks if report.densified_density is None else None
     checkpoint.save(output, ckpt.model, ckpt.tokenizer, masks, manifest_in=ckpt.manifest, step=step, overwrite=overwrite)
