@@ -34,7 +34,11 @@ def run() -> None:
     signal.signal(signal.SIGINT, _on_sigint)
     try:
         from perp_cli.cli.app import main
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (Interrupted) while importing
-        sys.stderr.write("perp: interrupted while starting; no output was written\n")
-        sys.exit(130)
+    except BaseException as exc:
+        # Ctrl-C or SIGTERM while importing torch/transformers; an import cut short can
+        # also surface as another error (numpy: "cannot load module more than once")
+        if isinstance(exc, KeyboardInterrupt) or last_signal:
+            sys.stderr.write("perp: interrupted while starting; no output was written\n")
+            sys.exit(130)
+        raise
     sys.exit(main())
