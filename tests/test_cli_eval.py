@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -152,8 +151,6 @@ def _save_with_masklora(pruned: Path, out: Path) -> tuple[dict[str, torch.Tensor
 
 
 def test_unmerged_adapters_are_applied(dense_and_pruned, calib_file: Path, tmp_path: Path) -> None:
-    if importlib.util.find_spec("perp_cli.adapters") is None:
-        pytest.skip("perp_cli.adapters is not in this build")
     _, pruned = dense_and_pruned
     out = tmp_path / "with-adapters"
     tensors, config = _save_with_masklora(pruned, out)
@@ -177,8 +174,6 @@ def test_unmerged_adapters_are_applied(dense_and_pruned, calib_file: Path, tmp_p
 
 def test_adapters_without_adapter_support_exit_1(dense_and_pruned, calib_file: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    if importlib.util.find_spec("perp_cli.adapters") is None:
-        pytest.skip("perp_cli.adapters is not in this build")
     out = tmp_path / "with-adapters"
     _save_with_masklora(dense_and_pruned[1], out)
     monkeypatch.setitem(sys.modules, "perp_cli.adapters", None)  # a build without the adapters module
