@@ -460,16 +460,21 @@ def write_masks(path: Path, masks: MaskSet) -> str:
 
 def write_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict[str, list[int]], pattern: Pattern) -> str:
     """Write already bit-packed masks (`mask.pack_bits`) as `masks.safetensors`; return its
-    sha256. Streaming packs each block's masks as it finishes, so the bool masks of the
-    whole model (1 byte per weight) never exist at once."""
-    metadata = {
+    sha256. (Streaming spools packed masks to disk instead and writes the same header,
+    `masks_metadata`, around them.)"""
+    file = path / MASKS_NAME
+    save_file(packed, str(file), metadata=masks_metadata(pattern, shapes))
+    return sha256_file(file)
+
+
+def masks_metadata(pattern: Pattern, shapes: dict[str, list[int]]) -> dict[str, str]:
+    """The `__metadata__` of `masks.safetensors` (docs/format.md): also the header of the
+    masks a streamed run spools to disk block by block."""
+    return {
         "format_version": str(FORMAT_VERSION),
         "pattern": str(pattern),
         "shapes": json.dumps(shapes, sort_keys=True),
     }
-    file = path / MASKS_NAME
-    save_file(packed, str(file), metadata=metadata)
-    return sha256_file(file)
 
 
 def _strip_forbidden_config(path: Path) -> None:

@@ -44,6 +44,15 @@ inputs, change the block, let the engine propagate through the changed block)::
 
 A callback that already computed the next block's inputs (for instance while training)
 may return them as a `BlockInputs` (`s.inputs.replaced(outputs)`) to skip the extra pass.
+
+Models larger than memory (`perp_cli.streaming`) pass a `Residency`: the model is a
+skeleton on the meta device, `outside()` materialises the embeddings while block 0's
+inputs are caught, `load(i, block)` reads block i from the shards just before its step
+and `release(i, block)` writes and frees it right after the propagation, so one block's
+weights are in memory at a time. `in_place=True` replaces each micro-batch of inputs by
+the block's output as soon as it is computed (one copy of the activations instead of
+two), for callbacks that do not keep `s.inputs`. `run_blocks(model, None, step)` is the
+data-free pass: each block in turn, no activations.
 """
 
 from __future__ import annotations
@@ -137,20 +146,50 @@ class BlockInputs:
         """The inputs of the next block: `module` applied to these inputs."""
         return self.replaced(self.run(module))
 
+    @torch.no_grad()
+    def propagate_in_place(self, module: nn.Module) -> "BlockInputs":
+        """`propagate`, overwriting each micro-batch with its output as soon as it exists.
+
+        Same numbers, half the activation memory (inputs and outputs never coexist);
+        these inputs are gone afterwards, so only for callers that do not keep them.
+        """
+        for k in range(len(self.hidden)):
+            x = self.hidden[k].to(self.device)
+            self.hidden[k] = self.call(module, x).to(self.store)
+            del x
+        return self
+
 
 @dataclass
 class BlockStep:
     """What a callback gets for block `index`: the block (already on `device`), its
-    inputs, and `status(text)` to show what it is doing in the progress bar."""
+    inputs (None in a data-free pass), and `status(text)` to show what it is doing in
+    the progress bar."""
 
     index: int
     block: nn.Module
-    inputs: BlockInputs
+    inputs: BlockInputs | None
     device: torch.device
     status: Callable[[str], None]
 
 
 StepFn = Callable[[BlockStep], "BlockInputs | None"]
+BlockHook = Callable[[int, nn.Module], None]
+
+
+@dataclass
+class Residency:
+    """How the weights of a model that is not all in memory come and go (streaming).
+
+    `outside()` is a context during which the weights outside the blocks that embed the
+    tokens are present (block 0's inputs are caught inside it); `load(i, block)` puts
+    block i's weights on the host before its step; `release(i, block)` takes them away
+    after the step and the propagation (perp_cli.streaming writes them to the output).
+    """
+
+    load: BlockHook
+    release: BlockHook
+    outside: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
 @contextlib.contextmanager
@@ -162,8 +201,8 @@ def _outside_blocks_on(model: nn.Module, device: torch.device) -> Iterator[None]
     seen: set[int] = set()
     tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
     for name, t in tensors:
-        if name.startswith(prefix) or id(t) in seen or t.device == device:
-            continue
+        if name.startswith(prefix) or id(t) in seen or t.device == device or t.is_meta:
+            continue  # meta: a streamed weight the embedding pass does not need
         seen.add(id(t))
         moved.append((t, t.device))
         t.data = t.data.to(device)
@@ -226,14 +265,21 @@ def capture_inputs(
 
 def run_blocks(
     model: nn.Module,
-    inputs: BlockInputs,
+    inputs: BlockInputs | None,
     step: StepFn,
     progress: Any = None,
     description: str = "blocks",
-) -> BlockInputs:
+    residency: Residency | None = None,
+    in_place: bool = False,
+) -> BlockInputs | None:
     """Call `step` on every block in order and propagate the inputs through each block
     after `step` returns (or take the inputs `step` returned). Returns the outputs of the
-    last block. `progress` is an optional Rich `Progress` showing one bar over blocks."""
+    last block. `progress` is an optional Rich `Progress` showing one bar over blocks.
+
+    `inputs=None` is a data-free pass (each block on the host, nothing propagated);
+    `residency` loads each block before its step and releases it after; `in_place`
+    propagates with `BlockInputs.propagate_in_place`.
+    """
     blocks = arch.blocks(model)
     task = progress.add_task(description, total=len(blocks), status="") if progress is not None else None
 
@@ -242,15 +288,26 @@ def run_blocks(
             progress.update(task, status=text)
 
     for index, block in enumerate(blocks):
+        if residency is not None:
+            status(f"block {index}: loading")
+            residency.load(index, block)
         home = next(block.parameters()).device
-        block.to(inputs.device)
+        device = inputs.device if inputs is not None else home
+        block.to(device)
         try:
             status(f"block {index}")
-            returned = step(BlockStep(index, block, inputs, inputs.device, status))
-            status(f"block {index}: propagating")
-            inputs = returned if returned is not None else inputs.propagate(block)
+            returned = step(BlockStep(index, block, inputs, device, status))
+            if inputs is not None:
+                status(f"block {index}: propagating")
+                if returned is not None:
+                    inputs = returned
+                else:
+                    inputs = inputs.propagate_in_place(block) if in_place else inputs.propagate(block)
         finally:
             block.to(home)
+        if residency is not None:
+            status(f"block {index}: writing")
+            residency.release(index, block)
         if progress is not None:
             progress.advance(task)
     status("done")
@@ -266,12 +323,15 @@ def calibrate(
     offload: bool = False,
     progress: Any = None,
     description: str = "blocks",
+    residency: Residency | None = None,
+    in_place: bool = False,
 ) -> BlockInputs:
     """`capture_inputs` then `run_blocks`: the whole block-sequential pass."""
     was_training = model.training
     model.eval()
     try:
-        inputs = capture_inputs(model, tokens, device=device, batch_size=batch_size, offload=offload)
-        return run_blocks(model, inputs, step, progress=progress, description=description)
+        with residency.outside() if residency is not None else contextlib.nullcontext():
+            inputs = capture_inputs(model, tokens, device=device, batch_size=batch_size, offload=offload)
+        return run_blocks(model, inputs, step, progress=progress, description=description, residency=residency, in_place=in_place)
     finally:
         model.train(was_training)

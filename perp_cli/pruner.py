@@ -15,6 +15,13 @@ One recipe for every method:
 
 `--scope global` needs every score before any mask: for Wanda the scores are then
 collected on the dense model's activations (blocks are not pruned during the pass).
+
+Streaming (`stream=`, from perp_cli.streaming): the model is a skeleton on the meta
+device; the engine loads each block before its step and, once the block is pruned and
+propagated, hands it with its final keep-masks (`_Pruner.block_keep`) to the stream,
+which writes and frees it. Data-free methods then also go block by block through the
+engine. Same numbers as in memory; `--scope global` cannot stream (it ranks the whole
+model at once).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, NamedTuple
+from typing import Any, ContextManager, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -69,9 +76,27 @@ class PruneConfig:
 
 
 class PruneOutcome(NamedTuple):
-    masks: MaskSet
+    masks: MaskSet | None  # None when streaming: the stream wrote them block by block
     results: dict[str, Any]
     data: dict[str, Any]  # calibration source and token hash ({} for data-free methods)
+
+
+class WeightStream(Protocol):
+    """Where a meta-device model's weights come from and go to (perp_cli.streaming)."""
+
+    def outside(self) -> ContextManager[None]: ...
+
+    def load(self, index: int, block: nn.Module) -> None: ...
+
+    def release(self, index: int, block: nn.Module, keep: dict[str, torch.Tensor]) -> None: ...
+
+
+MaskStats = dict[str, tuple[float, int, int]]  # name -> (sparsity, kept, numel)
+
+
+def keep_stats(keep: torch.Tensor) -> tuple[float, int, int]:
+    """Sparsity as `MaskSet.sparsity` computes it, and the exact counts."""
+    return 1.0 - keep.float().mean().item(), int(keep.sum()), keep.numel()
 
 
 @dataclass(frozen=True)
@@ -181,6 +206,7 @@ class _Pruner:
         self.notes: dict[str, list[str]] = {}
         self.block_seconds: list[dict[str, float]] = []  # per calibrated block: statistics pass, pruning
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.stats: MaskStats = {}  # filled by block_keep (streaming)
 
     def note(self, kind: str, text: str) -> None:
         self.notes.setdefault(kind, []).append(text)
@@ -219,13 +245,25 @@ class _Pruner:
         task = progress.add_task("matrices", total=len(self.matrices), status="")
         for m in self.matrices:
             progress.update(task, status=m.key)
-            if self.p.method.name == "magnitude":
-                scores = magnitude_scores(m.weight())
-            else:
-                scores = random_scores(m.shape, self.generator)
-            self.score_or_select(m, scores)
+            self.prune_data_free(m)
             progress.advance(task)
         self.finish_global()
+
+    def prune_data_free(self, m: Matrix) -> None:
+        if self.p.method.name == "magnitude":
+            scores = magnitude_scores(m.weight())
+        else:
+            scores = random_scores(m.shape, self.generator)
+        self.score_or_select(m, scores)
+
+    def step_data_free(self, s: engine.BlockStep) -> None:
+        """The data-free methods one block at a time (streaming; same matrix order, so
+        the random generator gives the same scores as `run_data_free`)."""
+        for m in self.matrices:
+            if m.block == s.index:
+                s.status(f"block {s.index}: {m.key}")
+                self.prune_data_free(m)
+        return None
 
     # --- calibration methods
 
@@ -273,19 +311,33 @@ class _Pruner:
 
     def mask_set(self) -> MaskSet:
         """Keep-masks in each parameter's layout; untouched input masks carried over."""
-        params = dict(self.model.named_parameters())
-        keep: dict[str, torch.Tensor] = {}
-        if self.old is not None:
-            keep.update({n: k.clone().bool() for n, k in self.old.masks.items()})
-        for m in self.matrices:
+        old = self.old.masks if self.old is not None else {}
+        return MaskSet(self._assemble(old, self.matrices), self.p.pattern)
+
+    def block_keep(self, index: int) -> dict[str, torch.Tensor]:
+        """The final keep-masks of block `index`'s parameters, as `mask_set` would give
+        them; the block's pruned masks are dropped here, so a streamed run holds the
+        masks of one block at a time. Records each mask's sparsity in `self.stats`."""
+        prefix = f"{arch.spec_for(self.model).blocks}.{index}."
+        old = {n: k for n, k in (self.old.masks.items() if self.old is not None else ()) if n.startswith(prefix)}
+        matrices = [m for m in self.matrices if m.block == index]
+        keep = self._assemble(old, matrices)
+        for m in matrices:
+            del self.pruned[m.key]
+        self.stats.update({n: keep_stats(k) for n, k in keep.items()})
+        return keep
+
+    def _assemble(self, old: dict[str, torch.Tensor], matrices: list[Matrix]) -> dict[str, torch.Tensor]:
+        keep: dict[str, torch.Tensor] = {n: k.clone().bool() for n, k in old.items()}
+        for m in matrices:
             slice_keep = m.to_param_layout(~self.pruned[m.key])
             if m.expert is None:
                 keep[m.name] = slice_keep.contiguous()
             else:
                 if m.name not in keep:
-                    keep[m.name] = torch.ones(params[m.name].shape, dtype=torch.bool)
+                    keep[m.name] = torch.ones(m.parameter.shape, dtype=torch.bool)
                 keep[m.name][m.expert] = slice_keep
-        return MaskSet(keep, self.p.pattern)
+        return keep
 
 
 def _sync(device: torch.device) -> None:
@@ -302,15 +354,22 @@ def calibration_tokens(ckpt: Checkpoint, config: PruneConfig) -> tuple[torch.Ten
     return tokens, {**data.describe_tokens(source, tokens), "seqlen": seqlen, "concat": config.calib_concat}
 
 
-def prune(ckpt: Checkpoint, config: PruneConfig, tokens: torch.Tensor | None = None) -> PruneOutcome:
+def prune(
+    ckpt: Checkpoint, config: PruneConfig, tokens: torch.Tensor | None = None, stream: WeightStream | None = None
+) -> PruneOutcome:
     """Prune `ckpt.model` in place and return its masks, results and calibration record.
 
     `tokens` (`[n, seqlen]`) replaces sampling from `config.calib` (tests, benchmarks).
+    With `stream` (perp_cli.streaming) the model is a meta-device skeleton: each block is
+    loaded before its turn and handed to `stream.release` with its keep-masks once done;
+    the returned `masks` is then None.
     """
     start = time.time()
     p = plan(config)
     if ckpt.adapters is not None:
         raise UsageError(f"{ckpt.source} has unmerged adapters; run `perp merge` first, then prune the merged checkpoint")
+    if stream is not None and p.scope == "global":
+        raise UsageError("--scope global ranks every weight of the model at once, so it cannot stream; use --scope row/matrix, or --streaming off")
     device = checkpoint.resolve_device(config.device)
     model = ckpt.model
     torch.manual_seed(config.seed)
@@ -321,10 +380,17 @@ def prune(ckpt: Checkpoint, config: PruneConfig, tokens: torch.Tensor | None = N
     _check_carried_masks(model, ckpt.masks, {m.name for m in matrices}, p.pattern)
     pruner = _Pruner(ckpt, config, p, matrices)
     data_record: dict[str, Any] = {}
+    residency = None
+    if stream is not None:
+        residency = engine.Residency(
+            load=stream.load, release=lambda i, block: stream.release(i, block, pruner.block_keep(i)), outside=stream.outside
+        )
 
     with make_progress(config.quiet) as progress:
-        if p.method.statistic is None:
+        if p.method.statistic is None and stream is None:
             pruner.run_data_free(progress)
+        elif p.method.statistic is None:
+            engine.run_blocks(model, None, pruner.step_data_free, progress=progress, description=f"{p.method.name} blocks", residency=residency)
         else:
             if tokens is None:
                 tokens, data_record = calibration_tokens(ckpt, config)
@@ -333,15 +399,20 @@ def prune(ckpt: Checkpoint, config: PruneConfig, tokens: torch.Tensor | None = N
             engine.calibrate(
                 model, tokens, pruner.step, device=device, batch_size=config.batch_size,
                 offload=config.offload_activations, progress=progress, description=f"{p.method.name} blocks",
+                residency=residency, in_place=stream is not None,
             )
             pruner.finish_global()
 
-    masks = pruner.mask_set()
-    mask.apply(model, masks)
+    if stream is None:
+        masks: MaskSet | None = pruner.mask_set()
+        mask.apply(model, masks)
+        stats = {n: keep_stats(k) for n, k in masks.masks.items()}
+    else:
+        masks, stats = None, pruner.stats
     pruned_names = sorted({m.name for m in matrices})
-    per_tensor = masks.sparsity()
-    kept = sum(int(masks[n].sum()) for n in pruned_names)
-    total = sum(masks[n].numel() for n in pruned_names)
+    kept = sum(stats[n][1] for n in pruned_names)
+    total = sum(stats[n][2] for n in pruned_names)
+    kept_all, total_all = sum(v[1] for v in stats.values()), sum(v[2] for v in stats.values())
     results = {
         "method": p.method.name,
         "pattern": str(p.pattern),
@@ -349,8 +420,8 @@ def prune(ckpt: Checkpoint, config: PruneConfig, tokens: torch.Tensor | None = N
         "sparsity_requested": p.sparsity,
         "sparsity_achieved": {
             "pruned_tensors": round(1 - kept / total, 6) if total else 0.0,
-            "all_masked_tensors": round(masks.total_sparsity(), 6),
-            "per_tensor": {n: round(per_tensor[n], 6) for n in masks.names()},
+            "all_masked_tensors": round(1.0 - kept_all / total_all if total_all else 0.0, 6),
+            "per_tensor": {n: round(v[0], 6) for n, v in stats.items()},
         },
         "matrices_pruned": len(matrices),
         "skipped_indivisible": skipped,

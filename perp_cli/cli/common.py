@@ -13,7 +13,7 @@ from perp_cli.errors import UsageError
 
 ModelArg = Annotated[
     str,
-    typer.Argument(help="Input checkpoint: a perp or Hugging Face model directory, or a hub id (needs network).", show_default=False),
+    typer.Argument(help="Input checkpoint: a perp or Hugging Face model directory, or a hub id (needs network).", show_default=False, metavar="MODEL"),
 ]
 OutputOpt = Annotated[
     Path,

@@ -9,7 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from perp_cli import checkpoint
+from perp_cli import checkpoint, streaming
 from perp_cli.cli.common import (
     AllowPickleOpt,
     DeviceOpt,
@@ -26,6 +26,7 @@ from perp_cli.cli.common import (
 from perp_cli.manifest import StepRecord
 from perp_cli.progress import console
 from perp_cli.pruner import PruneConfig, plan, prune
+from perp_cli.shards import parse_size
 
 
 def prune_cmd(
@@ -47,6 +48,8 @@ def prune_cmd(
     blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT column block size (mask chosen per block; lazy updates between blocks).")] = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward micro-batch.")] = 8,
     offload_activations: Annotated[bool, typer.Option("--offload-activations", help="Keep calibration activations on the host, one micro-batch at a time on the device.")] = False,
+    streaming_mode: Annotated[str, typer.Option("--streaming", help="Read and write the weights one decoder block at a time (peak memory: one block plus the calibration activations; same output, bit for bit): on, off, or auto = on when the weights would take more than half of the available memory. Needs a local safetensors checkpoint; not with --scope global.")] = "auto",
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output weight file (5GB = 5*10^9 bytes, 2GiB = 2*2^30); bigger models are written as model-0000i-of-0000n.safetensors + model.safetensors.index.json.")] = "5GB",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -60,7 +63,10 @@ def prune_cmd(
 
     Weights an earlier step pruned stay pruned. Wanda and SparseGPT calibrate block by
     block: each block is pruned, then the calibration data goes through the pruned
-    block to the next one; only the current block is on the device.
+    block to the next one; only the current block is on the device. With --streaming
+    (automatic when the model would not fit in memory) only the current block is in
+    host memory at all: blocks are read from the input shards and written to the output
+    shards one at a time, with the same result.
     """
     config = PruneConfig(
         method=method, sparsity=sparsity, pattern=pattern, scope=scope, targets=targets, exclude=exclude,
@@ -69,13 +75,23 @@ def prune_cmd(
         batch_size=batch_size, offload_activations=offload_activations, quiet=quiet,
     )
     plan(config)  # usage errors before loading anything
+    shard_bytes = parse_size(max_shard_size)
     checkpoint.check_output(output, inputs=[model], overwrite=overwrite)
-    ckpt = checkpoint.load(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code, need_tokenizer=False)
-    step = StepRecord("prune", args={**vars(config), "model": model, "output": str(output), "dtype": dtype}, input=model, seed=seed)
-    masks, results, data_record = prune(ckpt, config)
-    step.data, step.results = data_record, results
-    checkpoint.save(output, ckpt.model, ckpt.tokenizer, masks, manifest_in=ckpt.manifest, step=step, overwrite=overwrite)
+    decision = streaming.decide(streaming_mode, model, config, dtype)
+    step = StepRecord("prune", args={**vars(config), "model": model, "output": str(output), "dtype": dtype,
+                                     "streaming": decision.stream, "max_shard_size": max_shard_size}, input=model, seed=seed)
+    if decision.stream:
+        if not quiet:
+            console.print(escape(decision.reason), soft_wrap=True)
+        ckpt = streaming.open_checkpoint(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        _, results, data_record = streaming.prune(ckpt, output, config, step, overwrite=overwrite, max_shard_size=shard_bytes)
+    else:
+        ckpt = checkpoint.load(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
+                               trust_remote_code=trust_remote_code, need_tokenizer=False)
+        masks, results, data_record = prune(ckpt, config)
+        step.data, step.results = data_record, results
+        checkpoint.save(output, ckpt.model, ckpt.tokenizer, masks, manifest_in=ckpt.manifest, step=step,
+                        overwrite=overwrite, max_shard_size=shard_bytes)
 
     achieved = results["sparsity_achieved"]
     if json_out:
@@ -84,7 +100,7 @@ def prune_cmd(
             "sparsity": achieved["pruned_tensors"], "sparsity_all_masked": achieved["all_masked_tensors"],
             "per_tensor": achieved["per_tensor"], "skipped_indivisible": results["skipped_indivisible"],
             "notes": results["notes"], "pruning_time_s": results["pruning_time_s"], "peak_memory": results["peak_memory"],
-            "calibration": data_record,
+            "calibration": data_record, "streaming": decision.stream,
         })
     if not quiet:
         _render(results, str(output))

@@ -1,0 +1,212 @@
+"""Peak host memory of streamed pruning against the model's size on disk.
+
+    python bench/prune_memory.py                    # ~1.1B LLaMA (TinyLlama shapes), float32 ~4.4 GB, Wanda 128 x 512
+    python bench/prune_memory.py --nsamples 16      # the same model, fewer calibration tokens (faster)
+    python bench/prune_memory.py --layers 2 --hidden 512 --intermediate 1408 --nsamples 8 --seqlen 128   # a quick look
+    python bench/prune_memory.py --in-memory        # also prune without streaming, for comparison
+
+The model is a LLaMA built from a config and written to disk in float32, sharded
+(`--shard-size`), without ever holding the whole model: the tensor names and shapes come
+from a meta-device skeleton, and each shard's random tensors are generated and written
+with `safetensors.torch.save_file`, one shard at a time. The tokenizer is perp's byte
+tokenizer (ids < 320 are valid ids of any vocabulary); calibration text is C4 from
+../shared when present, else the demo corpus.
+
+`perp prune --streaming on` then runs in a fresh process, and its peak RSS
+(`ru_maxrss` of that child, from `os.wait4`) is compared with the size of the weights on
+disk. On Linux `exec` carries the parent's RSS high-water mark into the child's
+`ru_maxrss`, so this parent stays small (it never imports torch; the model is written by
+another subprocess), and the child also reports its own `VmHWM` (peak RSS of its address
+space since exec) as a cross-check. The goal is a peak under a quarter of the model. The expected peak is the
+Python/torch baseline + one block + the calibration activations (nsamples x seqlen x
+hidden x 4 bytes, one copy) + micro-batch temporaries + the bit-packed masks; the table
+shows these terms next to the measurement. Everything is deleted afterwards unless
+`--keep`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+C4 = ROOT.parent / "shared" / "data" / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
+
+
+def llama_config(args: argparse.Namespace):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads, vocab_size=args.vocab,
+        max_position_embeddings=2048, tie_word_embeddings=False, dtype="float32",
+        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )
+
+
+def write_model(directory: Path, args: argparse.Namespace) -> tuple[int, int]:
+    """Write config, tokenizer and random float32 weights shard by shard; return
+    (parameters, bytes of weights on disk)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from perp_cli import streaming, tiny
+    from perp_cli.shards import nbytes, plan_shards
+
+    config = llama_config(args)
+    skeleton = streaming.build_skeleton(config, torch.float32)
+    layout = {n: (t.dtype, tuple(t.shape)) for n, t in streaming.output_names(skeleton).items()}
+    shards = plan_shards(layout, args.shard_size)
+    files = ["model.safetensors"] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    generator = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for file, names in zip(files, shards):
+        tensors = {}
+        for name in names:
+            shape = layout[name][1]
+            # norms start at one; matrices as transformers initialises them (normal, std 0.02)
+            tensors[name] = torch.ones(shape) if len(shape) == 1 else torch.randn(shape, generator=generator) * 0.02
+        save_file(tensors, str(directory / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(names, file))
+        del tensors
+        print(f"  wrote {file} ({sum(nbytes(*layout[n]) for n in names) / 1e9:.2f} GB)", file=sys.stderr, flush=True)
+    total = sum(nbytes(*v) for v in layout.values())
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    skeleton.config.architectures = [type(skeleton).__name__]
+    skeleton.config.save_pretrained(directory)
+    tiny.build_tokenizer().save_pretrained(directory)
+    return sum(p.numel() for p in skeleton.parameters()), total
+
+
+def vm_hwm_mib() -> float | None:
+    """This process's peak RSS since exec (Linux), MiB."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def child(argv: list[str]) -> None:
+    """`--child perp ARGS`: run the perp CLI in this process, then report VmHWM on stderr."""
+    if argv and argv[0] == "perp":
+        from perp_cli.cli.app import main as perp_main
+
+        code = perp_main(argv[1:])
+    else:  # `--child import`: the baseline, imports only
+        import perp_cli.cli.app  # noqa: F401
+        import perp_cli.streaming  # noqa: F401
+        import transformers.models.llama.modeling_llama  # noqa: F401
+
+        code = 0
+    print(json.dumps({"vm_hwm_mib": vm_hwm_mib()}), file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def run_child(argv: list[str]) -> tuple[int, float, float | None, float, str]:
+    """Run `--child ARGV` in a fresh process; return its exit code, ru_maxrss (MiB),
+    VmHWM (MiB), seconds and stdout."""
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, __file__, "--child", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    stdout, stderr = proc.stdout.read(), proc.stderr.read()  # the child's stderr is small (-q)
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    hwm = None
+    for line in stderr.splitlines():
+        if line.startswith('{"vm_hwm_mib"'):
+            hwm = json.loads(line)["vm_hwm_mib"]
+    if proc.returncode != 0:
+        sys.stderr.write(stderr[-2000:])
+    return proc.returncode, usage.ru_maxrss / 1024, hwm, time.perf_counter() - start, stdout
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        child(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "--write-model":
+        params, on_disk = write_model(Path(sys.argv[2]), argparse.Namespace(**json.loads(sys.argv[3])))
+        print(json.dumps({"params": params, "bytes": on_disk}))
+        return
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=22, help="decoder blocks (default 22: TinyLlama-1.1B)")
+    parser.add_argument("--hidden", type=int, default=2048, help="hidden size")
+    parser.add_argument("--intermediate", type=int, default=5632, help="MLP size")
+    parser.add_argument("--heads", type=int, default=32, help="attention heads")
+    parser.add_argument("--kv-heads", type=int, default=4, help="key/value heads")
+    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary (embeddings and an untied head)")
+    parser.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per window")
+    parser.add_argument("--batch-size", type=int, default=8, help="windows per forward micro-batch (perp's --batch-size)")
+    parser.add_argument("--method", default="wanda", help="pruning method")
+    parser.add_argument("--shard-size", type=int, default=2 * 10**9, help="bytes per input shard (default 2 GB)")
+    parser.add_argument("--workdir", type=Path, default=None, help="where to write the model (default: a temp dir in /tmp)")
+    parser.add_argument("--in-memory", action="store_true", help="also prune with --streaming off and report its peak")
+    parser.add_argument("--keep", action="store_true", help="keep the model and outputs")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="perp-prune-memory-", dir=args.workdir))
+    try:
+        model_dir = work / "model"
+        model_dir.mkdir()
+        print(f"writing the model to {model_dir}", file=sys.stderr)
+        start = time.perf_counter()
+        shape = {k: v for k, v in vars(args).items() if k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "shard_size")}
+        written = subprocess.run([sys.executable, __file__, "--write-model", str(model_dir), json.dumps(shape)],
+                                 stdout=subprocess.PIPE, text=True, check=True)
+        params, on_disk = (json.loads(written.stdout)[k] for k in ("params", "bytes"))
+        print(f"  {params / 1e9:.3f}B parameters, {on_disk / 1e9:.2f} GB in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+        calib = ["--calib", str(C4)] if C4.is_file() else ["--calib", str(ROOT / "perp_cli" / "demo" / "corpus.txt"), "--calib-concat"]
+        base = ["perp", "prune", str(model_dir), "--method", args.method, "--sparsity", "0.5",
+                *calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
+                "--device", "cpu", "--json", "-q"]
+        _, _, baseline, _, _ = run_child(["import"])
+        runs = []
+        modes = ["on", "off"] if args.in_memory else ["on"]
+        for mode in modes:
+            out = work / f"pruned-{mode}"
+            print(f"pruning with --streaming {mode} ...", file=sys.stderr, flush=True)
+            code, peak, hwm, seconds, stdout = run_child([*base, "-o", str(out), "--streaming", mode])
+            if code != 0:
+                raise SystemExit(f"perp prune --streaming {mode} failed with exit code {code}")
+            summary = json.loads(stdout)
+            runs.append((mode, peak, hwm, seconds, summary))
+            shutil.rmtree(out, ignore_errors=True)
+
+        hidden, inter, kv = args.hidden, args.intermediate, args.hidden * args.kv_heads // args.heads
+        block = (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden) * 4
+        activations = args.nsamples * args.seqlen * hidden * 4
+        masks = args.layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter) / 8
+        mib = 2**20
+        print()
+        print(f"model: LLaMA {args.layers} x (hidden {hidden}, mlp {inter}), vocab {args.vocab}: "
+              f"{params / 1e9:.3f}B parameters, {on_disk / 1e9:.2f} GB float32 on disk ({on_disk / mib:.0f} MiB)")
+        print(f"calibration: {args.method}, {args.nsamples} x {args.seqlen} tokens, micro-batch {args.batch_size}")
+        print(f"terms: baseline (imports) {baseline:.0f} MiB, one block {block / mib:.0f} MiB, "
+              f"activations {activations / mib:.0f} MiB, packed masks {masks / mib:.0f} MiB")
+        print()
+        print("| streaming | peak RSS, ru_maxrss (MiB) | VmHWM (MiB) | peak / size on disk | goal < 0.25 | wall time (s) | sparsity |")
+        print("|---|---:|---:|---:|---|---:|---:|")
+        for mode, peak, hwm, seconds, summary in runs:
+            ratio = peak * mib / on_disk
+            print(f"| {mode} | {peak:.0f} | {hwm:.0f} | {ratio:.3f} | {'met' if ratio < 0.25 else 'missed'} | {seconds:.0f} | {summary['sparsity']:.4f} |")
+    finally:
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

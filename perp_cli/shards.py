@@ -1,0 +1,357 @@
+"""Read and write safetensors checkpoints a few tensors at a time (the IO of streaming).
+
+`ShardReader` reads the tensors of a single-file or sharded (`model.safetensors.index.json`)
+checkpoint by *model* parameter name, a block at a time. It parses each file's
+safetensors header itself and reads every tensor with plain positioned reads straight
+into a freshly allocated tensor. `safe_open` would memory-map the file: every page a read
+touches then counts in the RSS while the file is open (a tensor counts twice while it is
+copied out, and a handle kept open over a run ends up holding the whole model).
+
+`ShardWriter` writes a standard sharded HF checkpoint whose tensors arrive in any order.
+All names, shapes and dtypes are known before the first tensor is computed (from the
+meta-device skeleton), so each shard's safetensors header is written up front and each
+tensor goes straight to its byte offset the moment it is finished: nothing is buffered,
+and a shard never has to fit in memory.
+
+Names on disk are not always the model's: transformers 5 fuses Mixtral's per-expert
+`w1/w2/w3` into `experts.gate_up_proj/down_proj` when loading and splits them back when
+saving, and old GPT-2/OPT checkpoints omit the `transformer.`/`model.` prefix. Both
+directions go through transformers' own conversion mapping (`to_model_names`,
+`to_checkpoint_names`), so a streamed output has exactly the names `save_pretrained`
+writes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from perp_cli.checkpoint import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from perp_cli.errors import CheckpointError, UsageError
+
+# safetensors dtype codes (the header's "dtype" field)
+DTYPE_CODES: dict[torch.dtype, str] = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str | int) -> int:
+    """`5GB` (10^9, as Hugging Face counts), `500MiB` (2^20) or a number of bytes."""
+    if isinstance(text, int):
+        size = text
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
+        if not match or match.group(2) not in _UNITS:
+            raise UsageError(f"--max-shard-size {text!r} is not a size (examples: 5GB, 500MB, 2GiB, 1000000)")
+        size = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if size < 1:
+        raise UsageError(f"--max-shard-size must be positive, got {text!r}")
+    return size
+
+
+def nbytes(dtype: torch.dtype, shape: Iterable[int]) -> int:
+    return math.prod(int(s) for s in shape) * torch.empty((), dtype=dtype).element_size()
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def _conversions(model: nn.Module) -> tuple[list, list]:
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return renamings, converters
+
+
+def model_name_of(model: nn.Module, key: str, meta_names: dict, renamings: list, converters: list) -> tuple[str, str | None]:
+    """The model name a checkpoint key loads into, and the converter pattern it matched."""
+    from transformers.core_model_loading import rename_source_key
+
+    return rename_source_key(key, renamings, converters, getattr(model, "base_model_prefix", None), meta_names)
+
+
+def to_model_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors -> model tensors, as `from_pretrained` converts them (renames,
+    prefix fixes, Mixtral's expert fusion). Identity for checkpoints in the model's names."""
+    from transformers.core_model_loading import WeightRenaming, dot_natural_key
+
+    renamings, converters = _conversions(model)
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    meta_names = dict.fromkeys(model.state_dict(keep_vars=True), True)
+    pending: dict[str, object] = {}
+    for key, tensor in sorted(tensors.items(), key=lambda kv: dot_natural_key(kv[0])):
+        name, pattern = model_name_of(model, key, meta_names, renamings, converters)
+        if pattern is None:
+            transform = pending.setdefault(name, WeightRenaming(key, name))
+            pattern = key
+        else:
+            transform = pending.setdefault(name, copy.deepcopy(by_pattern[pattern]))
+        transform.add_tensor(name, key, pattern, tensor)
+    out = {}
+    for name, transform in pending.items():
+        for target, value in transform.convert(name, model=model, config=model.config).items():
+            out[target] = value[0] if isinstance(value, list) else value
+    return out
+
+
+def to_checkpoint_names(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Model tensors -> the names and layout `save_pretrained` writes (works on meta
+    tensors too, which is how the output layout is planned)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(tensors))
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    key: str  # name in the checkpoint
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int = 0  # absolute byte offset of the data in the file
+    nbytes: int = 0
+
+
+def read_header(path: Path) -> dict[str, StoredTensor]:
+    """The tensors of one safetensors file, from its header only (no data is read)."""
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000:
+                raise ValueError("header larger than 100 MB")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, struct.error) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    out = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if info["dtype"] not in CODE_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key} has dtype {info['dtype']}, which perp cannot stream")
+        dtype, shape = CODE_DTYPES[info["dtype"]], tuple(info["shape"])
+        begin, end = info["data_offsets"]
+        if end - begin != nbytes(dtype, shape):
+            raise CheckpointError(f"{path}: tensor {key} has {end - begin} bytes for {info['dtype']} {list(shape)}")
+        out[key] = StoredTensor(key, path.name, dtype, shape, 8 + length + begin, end - begin)
+    return out
+
+
+def read_tensor(f, t: StoredTensor) -> torch.Tensor:
+    """One stored tensor, read from the open binary file `f` into new memory."""
+    out = torch.empty(t.shape, dtype=t.dtype)
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+    f.seek(t.start)
+    done = 0
+    while done < t.nbytes:
+        n = f.readinto(view[done:])
+        if not n:
+            raise CheckpointError(f"{t.file} ends inside tensor {t.key} (truncated file)")
+        done += n
+    return out
+
+
+def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
+    """Every tensor of a single-file or sharded checkpoint, from the headers."""
+    index = directory / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
+    elif (directory / WEIGHTS_NAME).is_file():
+        files = [WEIGHTS_NAME]
+    else:
+        raise CheckpointError(f"{directory} has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}; streaming reads safetensors only")
+    stored: dict[str, StoredTensor] = {}
+    for name in files:
+        stored.update(read_header(directory / name))
+    return stored
+
+
+class ShardReader:
+    """The tensors of a local safetensors checkpoint, read on demand by model name.
+
+    At construction only headers are read: every checkpoint key is mapped to the model
+    name it loads into (keys the model does not have, such as an old `attn.masked_bias`,
+    are ignored as `from_pretrained` ignores them), and model tensors no key provides are
+    reported at once, before any work.
+    """
+
+    def __init__(
+        self, directory: str | Path, model: nn.Module, expected: Iterable[str], stored: dict[str, StoredTensor] | None = None
+    ) -> None:
+        self.directory = Path(directory)
+        self.model = model
+        self.stored = stored if stored is not None else stored_tensors(self.directory)
+        renamings, converters = _conversions(model)
+        meta_names = dict.fromkeys(model.state_dict(keep_vars=True), True)
+        self.expected = set(expected)
+        self.groups: dict[str, list[str]] = {}  # model name -> checkpoint keys converted into it
+        for key in self.stored:
+            name, _ = model_name_of(model, key, meta_names, renamings, converters)
+            if name in self.expected:
+                self.groups.setdefault(name, []).append(key)
+        missing = sorted(self.expected - set(self.groups))
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise CheckpointError(f"{self.directory}: tensor {missing[0]}{more} is not in the checkpoint's shards")
+
+    @property
+    def stored_bytes(self) -> int:
+        return sum(nbytes(t.dtype, t.shape) for t in self.stored.values())
+
+    def read(self, wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+        """The model tensors whose names satisfy `wanted`, converted to model names (in
+        the checkpoint's dtype). Files are opened for this call only."""
+        keys = [k for name, ks in self.groups.items() if wanted(name) for k in ks]
+        by_file: dict[str, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.stored[key].file, []).append(key)
+        tensors: dict[str, torch.Tensor] = {}
+        for file, file_keys in by_file.items():
+            try:
+                with open(self.directory / file, "rb", buffering=0) as f:
+                    for key in file_keys:
+                        tensors[key] = read_tensor(f, self.stored[key])
+            except OSError as exc:
+                raise CheckpointError(f"cannot read {self.directory / file}: {exc.strerror or exc}") from exc
+        return to_model_names(self.model, tensors)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class Slot:
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def plan_shards(layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], max_shard_size: int) -> list[list[str]]:
+    """Greedy split in layout order, as huggingface_hub's `split_torch_state_dict_into_shards`:
+    a new shard when the next tensor would overflow this one; a tensor larger than the
+    limit gets a shard of its own (closing the current one, so shards stay in order)."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    size = 0
+    for name, (dtype, shape) in layout.items():
+        size_t = nbytes(dtype, shape)
+        if current and (size_t > max_shard_size or size + size_t > max_shard_size):
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += size_t
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _header_bytes(entries: dict[str, dict], metadata: dict[str, str]) -> bytes:
+    header = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    return header + b" " * (-len(header) % 8)  # pad so the data starts 8-byte aligned
+
+
+class ShardWriter:
+    """Write `layout` (checkpoint names -> dtype, shape) as `model.safetensors`, or as
+    `model-0000i-of-0000n.safetensors` + `model.safetensors.index.json` when it exceeds
+    `max_shard_size`. Files and headers are created at construction; `write` puts one
+    tensor at its offset; `close` checks every tensor arrived and writes the index.
+    `metadata` and `single_name` serve other single files (a streamed `masks.safetensors`)."""
+
+    def __init__(
+        self, directory: Path, layout: dict[str, tuple[torch.dtype, tuple[int, ...]]], max_shard_size: int,
+        total_parameters: int | None = None, metadata: dict[str, str] | None = None, single_name: str = WEIGHTS_NAME,
+    ) -> None:
+        self.directory = Path(directory)
+        self.layout = layout
+        self.total_parameters = total_parameters
+        shards = plan_shards(layout, max_shard_size) or [[]]
+        n = len(shards)
+        self.files = [single_name] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.slots: dict[str, Slot] = {}
+        for file, names in zip(self.files, shards):
+            # widest dtypes first, so every tensor starts aligned to its element size; then by
+            # name, as safetensors orders them (a single-file output is then byte for byte
+            # what save_pretrained writes)
+            names = sorted(names, key=lambda k: (-torch.empty((), dtype=layout[k][0]).element_size(), k))
+            entries, offset = {}, 0
+            for name in names:
+                dtype, shape = layout[name]
+                size_t = nbytes(dtype, shape)
+                entries[name] = {"dtype": DTYPE_CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size_t]}
+                offset += size_t
+            header = _header_bytes(entries, metadata or {"format": "pt"})
+            data_start = 8 + len(header)
+            with open(self.directory / file, "wb") as f:
+                f.write(struct.pack("<Q", len(header)))
+                f.write(header)
+                f.truncate(data_start + offset)  # sparse until the tensors arrive
+            for name, entry in entries.items():
+                begin, end = entry["data_offsets"]
+                self.slots[name] = Slot(file, layout[name][0], tuple(layout[name][1]), data_start + begin, end - begin)
+        self.written: set[str] = set()
+
+    @property
+    def total_size(self) -> int:
+        return sum(s.nbytes for s in self.slots.values())
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Put one tensor (checkpoint name) into its place on disk."""
+        slot = self.slots.get(name)
+        if slot is None:
+            raise CheckpointError(f"internal: {name} is not part of the planned output")
+        if name in self.written:
+            raise CheckpointError(f"internal: {name} written twice")
+        if tensor.dtype != slot.dtype or tuple(tensor.shape) != slot.shape:
+            raise CheckpointError(
+                f"internal: {name} is {tensor.dtype} {tuple(tensor.shape)}, planned {slot.dtype} {slot.shape}"
+            )
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        if data.numel():
+            with open(self.directory / slot.file, "r+b") as f:
+                f.seek(slot.start)
+                f.write(memoryview(data.numpy()))
+        self.written.add(name)
+
+    def close(self) -> dict[str, str]:
+        """Check that every planned tensor was written, write the index (sharded output)
+        and re-read every header; returns the weight map."""
+        missing = sorted(set(self.slots) - self.written)
+        if missing:
+            raise CheckpointError(f"internal: {len(missing)} planned tensors were never written (first: {missing[0]})")
+        weight_map = {name: self.slots[name].file for name in self.layout}
+        if len(self.files) > 1:
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+            if self.total_parameters is not None:
+                index["metadata"]["total_parameters"] = self.total_parameters
+            (self.directory / WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        for file in self.files:
+            with safe_open(str(self.directory / file), framework="pt") as f:
+                keys = set(f.keys())
+            if keys != {n for n, s in self.slots.items() if s.file == file}:
+                raise CheckpointError(f"{file} does not read back with the planned tensors")
+        return weight_map

@@ -1,0 +1,561 @@
+"""Prune a model larger than memory: weights stream from the input shards, one decoder
+block at a time, through the engine, and straight into the output shards.
+
+The model is built as a skeleton on the meta device (parameters have shapes but no
+storage; buffers such as rotary tables are real, computed from the config as
+`from_pretrained` computes them). Then:
+
+* the weights outside the blocks that embed the tokens (embeddings, positions) are read
+  for the one pass that catches block 0's inputs, and freed;
+* the engine reads block i from the shards just before its turn (`ShardReader`, one
+  shard handle per read), prunes it, propagates the calibration inputs through it, and
+  this module applies the final masks, verifies every tensor (finite; masked weights
+  exactly zero; N:M groups valid), writes it at its place in the output shards
+  (`ShardWriter`) and puts the block back on the meta device;
+* the final norm and the head are copied tensor by tensor at the end.
+
+Peak host memory is the Python/torch baseline + one block + the calibration activations
+(one copy: the engine propagates in place) + the temporaries of pruning one matrix. The
+bit-packed masks go to a scratch file as each block finishes (`MaskSpool`; they are 1/32
+of a float32 model, ~9 GB for 70B) and are assembled into `masks.safetensors` at the end.
+glibc is asked to return freed block-sized buffers at once (`return_freed_memory`).
+
+Everything is written into `checkpoint.staging`, so an interrupt or a failed check leaves
+no output, exactly as the in-memory path. The output has the same tensors, bit for bit,
+and the same masks as `perp prune` without streaming.
+
+Limits: local safetensors directories only (no hub ids, no pickles); `--scope global`
+cannot stream (it ranks the whole model at once); input masks must name block weights.
+
+Reuse (a streamed reconstruct or merge): `open_checkpoint` gives the skeleton, and
+`streamed_output(ckpt, out, step, pattern)` yields the `BlockStream` to hand to the
+engine as `engine.Residency(load=stream.load, release=lambda i, b: stream.release(i, b,
+keep_masks_of_block_i), outside=stream.outside)`; everything else is written on exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from perp_cli import arch, checkpoint, mask, pruner, shards
+from perp_cli.checkpoint import Checkpoint
+from perp_cli.errors import CheckpointError, NumericalError, UsageError
+from perp_cli.manifest import MANIFEST_NAME, StepRecord, empty_manifest, sha256_file
+from perp_cli.mask import MaskSet, Pattern, pack_bits
+from perp_cli.shards import (
+    ShardReader,
+    ShardWriter,
+    StoredTensor,
+    parse_size,
+    read_header,
+    read_tensor,
+    stored_tensors,
+    to_checkpoint_names,
+)
+
+STREAMING_MODES = ("auto", "on", "off")
+AUTO_FRACTION = 0.5  # auto mode streams when the weights would take more than this share of available memory
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def return_freed_memory(threshold: int = 1 << 20) -> bool:
+    """Make glibc serve allocations of `threshold` bytes and more with mmap, so freeing
+    them returns the memory to the OS at once.
+
+    A streamed run allocates and frees block-sized tensors (weights, scores, masks,
+    micro-batch temporaries) over and over. glibc's default threshold adapts upward to
+    the sizes it sees freed, after which such tensors come from the heap, which
+    fragments and never shrinks: on a 1.1B model the RSS crept up by ~40 MB per block and
+    doubled the peak. Call it before any large allocation (`open_checkpoint` does, before
+    building the skeleton): chunks carved out under the old threshold stay in the heap.
+    Process-wide and permanent (there is no way to read the old setting back); a no-op
+    where the C library has no `mallopt` (macOS; musl ignores it).
+    """
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
+    return False
+
+
+# ----------------------------------------------------------------------------- skeleton
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with every parameter on the meta device and every buffer real.
+
+    Parameters are moved to meta as they are registered (one uninitialised tensor at a
+    time, never the whole model); buffers (rotary `inv_freq`, ...) keep the values the
+    module computed from its config. A parameter registered twice (tied embeddings) stays
+    the same object, so ties survive.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def _resolve_dtype(config: Any, dtype: str, reader_dtype: torch.dtype | None) -> torch.dtype:
+    """`--dtype auto` as `from_pretrained` resolves it: the config's dtype, else the
+    checkpoint's first floating tensor, else float32."""
+    resolved = checkpoint.resolve_dtype(dtype)
+    if resolved != "auto":
+        return resolved
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    if isinstance(declared, torch.dtype):
+        return declared
+    return reader_dtype or torch.float32
+
+
+def build_skeleton(config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model of `config` with meta parameters (see `parameters_on_meta`)."""
+    from transformers import AutoModelForCausalLM
+
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    return model.eval()
+
+
+def output_names(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What `save_pretrained` writes, in model names: the persistent state without the
+    tied aliases (a tied `lm_head.weight` is the embedding and is not stored twice)."""
+    tied = checkpoint.tied_parameter_names(model)
+    return {n: t for n, t in model.state_dict(keep_vars=True).items() if n not in tied}
+
+
+# ----------------------------------------------------------------------------- opening
+
+
+def open_checkpoint(
+    source: str | Path, dtype: str = "auto", trust_remote_code: bool = False, need_tokenizer: bool = False
+) -> Checkpoint:
+    """A `Checkpoint` whose model is a meta-device skeleton; `ckpt.extra["reader"]` is the
+    `ShardReader` its weights come from. Checks what `checkpoint.load` checks that does
+    not need the weights (mask hash, names and shapes); the weights themselves are
+    checked as each is read (finite, zero where the input's masks say pruned)."""
+    from transformers import AutoConfig, GenerationConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return_freed_memory()  # before the skeleton: building it allocates and frees every parameter once
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        raise UsageError(f"streaming reads a local directory; {source} is not one (download hub models first)")
+    if not ((path / checkpoint.WEIGHTS_NAME).is_file() or (path / checkpoint.WEIGHTS_INDEX_NAME).is_file()):
+        raise UsageError(f"{source} has no safetensors weights; streaming reads model.safetensors or its sharded index only")
+    checkpoint._check_local_dir(path, allow_pickle=False)
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the config of {source}: {checkpoint._first_line(exc)}") from exc
+    stored = stored_tensors(path)
+    first_float = next((t.dtype for t in stored.values() if t.dtype.is_floating_point), None)
+    model = build_skeleton(config, _resolve_dtype(config, dtype, first_float), trust_remote_code)
+    arch.spec_for(model)
+    reader = ShardReader(path, model, output_names(model), stored)
+    if (path / "generation_config.json").is_file():
+        with contextlib.suppress(Exception):
+            model.generation_config = GenerationConfig.from_pretrained(str(path))
+    manifest = checkpoint.read_manifest(path)
+    masks = checkpoint.read_masks(path, manifest)
+    if masks is not None:
+        _check_input_masks(model, masks, source)
+    adapters, adapters_config = checkpoint._read_adapters(path)
+    return Checkpoint(
+        model=model,
+        tokenizer=checkpoint._load_tokenizer(str(path), trust_remote_code, need_tokenizer),
+        masks=masks,
+        manifest=manifest or empty_manifest(str(path.resolve())),
+        source=str(source),
+        adapters=adapters,
+        adapters_config=adapters_config,
+        local_dir=path.resolve(),
+        extra={"reader": reader},
+    )
+
+
+def _check_input_masks(model: nn.Module, masks: MaskSet, source: str | Path) -> None:
+    params = dict(model.named_parameters())
+    prefix = arch.spec_for(model).blocks + "."
+    for name, keep in masks.masks.items():
+        if name not in params:
+            raise CheckpointError(f"{source}: weights and masks disagree: mask {name} names no parameter of this model")
+        if tuple(params[name].shape) != tuple(keep.shape):
+            raise CheckpointError(
+                f"{source}: weights and masks disagree: mask {name} has shape {tuple(keep.shape)}, the weight {tuple(params[name].shape)}"
+            )
+        if not name.startswith(prefix):
+            raise UsageError(f"{source} has a mask on {name}, outside the decoder blocks; streaming handles block masks only (use --streaming off)")
+
+
+# ----------------------------------------------------------------------------- the stream
+
+
+def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
+    path, _, attr = name.rpartition(".")
+    module = model.get_submodule(path)
+    return module._parameters[attr] if attr in module._parameters else module._buffers[attr]
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Put `value` in place of parameter/buffer `name`. A plain tensor becomes a new
+    Parameter; a Parameter (the skeleton's own meta one, put back on release) is
+    installed as is, so tied weights are tied again once their block is released."""
+    path, _, attr = name.rpartition(".")
+    module = model.get_submodule(path)
+    if attr in module._parameters:
+        if not isinstance(value, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=module._parameters[attr].requires_grad)
+        module._parameters[attr] = value
+    else:
+        module._buffers[attr] = value
+
+
+def _check_finite(name: str, t: torch.Tensor, where: str, chunk: int = 1 << 22) -> None:
+    """NaN/inf check in chunks: `torch.isfinite` on a whole embedding matrix allocates
+    several float temporaries of its size, more than one block of a large model."""
+    if not t.is_floating_point():
+        return
+    flat = t.detach().reshape(-1)
+    for i in range(0, flat.numel(), chunk):
+        if not torch.isfinite(flat[i : i + chunk]).all():
+            raise NumericalError(f"{where}: parameter {name} contains NaN or inf")
+
+
+class MaskSpool:
+    """Bit-packed keep-masks appended to a scratch file in the staging directory as each
+    block is released, assembled into `masks.safetensors` (the header of
+    `checkpoint.masks_metadata`, names sorted, as `checkpoint.write_masks`) at the end. Each mask's sha256 is kept to verify the
+    assembled file without holding any mask in memory."""
+
+    NAME = ".masks.spool"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.path = directory / self.NAME
+        self.path.write_bytes(b"")
+        self.entries: dict[str, tuple[int, int, list[int], str]] = {}  # name -> offset, bytes, shape, sha256
+        self.size = 0
+
+    def add(self, name: str, keep: torch.Tensor) -> None:
+        data = memoryview(pack_bits(keep).numpy())
+        with open(self.path, "ab") as f:
+            f.write(data)
+        self.entries[name] = (self.size, data.nbytes, list(keep.shape), hashlib.sha256(data).hexdigest())
+        self.size += data.nbytes
+
+    def finish(self, pattern: Pattern) -> str:
+        """Write `masks.safetensors` (names sorted), drop the spool; return the file's sha256."""
+        names = sorted(self.entries)
+        layout = {n: (torch.uint8, (self.entries[n][1],)) for n in names}
+        metadata = checkpoint.masks_metadata(pattern, {n: self.entries[n][2] for n in names})
+        writer = ShardWriter(self.directory, layout, 1 << 62, metadata=metadata, single_name=checkpoint.MASKS_NAME)
+        with open(self.path, "rb", buffering=0) as f:
+            for n in names:
+                offset, size, _, _ = self.entries[n]
+                writer.write(n, read_tensor(f, StoredTensor(n, self.NAME, torch.uint8, (size,), offset, size)))
+        writer.close()
+        self.path.unlink()
+        return sha256_file(self.directory / checkpoint.MASKS_NAME)
+
+    def verify(self, sha: str) -> None:
+        """Re-read the written masks: same names, same bytes, hash as the manifest says."""
+        file = self.directory / checkpoint.MASKS_NAME
+        if sha256_file(file) != sha:
+            raise CheckpointError("written masks do not match their recorded hash")
+        stored = read_header(file)
+        if set(stored) != set(self.entries):
+            raise CheckpointError("written masks do not read back identically")
+        with open(file, "rb", buffering=0) as f:
+            for name, t in stored.items():
+                if hashlib.sha256(memoryview(read_tensor(f, t).numpy())).hexdigest() != self.entries[name][3]:
+                    raise CheckpointError(f"written mask {name} does not read back identically")
+
+
+class BlockStream:
+    """The `pruner.WeightStream` of one streamed run: reads blocks from `reader`,
+    writes finished ones to `writer`, spools their masks and keeps their statistics."""
+
+    def __init__(self, ckpt: Checkpoint, writer: ShardWriter, pattern: Pattern) -> None:
+        self.model = ckpt.model
+        self.reader: ShardReader = ckpt.extra["reader"]
+        self.writer = writer
+        self.pattern = pattern
+        self.old = ckpt.masks
+        self.source = ckpt.source
+        self.names = output_names(self.model)
+        spec = arch.spec_for(self.model)
+        self.prefix = spec.blocks + "."
+        self.dtypes = {n: t.dtype for n, t in self.names.items()}
+        tail = {f"{spec.final_norm}.{n}" for n, _ in self.model.get_submodule(spec.final_norm).named_parameters()}
+        head, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
+        if head is not None and head.weight is not embedding.weight:  # an untied head runs after the blocks
+            tail |= {n for n, p in self.model.named_parameters(remove_duplicate=False) if p is head.weight}
+        outside = [n for n in self.names if not n.startswith(self.prefix)]
+        self.embedding_names = [n for n in outside if n not in tail]  # what catching block 0's inputs runs
+        self.tail_names = [n for n in outside if n in tail]
+        self.spool = MaskSpool(writer.directory)
+        self.stats: dict[str, tuple[float, int, int]] = {}
+
+    # --- reading
+
+    def _read(self, names: set[str]) -> dict[str, torch.Tensor]:
+        tensors = self.reader.read(names.__contains__)
+        missing = names - set(tensors)
+        if missing:
+            raise CheckpointError(f"{self.source}: {sorted(missing)[0]} did not come out of the checkpoint's shards")
+        out = {}
+        for name in names:
+            t = tensors.pop(name).to(self.dtypes[name])
+            _check_finite(name, t, self.source)
+            out[name] = t
+        return out
+
+    @contextlib.contextmanager
+    def outside(self) -> Iterator[None]:
+        """Embeddings (and positions) present while block 0's inputs are caught."""
+        for name, t in self._read(set(self.embedding_names)).items():
+            _set_tensor(self.model, name, t)
+        try:
+            yield
+        finally:
+            for name in self.embedding_names:
+                _set_tensor(self.model, name, self.names[name])  # the skeleton's meta tensor again
+
+    def block_names(self, index: int) -> list[str]:
+        prefix = f"{self.prefix}{index}."
+        return [n for n in self.names if n.startswith(prefix)]
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Read block `index` onto the host and check it as `checkpoint.load` would."""
+        for name, t in self._read(set(self.block_names(index))).items():
+            _set_tensor(self.model, name, t)
+        if self.old is not None:
+            own = {n: k for n, k in self.old.masks.items() if n.startswith(f"{self.prefix}{index}.")}
+            problems = checkpoint.mask_problems(self.model, MaskSet(own, self.old.pattern)) if own else []
+            if problems:
+                raise CheckpointError(f"{self.source}: weights and masks disagree: {problems[0]} (run `perp inspect` for all)")
+
+    # --- writing
+
+    def release(self, index: int, block: nn.Module, keep: dict[str, torch.Tensor]) -> None:
+        """Apply the block's final masks, verify, write its tensors, free it."""
+        names = self.block_names(index)
+        masks = MaskSet(keep, self.pattern)
+        mask.apply(self.model, masks)
+        problems = checkpoint.mask_problems(self.model, masks)
+        if problems:
+            raise CheckpointError(f"refusing to write: {problems[0]}")
+        state = {n: _get_tensor(self.model, n) for n in names}
+        for name, t in state.items():
+            _check_finite(name, t, "refusing to write")
+        for name, k in keep.items():
+            self.spool.add(name, k)
+            self.stats[name] = pruner.keep_stats(k)
+        self._write({n: t.detach() for n, t in state.items()})
+        del state
+        for name in names:
+            _set_tensor(self.model, name, self.names[name])
+
+    def _write(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in to_checkpoint_names(self.model, tensors).items():
+            self.writer.write(name, t)
+
+    def copy_tail(self) -> None:
+        """Every tensor outside the blocks, one at a time: the embeddings again (they were
+        freed after the embedding pass), the final norm, an untied head."""
+        for name in self.embedding_names + self.tail_names:
+            self._write(self._read({name}))
+
+    def mask_summary(self) -> dict[str, Any]:
+        total = sum(v[2] for v in self.stats.values())
+        kept = sum(v[1] for v in self.stats.values())
+        return {
+            "total": round(1.0 - kept / total if total else 0.0, 6),
+            "per_tensor": {n: round(v[0], 6) for n, v in self.stats.items()},
+        }
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def _output_layout(model: nn.Module) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    metas = {n: torch.empty_like(t, device="meta") for n, t in output_names(model).items()}
+    return {n: (t.dtype, tuple(t.shape)) for n, t in to_checkpoint_names(model, metas).items()}
+
+
+def _write_config(model: nn.Module, dtype: torch.dtype, tmp: Path) -> None:
+    """config.json and generation_config.json as `save_pretrained` writes them."""
+    model.config.dtype = str(dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(tmp)
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+    checkpoint._strip_forbidden_config(tmp)
+
+
+def _check_space(out: Path, needed: int) -> None:
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise CheckpointError(f"writing {out} needs about {needed / 1e9:.2f} GB, only {free / 1e9:.2f} GB is free; nothing was written")
+
+
+@contextlib.contextmanager
+def streamed_output(
+    ckpt: Checkpoint,
+    out: str | Path,
+    step: StepRecord,
+    pattern: Pattern,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+) -> Iterator[BlockStream]:
+    """Write a streamed step's output checkpoint atomically; yields the `BlockStream`.
+
+    The caller runs the engine with the stream as its residency (`load`, `release` with
+    each block's final keep-masks, `outside`) and fills `step.data`/`step.results`
+    before the block ends. On a normal exit this copies the tensors outside the blocks,
+    closes the shards (+ index), and writes config, generation config, tokenizer, masks
+    (pattern `pattern`) and the manifest with `step` appended, then verifies the masks,
+    all inside `checkpoint.staging`: any exception or interrupt leaves no output.
+    What `checkpoint.save` does for an in-memory model, block by block.
+    """
+    limit = parse_size(max_shard_size)
+    return_freed_memory()
+    model = ckpt.model
+    dtype = model.dtype
+    out_path = Path(out).expanduser().resolve()
+    layout = _output_layout(model)
+    _check_space(out_path, sum(shards.nbytes(d, s) for d, s in layout.values()))
+    try:
+        with checkpoint.staging(out_path, overwrite=overwrite) as tmp:
+            writer = ShardWriter(tmp, layout, limit, total_parameters=model.num_parameters())
+            stream = BlockStream(ckpt, writer, pattern)
+            yield stream
+            stream.copy_tail()
+            writer.close()
+            step.results["streaming"] = {"max_shard_size": limit, "shards": len(writer.files), "bytes_written": writer.total_size}
+            _write_config(model, dtype, tmp)
+            if ckpt.tokenizer is not None:
+                ckpt.tokenizer.save_pretrained(tmp)
+            manifest = checkpoint.next_manifest(ckpt.manifest, step)
+            manifest["masks_sha256"] = stream.spool.finish(pattern)
+            manifest["pattern"] = str(pattern)
+            manifest["sparsity"] = stream.mask_summary()
+            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+            stream.spool.verify(manifest["masks_sha256"])
+    except OSError as exc:
+        raise CheckpointError(checkpoint._write_failure(out, exc)) from exc
+
+
+def prune(
+    ckpt: Checkpoint,
+    out: str | Path,
+    config: pruner.PruneConfig,
+    step: StepRecord,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+    tokens: torch.Tensor | None = None,
+) -> pruner.PruneOutcome:
+    """Prune the streamed checkpoint `ckpt` (from `open_checkpoint`) into `out`.
+
+    `pruner.prune` with the stream of `streamed_output`: the same numbers as in memory,
+    written as `checkpoint.save` would write them. Fills `step.data`/`step.results`;
+    returns the outcome with `masks=None` (they are on disk, bit-packed).
+    """
+    p = pruner.plan(config)
+    if p.scope == "global":  # before anything is opened; pruner.prune says the same
+        raise UsageError("--scope global ranks every weight of the model at once, so it cannot stream; use --scope row/matrix, or --streaming off")
+    with streamed_output(ckpt, out, step, p.pattern, overwrite=overwrite, max_shard_size=max_shard_size) as stream:
+        outcome = pruner.prune(ckpt, config, tokens=tokens, stream=stream)
+        step.data, step.results = outcome.data, outcome.results
+    return outcome
+
+
+# ----------------------------------------------------------------------------- choosing
+
+
+@dataclass(frozen=True)
+class Decision:
+    stream: bool
+    reason: str
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (bytes), or None where there is no such file."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
+
+
+def weights_bytes(source: str | Path, dtype: str) -> int | None:
+    """Bytes the weights take once loaded in `dtype` (headers only), or None if unknown."""
+    try:
+        stored = stored_tensors(Path(source).expanduser())
+    except CheckpointError:
+        return None
+    target = checkpoint.resolve_dtype(dtype)
+    return sum(
+        shards.nbytes(target if target != "auto" and t.dtype.is_floating_point else t.dtype, t.shape)
+        for t in stored.values()
+    )
+
+
+def decide(mode: str, source: str | Path, config: pruner.PruneConfig, dtype: str = "auto") -> Decision:
+    """Whether `perp prune` streams. `on`/`off` as asked (`on` fails with a usage error
+    if the input cannot stream); `auto` streams a local safetensors checkpoint whose
+    weights would take more than half of the available memory."""
+    if mode not in STREAMING_MODES:
+        raise UsageError(f"--streaming {mode!r} is not one of {', '.join(STREAMING_MODES)}")
+    if mode == "off":
+        return Decision(False, "--streaming off")
+    path = Path(source).expanduser()
+    problem = None
+    if not path.is_dir():
+        problem = f"{source} is not a local directory (streaming reads local safetensors)"
+    elif not ((path / checkpoint.WEIGHTS_NAME).is_file() or (path / checkpoint.WEIGHTS_INDEX_NAME).is_file()):
+        problem = f"{source} has no safetensors weights"
+    elif pruner.plan(config).scope == "global":
+        problem = "--scope global ranks the whole model at once"
+    if mode == "on":
+        if problem:
+            raise UsageError(f"--streaming on: {problem}; use --streaming off")
+        return Decision(True, "streaming (--streaming on): one block of weights in memory at a time")
+    if problem:
+        return Decision(False, f"not streaming: {problem}")
+    size, free = weights_bytes(path, dtype), available_memory()
+    if size is None or free is None:
+        return Decision(False, "not streaming: model size or available memory unknown")
+    if size > AUTO_FRACTION * free:
+        return Decision(True, f"streaming, one block in memory at a time: the weights ({size / 2**30:.1f} GiB) exceed half of the {free / 2**30:.1f} GiB available")
+    return Decision(False, f"in memory: weights {size / 2**30:.2f} GiB fit in the {free / 2**30:.1f} GiB available")
