@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from perp_cli import arch
-from perp_cli.errors import CheckpointError, NumericalError, UsageError
+from perp_cli.errors import CheckpointError, NumericalError, UsageError, raise_if_signalled
 from perp_cli.manifest import FORMAT_VERSION, MANIFEST_NAME, StepRecord, empty_manifest, sha256_file
 from perp_cli.mask import MaskSet, Pattern, nm_violations, nonzeros_outside, pack_bits, unpack_bits
 
@@ -437,6 +437,7 @@ def staging(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        raise_if_signalled()
         if out.exists():
             if not overwrite:
                 raise UsageError(f"output {out} appeared while this step ran; pass --overwrite to replace it")

@@ -61,3 +61,17 @@ class Interrupted(KeyboardInterrupt):
     code can swallow it."""
 
     exit_code = 130
+
+
+# Which signals perp's handlers (perp_cli.cli) saw in this process, newest last. A library
+# can swallow the KeyboardInterrupt a handler raises (inside a __del__, an optional-import
+# probe, a lazy-import wrapper), so the record, not the exception, is the truth.
+received_signals: list[str] = []
+
+
+def raise_if_signalled() -> None:
+    """Raise `Interrupted` if a signal arrived that something swallowed. Called right
+    before an output directory is committed: a run that was asked to stop never
+    publishes its result, even when the stop request got lost on the way."""
+    if received_signals:
+        raise Interrupted(received_signals[-1])

@@ -118,6 +118,18 @@ def test_keyboard_interrupt_during_write_leaves_nothing(tiny_dir: Path, tmp_path
     assert not (tmp_path / "out").exists() and list(tmp_path.glob(".out*")) == []
 
 
+def test_a_swallowed_signal_still_stops_the_commit(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    # a library swallowed the KeyboardInterrupt (in a __del__, say); the record remains
+    from perp_cli import errors
+
+    ckpt = checkpoint.load(tiny_dir)
+    monkeypatch.setattr(errors, "received_signals", [])
+    monkeypatch.setattr(ckpt.tokenizer, "save_pretrained", lambda *a, **k: errors.received_signals.append("interrupted (SIGINT)"))
+    with pytest.raises(errors.Interrupted, match="SIGINT"):
+        checkpoint.save(tmp_path / "out", ckpt.model, ckpt.tokenizer, None, ckpt.manifest, _step())
+    assert not (tmp_path / "out").exists() and list(tmp_path.glob(".out*")) == []
+
+
 def test_stale_temporary_from_killed_process_is_cleaned(tiny_dir: Path, tmp_path: Path) -> None:
     stale = tmp_path / f".out{checkpoint.TMP_MARKER}999999"  # a pid that is not running
     stale.mkdir()

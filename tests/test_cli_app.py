@@ -30,3 +30,18 @@ def test_usage_errors_exit_2_in_one_line() -> None:
 def test_console_script_runs_as_module() -> None:
     proc = subprocess.run([sys.executable, "-m", "perp_cli", "--version"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("perp ")
+
+
+def test_signals_inside_destructors_are_not_printed_but_other_errors_are() -> None:
+    # a Ctrl-C landing in some library's __del__ is recorded by the handler and honoured
+    # before any commit; Python's "Exception ignored in ..." traceback would only be noise
+    import types
+
+    from perp_cli.cli import _quiet_unraisable
+    from perp_cli.errors import Interrupted
+
+    seen = []
+    hook = _quiet_unraisable(seen.append)
+    for exc in (KeyboardInterrupt(), Interrupted("terminated (SIGTERM)"), ValueError("real")):
+        hook(types.SimpleNamespace(exc_value=exc))
+    assert [type(i.exc_value) for i in seen] == [ValueError]

@@ -94,10 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code (the console script exits with it)."""
     previous = signal.signal(signal.SIGTERM, _on_sigterm)  # SIGTERM unwinds like Ctrl-C
     previous_int = signal.signal(signal.SIGINT, _on_sigint)
-    last_signal.clear()
-    if not _state["debug"]:
-        _quiet_libraries()
     try:
+        if not _state["debug"]:
+            _quiet_libraries()  # imports transformers: a signal may land here too
         code = app(args=argv, prog_name="perp", standalone_mode=False)
         # typer turns KeyboardInterrupt (Ctrl-C, and SIGTERM via Interrupted) into exit 130
         if code == 130:
@@ -121,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             return 130
         return _report_failure(exc)
     finally:
+        # cleared on the way out, not on the way in: a signal that arrived while `run`
+        # imported this module must still turn a later wrapped error into exit 130
+        last_signal.clear()
         signal.signal(signal.SIGTERM, previous)
         signal.signal(signal.SIGINT, previous_int)
         sys.stdout.flush()
