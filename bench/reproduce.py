@@ -173,11 +173,29 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
+_CONTENT_IDS: dict[tuple[str, int, int], str] = {}
+
+
+def _content_id(path: Path) -> str:
+    """sha256 of a file (first 16 hex digits), computed once per process per version."""
+    stat = path.stat()
+    memo = (str(path), stat.st_size, stat.st_mtime_ns)
+    if memo not in _CONTENT_IDS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        _CONTENT_IDS[memo] = digest.hexdigest()[:16]
+    return _CONTENT_IDS[memo]
+
+
 def _file_id(path: Path) -> dict[str, Any]:
-    """Identify a model directory or data file cheaply (name, sizes, mtimes) for cache keys."""
+    """Identify a model directory or data file by content (names, sizes, sha256) for cache
+    keys: a copy, a fresh checkout or a remount with new mtimes reuses the cache, and any
+    changed byte invalidates it."""
     path = path.resolve()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return {"path": str(path), "files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
+    return {"path": str(path), "files": [(p.name, p.stat().st_size, _content_id(p)) for p in files]}
 
 
 # ----------------------------------------------------------------------------- running perp
@@ -442,7 +460,10 @@ def with_gaps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         d, p = dense.get(r["model"]), pruned.get((r["model"], r["method"], r["setting"]))
         r["dense_perplexity"], r["pruned_perplexity"] = d, p
         r["gap_closed"] = (p - r["perplexity"]) / (p - d) if d is not None and p is not None and p != d and r["method"] != "dense" else None
-        r["dense_control_perplexity"] = control.get((r["model"], r["recovery"])) if r["method"] != "dense" else None
+        c = r["dense_control_perplexity"] = control.get((r["model"], r["recovery"])) if r["method"] != "dense" else None
+        # the same share measured against the dense model retrained the same way: what is left once
+        # the retraining text's own effect (domain adaptation) is taken out
+        r["gap_closed_vs_control"] = (p - r["perplexity"]) / (p - c) if c is not None and p is not None and p != c else None
         out.append(r)
     return out
 
@@ -450,7 +471,7 @@ def with_gaps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------- outputs
 
 CSV_COLUMNS = ["model", "method", "setting", "sparsity", "recovery", "perplexity", "dense_perplexity", "pruned_perplexity",
-               "gap_closed", "dense_control_perplexity", "trainable_parameters", "trainable_share", "train_tokens", "added_biases", "prune_s",
+               "gap_closed", "dense_control_perplexity", "gap_closed_vs_control", "trainable_parameters", "trainable_share", "train_tokens", "added_biases", "prune_s",
                "recover_s", "eval_s", "eval_windows"]
 
 
@@ -471,12 +492,15 @@ def claims(rows: list[dict[str, Any]], model: str) -> list[str]:
     by = {(r["method"], r["setting"], r["recovery"]): r for r in rows if r["model"] == model}
     lines = []
     # 1. biases+norms closes most of the gap at 50% (and is close to full retraining there)
+    def vs_control(r: dict[str, Any]) -> str:
+        return f", {r['gap_closed_vs_control']:.0%} against its dense control" if r.get("gap_closed_vs_control") is not None else ""
+
     parts = []
     for m in METHODS:
         bn, full = by.get((m, "50%", "biases+norms")), by.get((m, "50%", "full"))
         if bn and bn["gap_closed"] is not None:
-            parts.append(f"{m} {bn['pruned_perplexity']:.2f} → {bn['perplexity']:.2f} ({bn['gap_closed']:.0%} of the gap"
-                         + (f"; full retraining {full['perplexity']:.2f}, {full['gap_closed']:.0%})" if full and full["gap_closed"] is not None else ")"))
+            parts.append(f"{m} {bn['pruned_perplexity']:.2f} → {bn['perplexity']:.2f} ({bn['gap_closed']:.0%} of the gap{vs_control(bn)}"
+                         + (f"; full retraining {full['perplexity']:.2f}, {full['gap_closed']:.0%}{vs_control(full)})" if full and full["gap_closed"] is not None else ")"))
     if parts:
         ctrl = by.get(("dense", "0%", "biases+norms"))
         lines.append("**biases+norms at 50%** (claim: closes most of the gap): " + "; ".join(parts)
@@ -486,7 +510,7 @@ def claims(rows: list[dict[str, Any]], model: str) -> list[str]:
     for m in METHODS:
         bn, ml = by.get((m, "70%", "biases+norms")), by.get((m, "70%", "masklora"))
         if bn and ml and bn["gap_closed"] is not None:
-            parts.append(f"{m}: biases+norms {bn['perplexity']:.2f} ({bn['gap_closed']:.0%}) vs MaskLoRA {ml['perplexity']:.2f} ({ml['gap_closed']:.0%})")
+            parts.append(f"{m}: biases+norms {bn['perplexity']:.2f} ({bn['gap_closed']:.0%}{vs_control(bn)}) vs MaskLoRA {ml['perplexity']:.2f} ({ml['gap_closed']:.0%}{vs_control(ml)})")
     if parts:
         lines.append("**MaskLoRA at 70%** (claim: closes more than biases+norms at high sparsity): " + "; ".join(parts) + ".")
     # 3. reconstruction improves Wanda and SparseGPT
@@ -581,8 +605,9 @@ def write_outputs(rows: list[dict[str, Any]], grid: Grid, failures: list[str]) -
         shown = (["0%"] if controls else []) + settings
         written.append(plotting.sparsity_curves(curves, grid.out / f"ppl_vs_sparsity_{slug}.png", title=f"{model}: perplexity after pruning and recovery",
                                                 dense=dense, methods=grid.methods, settings=shown, recoveries=grid.recoveries))
+        controls = [{**c, "method": "dense, retrained"} for c in controls]
         written.append(plotting.share_scatter(mine + controls, grid.out / f"ppl_vs_share_{slug}.png", title=f"{model}: perplexity vs trainable parameters",
-                                              dense=dense, settings=shown, methods=grid.methods + ["dense"], recoveries=grid.recoveries))
+                                              dense=dense, settings=shown, methods=grid.methods + ["dense, retrained"], recoveries=grid.recoveries))
     return written
 
 
@@ -657,7 +682,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Grid, argparse.Namespace]
         models=models, calib=a.calib, train_data=a.train_data or a.calib, eval_data=a.eval_data, work=a.work,
         out=a.out or (ROOT / "results" / ("quick" if a.quick else "")), methods=methods,
         settings=a.settings or (QUICK_SETTINGS if a.quick else SETTINGS), recoveries=recoveries, budget=budget,
-        keep_checkpoints=a.keep_checkpoints, dense_controls=not (a.quick or a.no_dense_controls), command="python bench/reproduce.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        keep_checkpoints=a.keep_checkpoints, dense_controls=not (a.quick or a.no_dense_controls), command=" ".join(["python bench/reproduce.py", *(sys.argv[1:] if argv is None else argv)]),
     )
     return grid, a
 

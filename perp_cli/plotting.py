@@ -151,7 +151,7 @@ def sparsity_curves(
                 ax.plot(dots, [points[settings[i]] for i in dots], linestyle="", markersize=6,
                         label=None if lines else recovery, **style[recovery])
         if dense is not None:
-            ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense")
+            ax.axhline(dense, color="black", linestyle="--", linewidth=1, label="dense model")
         first_nm = next((i for i, s in enumerate(settings) if ":" in s), None)
         if first_nm:
             ax.axvline(first_nm - 0.5, color="gray", linewidth=0.8, linestyle=":")
@@ -178,8 +178,12 @@ def share_scatter(
     recoveries: list[str] | None = None,
 ) -> Path:
     """Perplexity against the share of trainable parameters, one panel per sparsity
-    setting, colour = recovery, marker = pruning method. No training (share 0) sits at
-    the left edge, on a tick labelled 0, since a log axis has no zero."""
+    setting (three to a row), colour = recovery, marker = pruning method. No training
+    (share 0) sits at the left edge, on a tick labelled 0, since a log axis has no zero.
+    Recoveries with (nearly) the same share, such as MaskLoRA and ScaleLoRA, are spread
+    slightly sideways so that neither hides the other."""
+    import math
+
     Figure = require_matplotlib()
     rows = [r for r in rows if r.get("perplexity") is not None]
     settings = _order([r["setting"] for r in rows], settings)
@@ -189,31 +193,49 @@ def share_scatter(
     markers = {m: "os^Dv"[i % 5] for i, m in enumerate(methods)}
     shares = [float(r["trainable_share"] or 0) for r in rows if float(r["trainable_share"] or 0) > 0]
     floor = min(shares) / 10 if shares else 1e-5
-    fig = Figure(figsize=(3.6 * max(len(settings), 1), 3.8), layout="constrained")
-    axes = fig.subplots(1, max(len(settings), 1), squeeze=False, sharey=True)[0]
+
+    def x_of(share: float) -> float:
+        return max(share, floor)
+
+    # recoveries whose shares round to the same tenth of a decade share a slot, spread around it
+    slots: dict[float, list[str]] = {}
+    for r in recoveries:
+        mine = [x_of(float(x["trainable_share"] or 0)) for x in rows if x["recovery"] == r]
+        if mine:
+            slots.setdefault(round(math.log10(sum(mine) / len(mine)), 1), []).append(r)
+    offset = {r: 10 ** (0.09 * (i - (len(group) - 1) / 2)) for group in slots.values() for i, r in enumerate(group)}
+
+    cols = min(3, max(len(settings), 1))
+    nrows = math.ceil(max(len(settings), 1) / cols)
+    fig = Figure(figsize=(3.7 * cols + 1.3, 3.1 * nrows + 0.4), layout="constrained")
+    grid = fig.subplots(nrows, cols, squeeze=False, sharey=True)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[len(settings):]:
+        ax.set_visible(False)
     for ax, setting in zip(axes, settings):
         for r in rows:
             if r["setting"] != setting:
                 continue
-            share = float(r["trainable_share"] or 0)
-            ax.scatter(max(share, floor), r["perplexity"], color=colors[r["recovery"]]["color"], marker=markers[r["method"]],
-                       s=28, edgecolors="black", linewidths=0.4)
+            ax.scatter(x_of(float(r["trainable_share"] or 0)) * offset[r["recovery"]], r["perplexity"],
+                       color=colors[r["recovery"]]["color"], marker=markers[r["method"]], s=28, edgecolors="black", linewidths=0.4)
         if dense is not None:
             ax.axhline(dense, color="black", linestyle="--", linewidth=1)
         ax.set_xscale("log")
         ticks = [floor] + [t for t in (1e-4, 1e-3, 1e-2, 1e-1, 1.0) if t > floor * 3]
         ax.set_xticks(ticks, ["0"] + [f"{t:.0%}" if t >= 0.01 else f"{t:.2%}" for t in ticks[1:]])
-        ax.set_xlabel("trainable parameters (share)")
+        ax.set_xlim(floor / 2.5, 2.5)
+        ax.set_xlabel("trainable parameters (share)", fontsize=9)
         ax.set_title(setting, fontsize=11)
         ax.grid(alpha=0.3, which="major")
     _perplexity_axis(axes[0], [r["perplexity"] for r in rows] + ([dense] if dense else []))
-    axes[0].set_ylabel("WikiText-2 perplexity")
+    for row in grid:
+        row[0].set_ylabel("WikiText-2 perplexity")
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], linestyle="", marker="o", color=colors[r]["color"], label=r) for r in recoveries]
     handles += [Line2D([], [], linestyle="", marker=markers[m], color="gray", label=m) for m in methods]
     if dense is not None:
-        handles.append(Line2D([], [], color="black", linestyle="--", label="dense"))
+        handles.append(Line2D([], [], color="black", linestyle="--", label="dense model"))
     fig.legend(handles=handles, loc="outside right center", fontsize=8, frameon=False)
     if title:
         fig.suptitle(title, fontsize=11)
