@@ -3,7 +3,8 @@
     python bench/prune_memory.py                    # ~1.1B LLaMA (TinyLlama shapes), float32 ~4.4 GB, Wanda 128 x 512
     python bench/prune_memory.py --nsamples 16      # the same model, fewer calibration tokens (faster)
     python bench/prune_memory.py --layers 2 --hidden 512 --intermediate 1408 --nsamples 8 --seqlen 128   # a quick look
-    python bench/prune_memory.py --in-memory        # also prune without streaming, for comparison
+    python bench/prune_memory.py --runs stream,disk,memory   # also prune without streaming, for comparison
+    python bench/prune_memory.py --runs disk        # only the streamed run with the activations on disk
 
 The model is a LLaMA built from a config and written to disk in float32, sharded
 (`--shard-size`), without ever holding the whole model: the tensor names and shapes come
@@ -20,8 +21,9 @@ another subprocess), and the child also reports its own `VmHWM` (peak RSS of its
 space since exec) as a cross-check. The goal is a peak under a quarter of the model. The expected peak is the
 Python/torch baseline + one block + the calibration activations (nsamples x seqlen x
 hidden x 4 bytes, one copy) + micro-batch temporaries + the bit-packed masks; the table
-shows these terms next to the measurement. Everything is deleted afterwards unless
-`--keep`.
+shows these terms next to the measurement. A second streamed run adds `--offload-dir`
+(the activations wait on disk, one micro-batch in memory at a time), which removes the
+activation term. Everything is deleted afterwards unless `--keep`.
 """
 
 from __future__ import annotations
@@ -152,7 +154,8 @@ def main() -> None:
     parser.add_argument("--method", default="wanda", help="pruning method")
     parser.add_argument("--shard-size", type=int, default=2 * 10**9, help="bytes per input shard (default 2 GB)")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the model (default: a temp dir in /tmp)")
-    parser.add_argument("--in-memory", action="store_true", help="also prune with --streaming off and report its peak")
+    parser.add_argument("--runs", default="stream,disk", help="comma list of: stream (--streaming on), disk (--streaming on "
+                        "--offload-dir: activations on disk), memory (--streaming off). Default: stream,disk")
     parser.add_argument("--keep", action="store_true", help="keep the model and outputs")
     args = parser.parse_args()
 
@@ -173,15 +176,21 @@ def main() -> None:
                 "--device", "cpu", "--json", "-q"]
         _, _, baseline, _, _ = run_child(["import"])
         runs = []
-        modes = ["on", "off"] if args.in_memory else ["on"]
-        for mode in modes:
-            out = work / f"pruned-{mode}"
-            print(f"pruning with --streaming {mode} ...", file=sys.stderr, flush=True)
-            code, peak, hwm, seconds, stdout = run_child([*base, "-o", str(out), "--streaming", mode])
+        spill = work / "activations"
+        known = {"stream": ("on", "memory", []), "disk": ("on", "disk", ["--offload-dir", str(spill)]), "memory": ("off", "memory", [])}
+        wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
+        unknown = [r for r in wanted if r not in known]
+        if unknown:
+            raise SystemExit(f"--runs: unknown run {unknown[0]!r} (choose from {', '.join(known)})")
+        variants = [known[r] for r in wanted]
+        for mode, where, extra in variants:
+            out = work / f"pruned-{mode}-{where}"
+            print(f"pruning with --streaming {mode}, activations in {where} ...", file=sys.stderr, flush=True)
+            code, peak, hwm, seconds, stdout = run_child([*base, "-o", str(out), "--streaming", mode, *extra])
             if code != 0:
-                raise SystemExit(f"perp prune --streaming {mode} failed with exit code {code}")
+                raise SystemExit(f"perp prune --streaming {mode} {' '.join(extra)} failed with exit code {code}")
             summary = json.loads(stdout)
-            runs.append((mode, peak, hwm, seconds, summary))
+            runs.append((mode, where, peak, hwm, seconds, summary))
             shutil.rmtree(out, ignore_errors=True)
 
         hidden, inter, kv = args.hidden, args.intermediate, args.hidden * args.kv_heads // args.heads
@@ -196,11 +205,11 @@ def main() -> None:
         print(f"terms: baseline (imports) {baseline:.0f} MiB, one block {block / mib:.0f} MiB, "
               f"activations {activations / mib:.0f} MiB, packed masks {masks / mib:.0f} MiB")
         print()
-        print("| streaming | peak RSS, ru_maxrss (MiB) | VmHWM (MiB) | peak / size on disk | goal < 0.25 | wall time (s) | sparsity |")
-        print("|---|---:|---:|---:|---|---:|---:|")
-        for mode, peak, hwm, seconds, summary in runs:
+        print("| streaming | activations | peak RSS, ru_maxrss (MiB) | VmHWM (MiB) | peak / size on disk | goal < 0.25 | wall time (s) | sparsity |")
+        print("|---|---|---:|---:|---:|---|---:|---:|")
+        for mode, where, peak, hwm, seconds, summary in runs:
             ratio = peak * mib / on_disk
-            print(f"| {mode} | {peak:.0f} | {hwm:.0f} | {ratio:.3f} | {'met' if ratio < 0.25 else 'missed'} | {seconds:.0f} | {summary['sparsity']:.4f} |")
+            print(f"| {mode} | {where} | {peak:.0f} | {hwm:.0f} | {ratio:.3f} | {'met' if ratio < 0.25 else 'missed'} | {seconds:.0f} | {summary['sparsity']:.4f} |")
     finally:
         if args.keep:
             print(f"kept {work}", file=sys.stderr)

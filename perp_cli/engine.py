@@ -13,9 +13,11 @@ decoder block. Following the SparseGPT/Wanda references, the engine
    get the next block's inputs, and moves the block back to the host.
 
 Only the current block lives on the device; the rest of the model stays on the host.
-`offload=True` keeps the calibration activations on the host too, moving one micro-batch
-at a time to the device (slower, but device memory then holds only one block and one
-micro-batch).
+The calibration activations are kept as `perp_cli.activations` places them: on the
+device by default; `offload=True` keeps them on the host, moving one micro-batch at a
+time to the device (slower, but device memory then holds only one block and one
+micro-batch); `offload=Placement(...)` caps the device share and can spill to disk
+(`--max-memory`, `--offload-dir`).
 
 The keyword arguments are caught once from a batch of one window, so their tensors
 (causal mask, rotary tables, position ids) broadcast over any micro-batch size; all
@@ -65,6 +67,7 @@ import torch
 from torch import nn
 
 from perp_cli import arch
+from perp_cli.activations import ActivationStore, Placement
 
 
 class _Caught(Exception):
@@ -93,54 +96,68 @@ def _hidden(output: Any) -> torch.Tensor:
 class BlockInputs:
     """Calibration activations entering one block, in micro-batches.
 
-    `hidden` holds `[b, seqlen, hidden]` tensors on `store` (the device, or the host when
-    offloading); `args`/`kwargs` are the extra arguments every block is called with,
-    kept on `device`.
+    `hidden` holds the `[b, seqlen, hidden]` micro-batches wherever the run's placement
+    put them (device, host or disk); `args`/`kwargs` are the extra arguments every block
+    is called with, kept on `device`.
     """
 
-    hidden: list[torch.Tensor]
+    hidden: ActivationStore
     args: tuple
     kwargs: dict[str, Any]
     device: torch.device
-    store: torch.device
 
     def __len__(self) -> int:
         return len(self.hidden)
 
     @property
     def num_windows(self) -> int:
-        return sum(h.shape[0] for h in self.hidden)
+        return sum(self.hidden.shape(k)[0] for k in range(len(self.hidden)))
 
     @property
     def num_tokens(self) -> int:
-        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+        return sum(self.hidden.shape(k)[0] * self.hidden.shape(k)[1] for k in range(len(self.hidden)))
+
+    def tokens_in(self, k: int) -> int:
+        """Tokens in micro-batch k."""
+        shape = self.hidden.shape(k)
+        return shape[0] * shape[1]
+
+    def new_store(self) -> ActivationStore:
+        """An empty store for activations of this run (targets, outputs): same placement,
+        same device budget."""
+        return self.hidden.empty_like()
+
+    def batch(self, k: int) -> torch.Tensor:
+        """Micro-batch k of hidden states, on the compute device."""
+        return self.hidden[k].to(self.device)
 
     def batches(self) -> Iterator[torch.Tensor]:
         """Each micro-batch of hidden states, on the compute device."""
-        for h in self.hidden:
-            yield h.to(self.device)
+        for k in range(len(self.hidden)):
+            yield self.batch(k)
 
     def call(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Run a decoder block (or a copy of one) on one micro-batch `x`."""
         return _hidden(module(x, *self.args, **self.kwargs))
 
     @torch.no_grad()
-    def run(self, module: nn.Module, keep_outputs: bool = True) -> list[torch.Tensor]:
-        """Run `module` over every micro-batch; outputs (on `store`) if `keep_outputs`.
+    def run(self, module: nn.Module, keep_outputs: bool = True) -> ActivationStore:
+        """Run `module` over every micro-batch; the outputs (placed like the inputs) if
+        `keep_outputs`.
 
         With `keep_outputs=False` this is the statistics pass: forward hooks registered
         on submodules see all calibration tokens, and nothing is kept.
         """
-        outputs = []
+        outputs = self.new_store()
         for x in self.batches():
             y = self.call(module, x)
             if keep_outputs:
-                outputs.append(y.to(self.store))
+                outputs.append(y)
         return outputs
 
-    def replaced(self, hidden: list[torch.Tensor]) -> "BlockInputs":
+    def replaced(self, hidden: "ActivationStore | list[torch.Tensor]") -> "BlockInputs":
         """The same call arguments with new hidden states (the next block's inputs)."""
-        return BlockInputs([h.to(self.store) for h in hidden], self.args, self.kwargs, self.device, self.store)
+        return BlockInputs(ActivationStore.of(hidden, like=self.hidden), self.args, self.kwargs, self.device)
 
     def propagate(self, module: nn.Module) -> "BlockInputs":
         """The inputs of the next block: `module` applied to these inputs."""
@@ -154,8 +171,8 @@ class BlockInputs:
         these inputs are gone afterwards, so only for callers that do not keep them.
         """
         for k in range(len(self.hidden)):
-            x = self.hidden[k].to(self.device)
-            self.hidden[k] = self.call(module, x).to(self.store)
+            x = self.batch(k)
+            self.hidden[k] = self.call(module, x)
             del x
         return self
 
@@ -219,16 +236,18 @@ def capture_inputs(
     tokens: torch.Tensor,
     device: torch.device | str = "cpu",
     batch_size: int = 8,
-    offload: bool = False,
+    offload: "bool | Placement | ActivationStore" = False,
 ) -> BlockInputs:
     """The inputs of block 0 for every calibration window of `tokens` `[n, seqlen]`.
 
     A forward pre-hook on block 0 records its arguments and aborts the forward, so only
     the embeddings run. The call arguments are taken from a one-window batch so that
-    they broadcast over micro-batches of any size.
+    they broadcast over micro-batches of any size. `offload`: see the module docstring;
+    a (typically empty) `ActivationStore` means "placed like this store, sharing its
+    device budget" (two activation streams of one run, as in reconstruction).
     """
     device = torch.device(device)
-    store = torch.device("cpu") if offload else device
+    hidden = offload.empty_like() if isinstance(offload, ActivationStore) else ActivationStore(Placement.of(device, offload))
     first = arch.blocks(model)[0]
     caught: dict[str, Any] = {}
 
@@ -254,13 +273,14 @@ def capture_inputs(
     try:
         with _outside_blocks_on(model, device):
             one = embed(tokens[:1])
-            hidden = [embed(tokens[i : i + batch_size])["hidden"].to(store) for i in range(0, tokens.shape[0], batch_size)]
+            for i in range(0, tokens.shape[0], batch_size):
+                hidden.append(embed(tokens[i : i + batch_size])["hidden"])
     finally:
         handle.remove()
     kwargs = {k: v for k, v in one["kwargs"].items() if k not in ("cache", "past_key_values", "past_key_value")}
     kwargs["use_cache"] = False
     args = tuple(None if isinstance(a, torch.nn.Module) or type(a).__name__.endswith("Cache") else a for a in one["args"])
-    return BlockInputs(hidden, _to(args, device), _to(kwargs, device), device, store)
+    return BlockInputs(hidden, _to(args, device), _to(kwargs, device), device)
 
 
 def run_blocks(
@@ -320,7 +340,7 @@ def calibrate(
     step: StepFn,
     device: torch.device | str = "cpu",
     batch_size: int = 8,
-    offload: bool = False,
+    offload: "bool | Placement | ActivationStore" = False,
     progress: Any = None,
     description: str = "blocks",
     residency: Residency | None = None,

@@ -8,10 +8,20 @@ Per tensor (only one weight tensor and its adapter are touched at a time):
 * lora       W <- W + s·BA, which fills pruned positions: refused on a masked matrix
              unless `allow_densify`, and then the masks are dropped (they no longer hold).
 
-Before anything is written, two checks: every tensor keeps exactly its mask (no new
-nonzero), and the merged model's logits on a fixed probe batch match the unmerged
-model's (adapters attached) to float tolerance. A merge that changes the function or
-the sparsity is a bug, and a bug must not reach disk.
+Before anything is written, three checks: every tensor keeps exactly its mask (no new
+nonzero); each merged matrix computes what the unmerged pair computed (`merge_matrix`:
+W'x against a float64 Wx + Δx on a few fixed random vectors); and the merged model's
+logits on a fixed probe batch match the unmerged model's (adapters attached) to float
+tolerance. A merge that changes the function or the sparsity is a bug, and a bug must
+not reach disk.
+
+`merge_streamed` does the same merge one decoder block at a time (`perp merge
+--streaming`): block i's weights, masks and adapters are read from the input for its
+turn only, merged by the same arithmetic (the output is bit for bit the in-memory one),
+checked and written at once. The logits probe needs the whole model, so a streamed merge
+cannot run it; the per-matrix probe (its block-local form: every merged matrix computes
+what W + Δ computes) and the mask and finiteness checks run on every matrix, and the
+manifest says which checks ran and which did not (`checks`, `checks_skipped`).
 """
 
 from __future__ import annotations
@@ -26,23 +36,38 @@ from perp_cli import adapters as adapters_mod
 from perp_cli import arch
 from perp_cli.checkpoint import mask_problems
 from perp_cli.errors import CheckpointError, NumericalError, UsageError
-from perp_cli.mask import MaskSet
+from perp_cli.mask import MaskSet, Pattern
 
-# max |merged - unmerged| / max |unmerged logits| allowed, by weight dtype
+# max |merged - unmerged| / max |unmerged| allowed (logits, or one matrix's outputs), by weight dtype
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 PROBE_SEED = 1234
+PROBE_VECTORS = 4  # random inputs per matrix in the per-matrix check
+_PROBE_CHUNK = 1 << 19  # float64 elements per row chunk of that check (4 MiB): its only temporary
+
+# What each check verifies (reported in --json and the manifest as `checks`).
+CHECKS = {
+    "finite": "every merged weight is finite",
+    "masks": "no weight is nonzero where the mask says pruned",
+    "matrix_probe": "each merged matrix W' gives W'x = Wx + Δx (float64 reference) on fixed random vectors",
+    "logits_probe": "the merged model's logits on a fixed probe batch equal the unmerged model's",
+}
 
 
 @dataclass
 class MergeReport:
+    """What a merge did and which checks it passed. `max_abs_diff`, `max_abs_logit` and
+    `relative_diff` describe the logits probe, None when it did not run (streaming)."""
+
     kind: str
     tensors: int
-    max_abs_diff: float
-    max_abs_logit: float
-    relative_diff: float
+    max_abs_diff: float | None
+    max_abs_logit: float | None
+    relative_diff: float | None
     tolerance: float
     masks_kept: bool
     densified_density: float | None
+    matrix_relative_diff: float = 0.0
+    checks: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -54,6 +79,8 @@ class MergeReport:
             "tolerance": self.tolerance,
             "masks_kept": self.masks_kept,
             "densified_density": self.densified_density,
+            "matrix_probe_max_relative_diff": self.matrix_relative_diff,
+            "checks": list(self.checks),
         }
 
 
@@ -69,6 +96,69 @@ def probe_batch(model: nn.Module, batch: int = 2, seqlen: int = 64, seed: int = 
 def densifying_keys(adapters: dict[str, adapters_mod.Adapter]) -> list[str]:
     """Adapters whose merge would put nonzeros at pruned positions (plain LoRA on a mask)."""
     return [k for k, a in adapters.items() if a.kind == "lora" and a.mask is not None and not bool(a.mask.all())]
+
+
+def _refuse_densify(dense_keys: list[str]) -> UsageError:
+    return UsageError(
+        f"plain LoRA merges densely: it would fill the pruned weights of {len(dense_keys)} matrices "
+        "(e.g. " + dense_keys[0] + "); pass --allow-densify to merge anyway (the masks are dropped), "
+        "or retrain with --adapter masklora/scalelora/lora-prune"
+    )
+
+
+def _row_chunks(w: torch.Tensor) -> range:
+    return range(0, w.shape[0], max(1, _PROBE_CHUNK // max(1, w.shape[1])))
+
+
+def _reference_outputs(w: torch.Tensor, adapter: adapters_mod.Adapter, x: torch.Tensor) -> torch.Tensor:
+    """(W + Δ) x in float64, Δ as the adapter defines it in eval mode, written out
+    independently of `Adapter.effective_weight` and built a row chunk at a time (one
+    float64 temporary of `_PROBE_CHUNK` elements: a streamed merge's peak is one block)."""
+    a, b = adapter.lora_A.double(), adapter.lora_B.double()
+    rows = _row_chunks(w).step
+    parts = []
+    for r in _row_chunks(w):
+        effective = b[r : r + rows] @ a  # BA
+        if adapter.kind == "scalelora":
+            effective.mul_(w[r : r + rows])  # W ⊙ BA
+        else:
+            effective.mul_(adapter.scale)
+            if adapter.masked(training=False):
+                effective.mul_(adapter.mask[r : r + rows])
+            effective.add_(w[r : r + rows])  # W + s·(M ⊙ BA)
+        parts.append(effective @ x)
+    return torch.cat(parts)
+
+
+def _outputs(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    rows = _row_chunks(w).step
+    return torch.cat([w[r : r + rows].double() @ x for r in _row_chunks(w)])
+
+
+@torch.no_grad()
+def merge_matrix(matrix: arch.Matrix, adapter: adapters_mod.Adapter, allow_densify: bool = False, seed: int = PROBE_SEED) -> float:
+    """Merge one adapter into its matrix (`Adapter.merge`: finite, no nonzero outside the
+    mask unless `allow_densify`) and check the merged matrix computes what the unmerged
+    pair computed: W'x against a float64 (W + Δ)x on `PROBE_VECTORS` fixed random
+    vectors. Returns max |W'x - (W+Δ)x| / max |(W+Δ)x|.
+
+    The per-matrix analogue of the logits probe, and the only functional check that fits
+    in one block: it catches a merge written to the wrong slice or layout, a wrong scale
+    or mask, or precision lost beyond the weight dtype's rounding (`TOLERANCE`).
+    """
+    w = matrix.weight()
+    x = torch.randn(w.shape[1], PROBE_VECTORS, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    expected = _reference_outputs(w, adapter, x)
+    adapter.merge(matrix, allow_densify=allow_densify)
+    got = _outputs(matrix.weight(), x)
+    diff, scale = float((got - expected).abs().max()), float(expected.abs().max())
+    rel = diff / max(scale, 1e-12)
+    tol = TOLERANCE.get(w.dtype, 1e-4)
+    if not rel <= tol:  # also catches NaN
+        raise NumericalError(
+            f"merged {matrix.key} does not compute what W + Δ computes (relative difference {rel:.3g} > {tol:g}); nothing was written"
+        )
+    return rel
 
 
 @torch.no_grad()
@@ -89,16 +179,13 @@ def merge_attached(model: nn.Module, masks: MaskSet | None, allow_densify: bool 
     kind = kinds.pop() if len(kinds) == 1 else "mixed"
     dense_keys = densifying_keys({k: a for k, (_, a) in entries.items()})
     if dense_keys and not allow_densify:
-        raise UsageError(
-            f"plain LoRA merges densely: it would fill the pruned weights of {len(dense_keys)} matrices "
-            "(e.g. " + dense_keys[0] + "); pass --allow-densify to merge anyway (the masks are dropped), "
-            "or retrain with --adapter masklora/scalelora/lora-prune"
-        )
+        raise _refuse_densify(dense_keys)
     model.eval()
     ids = probe_batch(model, seed=seed)
     before = _logits(model, ids)
+    matrix_rel = 0.0
     for matrix, adapter in entries.values():
-        adapter.merge(matrix, allow_densify=bool(dense_keys))
+        matrix_rel = max(matrix_rel, merge_matrix(matrix, adapter, allow_densify=bool(dense_keys), seed=seed))
     adapters_mod.detach(model)
     after = _logits(model, ids)
     diff = float((after - before).abs().max())
@@ -120,7 +207,8 @@ def merge_attached(model: nn.Module, masks: MaskSet | None, allow_densify: bool 
         by_key = {m.key: m for m in arch.matrices(model)}
         ws = [by_key[k].weight() for k in entries]
         density = sum(int((w != 0).sum()) for w in ws) / sum(w.numel() for w in ws)
-    return MergeReport(kind, len(entries), diff, scale, rel, tol, masks_kept, density)
+    checks = ("finite",) + (("masks",) if masks_kept else ()) + ("matrix_probe", "logits_probe")
+    return MergeReport(kind, len(entries), diff, scale, rel, tol, masks_kept, density, matrix_rel, checks)
 
 
 def merge_checkpoint(ckpt: Any, allow_densify: bool = False, seed: int = PROBE_SEED) -> MergeReport:
@@ -132,3 +220,123 @@ def merge_checkpoint(ckpt: Any, allow_densify: bool = False, seed: int = PROBE_S
         return merge_attached(ckpt.model, ckpt.masks, allow_densify, seed=seed)
     finally:
         adapters_mod.detach(ckpt.model)
+
+
+# ----------------------------------------------------------------------------- streamed
+
+
+def _saved_matrices(model: nn.Module, cfg: Any, reader: Any, has_masks: bool) -> tuple[str, int, float, dict[str, arch.Matrix]]:
+    """Check a saved `adapters.json` + the header of `adapters.safetensors` against the
+    (skeleton) model, as `adapters.attach_saved` checks the loaded tensors, before any
+    work; returns the kind, rank, alpha and the adapted matrices by key."""
+    if not isinstance(cfg, dict) or "type" not in cfg or "matrices" not in cfg:
+        raise CheckpointError("adapters.json lacks 'type' or 'matrices'; it was not written by perp retrain")
+    if int(cfg.get("format", 1)) > adapters_mod.CONFIG_FORMAT:
+        raise CheckpointError(f"adapters.json has format {cfg.get('format')}; this perp reads up to {adapters_mod.CONFIG_FORMAT}")
+    kind = adapters_mod.canonical_kind(str(cfg["type"]))
+    if kind in adapters_mod.NEEDS_MASK and not has_masks:
+        raise CheckpointError(f"the checkpoint has {kind} adapters but no masks.safetensors to restrict them")
+    rank, alpha = int(cfg["rank"]), float(cfg["alpha"])
+    by_key = {m.key: m for m in arch.matrices(model)}
+    chosen: dict[str, arch.Matrix] = {}
+    for key in cfg["matrices"]:
+        m = by_key.get(key)
+        if m is None:
+            raise CheckpointError(f"adapters.json names {key}, which is not a prunable matrix of this model")
+        out_f, in_f = m.shape
+        if reader.shape(f"{key}.lora_A") != (rank, in_f) or reader.shape(f"{key}.lora_B") != (out_f, rank):
+            raise CheckpointError(f"adapters.safetensors lacks {key}.lora_A/B of shapes {(rank, in_f)} / {(out_f, rank)}")
+        chosen[key] = m
+    return kind, rank, alpha, chosen
+
+
+def _streamed_densifying_keys(kind: str, chosen: dict[str, arch.Matrix], mask_reader: Any) -> list[str]:
+    """`densifying_keys` without the adapters in memory: one mask read at a time."""
+    if kind != "lora" or mask_reader is None:
+        return []
+    out = []
+    by_name: dict[str, list[str]] = {}
+    for key, m in chosen.items():
+        if m.name in mask_reader.stored:
+            by_name.setdefault(m.name, []).append(key)
+    for name, keys in by_name.items():
+        masks = MaskSet(mask_reader.read([name]))
+        out += [k for k in keys if not bool(adapters_mod.matrix_mask(chosen[k], masks).all())]
+    return out
+
+
+def merge_streamed(
+    ckpt: Any,
+    out: Any,
+    step: Any,
+    allow_densify: bool = False,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+    seed: int = PROBE_SEED,
+    progress: Any = None,
+) -> MergeReport:
+    """Merge the adapters of the streamed checkpoint `ckpt` into `out`, one block at a time.
+
+    `ckpt` comes from `streaming.open_checkpoint(source, lazy_masks=True,
+    lazy_adapters=True)`. Block i's weights, masks and adapters are read just before its
+    turn, each adapter is built and merged exactly as `merge_checkpoint` does it
+    (`Adapter.merge` via `merge_matrix`: the same tensors, bit for bit), the block is
+    verified (finite, masks) and written, then freed. The logits probe cannot run (it
+    needs the whole model); `step.results` says so (`checks`, `checks_skipped`).
+    Errors are the in-memory merge's, raised before anything is written.
+    """
+    from perp_cli import engine, streaming
+
+    reader = ckpt.extra.get("adapters")
+    if ckpt.adapters_config is None or reader is None:
+        raise UsageError(f"{ckpt.source} has no adapters.safetensors/adapters.json: nothing to merge")
+    model = ckpt.model
+    mask_reader = ckpt.extra.get("masks")
+    kind, rank, alpha, chosen = _saved_matrices(model, ckpt.adapters_config, reader, ckpt.masks is not None)
+    if not chosen:
+        raise UsageError("the model has no adapters to merge")
+    dense_keys = _streamed_densifying_keys(kind, chosen, mask_reader)
+    if dense_keys and not allow_densify:
+        raise _refuse_densify(dense_keys)
+    masks_kept = ckpt.masks is not None and not dense_keys
+    pattern = ckpt.masks.pattern if ckpt.masks is not None else Pattern()
+    tol = TOLERANCE.get(model.dtype, 1e-4)
+    totals = {"merged": 0, "rel": 0.0, "nonzero": 0, "numel": 0}
+
+    with streaming.streamed_output(
+        ckpt, out, step, pattern, overwrite=overwrite, max_shard_size=max_shard_size,
+        stream_type=streaming.MergeStream, write_masks=masks_kept,
+    ) as stream:
+        stream.keep_masks = masks_kept
+
+        def merge_block(s: Any) -> None:
+            mine = [m for m in arch.block_matrices(model, s.index) if m.key in chosen]
+            s.status(f"block {s.index}: merging {len(mine)} adapters")
+            tensors = reader.read([f"{m.key}.lora_{ab}" for m in mine for ab in "AB"])
+            for m in mine:
+                out_f, in_f = m.shape
+                adapter = adapters_mod.Adapter(
+                    kind, out_f, in_f, rank, alpha, mask=adapters_mod.matrix_mask(m, stream.old), device=m.parameter.device
+                )
+                with torch.no_grad():
+                    adapter.lora_A.copy_(tensors.pop(f"{m.key}.lora_A"))
+                    adapter.lora_B.copy_(tensors.pop(f"{m.key}.lora_B"))
+                totals["rel"] = max(totals["rel"], merge_matrix(m, adapter, allow_densify=bool(dense_keys), seed=seed))
+                totals["merged"] += 1
+                if dense_keys:
+                    w = m.weight()
+                    totals["nonzero"] += int((w != 0).sum())
+                    totals["numel"] += w.numel()
+
+        residency = engine.Residency(load=stream.load, release=stream.release_block)
+        engine.run_blocks(model, None, merge_block, progress=progress, description="merging blocks", residency=residency)
+        if totals["merged"] != len(chosen):
+            raise CheckpointError(f"internal: merged {totals['merged']} of {len(chosen)} adapters")
+        density = totals["nonzero"] / totals["numel"] if dense_keys else None
+        checks = ("finite",) + (("masks",) if masks_kept else ()) + ("matrix_probe",)
+        report = MergeReport(kind, totals["merged"], None, None, None, tol, masks_kept, density, totals["rel"], checks)
+        step.results = {
+            **report.to_json(),
+            "checks_skipped": {"logits_probe": "streaming holds one block at a time; the whole-model forward cannot run"},
+        }
+    return report

@@ -34,7 +34,7 @@ from typing import Any, ContextManager, NamedTuple, Protocol
 import torch
 from torch import nn
 
-from perp_cli import arch, checkpoint, data, engine, mask
+from perp_cli import activations, arch, checkpoint, data, engine, mask
 from perp_cli.arch import Matrix
 from perp_cli.checkpoint import Checkpoint
 from perp_cli.errors import ArchitectureError, UsageError
@@ -72,6 +72,8 @@ class PruneConfig:
     device: str = "cpu"
     batch_size: int = 8
     offload_activations: bool = False
+    max_memory: str | None = None  # activations on the device, e.g. "2GiB" (perp_cli.activations)
+    offload_dir: str | None = None  # the rest of the activations in files here
     quiet: bool = True
 
 
@@ -138,6 +140,7 @@ def plan(config: PruneConfig) -> _Plan:
         raise UsageError(f"--nsamples must be at least 1, got {config.nsamples}")
     if config.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
+    activations.placement_for(torch.device("cpu"), config.offload_activations, config.max_memory, config.offload_dir)
     for flag, regex in (("--targets", config.targets), ("--exclude", config.exclude)):
         if regex:
             try:
@@ -371,6 +374,7 @@ def prune(
     if stream is not None and p.scope == "global":
         raise UsageError("--scope global ranks every weight of the model at once, so it cannot stream; use --scope row/matrix, or --streaming off")
     device = checkpoint.resolve_device(config.device)
+    placement = activations.placement_for(device, config.offload_activations, config.max_memory, config.offload_dir)
     model = ckpt.model
     torch.manual_seed(config.seed)
     try:
@@ -380,6 +384,7 @@ def prune(
     _check_carried_masks(model, ckpt.masks, {m.name for m in matrices}, p.pattern)
     pruner = _Pruner(ckpt, config, p, matrices)
     data_record: dict[str, Any] = {}
+    activation_record: dict[str, Any] = {}
     residency = None
     if stream is not None:
         residency = engine.Residency(
@@ -396,11 +401,15 @@ def prune(
                 tokens, data_record = calibration_tokens(ckpt, config)
             else:
                 data_record = {"source": "tokens given by the caller", "token_ids_sha256": sha256_tensor(tokens), "shape": list(tokens.shape)}
-            engine.calibrate(
+            if placement.ineffective:
+                pruner.note("activations", "--max-memory/--offload-activations change nothing on the CPU (the host is the device); --offload-dir DIR puts activations on disk")
+            final = engine.calibrate(
                 model, tokens, pruner.step, device=device, batch_size=config.batch_size,
-                offload=config.offload_activations, progress=progress, description=f"{p.method.name} blocks",
+                offload=placement, progress=progress, description=f"{p.method.name} blocks",
                 residency=residency, in_place=stream is not None,
             )
+            activation_record = {"placement": placement.describe(), "peak_device_bytes": final.hidden.peak_device_bytes}
+            del final
             pruner.finish_global()
 
     if stream is None:
@@ -429,6 +438,7 @@ def prune(
         "block_seconds": pruner.block_seconds,
         "pruning_time_s": round(time.time() - start, 3),
         "device": str(device),
+        "activations": activation_record,
         "config": asdict(config),
         "peak_memory": peak_memory(),
     }

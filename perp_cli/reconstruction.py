@@ -25,7 +25,9 @@ For block i, with the calibration windows flowing through the block-sequential e
 
 Only block i of the pruned model and block i of the dense model are on the device at a
 time; both models otherwise stay on the host (activations too with `offload`). Masks
-never change: every masked weight stays exactly 0 (checked after every block).
+never change: every masked weight stays exactly 0 (checked after every block). With
+`streamed` (`perp_cli.streaming.reconstruct`) both models are meta-device skeletons and
+only those two blocks are in host memory at all; the numbers are the same.
 
 The block runs in eval mode (no dropout: reconstruction is a regression onto fixed
 targets); only the modules carrying adapters see training mode, so `lora-prune` trains
@@ -37,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,7 @@ from torch import nn
 from perp_cli import adapters as adapters_mod
 from perp_cli import arch, checkpoint, engine
 from perp_cli import trainable as trainable_mod
+from perp_cli.activations import ActivationStore, Placement, placement_for
 from perp_cli.errors import NumericalError, UsageError
 from perp_cli.manifest import peak_memory
 from perp_cli.mask import MaskSet, nonzeros_outside
@@ -76,6 +79,8 @@ class ReconstructConfig:
     seed: int = 0
     device: str = "cpu"
     offload: bool = False
+    max_memory: str | None = None  # activations and targets on the device (perp_cli.activations)
+    offload_dir: str | None = None  # the rest of them in files here
     quiet: bool = True
 
     @property
@@ -116,6 +121,11 @@ class ReconstructConfig:
         if self.steps_per_block < 1:
             raise UsageError(f"--steps-per-block must be at least 1, got {self.steps_per_block}")
         self.train_config().validate()
+        self.placement(torch.device("cpu"))
+
+    def placement(self, device: torch.device) -> Placement:
+        """Where the activations, targets and outputs of the run live."""
+        return placement_for(device, self.offload, self.max_memory, self.offload_dir)
 
 
 @dataclass
@@ -163,6 +173,7 @@ class ReconstructOutcome:
     wall_time_s: float
     device: str
     peak_memory: dict[str, float] = field(default_factory=dict)
+    activations: dict[str, Any] = field(default_factory=dict)
 
     @property
     def restored(self) -> list[int]:
@@ -192,6 +203,7 @@ class ReconstructOutcome:
             "reconstruction_time_s": round(self.wall_time_s, 3),
             "device": self.device,
             "peak_memory": self.peak_memory,
+            "activations": self.activations,
         }
 
 
@@ -241,17 +253,18 @@ def _squared_error_sum(output: torch.Tensor, target: torch.Tensor) -> float:
 
 @torch.no_grad()
 def block_error(
-    inputs: engine.BlockInputs, block: nn.Module, targets: list[torch.Tensor], keep_outputs: bool = False
-) -> tuple[float, list[torch.Tensor]]:
+    inputs: engine.BlockInputs, block: nn.Module, targets: Sequence[torch.Tensor], keep_outputs: bool = False
+) -> tuple[float, ActivationStore]:
     """Mean squared error of `block` on every calibration micro-batch against `targets`
-    (accumulated in float64 over all elements), and the outputs (on the store) if asked."""
-    total, count, outputs = 0.0, 0, []
+    (accumulated in float64 over all elements), and the outputs (placed like the inputs)
+    if asked."""
+    total, count, outputs = 0.0, 0, inputs.new_store()
     for x, t in zip(inputs.batches(), targets):
         y = inputs.call(block, x)
         total += _squared_error_sum(y, t.to(y.device))
         count += y.numel()
         if keep_outputs:
-            outputs.append(y.to(inputs.store))
+            outputs.append(y)
     return total / max(count, 1), outputs
 
 
@@ -319,7 +332,7 @@ class _Reconstructor:
             self.adapter_keys.setdefault(m.block, []).append(m.key)
         self.reports: list[BlockReport] = []
 
-    def targets(self, s: engine.BlockStep) -> list[torch.Tensor]:
+    def targets(self, s: engine.BlockStep) -> ActivationStore:
         """T_i: dense block i on X_i, or on the dense stream (which then advances)."""
         dense_block = arch.blocks(self.dense)[s.index]
         home = next(dense_block.parameters()).device
@@ -340,7 +353,7 @@ class _Reconstructor:
         only_block = "^(?:" + "|".join(re.escape(k) for k in keys) + ")$"
         return adapters_mod.attach(self.model, self.kind, self.cfg.rank, self.cfg.alpha, only_block, self.masks)
 
-    def train(self, s: engine.BlockStep, targets: list[torch.Tensor]) -> tuple[int, int, float | None, float | None]:
+    def train(self, s: engine.BlockStep, targets: ActivationStore) -> tuple[int, int, float | None, float | None]:
         """Train block `s.index` towards `targets`, merge its adapters; returns the
         trainable parameter count, tokens seen, and the first and last training losses."""
         cfg, model, inputs = self.cfg, self.model, s.inputs
@@ -363,7 +376,7 @@ class _Reconstructor:
                     if step % 10 == 0 or step + 1 == steps:
                         s.status(f"block {s.index}: step {step + 1}/{steps}")
                     k = order[step]
-                    x = inputs.hidden[k].to(inputs.device)
+                    x = inputs.batch(k)
                     with amp():
                         y = inputs.call(s.block, x)
                     return (y.float() - targets[k].to(y.device).float()).pow(2).mean()
@@ -380,7 +393,7 @@ class _Reconstructor:
                 for matrix, adapter in adapters_mod.attached_matrices(model).values():
                     adapter.merge(matrix)
             count = sum(p.numel() for p in params.values()) + sum(p.numel() for p in adapter_params)
-            tokens = sum(inputs.hidden[k].shape[0] * inputs.hidden[k].shape[1] for k in order)
+            tokens = sum(inputs.tokens_in(k) for k in order)
             return count, tokens, result.initial_loss, result.final_loss
         finally:
             adapters_mod.detach(model)
@@ -411,7 +424,51 @@ class _Reconstructor:
         return None if restored else s.inputs.replaced(outputs)
 
 
+# ----------------------------------------------------------------------------- streaming
+
+
+@dataclass
+class Streamed:
+    """How the weights of a streamed run come and go (built by `perp_cli.streaming.reconstruct`).
+
+    Both models are meta-device skeletons. `pruned` reads pruned block i (and its masks)
+    before its step and writes it after the propagation; `dense` reads dense block i for
+    its targets only (and holds the dense embeddings while the dense stream's inputs are
+    caught). `added_biases`: the biases `--add-biases` already put into the skeleton,
+    before the output layout was planned.
+    """
+
+    pruned: engine.Residency
+    dense: engine.Residency
+    added_biases: list[str] = field(default_factory=list)
+
+
+class _StreamedReconstructor(_Reconstructor):
+    """`_Reconstructor` whose dense block i is in memory only while its targets are computed."""
+
+    def __init__(self, *args: Any, dense_residency: engine.Residency) -> None:
+        super().__init__(*args)
+        self.dense_residency = dense_residency
+
+    def targets(self, s: engine.BlockStep) -> ActivationStore:
+        block = arch.blocks(self.dense)[s.index]
+        self.dense_residency.load(s.index, block)
+        try:
+            return super().targets(s)
+        finally:
+            self.dense_residency.release(s.index, block)
+
+
 # ----------------------------------------------------------------------------- the recipe
+
+
+def check_pruned(pruned_ckpt: checkpoint.Checkpoint) -> None:
+    """Usage errors about the input itself: merged adapters and masks are required."""
+    if pruned_ckpt.adapters_config is not None:
+        raise UsageError(f"{pruned_ckpt.source} has unmerged adapters; run `perp merge` on it first")
+    if pruned_ckpt.masks is None or len(pruned_ckpt.masks) == 0:
+        raise UsageError(f"{pruned_ckpt.source} has no masks.safetensors: nothing was pruned, so there is nothing to reconstruct")
+
 
 
 def reconstruct(
@@ -419,38 +476,49 @@ def reconstruct(
     dense_model: nn.Module,
     tokens: torch.Tensor,
     cfg: ReconstructConfig,
+    streamed: Streamed | None = None,
 ) -> ReconstructOutcome:
     """Reconstruct `pruned_ckpt.model` block by block in place against `dense_model`.
 
     `tokens` are the calibration windows `[n, seqlen]`. The dense model is only read;
     it stays on the host except for the block being reconstructed. The masks are not
     changed; the adapters are merged into the weights (nothing to save separately).
+    `streamed`: both models are skeletons whose blocks come and go through these
+    residencies (`perp_cli.streaming.reconstruct`); the numbers are the same.
     """
     start = time.perf_counter()
     cfg.validate()
     model = pruned_ckpt.model
-    if pruned_ckpt.adapters_config is not None:
-        raise UsageError(f"{pruned_ckpt.source} has unmerged adapters; run `perp merge` on it first")
-    if pruned_ckpt.masks is None or len(pruned_ckpt.masks) == 0:
-        raise UsageError(f"{pruned_ckpt.source} has no masks.safetensors: nothing was pruned, so there is nothing to reconstruct")
+    check_pruned(pruned_ckpt)
     if tokens.dim() != 2 or tokens.shape[0] < 1:
         raise UsageError(f"calibration tokens must be [n, seqlen] with n >= 1, got {list(tokens.shape)}")
-    check_compatible(model, dense_model)
-    added = trainable_mod.add_biases(model) if cfg.add_biases else []
+    if streamed is not None:  # checked by the caller before it added the biases (they are in the output layout)
+        added = list(streamed.added_biases)
+    else:
+        check_compatible(model, dense_model)
+        added = trainable_mod.add_biases(model) if cfg.add_biases else []
     trainable_mod.select_trainable(model, cfg.train, block=0)  # e.g. `biases` on LLaMA: the error names --add-biases
     device = checkpoint.resolve_device(cfg.device)
     dense_model.eval()
     dense_model.requires_grad_(False)
     model.requires_grad_(False)
 
+    # one store for the run: the dense stream, the inputs, targets and outputs share its device budget
+    run_store = ActivationStore(cfg.placement(device))
     dense_inputs = None
     if cfg.target == "dense-stream":
-        dense_inputs = engine.capture_inputs(dense_model, tokens, device=device, batch_size=cfg.batch_size, offload=cfg.offload)
-    worker = _Reconstructor(model, dense_model, pruned_ckpt.masks, cfg, dense_inputs)
+        with streamed.dense.outside() if streamed is not None else contextlib.nullcontext():
+            dense_inputs = engine.capture_inputs(dense_model, tokens, device=device, batch_size=cfg.batch_size, offload=run_store)
+    worker_args = (model, dense_model, pruned_ckpt.masks, cfg, dense_inputs)
+    if streamed is None:
+        worker = _Reconstructor(*worker_args)
+    else:
+        worker = _StreamedReconstructor(*worker_args, dense_residency=streamed.dense)
     with make_progress(cfg.quiet) as progress:
         engine.calibrate(
-            model, tokens, worker.step, device=device, batch_size=cfg.batch_size, offload=cfg.offload,
+            model, tokens, worker.step, device=device, batch_size=cfg.batch_size, offload=run_store,
             progress=progress, description="reconstruct blocks",
+            residency=streamed.pruned if streamed is not None else None, in_place=streamed is not None,
         )
     parts = trainable_mod.parse_spec(cfg.train)
     return ReconstructOutcome(
@@ -463,4 +531,5 @@ def reconstruct(
         wall_time_s=time.perf_counter() - start,
         device=str(device),
         peak_memory=peak_memory(),
+        activations={"placement": run_store.placement.describe(), "peak_device_bytes": run_store.peak_device_bytes},
     )

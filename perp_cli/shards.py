@@ -50,17 +50,17 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
-def parse_size(text: str | int) -> int:
+def parse_size(text: str | int, option: str = "--max-shard-size", minimum: int = 1) -> int:
     """`5GB` (10^9, as Hugging Face counts), `500MiB` (2^20) or a number of bytes."""
     if isinstance(text, int):
         size = text
     else:
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", str(text).upper())
         if not match or match.group(2) not in _UNITS:
-            raise UsageError(f"--max-shard-size {text!r} is not a size (examples: 5GB, 500MB, 2GiB, 1000000)")
+            raise UsageError(f"{option} {text!r} is not a size (examples: 5GB, 500MB, 2GiB, 1000000)")
         size = int(float(match.group(1)) * _UNITS[match.group(2)])
-    if size < 1:
-        raise UsageError(f"--max-shard-size must be positive, got {text!r}")
+    if size < minimum:
+        raise UsageError(f"{option} must be at least {minimum} bytes, got {text!r}")
     return size
 
 

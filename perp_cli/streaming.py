@@ -31,6 +31,8 @@ Reuse (a streamed reconstruct or merge): `open_checkpoint` gives the skeleton, a
 `streamed_output(ckpt, out, step, pattern)` yields the `BlockStream` to hand to the
 engine as `engine.Residency(load=stream.load, release=lambda i, b: stream.release(i, b,
 keep_masks_of_block_i), outside=stream.outside)`; everything else is written on exit.
+`reconstruct` (its own section below) is the streamed `perp reconstruct`: two skeletons,
+the input masks read per block (`MaskReader`), the dense model only read (`ReferenceBlocks`).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,7 +52,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from perp_cli import arch, checkpoint, mask, pruner, shards
+from perp_cli import arch, checkpoint, engine, mask, pruner, shards
 from perp_cli.checkpoint import Checkpoint
 from perp_cli.errors import CheckpointError, NumericalError, UsageError
 from perp_cli.manifest import MANIFEST_NAME, StepRecord, empty_manifest, sha256_file
@@ -151,12 +154,21 @@ def output_names(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def open_checkpoint(
-    source: str | Path, dtype: str = "auto", trust_remote_code: bool = False, need_tokenizer: bool = False
+    source: str | Path, dtype: str = "auto", trust_remote_code: bool = False, need_tokenizer: bool = False,
+    lazy_masks: bool = False, lazy_adapters: bool = False,
 ) -> Checkpoint:
     """A `Checkpoint` whose model is a meta-device skeleton; `ckpt.extra["reader"]` is the
     `ShardReader` its weights come from. Checks what `checkpoint.load` checks that does
     not need the weights (mask hash, names and shapes); the weights themselves are
-    checked as each is read (finite, zero where the input's masks say pruned)."""
+    checked as each is read (finite, zero where the input's masks say pruned).
+
+    `lazy_masks`: the masks are meta-device placeholders too (`ckpt.extra["masks"]` is
+    the `MaskReader` to read a block's masks with), for steps that keep every input mask
+    (reconstruct): unpacked, they would take a quarter of a float32 model.
+
+    `lazy_adapters`: `adapters.safetensors` is not read (`ckpt.adapters` is None,
+    `ckpt.adapters_config` is read); `ckpt.extra["adapters"]` is the `AdapterReader` to
+    read a block's adapters with (a streamed merge)."""
     from transformers import AutoConfig, GenerationConfig
     from transformers.utils import logging as hf_logging
 
@@ -181,10 +193,18 @@ def open_checkpoint(
         with contextlib.suppress(Exception):
             model.generation_config = GenerationConfig.from_pretrained(str(path))
     manifest = checkpoint.read_manifest(path)
-    masks = checkpoint.read_masks(path, manifest)
+    if lazy_masks:
+        mask_reader = MaskReader.open(path, manifest)
+        masks = mask_reader.placeholders() if mask_reader is not None else None
+    else:
+        mask_reader, masks = None, checkpoint.read_masks(path, manifest)
     if masks is not None:
         _check_input_masks(model, masks, source)
-    adapters, adapters_config = checkpoint._read_adapters(path)
+    if lazy_adapters:
+        adapter_reader = AdapterReader.open(path)
+        adapters, adapters_config = None, adapter_reader.config if adapter_reader is not None else None
+    else:
+        adapter_reader, (adapters, adapters_config) = None, checkpoint._read_adapters(path)
     return Checkpoint(
         model=model,
         tokenizer=checkpoint._load_tokenizer(str(path), trust_remote_code, need_tokenizer),
@@ -194,7 +214,7 @@ def open_checkpoint(
         adapters=adapters,
         adapters_config=adapters_config,
         local_dir=path.resolve(),
-        extra={"reader": reader},
+        extra={"reader": reader, "masks": mask_reader, "adapters": adapter_reader},
     )
 
 
@@ -435,6 +455,8 @@ def streamed_output(
     pattern: Pattern,
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
+    stream_type: type[BlockStream] = BlockStream,
+    write_masks: bool = True,
 ) -> Iterator[BlockStream]:
     """Write a streamed step's output checkpoint atomically; yields the `BlockStream`.
 
@@ -444,7 +466,9 @@ def streamed_output(
     closes the shards (+ index), and writes config, generation config, tokenizer, masks
     (pattern `pattern`) and the manifest with `step` appended, then verifies the masks,
     all inside `checkpoint.staging`: any exception or interrupt leaves no output.
-    What `checkpoint.save` does for an in-memory model, block by block.
+    What `checkpoint.save` does for an in-memory model, block by block. `stream_type`: a
+    `BlockStream` subclass (`ReconstructStream`). `write_masks=False`: the output has no
+    masks (a merge that densified; release blocks with no keep-masks then).
     """
     limit = parse_size(max_shard_size)
     return_freed_memory()
@@ -456,7 +480,7 @@ def streamed_output(
     try:
         with checkpoint.staging(out_path, overwrite=overwrite) as tmp:
             writer = ShardWriter(tmp, layout, limit, total_parameters=model.num_parameters())
-            stream = BlockStream(ckpt, writer, pattern)
+            stream = stream_type(ckpt, writer, pattern)
             yield stream
             stream.copy_tail()
             writer.close()
@@ -465,11 +489,15 @@ def streamed_output(
             if ckpt.tokenizer is not None:
                 ckpt.tokenizer.save_pretrained(tmp)
             manifest = checkpoint.next_manifest(ckpt.manifest, step)
-            manifest["masks_sha256"] = stream.spool.finish(pattern)
-            manifest["pattern"] = str(pattern)
-            manifest["sparsity"] = stream.mask_summary()
+            if write_masks:
+                manifest["masks_sha256"] = stream.spool.finish(pattern)
+                manifest["pattern"] = str(pattern)
+                manifest["sparsity"] = stream.mask_summary()
+            else:
+                stream.spool.path.unlink()
             (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
-            stream.spool.verify(manifest["masks_sha256"])
+            if write_masks:
+                stream.spool.verify(manifest["masks_sha256"])
     except OSError as exc:
         raise CheckpointError(checkpoint._write_failure(out, exc)) from exc
 
@@ -496,6 +524,285 @@ def prune(
         outcome = pruner.prune(ckpt, config, tokens=tokens, stream=stream)
         step.data, step.results = outcome.data, outcome.results
     return outcome
+
+
+# ----------------------------------------------------------------------------- streamed reconstruct
+# `perp reconstruct --streaming`: the pruned model and the dense reference are both
+# skeletons. Pruned block i (with its masks) and dense block i are read for block i's
+# step only; the reconstructed block is written as soon as it is propagated.
+
+
+def _read_metadata(file: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, from its header (no mmap, no data)."""
+    try:
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000:
+                raise ValueError("header larger than 100 MB")
+            return json.loads(f.read(length)).get("__metadata__") or {}
+    except (OSError, ValueError, struct.error) as exc:
+        raise CheckpointError(f"{file} cannot be read: {exc}") from exc
+
+
+class MaskReader:
+    """`masks.safetensors` read a few masks at a time.
+
+    A streamed reconstruct keeps every input mask; unpacked to bool they would take a
+    quarter of a float32 model, so each block's masks are read (and unpacked) only while
+    the block is in memory. The file's hash is checked against the manifest once, when
+    it is opened, as `checkpoint.read_masks` does.
+    """
+
+    def __init__(self, file: Path, stored: dict[str, StoredTensor], shapes: dict[str, list[int]], pattern: Pattern) -> None:
+        self.file = file
+        self.stored = stored
+        self.shapes = shapes
+        self.pattern = pattern
+
+    @classmethod
+    def open(cls, directory: Path, manifest: dict[str, Any] | None) -> MaskReader | None:
+        file = directory / checkpoint.MASKS_NAME
+        if not file.is_file():
+            if manifest and manifest.get("masks_sha256"):
+                raise CheckpointError(f"{directory} lists a mask hash in {MANIFEST_NAME} but {checkpoint.MASKS_NAME} is missing")
+            return None
+        expected = (manifest or {}).get("masks_sha256")
+        if expected and sha256_file(file) != expected:
+            raise CheckpointError(f"{file} does not match the sha256 recorded in {MANIFEST_NAME} (corrupt or replaced)")
+        stored, meta = read_header(file), _read_metadata(file)
+        if int(meta.get("format_version", "0")) > checkpoint.FORMAT_VERSION:
+            raise CheckpointError(f"{file} has a newer format version {meta.get('format_version')}; upgrade perp")
+        try:
+            shapes = {n: [int(d) for d in s] for n, s in json.loads(meta.get("shapes", "{}")).items()}
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{file} cannot be read: bad shapes metadata ({exc})") from exc
+        for name, t in stored.items():
+            if name not in shapes or t.nbytes != (shards.nbytes(torch.bool, shapes[name]) + 7) // 8:
+                raise CheckpointError(f"{file} cannot be read: mask {name} has no shape or the wrong number of bytes")
+        return cls(file, stored, shapes, Pattern.parse(meta.get("pattern", "unstructured")))
+
+    def placeholders(self) -> MaskSet:
+        """Every mask as a meta-device bool tensor of its shape (names sorted)."""
+        return MaskSet({n: torch.empty(self.shapes[n], dtype=torch.bool, device="meta") for n in sorted(self.stored)}, self.pattern)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named masks, unpacked (bool, in the parameters' layout)."""
+        out = {}
+        try:
+            with open(self.file, "rb", buffering=0) as f:
+                for name in names:
+                    out[name] = mask.unpack_bits(read_tensor(f, self.stored[name]), self.shapes[name])
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {self.file}: {exc.strerror or exc}") from exc
+        return out
+
+
+class ReconstructStream(BlockStream):
+    """The `BlockStream` of a streamed reconstruct (for `streamed_output(stream_type=...)`).
+
+    Two differences from pruning: the checkpoint's masks are placeholders
+    (`open_checkpoint(lazy_masks=True)`), made real for block i in `load` and written back
+    unchanged in `release_block`; and the zero biases `--add-biases` put into the skeleton
+    (`ckpt.extra["created"]`: in the output layout, not in the input shards) are created
+    instead of read.
+    """
+
+    def __init__(self, ckpt: Checkpoint, writer: ShardWriter, pattern: Pattern) -> None:
+        super().__init__(ckpt, writer, pattern)
+        self.mask_reader: MaskReader | None = ckpt.extra.get("masks")
+        self.created = set(ckpt.extra.get("created", ()))
+        self.placeholders = dict(self.old.masks) if self.old is not None else {}
+
+    def _read(self, names: set[str]) -> dict[str, torch.Tensor]:
+        made = {n: torch.zeros(self.names[n].shape, dtype=self.dtypes[n]) for n in names & self.created}
+        return {**super()._read(names - self.created), **made}
+
+    def own_masks(self, index: int) -> list[str]:
+        prefix = f"{self.prefix}{index}."
+        return [n for n in self.placeholders if n.startswith(prefix)]
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Block i's masks, then its weights (checked against them by `BlockStream.load`)."""
+        if self.mask_reader is not None:
+            self.old.masks.update(self.mask_reader.read(self.own_masks(index)))
+        super().load(index, block)
+
+    def release_block(self, index: int, block: nn.Module) -> None:
+        """Write block i with its masks as they came in; both go back to placeholders."""
+        own = self.own_masks(index)
+        self.release(index, block, {n: self.old.masks[n] for n in own})
+        for n in own:
+            self.old.masks[n] = self.placeholders[n]
+
+
+def _embedding_names(model: nn.Module, names: dict[str, torch.Tensor]) -> list[str]:
+    """What catching block 0's inputs runs: every tensor outside the blocks except the
+    final norm and an untied head (as `BlockStream` splits them)."""
+    spec = arch.spec_for(model)
+    tail = {f"{spec.final_norm}.{n}" for n, _ in model.get_submodule(spec.final_norm).named_parameters()}
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is not embedding.weight:
+        tail |= {n for n, p in model.named_parameters(remove_duplicate=False) if p is head.weight}
+    return [n for n in names if not n.startswith(spec.blocks + ".") and n not in tail]
+
+
+class ReferenceBlocks:
+    """A streamed model that is only read: the dense reference of a streamed reconstruct.
+
+    `load(i, block)` reads dense block i for block i's targets, `release(i, block)` puts
+    it back on the meta device right after; `outside()` holds the embeddings while the
+    dense stream's own inputs are caught (`--target dense-stream`). Weights are checked
+    finite as they are read; nothing is written.
+    """
+
+    def __init__(self, ckpt: Checkpoint) -> None:
+        self.model = ckpt.model
+        self.reader: ShardReader = ckpt.extra["reader"]
+        self.source = ckpt.source
+        self.names = output_names(self.model)
+        self.prefix = arch.spec_for(self.model).blocks + "."
+        self.embedding_names = _embedding_names(self.model, self.names)
+
+    def _install(self, names: list[str]) -> None:
+        tensors = self.reader.read(set(names).__contains__)
+        for name in names:
+            if name not in tensors:
+                raise CheckpointError(f"{self.source}: {name} did not come out of the checkpoint's shards")
+            t = tensors.pop(name).to(self.names[name].dtype)
+            _check_finite(name, t, self.source)
+            _set_tensor(self.model, name, t)
+
+    def _uninstall(self, names: list[str]) -> None:
+        for name in names:
+            _set_tensor(self.model, name, self.names[name])
+
+    def block_names(self, index: int) -> list[str]:
+        return [n for n in self.names if n.startswith(f"{self.prefix}{index}.")]
+
+    @contextlib.contextmanager
+    def outside(self) -> Iterator[None]:
+        self._install(self.embedding_names)
+        try:
+            yield
+        finally:
+            self._uninstall(self.embedding_names)
+
+    def load(self, index: int, block: nn.Module) -> None:
+        self._install(self.block_names(index))
+
+    def release(self, index: int, block: nn.Module) -> None:
+        self._uninstall(self.block_names(index))
+
+
+def reconstruct(
+    ckpt: Checkpoint,
+    dense: Checkpoint,
+    out: str | Path,
+    config: Any,
+    tokens: torch.Tensor,
+    step: StepRecord,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+) -> Any:
+    """Reconstruct the streamed pruned checkpoint `ckpt` (`open_checkpoint(...,
+    lazy_masks=True)`) against the streamed dense `dense` into `out`.
+
+    `reconstruction.reconstruct` with both models as residencies: the same weights,
+    masks and per-block errors as in memory, written as `checkpoint.save` would write
+    them. `config` is a `reconstruction.ReconstructConfig`; fills `step.results` (the
+    caller fills `step.data`); returns the `ReconstructOutcome`.
+    """
+    # imported here: reconstruction imports training, which `perp prune` does not need
+    from perp_cli import reconstruction, trainable
+
+    config.validate()
+    reconstruction.check_pruned(ckpt)
+    reconstruction.check_compatible(ckpt.model, dense.model)
+    # before the output layout is planned: the added biases are part of it
+    ckpt.extra["created"] = trainable.add_biases(ckpt.model) if config.add_biases else []
+    with streamed_output(
+        ckpt, out, step, ckpt.masks.pattern, overwrite=overwrite, max_shard_size=max_shard_size, stream_type=ReconstructStream
+    ) as stream:
+        reference = ReferenceBlocks(dense)
+        streamed = reconstruction.Streamed(
+            pruned=engine.Residency(load=stream.load, release=stream.release_block, outside=stream.outside),
+            dense=engine.Residency(load=reference.load, release=reference.release, outside=reference.outside),
+            added_biases=list(ckpt.extra["created"]),
+        )
+        outcome = reconstruction.reconstruct(ckpt, dense.model, tokens, config, streamed=streamed)
+        step.results = outcome.results()
+    return outcome
+
+
+# ----------------------------------------------------------------------------- streamed merge
+# `perp merge --streaming` (the merge itself is `perp_cli.merging.merge_streamed`): block
+# i's weights, masks and adapters are read for block i's step only, and the merged block
+# is verified and written at once, as a streamed reconstruct writes its blocks.
+
+
+class AdapterReader:
+    """`adapters.safetensors` read a few adapters at a time; `adapters.json` at open.
+
+    `checkpoint.load` reads every adapter at once; a streamed merge holds only block i's.
+    Opening reads the header alone (names, dtypes, shapes), which is enough to check
+    every adapter against the model before any work.
+    """
+
+    def __init__(self, file: Path, stored: dict[str, StoredTensor], config: Any) -> None:
+        self.file = file
+        self.stored = stored
+        self.config = config
+
+    @classmethod
+    def open(cls, directory: Path) -> AdapterReader | None:
+        """The reader of `directory`'s adapters, None when it has none (errors as
+        `checkpoint._read_adapters` raises them)."""
+        tensors_file, config_file = directory / checkpoint.ADAPTERS_NAME, directory / checkpoint.ADAPTERS_CONFIG_NAME
+        if not tensors_file.is_file() and not config_file.is_file():
+            return None
+        if not (tensors_file.is_file() and config_file.is_file()):
+            raise CheckpointError(f"{directory} has only one of {checkpoint.ADAPTERS_NAME} and {checkpoint.ADAPTERS_CONFIG_NAME}")
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read adapters in {directory}: {checkpoint._first_line(exc)}") from exc
+        return cls(tensors_file, read_header(tensors_file), config)
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        t = self.stored.get(name)
+        return None if t is None else t.shape
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named adapter tensors, as stored (float32 when perp wrote them)."""
+        out = {}
+        try:
+            with open(self.file, "rb", buffering=0) as f:
+                for name in names:
+                    out[name] = read_tensor(f, self.stored[name])
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {self.file}: {exc.strerror or exc}") from exc
+        return out
+
+
+class MergeStream(ReconstructStream):
+    """The `BlockStream` of a streamed merge (`streamed_output(stream_type=MergeStream)`).
+
+    Masks come and go with their block exactly as in a streamed reconstruct (lazy
+    placeholders, block i's masks real while it is in memory, written back unchanged);
+    with `keep_masks = False` (plain LoRA merged with --allow-densify) blocks are written
+    without masks, as the in-memory merge then writes none.
+    """
+
+    keep_masks = True
+
+    def release_block(self, index: int, block: nn.Module) -> None:
+        if self.keep_masks:
+            super().release_block(index, block)
+            return
+        own = self.own_masks(index)
+        self.release(index, block, {})
+        for n in own:
+            self.old.masks[n] = self.placeholders[n]
 
 
 # ----------------------------------------------------------------------------- choosing
@@ -531,10 +838,14 @@ def weights_bytes(source: str | Path, dtype: str) -> int | None:
     )
 
 
-def decide(mode: str, source: str | Path, config: pruner.PruneConfig, dtype: str = "auto") -> Decision:
-    """Whether `perp prune` streams. `on`/`off` as asked (`on` fails with a usage error
+def decide(
+    mode: str, source: str | Path, config: pruner.PruneConfig | None = None, dtype: str = "auto", models: int = 1
+) -> Decision:
+    """Whether a command streams. `on`/`off` as asked (`on` fails with a usage error
     if the input cannot stream); `auto` streams a local safetensors checkpoint whose
-    weights would take more than half of the available memory."""
+    weights would take more than half of the available memory. `config`: a prune's
+    (`--scope global` cannot stream); `models`: how many models of this size the command
+    holds in memory when it does not stream (reconstruct: the pruned and the dense one)."""
     if mode not in STREAMING_MODES:
         raise UsageError(f"--streaming {mode!r} is not one of {', '.join(STREAMING_MODES)}")
     if mode == "off":
@@ -545,7 +856,7 @@ def decide(mode: str, source: str | Path, config: pruner.PruneConfig, dtype: str
         problem = f"{source} is not a local directory (streaming reads local safetensors)"
     elif not ((path / checkpoint.WEIGHTS_NAME).is_file() or (path / checkpoint.WEIGHTS_INDEX_NAME).is_file()):
         problem = f"{source} has no safetensors weights"
-    elif pruner.plan(config).scope == "global":
+    elif config is not None and pruner.plan(config).scope == "global":
         problem = "--scope global ranks the whole model at once"
     if mode == "on":
         if problem:
@@ -554,6 +865,7 @@ def decide(mode: str, source: str | Path, config: pruner.PruneConfig, dtype: str
     if problem:
         return Decision(False, f"not streaming: {problem}")
     size, free = weights_bytes(path, dtype), available_memory()
+    size = size * models if size is not None else None
     if size is None or free is None:
         return Decision(False, "not streaming: model size or available memory unknown")
     if size > AUTO_FRACTION * free:

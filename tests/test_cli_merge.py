@@ -93,3 +93,25 @@ def test_merge_on_llama_after_add_biases(tmp_path, work):
     adapters.attach_from_checkpoint(reference)
     with torch.no_grad():
         assert torch.allclose(model(IDS).logits, reference.model(IDS).logits, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["masklora", "lora-prune"])
+def test_streamed_merge_of_a_retrained_checkpoint_is_the_in_memory_merge(work, kind):
+    """`perp retrain` output (GPT-2: Conv1D, tied head), merged block by block: the same
+    tensors and masks, bit for bit, as the in-memory merge (tested per family and
+    adapter type in test_streaming_merge.py)."""
+    from safetensors.torch import load_file
+
+    src = retrained(work, kind)
+    memory, streamed = work["root"] / f"merged-{kind}", work["root"] / f"streamed-{kind}"
+    if not memory.exists():
+        assert run_cli("merge", src, "-o", memory, "-q").exit_code == 0
+    result = run_cli("merge", src, "-o", streamed, "--streaming", "on", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert "streaming (--streaming on)" in result.stderr and "no whole-model logits probe" in result.stderr
+    assert result.json()["streaming"] and result.json()["probe_relative_diff"] is None
+    for name in ("model.safetensors", "masks.safetensors"):
+        a, b = load_file(memory / name), load_file(streamed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    step = json.loads((streamed / "perp.json").read_text())["history"][-1]
+    assert step["args"]["streaming"] and step["results"]["checks"] == ["finite", "masks", "matrix_probe"]

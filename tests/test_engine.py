@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from perp_cli import arch, engine, tiny
+from perp_cli.activations import Placement
 
 from conftest import FAMILIES
 
@@ -29,16 +30,17 @@ def _last_block_output(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Te
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("offload", [False, True])
-def test_unmodified_pass_reproduces_the_model_forward(family: str, offload: bool) -> None:
+@pytest.mark.parametrize("offload", ["device", "host", "disk"])
+def test_unmodified_pass_reproduces_the_model_forward(family: str, offload: str, tmp_path) -> None:
     model = tiny.build_model(family)
     tokens = _tokens()
     before = {n: p.clone() for n, p in model.state_dict().items()}
+    where = {"device": False, "host": True, "disk": Placement(torch.device("cpu"), 0, tmp_path)}[offload]
     # batch size 2 over 5 windows: the last micro-batch is smaller, kwargs must broadcast
-    final = engine.calibrate(model, tokens, lambda s: None, batch_size=2, offload=offload)
+    final = engine.calibrate(model, tokens, lambda s: None, batch_size=2, offload=where)
     assert [h.shape[0] for h in final.hidden] == [2, 2, 1]
-    assert final.store == torch.device("cpu")
-    torch.testing.assert_close(torch.cat(final.hidden), _last_block_output(model, tokens), rtol=1e-5, atol=1e-5)
+    assert final.hidden.levels()["disk" if offload == "disk" else "device"] == 3  # on CPU the host is the device
+    torch.testing.assert_close(torch.cat(list(final.hidden)), _last_block_output(model, tokens), rtol=1e-5, atol=1e-5)
     # the engine never changes the model by itself
     assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())
 
@@ -59,7 +61,7 @@ def test_callbacks_see_every_token_and_can_run_other_modules() -> None:
         import copy
 
         dense = copy.deepcopy(s.block)
-        copies.append(torch.cat(s.inputs.run(dense)))
+        copies.append(torch.cat(list(s.inputs.run(dense))))
 
     engine.calibrate(model, tokens, step, batch_size=3)
     assert counts == {0: 4 * 16, 1: 4 * 16}
@@ -77,7 +79,7 @@ def test_next_inputs_come_from_the_modified_block() -> None:
 
     final = engine.calibrate(model, tokens, zero_fc2, batch_size=2)
     # the model with the same modification, run normally, gives the same last-block output
-    torch.testing.assert_close(torch.cat(final.hidden), _last_block_output(model, tokens), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(list(final.hidden)), _last_block_output(model, tokens), rtol=1e-5, atol=1e-5)
     assert all(float(b.fc2.weight.detach().abs().sum()) == 0 for b in arch.blocks(model))
 
 
@@ -111,4 +113,4 @@ def test_eager_attention_masks_broadcast_over_micro_batches(family: str) -> None
     inputs = engine.capture_inputs(model, tokens, batch_size=2)
     assert tuple(inputs.kwargs["attention_mask"].shape)[0] == 1  # caught from a one-window batch
     final = engine.run_blocks(model, inputs, lambda s: None)
-    torch.testing.assert_close(torch.cat(final.hidden), _last_block_output(model, tokens), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.cat(list(final.hidden)), _last_block_output(model, tokens), rtol=1e-5, atol=1e-5)

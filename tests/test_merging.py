@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from perp_cli import adapters, arch, mask, tiny
+from perp_cli import adapters, arch, mask, merging, tiny
 from perp_cli.checkpoint import mask_problems
 from perp_cli.errors import NumericalError, UsageError
 from perp_cli.mask import MaskSet
-from perp_cli.merging import merge_attached, merge_checkpoint, probe_batch
+from perp_cli.merging import merge_attached, merge_checkpoint, merge_matrix, probe_batch
 
 IDS = torch.randint(4, 260, (2, 20), generator=torch.Generator().manual_seed(3))
 
@@ -110,3 +110,48 @@ def test_probe_batch_is_fixed_and_within_vocab_and_positions():
     model = tiny.build_model("gpt2")
     a, b = probe_batch(model), probe_batch(model)
     assert torch.equal(a, b) and a.max() < 320 and a.shape[1] <= 256
+
+
+# ----------------------------------------------------------------------------- per-matrix check
+
+
+class _Unscaled(adapters.Adapter):
+    """A buggy merge: forgets the alpha/r scale (what the per-matrix probe must catch)."""
+
+    def effective_weight(self, weight, training=False):
+        w = self.product()
+        if self.masked(training):
+            w.mul_(self.mask)
+        return w.add_(weight).to(weight.dtype)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mixtral"])  # transposed layout; expert slices
+def test_merge_matrix_matches_a_float64_reference_and_is_chunk_independent(family, monkeypatch):
+    model, _, _ = trained(family, "masklora")
+    matrix, adapter = next(iter(adapters.attached_matrices(model).values()))
+    expected = matrix.weight().double() + adapter.scale * (adapter.lora_B.double() @ adapter.lora_A.double()) * adapter.mask
+    before = matrix.weight().clone()
+    monkeypatch.setattr(merging, "_PROBE_CHUNK", 7)  # several row chunks of one row each
+    rel = merge_matrix(matrix, adapter)
+    assert rel < 1e-6 and adapter.merged
+    assert torch.allclose(matrix.weight().double(), expected, atol=1e-6)
+    assert torch.equal(matrix.weight()[~adapter.mask], before[~adapter.mask])  # pruned weights stay exactly zero
+
+
+def test_merge_matrix_catches_a_wrong_merge():
+    model = tiny.build_model("opt")
+    masks = magnitude_masks(model)
+    m = arch.matrices(model)[0]
+    bad = _Unscaled("masklora", *m.shape, rank=4, alpha=8, mask=adapters.matrix_mask(m, masks))
+    with torch.no_grad():
+        bad.lora_B.normal_(generator=torch.Generator().manual_seed(2))
+    with pytest.raises(NumericalError, match="does not compute what W"):
+        merge_matrix(m, bad)
+
+
+def test_in_memory_report_lists_every_check():
+    model, masks, _ = trained("llama", "scalelora")
+    report = merge_attached(model, masks)
+    assert report.checks == ("finite", "masks", "matrix_probe", "logits_probe")
+    assert report.matrix_relative_diff <= report.tolerance
+    assert set(report.to_json()["checks"]) <= set(merging.CHECKS)

@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
-from perp_cli import checkpoint
+from perp_cli import checkpoint, streaming
 from perp_cli.cli.common import (
     AllowPickleOpt,
     DeviceOpt,
@@ -16,19 +17,23 @@ from perp_cli.cli.common import (
     OutputOpt,
     OverwriteOpt,
     QuietOpt,
-    TrustRemoteCodeOpt,
     SeedOpt,
+    TrustRemoteCodeOpt,
     emit_json,
 )
+from perp_cli.errors import UsageError
 from perp_cli.manifest import StepRecord
-from perp_cli.merging import merge_checkpoint
-from perp_cli.progress import console
+from perp_cli.merging import merge_checkpoint, merge_streamed
+from perp_cli.progress import console, make_progress
+from perp_cli.shards import parse_size
 
 
 def merge_cmd(
     model: ModelArg,
     output: OutputOpt,
     allow_densify: Annotated[bool, typer.Option("--allow-densify", help="Merge plain LoRA adapters into pruned matrices densely: the pruned weights fill in, no masks are written, and the resulting density is reported.")] = False,
+    streaming_mode: Annotated[str, typer.Option("--streaming", help="Read, merge and write one decoder block at a time (peak memory: one block and its adapters; same output, bit for bit): on, off, or auto = on when the weights would take more than half of the available memory. Needs a local safetensors checkpoint and --device cpu. The whole-model logits probe cannot run then; every merged matrix is still checked against W + Δ.")] = "auto",
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output weight file (5GB = 5*10^9 bytes, 2GiB = 2*2^30); bigger models are written as model-0000i-of-0000n.safetensors + model.safetensors.index.json.")] = "5GB",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
@@ -41,23 +46,41 @@ def merge_cmd(
     """Merge adapters written by `perp retrain` (masklora: W + s·(M⊙BA); scalelora: W ⊙ BA;
     lora-prune: W + M⊙(s·BA); lora: W + s·BA, only with --allow-densify).
 
-    Before writing, checks that no pruned weight became nonzero and that the merged
-    model's logits on a probe batch match the unmerged model's (float32: 1e-4 of the
-    largest logit). The output has the same masks and no adapter files.
+    Before writing, checks that no pruned weight became nonzero, that every merged matrix
+    W' gives W'x = Wx + Δx on fixed random vectors, and (without streaming) that the
+    merged model's logits on a probe batch match the unmerged model's (float32: 1e-4 of
+    the largest value). The output has the same masks and no adapter files.
     """
+    shard_bytes = parse_size(max_shard_size)
     checkpoint.check_output(output, inputs=[model], overwrite=overwrite)
-    ckpt = checkpoint.load(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code)
+    on_host = checkpoint.resolve_device(device).type == "cpu"
+    if not on_host and streaming_mode == "on":
+        raise UsageError(f"--streaming on merges on the host; use --device cpu (not {device}) or --streaming off")
+    decision = streaming.decide(streaming_mode if on_host else "off", model, None, dtype)
     step = StepRecord("merge", args={"model": model, "output": str(output), "allow_densify": allow_densify,
-                                     "dtype": dtype, "device": device}, input=model, seed=seed)
-    # the seed only draws the probe batch: the merge itself is deterministic arithmetic
-    report = merge_checkpoint(ckpt, allow_densify=allow_densify, seed=seed)
-    step.results = report.to_json()
-    masks = ckpt.masks if report.densified_density is None else None
-    checkpoint.save(output, ckpt.model, ckpt.tokenizer, masks, manifest_in=ckpt.manifest, step=step, overwrite=overwrite)
+                                     "dtype": dtype, "device": device, "streaming": decision.stream,
+                                     "max_shard_size": max_shard_size}, input=model, seed=seed)
+    # the seed only draws the probe inputs: the merge itself is deterministic arithmetic
+    if decision.stream:
+        if not quiet:
+            console.print(escape(decision.reason), soft_wrap=True)
+        ckpt = streaming.open_checkpoint(model, dtype=dtype, trust_remote_code=trust_remote_code,
+                                         lazy_masks=True, lazy_adapters=True)
+        with make_progress(quiet) as progress:
+            report = merge_streamed(ckpt, output, step, allow_densify=allow_densify, overwrite=overwrite,
+                                    max_shard_size=shard_bytes, seed=seed, progress=progress)
+    else:
+        ckpt = checkpoint.load(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
+                               trust_remote_code=trust_remote_code)
+        report = merge_checkpoint(ckpt, allow_densify=allow_densify, seed=seed)
+        step.results = report.to_json()
+        masks = ckpt.masks if report.densified_density is None else None
+        checkpoint.save(output, ckpt.model, ckpt.tokenizer, masks, manifest_in=ckpt.manifest, step=step,
+                        overwrite=overwrite, max_shard_size=shard_bytes)
 
     if json_out:
-        emit_json({"output": str(output), **report.to_json()})
+        skipped = step.results.get("checks_skipped", {})
+        emit_json({"output": str(output), **report.to_json(), "checks_skipped": skipped, "streaming": decision.stream})
     if not quiet:
         if report.densified_density is not None:
             console.print(
@@ -65,9 +88,14 @@ def merge_cmd(
                 "dense and the output has no masks",
                 soft_wrap=True,
             )
+        if report.relative_diff is not None:
+            probe = (f"probe logits max |Δ| {report.max_abs_diff:.3g} "
+                     f"(relative {report.relative_diff:.2g} ≤ {report.tolerance:g})")
+        else:
+            probe = (f"per-matrix probe relative Δ {report.matrix_relative_diff:.2g} ≤ {report.tolerance:g} "
+                     "(streamed: no whole-model logits probe)")
         console.print(
-            f"merged {report.tensors} {report.kind} adapters · probe logits max |Δ| {report.max_abs_diff:.3g} "
-            f"(relative {report.relative_diff:.2g} ≤ {report.tolerance:g}) · masks "
-            f"{'kept' if report.masks_kept else 'none'} → {output}",
+            f"merged {report.tensors} {report.kind} adapters · {probe} · masks "
+            f"{'kept' if report.masks_kept else 'none'} → {escape(str(output))}",
             soft_wrap=True,
         )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from perp_cli import checkpoint, streaming
+from perp_cli import activations, checkpoint, streaming
 from perp_cli.cli.common import (
     AllowPickleOpt,
     DeviceOpt,
@@ -47,7 +48,9 @@ def prune_cmd(
     damp: Annotated[float, typer.Option("--damp", help="SparseGPT damping, as a fraction of the Hessian's mean diagonal (raised x10 and retried if the Cholesky fails).")] = 0.01,
     blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT column block size (mask chosen per block; lazy updates between blocks).")] = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward micro-batch.")] = 8,
-    offload_activations: Annotated[bool, typer.Option("--offload-activations", help="Keep calibration activations on the host, one micro-batch at a time on the device.")] = False,
+    offload_activations: Annotated[bool, typer.Option("--offload-activations", help="Keep calibration activations on the host, one micro-batch at a time on the device (same as --max-memory 0).")] = False,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", help="Most device memory the calibration activations may take (e.g. 8GiB); the rest wait on the host, or on disk with --offload-dir. Same result, bit for bit. Default: no limit. On a CPU the host is the device: use --offload-dir.", show_default=False)] = None,
+    offload_dir: Annotated[Path | None, typer.Option("--offload-dir", help="Keep the calibration activations beyond --max-memory (all of them without it) in files in this directory, read back one micro-batch at a time: host memory then holds one block and one micro-batch. Files are removed when done.", show_default=False)] = None,
     streaming_mode: Annotated[str, typer.Option("--streaming", help="Read and write the weights one decoder block at a time (peak memory: one block plus the calibration activations; same output, bit for bit): on, off, or auto = on when the weights would take more than half of the available memory. Needs a local safetensors checkpoint; not with --scope global.")] = "auto",
     max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output weight file (5GB = 5*10^9 bytes, 2GiB = 2*2^30); bigger models are written as model-0000i-of-0000n.safetensors + model.safetensors.index.json.")] = "5GB",
     seed: SeedOpt = 0,
@@ -72,11 +75,13 @@ def prune_cmd(
         method=method, sparsity=sparsity, pattern=pattern, scope=scope, targets=targets, exclude=exclude,
         skip_indivisible=skip_indivisible, damp=damp, blocksize=blocksize, calib=calib, text_field=text_field,
         nsamples=nsamples, seqlen=seqlen, calib_concat=calib_concat, seed=seed, device=device,
-        batch_size=batch_size, offload_activations=offload_activations, quiet=quiet,
+        batch_size=batch_size, offload_activations=offload_activations, max_memory=max_memory,
+        offload_dir=None if offload_dir is None else str(offload_dir), quiet=quiet,
     )
     plan(config)  # usage errors before loading anything
     shard_bytes = parse_size(max_shard_size)
     checkpoint.check_output(output, inputs=[model], overwrite=overwrite)
+    activations.check_offload_dir(offload_dir, output, [model])
     decision = streaming.decide(streaming_mode, model, config, dtype)
     step = StepRecord("prune", args={**vars(config), "model": model, "output": str(output), "dtype": dtype,
                                      "streaming": decision.stream, "max_shard_size": max_shard_size}, input=model, seed=seed)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from perp_cli import checkpoint, data
+from perp_cli import activations, checkpoint, data, streaming
 from perp_cli.cli.common import (
     AllowPickleOpt,
     DeviceOpt,
@@ -31,6 +32,7 @@ from perp_cli.reconstruction import (
     dense_source,
     reconstruct,
 )
+from perp_cli.shards import parse_size
 
 
 def reconstruct_cmd(
@@ -54,7 +56,11 @@ def reconstruct_cmd(
     lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate (10% linear warmup, then linear decay to 0, restarted for every block).")] = 1e-3,
     warmup: Annotated[float, typer.Option("--warmup", help="Linear warmup, as a fraction of --steps-per-block, in [0, 1).")] = 0.1,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decoupled weight decay (pruned weights stay 0 regardless).")] = 0.0,
-    offload_activations: Annotated[bool, typer.Option("--offload-activations", help="Keep calibration activations and targets on the host, one micro-batch at a time on the device.")] = False,
+    offload_activations: Annotated[bool, typer.Option("--offload-activations", help="Keep calibration activations and targets on the host, one micro-batch at a time on the device (same as --max-memory 0).")] = False,
+    max_memory: Annotated[str | None, typer.Option("--max-memory", help="Most device memory the calibration activations, dense targets and block outputs may take together (e.g. 8GiB); the rest wait on the host, or on disk with --offload-dir. Same result, bit for bit. Default: no limit. On a CPU the host is the device: use --offload-dir.", show_default=False)] = None,
+    offload_dir: Annotated[Path | None, typer.Option("--offload-dir", help="Keep the activations beyond --max-memory (all of them without it) in files in this directory, read back one micro-batch at a time. Files are removed when done.", show_default=False)] = None,
+    streaming_mode: Annotated[str, typer.Option("--streaming", help="Read both models one decoder block at a time and write each reconstructed block at once (peak memory: a pruned and a dense block plus the calibration activations and targets; same output, bit for bit): on, off, or auto = on when the two models' weights would take more than half of the available memory. Needs local safetensors checkpoints (MODEL and --dense).")] = "auto",
+    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output weight file (5GB = 5*10^9 bytes, 2GiB = 2*2^30); bigger models are written as model-0000i-of-0000n.safetensors + model.safetensors.index.json.")] = "5GB",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -70,24 +76,41 @@ def reconstruct_cmd(
     so that the pruned block reproduces the dense block's output on the calibration
     activations (mean squared error). Only one pruned and one dense block are on the
     device at a time. A block that training makes worse keeps its pre-training state.
-    Masks never change; the output is a normal checkpoint (no adapter files).
+    Masks never change; the output is a normal checkpoint (no adapter files). With
+    --streaming (automatic when the two models would not fit in memory) only one pruned
+    and one dense block are in host memory at all, with the same result.
     """
     config = ReconstructConfig(
         train=train, adapter=adapter, adapter_targets=adapter_targets, rank=rank, alpha=alpha, add_biases=add_biases,
         target=target, steps_per_block=steps_per_block, batch_size=batch_size, lr=lr, warmup=warmup,
-        weight_decay=weight_decay, seed=seed, device=device, offload=offload_activations, quiet=quiet,
+        weight_decay=weight_decay, seed=seed, device=device, offload=offload_activations, max_memory=max_memory,
+        offload_dir=None if offload_dir is None else str(offload_dir), quiet=quiet,
     )
     config.validate()  # usage errors before loading anything
     if nsamples < 1:
         raise UsageError(f"--nsamples must be at least 1, got {nsamples}")
+    shard_bytes = parse_size(max_shard_size)
     checkpoint.check_output(output, inputs=[model] + ([dense] if dense else []), overwrite=overwrite)
-    ckpt = checkpoint.load(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code, need_tokenizer=True)
+    activations.check_offload_dir(offload_dir, output, [model] + ([dense] if dense else []))
+    decision = streaming.decide(streaming_mode, model, dtype=dtype, models=2)  # the dense model has the same shapes
+    if decision.stream:
+        if not quiet:
+            console.print(escape(decision.reason), soft_wrap=True)
+        ckpt = streaming.open_checkpoint(model, dtype=dtype, trust_remote_code=trust_remote_code, need_tokenizer=True, lazy_masks=True)
+    else:
+        ckpt = checkpoint.load(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
+                               trust_remote_code=trust_remote_code, need_tokenizer=True)
     dense_dir = dense_source(ckpt, dense)
     if dense is None:
         checkpoint.check_output(output, inputs=[model, dense_dir], overwrite=overwrite)
-    reference = checkpoint.load(dense_dir, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
-                                trust_remote_code=trust_remote_code, need_tokenizer=False)
+    if decision.stream:
+        try:
+            reference = streaming.open_checkpoint(dense_dir, dtype=dtype, trust_remote_code=trust_remote_code, lazy_masks=True)
+        except UsageError as exc:
+            raise UsageError(f"--dense: {exc}; or use --streaming off") from exc
+    else:
+        reference = checkpoint.load(dense_dir, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
+                                    trust_remote_code=trust_remote_code, need_tokenizer=False)
     check_compatible(ckpt.model, reference.model)
 
     length = data.default_seqlen(ckpt.model, seqlen)
@@ -99,16 +122,23 @@ def reconstruct_cmd(
         "rank": rank, "alpha": alpha, "calib": calib, "text_field": text_field, "nsamples": nsamples, "seqlen": length,
         "calib_concat": calib_concat, "steps_per_block": steps_per_block, "batch_size": batch_size, "lr": lr,
         "warmup": warmup, "schedule": "linear", "weight_decay": weight_decay,
-        "offload_activations": offload_activations, "device": device, "dtype": dtype,
+        "offload_activations": offload_activations, "max_memory": max_memory,
+        "offload_dir": None if offload_dir is None else str(offload_dir), "device": device, "dtype": dtype,
+        "streaming": decision.stream, "max_shard_size": max_shard_size,
     }
     step = StepRecord("reconstruct", args=args, input=model, seed=seed)
-    outcome = reconstruct(ckpt, reference.model, tokens, config)
     step.data = {**data.describe_tokens(source, tokens), "seqlen": length, "concat": calib_concat}
-    step.results = results = outcome.results()
-    checkpoint.save(output, ckpt.model, ckpt.tokenizer, ckpt.masks, manifest_in=ckpt.manifest, step=step, overwrite=overwrite)
+    if decision.stream:
+        streaming.reconstruct(ckpt, reference, output, config, tokens, step, overwrite=overwrite, max_shard_size=shard_bytes)
+        results = step.results
+    else:
+        step.results = results = reconstruct(ckpt, reference.model, tokens, config).results()
+        checkpoint.save(output, ckpt.model, ckpt.tokenizer, ckpt.masks, manifest_in=ckpt.manifest, step=step,
+                        overwrite=overwrite, max_shard_size=shard_bytes)
 
     if json_out:
-        emit_json({"output": str(output), "dense": dense_dir, **results, "calibration": step.data})
+        emit_json({"output": str(output), "dense": dense_dir, **results, "calibration": step.data,
+                   "streaming": decision.stream, "shards": results.get("streaming")})
     if not quiet:
         _render(results, dense_dir, str(output))
 

@@ -1,0 +1,128 @@
+"""Peak host memory of `perp reconstruct` and `perp merge`, streamed against in memory.
+
+    python bench/stream_memory.py                      # 8 blocks, hidden 1024, fp32 (~640 MiB of weights)
+    python bench/stream_memory.py --layers 16          # deeper: the streamed peak should not move
+    python bench/stream_memory.py --only merge         # one of the two commands
+
+A LLaMA-shaped model with random float32 weights is written shard by shard
+(`bench/prune_memory.py`'s `write_model`), pruned to 50% by magnitude with
+`--streaming on`, and given MaskLoRA adapters by a one-step `perp retrain` (setup, not
+measured). Then each measured command runs twice in a fresh child process, with
+`--streaming off` and `--streaming on`, and the table shows each child's peak RSS
+(`ru_maxrss`, and `VmHWM` as a cross-check) next to the size of the weights. The two
+outputs of each command are compared tensor by tensor: they must be bit-identical.
+Everything is deleted afterwards unless `--keep`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import prune_memory  # noqa: E402  (write_model, run_child: the same model and measurement)
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPUS = ROOT / "perp_cli" / "demo" / "corpus.txt"
+
+
+def same_tensors(a: Path, b: Path) -> bool:
+    """Every weight tensor of two checkpoints equal, bit for bit (in a child: this process never imports torch)."""
+    code = (
+        "import glob, sys, torch\nfrom safetensors.torch import load_file\n"
+        "def w(d):\n    out = {}\n    [out.update(load_file(f)) for f in sorted(glob.glob(d + '/model*.safetensors'))]\n    return out\n"
+        "a, b = w(sys.argv[1]), w(sys.argv[2])\n"
+        "print(int(a.keys() == b.keys() and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(a), str(b)], capture_output=True, text=True, check=True)
+    return out.stdout.strip() == "1"
+
+
+def perp(*args: str) -> None:
+    """A setup step (not measured)."""
+    code, _, _, _, _ = prune_memory.run_child(["perp", *args])
+    if code != 0:
+        raise SystemExit(f"setup step `perp {args[0]}` failed with exit code {code}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=8, help="decoder blocks")
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size")
+    parser.add_argument("--intermediate", type=int, default=2816, help="MLP size")
+    parser.add_argument("--heads", type=int, default=16, help="attention heads")
+    parser.add_argument("--kv-heads", type=int, default=16, help="key/value heads")
+    parser.add_argument("--vocab", type=int, default=32000, help="vocabulary (embeddings and an untied head)")
+    parser.add_argument("--shard-size", type=int, default=200_000_000, help="bytes per input and output shard")
+    parser.add_argument("--nsamples", type=int, default=16, help="reconstruction calibration windows")
+    parser.add_argument("--seqlen", type=int, default=128, help="tokens per window")
+    parser.add_argument("--steps", type=int, default=5, help="reconstruction steps per block")
+    parser.add_argument("--only", choices=["reconstruct", "merge"], default=None, help="measure one command only")
+    parser.add_argument("--workdir", type=Path, default=None, help="where to write the models (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the models and outputs")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="perp-stream-memory-", dir=args.workdir))
+    try:
+        dense, pruned, adapted = work / "dense", work / "pruned", work / "adapted"
+        dense.mkdir()
+        shape = {k: v for k, v in vars(args).items() if k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "shard_size")}
+        written = subprocess.run([sys.executable, prune_memory.__file__, "--write-model", str(dense), json.dumps(shape)],
+                                 stdout=subprocess.PIPE, text=True, check=True)
+        params, on_disk = (json.loads(written.stdout)[k] for k in ("params", "bytes"))
+        shard = ["--max-shard-size", str(args.shard_size)]
+        print(f"model: {params / 1e6:.0f}M parameters, {on_disk / 2**20:.0f} MiB float32; setting up ...", file=sys.stderr, flush=True)
+        perp("prune", str(dense), "-o", str(pruned), "--method", "magnitude", "--sparsity", "0.5", "--streaming", "on", *shard, "-q")
+        calib = ["--calib", str(CORPUS), "--calib-concat", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+                 "--batch-size", "4", "--device", "cpu", "-q"]
+        commands = {
+            "reconstruct": ["reconstruct", str(pruned), "--dense", str(dense), *calib, "--steps-per-block", str(args.steps), "--train", "norms", *shard],
+            "merge": ["merge", str(adapted), *shard, "-q"],
+        }
+        if args.only != "reconstruct":
+            perp("retrain", str(pruned), "-o", str(adapted), "--train", "none", "--adapter", "masklora", "--data", str(CORPUS),
+                 "--steps", "1", "--batch-size", "1", "--seqlen", "32", "--device", "cpu", "-q")
+        _, baseline, _, _, _ = prune_memory.run_child(["import"])
+        rows = []
+        for name, argv in commands.items():
+            if args.only and name != args.only:
+                continue
+            outs = {}
+            for mode in ("off", "on"):
+                out = work / f"{name}-{mode}"
+                print(f"{name} --streaming {mode} ...", file=sys.stderr, flush=True)
+                code, peak, hwm, seconds, _ = prune_memory.run_child(["perp", *argv, "-o", str(out), "--streaming", mode])
+                if code != 0:
+                    raise SystemExit(f"perp {name} --streaming {mode} failed with exit code {code}")
+                outs[mode] = out
+                rows.append((name, mode, peak, hwm, seconds))
+            rows.append((name, "identical", same_tensors(outs["off"], outs["on"]), None, None))
+
+        mib = 2**20
+        print()
+        print(f"model: LLaMA {args.layers} x (hidden {args.hidden}, mlp {args.intermediate}), vocab {args.vocab}: "
+              f"{params / 1e6:.0f}M parameters, {on_disk / mib:.0f} MiB float32 on disk; imports alone {baseline:.0f} MiB")
+        print(f"reconstruct: --train norms + MaskLoRA, {args.nsamples} x {args.seqlen} tokens, {args.steps} steps per block; "
+              f"merge: MaskLoRA r16 on every matrix")
+        print()
+        print("| command | streaming | peak RSS, ru_maxrss (MiB) | VmHWM (MiB) | peak / weights of one model | wall time (s) |")
+        print("|---|---|---:|---:|---:|---:|")
+        for name, mode, peak, hwm, seconds in rows:
+            if mode == "identical":
+                print(f"| {name} | outputs bit-identical: {'yes' if peak else 'NO'} | | | | |")
+            else:
+                print(f"| {name} | {mode} | {peak:.0f} | {hwm or 0:.0f} | {peak * mib / on_disk:.2f} | {seconds:.0f} |")
+    finally:
+        if args.keep:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
