@@ -463,9 +463,17 @@ def write_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict
     """Write already bit-packed masks (`mask.pack_bits`) as `masks.safetensors`; return its
     sha256. (Streaming spools packed masks to disk instead and writes the same header,
     `masks_metadata`, around them.)"""
-    file = path / MASKS_NAME
-    save_file(packed, str(file), metadata=masks_metadata(pattern, shapes))
-    return sha256_file(file)
+    # perp's own safetensors writer, not `save_file`: safetensors writes the metadata in a
+    # per-process random order, which made the same masks hash differently on every run
+    from perp_cli.shards import ShardWriter  # shards imports this module
+
+    names = sorted(packed)
+    layout = {n: (torch.uint8, tuple(packed[n].shape)) for n in names}
+    writer = ShardWriter(path, layout, 1 << 62, metadata=masks_metadata(pattern, shapes), single_name=MASKS_NAME)
+    for n in names:
+        writer.write(n, packed[n])
+    writer.close()
+    return sha256_file(path / MASKS_NAME)
 
 
 def masks_metadata(pattern: Pattern, shapes: dict[str, list[int]]) -> dict[str, str]:

@@ -277,7 +277,9 @@ def test_out_of_disk_is_a_clear_error_and_leaves_nothing(tiny_dir: Path, tmp_pat
     def full_disk(*a, **k):
         raise OSError(_errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(checkpoint, "save_file", full_disk)
+    from perp_cli import shards
+
+    monkeypatch.setattr(shards.ShardWriter, "write", full_disk)  # the masks are written with it
     with pytest.raises(CheckpointError, match="out of disk space"):
         checkpoint.save(tmp_path / "o", ckpt.model, ckpt.tokenizer, masks, ckpt.manifest, _step())
     assert not (tmp_path / "o").exists() and list(tmp_path.glob(".o*")) == []

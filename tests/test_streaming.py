@@ -73,6 +73,9 @@ def _assert_same_checkpoint(memory: Path, streamed: Path, sum_a: dict, sum_b: di
     ma, mb = (json.loads((d / "perp.json").read_text()) for d in (memory, streamed))
     assert ma["sparsity"] == mb["sparsity"] and ma["pattern"] == mb["pattern"]
     assert _metadata(memory / "masks.safetensors") == _metadata(streamed / "masks.safetensors")
+    # one writer for both paths: the same bytes, so the manifests carry the same hash
+    assert (memory / "masks.safetensors").read_bytes() == (streamed / "masks.safetensors").read_bytes()
+    assert ma["masks_sha256"] == mb["masks_sha256"]
     assert not list(streamed.glob(".*"))  # no scratch file (the mask spool) left behind
     assert ma["history"][-1]["results"]["sparsity_achieved"] == mb["history"][-1]["results"]["sparsity_achieved"]
     assert ma["history"][-1]["data"] == mb["history"][-1]["data"]
