@@ -67,3 +67,17 @@ def test_already_pruned_weights_stay_pruned_and_are_counted_first() -> None:
     assert prune_mask(scores, 0.25, "matrix", old3).tolist() == [[True, False, True, True]]
     assert nm_prune_mask(scores, 2, 4, old).tolist() == [[True, True, False, False]]
     assert global_prune_masks({"x": scores}, 0.25, {"x": old3})["x"].tolist() == [[True, False, True, True]]
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 6), cols=st.integers(1, 40), levels=st.sampled_from([2, 5, 1000, 0]),
+       sparsity=st.floats(0, 0.99), seed=st.integers(0, 2**16))
+def test_row_masks_equal_the_first_k_of_a_stable_sort(rows: int, cols: int, levels: int, sparsity: float, seed: int) -> None:
+    # few distinct values (many ties, the cumsum path) and continuous ones (the fast path)
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, levels, (rows, cols), generator=g).float() if levels else torch.rand(rows, cols, generator=g)
+    k = prune_count(cols, sparsity)
+    expected = torch.zeros(rows, cols, dtype=torch.bool)
+    order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+    expected.scatter_(1, order, True)
+    assert torch.equal(prune_mask(scores, sparsity, "row"), expected)
