@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli, save_tiny, shared_path
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from perp_cli import arch, checkpoint, streaming, tiny

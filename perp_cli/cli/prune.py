@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -12,11 +11,15 @@ from rich.table import Table
 
 from perp_cli import activations, checkpoint, streaming
 from perp_cli.cli.common import (
+    ActivationDirOpt,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    MaxMemoryOpt,
+    MaxShardSizeOpt,
     ModelArg,
+    OffloadActivationsOpt,
     OutputOpt,
     OverwriteOpt,
     QuietOpt,
@@ -48,11 +51,11 @@ def prune_cmd(
     damp: Annotated[float, typer.Option("--damp", help="SparseGPT damping, as a fraction of the Hessian's mean diagonal (raised x10 and retried if the Cholesky fails).")] = 0.01,
     blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT column block size (mask chosen per block; lazy updates between blocks).")] = 128,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward micro-batch.")] = 8,
-    offload_activations: Annotated[bool, typer.Option("--offload-activations", help="Keep calibration activations on the host, one micro-batch at a time on the device (same as --max-memory 0).")] = False,
-    max_memory: Annotated[str | None, typer.Option("--max-memory", help="Most device memory the calibration activations may take (e.g. 8GiB); the rest wait on the host, or on disk with --offload-dir. Same result, bit for bit. Default: no limit. On a CPU the host is the device: use --offload-dir.", show_default=False)] = None,
-    offload_dir: Annotated[Path | None, typer.Option("--offload-dir", help="Keep the calibration activations beyond --max-memory (all of them without it) in files in this directory, read back one micro-batch at a time: host memory then holds one block and one micro-batch. Files are removed when done.", show_default=False)] = None,
+    offload_activations: OffloadActivationsOpt = False,
+    max_memory: MaxMemoryOpt = None,
+    offload_dir: ActivationDirOpt = None,
     streaming_mode: Annotated[str, typer.Option("--streaming", help="Read and write the weights one decoder block at a time (peak memory: one block plus the calibration activations; same output, bit for bit): on, off, or auto = on when the weights would take more than half of the available memory. Needs a local safetensors checkpoint; not with --scope global.")] = "auto",
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output weight file (5GB = 5*10^9 bytes, 2GiB = 2*2^30); bigger models are written as model-0000i-of-0000n.safetensors + model.safetensors.index.json.")] = "5GB",
+    max_shard_size: MaxShardSizeOpt = "5GB",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",

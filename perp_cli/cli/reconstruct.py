@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -11,11 +10,15 @@ from rich.table import Table
 
 from perp_cli import activations, checkpoint, data, streaming
 from perp_cli.cli.common import (
+    ActivationDirOpt,
     AllowPickleOpt,
     DeviceOpt,
     DtypeOpt,
     JsonOpt,
+    MaxMemoryOpt,
+    MaxShardSizeOpt,
     ModelArg,
+    OffloadActivationsOpt,
     OutputOpt,
     OverwriteOpt,
     QuietOpt,
@@ -56,11 +59,11 @@ def reconstruct_cmd(
     lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate (10% linear warmup, then linear decay to 0, restarted for every block).")] = 1e-3,
     warmup: Annotated[float, typer.Option("--warmup", help="Linear warmup, as a fraction of --steps-per-block, in [0, 1).")] = 0.1,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decoupled weight decay (pruned weights stay 0 regardless).")] = 0.0,
-    offload_activations: Annotated[bool, typer.Option("--offload-activations", help="Keep calibration activations and targets on the host, one micro-batch at a time on the device (same as --max-memory 0).")] = False,
-    max_memory: Annotated[str | None, typer.Option("--max-memory", help="Most device memory the calibration activations, dense targets and block outputs may take together (e.g. 8GiB); the rest wait on the host, or on disk with --offload-dir. Same result, bit for bit. Default: no limit. On a CPU the host is the device: use --offload-dir.", show_default=False)] = None,
-    offload_dir: Annotated[Path | None, typer.Option("--offload-dir", help="Keep the activations beyond --max-memory (all of them without it) in files in this directory, read back one micro-batch at a time. Files are removed when done.", show_default=False)] = None,
+    offload_activations: OffloadActivationsOpt = False,
+    max_memory: MaxMemoryOpt = None,
+    offload_dir: ActivationDirOpt = None,
     streaming_mode: Annotated[str, typer.Option("--streaming", help="Read both models one decoder block at a time and write each reconstructed block at once (peak memory: a pruned and a dense block plus the calibration activations and targets; same output, bit for bit): on, off, or auto = on when the two models' weights would take more than half of the available memory. Needs local safetensors checkpoints (MODEL and --dense).")] = "auto",
-    max_shard_size: Annotated[str, typer.Option("--max-shard-size", help="Largest output weight file (5GB = 5*10^9 bytes, 2GiB = 2*2^30); bigger models are written as model-0000i-of-0000n.safetensors + model.safetensors.index.json.")] = "5GB",
+    max_shard_size: MaxShardSizeOpt = "5GB",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
