@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from perp_cli import arch
 from perp_cli.errors import CheckpointError, NumericalError, UsageError, raise_if_signalled
 from perp_cli.manifest import FORMAT_VERSION, MANIFEST_NAME, StepRecord, empty_manifest, sha256_file
-from perp_cli.mask import MaskSet, Pattern, nm_violations, nonzeros_outside, pack_bits, unpack_bits
+from perp_cli.mask import MaskSet, Pattern, nm_violations, nonzeros_outside, pack_bits
 
 MASKS_NAME = "masks.safetensors"
 ADAPTERS_NAME = "adapters.safetensors"
@@ -139,25 +138,14 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
 
 
 def read_masks(path: Path, manifest: dict[str, Any] | None) -> MaskSet | None:
-    """Read and unpack `masks.safetensors`, checking its hash against the manifest."""
-    file = path / MASKS_NAME
-    if not file.is_file():
-        if manifest and manifest.get("masks_sha256"):
-            raise CheckpointError(f"{path} lists a mask hash in {MANIFEST_NAME} but {MASKS_NAME} is missing")
+    """Read and unpack `masks.safetensors`, checking its hash against the manifest (the
+    same reader a streamed step uses a block at a time)."""
+    from perp_cli.shards import MaskReader  # shards imports this module
+
+    reader = MaskReader.open(path, manifest)
+    if reader is None:
         return None
-    expected = (manifest or {}).get("masks_sha256")
-    if expected and sha256_file(file) != expected:
-        raise CheckpointError(f"{file} does not match the sha256 recorded in {MANIFEST_NAME} (corrupt or replaced)")
-    try:
-        with safe_open(str(file), framework="pt") as f:
-            meta = f.metadata() or {}
-            shapes = json.loads(meta.get("shapes", "{}"))
-            masks = {name: unpack_bits(f.get_tensor(name), shapes[name]) for name in f.keys()}
-    except Exception as exc:  # safetensors raises several types for a corrupt file
-        raise CheckpointError(f"{file} cannot be read: {_first_line(exc)}") from exc
-    if int(meta.get("format_version", "0")) > FORMAT_VERSION:
-        raise CheckpointError(f"{file} has a newer format version {meta.get('format_version')}; upgrade perp")
-    return MaskSet(masks, Pattern.parse(meta.get("pattern", "unstructured")))
+    return MaskSet(reader.read(sorted(reader.stored)), reader.pattern)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -30,14 +30,16 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from safetensors import safe_open
 from torch import nn
 
-from perp_cli.checkpoint import WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from perp_cli.checkpoint import MASKS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from perp_cli.errors import CheckpointError, UsageError
+from perp_cli.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256_file
+from perp_cli.mask import MaskSet, Pattern, unpack_bits
 
 # safetensors dtype codes (the header's "dtype" field)
 DTYPE_CODES: dict[torch.dtype, str] = {
@@ -355,3 +357,72 @@ class ShardWriter:
             if keys != {n for n, s in self.slots.items() if s.file == file}:
                 raise CheckpointError(f"{file} does not read back with the planned tensors")
         return weight_map
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def read_metadata(file: Path) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file, from its header (no mmap, no data)."""
+    try:
+        with open(file, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000:
+                raise ValueError("header larger than 100 MB")
+            return json.loads(f.read(length)).get("__metadata__") or {}
+    except (OSError, ValueError, struct.error) as exc:
+        raise CheckpointError(f"{file} cannot be read: {exc}") from exc
+
+
+class MaskReader:
+    """`masks.safetensors` read a few masks at a time.
+
+    `checkpoint.read_masks` reads them all through it. A streamed step keeps every input
+    mask; unpacked to bool they would take a quarter of a float32 model, so it reads (and
+    unpacks) each block's masks only while the block is in memory. The file's hash is
+    checked against the manifest once, when it is opened; the header must give every
+    mask a shape and the right number of bytes.
+    """
+
+    def __init__(self, file: Path, stored: dict[str, StoredTensor], shapes: dict[str, list[int]], pattern: Pattern) -> None:
+        self.file = file
+        self.stored = stored
+        self.shapes = shapes
+        self.pattern = pattern
+
+    @classmethod
+    def open(cls, directory: Path, manifest: dict[str, Any] | None) -> MaskReader | None:
+        file = directory / MASKS_NAME
+        if not file.is_file():
+            if manifest and manifest.get("masks_sha256"):
+                raise CheckpointError(f"{directory} lists a mask hash in {MANIFEST_NAME} but {MASKS_NAME} is missing")
+            return None
+        expected = (manifest or {}).get("masks_sha256")
+        if expected and sha256_file(file) != expected:
+            raise CheckpointError(f"{file} does not match the sha256 recorded in {MANIFEST_NAME} (corrupt or replaced)")
+        stored, meta = read_header(file), read_metadata(file)
+        if int(meta.get("format_version", "0")) > FORMAT_VERSION:
+            raise CheckpointError(f"{file} has a newer format version {meta.get('format_version')}; upgrade perp")
+        try:
+            shapes = {n: [int(d) for d in s] for n, s in json.loads(meta.get("shapes", "{}")).items()}
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{file} cannot be read: bad shapes metadata ({exc})") from exc
+        for name, t in stored.items():
+            if name not in shapes or t.nbytes != (nbytes(torch.bool, shapes[name]) + 7) // 8:
+                raise CheckpointError(f"{file} cannot be read: mask {name} has no shape or the wrong number of bytes")
+        return cls(file, stored, shapes, Pattern.parse(meta.get("pattern", "unstructured")))
+
+    def placeholders(self) -> MaskSet:
+        """Every mask as a meta-device bool tensor of its shape (names sorted)."""
+        return MaskSet({n: torch.empty(self.shapes[n], dtype=torch.bool, device="meta") for n in sorted(self.stored)}, self.pattern)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named masks, unpacked (bool, in the parameters' layout)."""
+        out = {}
+        try:
+            with open(self.file, "rb", buffering=0) as f:
+                for name in names:
+                    out[name] = unpack_bits(read_tensor(f, self.stored[name]), self.shapes[name])
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {self.file}: {exc.strerror or exc}") from exc
+        return out

@@ -44,7 +44,6 @@ import hashlib
 import json
 import os
 import shutil
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -58,6 +57,7 @@ from perp_cli.errors import CheckpointError, NumericalError, UsageError
 from perp_cli.manifest import MANIFEST_NAME, StepRecord, empty_manifest, sha256_file
 from perp_cli.mask import MaskSet, Pattern, pack_bits
 from perp_cli.shards import (
+    MaskReader,
     ShardReader,
     ShardWriter,
     StoredTensor,
@@ -530,71 +530,6 @@ def prune(
 # `perp reconstruct --streaming`: the pruned model and the dense reference are both
 # skeletons. Pruned block i (with its masks) and dense block i are read for block i's
 # step only; the reconstructed block is written as soon as it is propagated.
-
-
-def _read_metadata(file: Path) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file, from its header (no mmap, no data)."""
-    try:
-        with open(file, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100_000_000:
-                raise ValueError("header larger than 100 MB")
-            return json.loads(f.read(length)).get("__metadata__") or {}
-    except (OSError, ValueError, struct.error) as exc:
-        raise CheckpointError(f"{file} cannot be read: {exc}") from exc
-
-
-class MaskReader:
-    """`masks.safetensors` read a few masks at a time.
-
-    A streamed reconstruct keeps every input mask; unpacked to bool they would take a
-    quarter of a float32 model, so each block's masks are read (and unpacked) only while
-    the block is in memory. The file's hash is checked against the manifest once, when
-    it is opened, as `checkpoint.read_masks` does.
-    """
-
-    def __init__(self, file: Path, stored: dict[str, StoredTensor], shapes: dict[str, list[int]], pattern: Pattern) -> None:
-        self.file = file
-        self.stored = stored
-        self.shapes = shapes
-        self.pattern = pattern
-
-    @classmethod
-    def open(cls, directory: Path, manifest: dict[str, Any] | None) -> MaskReader | None:
-        file = directory / checkpoint.MASKS_NAME
-        if not file.is_file():
-            if manifest and manifest.get("masks_sha256"):
-                raise CheckpointError(f"{directory} lists a mask hash in {MANIFEST_NAME} but {checkpoint.MASKS_NAME} is missing")
-            return None
-        expected = (manifest or {}).get("masks_sha256")
-        if expected and sha256_file(file) != expected:
-            raise CheckpointError(f"{file} does not match the sha256 recorded in {MANIFEST_NAME} (corrupt or replaced)")
-        stored, meta = read_header(file), _read_metadata(file)
-        if int(meta.get("format_version", "0")) > checkpoint.FORMAT_VERSION:
-            raise CheckpointError(f"{file} has a newer format version {meta.get('format_version')}; upgrade perp")
-        try:
-            shapes = {n: [int(d) for d in s] for n, s in json.loads(meta.get("shapes", "{}")).items()}
-        except (ValueError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{file} cannot be read: bad shapes metadata ({exc})") from exc
-        for name, t in stored.items():
-            if name not in shapes or t.nbytes != (shards.nbytes(torch.bool, shapes[name]) + 7) // 8:
-                raise CheckpointError(f"{file} cannot be read: mask {name} has no shape or the wrong number of bytes")
-        return cls(file, stored, shapes, Pattern.parse(meta.get("pattern", "unstructured")))
-
-    def placeholders(self) -> MaskSet:
-        """Every mask as a meta-device bool tensor of its shape (names sorted)."""
-        return MaskSet({n: torch.empty(self.shapes[n], dtype=torch.bool, device="meta") for n in sorted(self.stored)}, self.pattern)
-
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named masks, unpacked (bool, in the parameters' layout)."""
-        out = {}
-        try:
-            with open(self.file, "rb", buffering=0) as f:
-                for name in names:
-                    out[name] = mask.unpack_bits(read_tensor(f, self.stored[name]), self.shapes[name])
-        except OSError as exc:
-            raise CheckpointError(f"cannot read {self.file}: {exc.strerror or exc}") from exc
-        return out
 
 
 class ReconstructStream(BlockStream):
