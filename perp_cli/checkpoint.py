@@ -295,19 +295,12 @@ def _load_tokenizer(where: str, trust_remote_code: bool, required: bool) -> Any:
 
 
 def _read_adapters(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
-    tensors_file, config_file = path / ADAPTERS_NAME, path / ADAPTERS_CONFIG_NAME
-    if not tensors_file.is_file() and not config_file.is_file():
-        return None, None
-    if not (tensors_file.is_file() and config_file.is_file()):
-        raise CheckpointError(f"{path} has only one of {ADAPTERS_NAME} and {ADAPTERS_CONFIG_NAME}")
-    try:
-        from safetensors.torch import load_file
+    from perp_cli.shards import AdapterReader  # shards imports this module
 
-        tensors = load_file(str(tensors_file))
-        config = json.loads(config_file.read_text())
-    except Exception as exc:
-        raise CheckpointError(f"cannot read adapters in {path}: {_first_line(exc)}") from exc
-    return tensors, config
+    reader = AdapterReader.open(path)
+    if reader is None:
+        return None, None
+    return reader.read(sorted(reader.stored)), reader.config
 
 
 def check_finite(model: nn.Module, where: str) -> None:

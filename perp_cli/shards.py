@@ -36,7 +36,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from perp_cli.checkpoint import MASKS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
+from perp_cli.checkpoint import ADAPTERS_CONFIG_NAME, ADAPTERS_NAME, MASKS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from perp_cli.errors import CheckpointError, UsageError
 from perp_cli.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256_file
 from perp_cli.mask import MaskSet, Pattern, unpack_bits
@@ -423,6 +423,54 @@ class MaskReader:
             with open(self.file, "rb", buffering=0) as f:
                 for name in names:
                     out[name] = unpack_bits(read_tensor(f, self.stored[name]), self.shapes[name])
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {self.file}: {exc.strerror or exc}") from exc
+        return out
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+class AdapterReader:
+    """`adapters.safetensors` read a few adapters at a time; `adapters.json` at open.
+
+    `checkpoint.load` reads every adapter through it at once; a streamed merge holds only
+    block i's.
+    Opening reads the header alone (names, dtypes, shapes), which is enough to check
+    every adapter against the model before any work.
+    """
+
+    def __init__(self, file: Path, stored: dict[str, StoredTensor], config: Any) -> None:
+        self.file = file
+        self.stored = stored
+        self.config = config
+
+    @classmethod
+    def open(cls, directory: Path) -> AdapterReader | None:
+        """The reader of `directory`'s adapters, None when it has none (errors as
+        `checkpoint._read_adapters` raises them)."""
+        tensors_file, config_file = directory / ADAPTERS_NAME, directory / ADAPTERS_CONFIG_NAME
+        if not tensors_file.is_file() and not config_file.is_file():
+            return None
+        if not (tensors_file.is_file() and config_file.is_file()):
+            raise CheckpointError(f"{directory} has only one of {ADAPTERS_NAME} and {ADAPTERS_CONFIG_NAME}")
+        try:
+            config = json.loads(config_file.read_text())
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot read adapters in {directory}: {exc}") from exc
+        return cls(tensors_file, read_header(tensors_file), config)
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        t = self.stored.get(name)
+        return None if t is None else t.shape
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """The named adapter tensors, as stored (float32 when perp wrote them)."""
+        out = {}
+        try:
+            with open(self.file, "rb", buffering=0) as f:
+                for name in names:
+                    out[name] = read_tensor(f, self.stored[name])
         except OSError as exc:
             raise CheckpointError(f"cannot read {self.file}: {exc.strerror or exc}") from exc
         return out

@@ -57,6 +57,7 @@ from perp_cli.errors import CheckpointError, NumericalError, UsageError
 from perp_cli.manifest import MANIFEST_NAME, StepRecord, empty_manifest, sha256_file
 from perp_cli.mask import MaskSet, Pattern, pack_bits
 from perp_cli.shards import (
+    AdapterReader,
     MaskReader,
     ShardReader,
     ShardWriter,
@@ -673,50 +674,6 @@ def reconstruct(
 # `perp merge --streaming` (the merge itself is `perp_cli.merging.merge_streamed`): block
 # i's weights, masks and adapters are read for block i's step only, and the merged block
 # is verified and written at once, as a streamed reconstruct writes its blocks.
-
-
-class AdapterReader:
-    """`adapters.safetensors` read a few adapters at a time; `adapters.json` at open.
-
-    `checkpoint.load` reads every adapter at once; a streamed merge holds only block i's.
-    Opening reads the header alone (names, dtypes, shapes), which is enough to check
-    every adapter against the model before any work.
-    """
-
-    def __init__(self, file: Path, stored: dict[str, StoredTensor], config: Any) -> None:
-        self.file = file
-        self.stored = stored
-        self.config = config
-
-    @classmethod
-    def open(cls, directory: Path) -> AdapterReader | None:
-        """The reader of `directory`'s adapters, None when it has none (errors as
-        `checkpoint._read_adapters` raises them)."""
-        tensors_file, config_file = directory / checkpoint.ADAPTERS_NAME, directory / checkpoint.ADAPTERS_CONFIG_NAME
-        if not tensors_file.is_file() and not config_file.is_file():
-            return None
-        if not (tensors_file.is_file() and config_file.is_file()):
-            raise CheckpointError(f"{directory} has only one of {checkpoint.ADAPTERS_NAME} and {checkpoint.ADAPTERS_CONFIG_NAME}")
-        try:
-            config = json.loads(config_file.read_text())
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(f"cannot read adapters in {directory}: {checkpoint._first_line(exc)}") from exc
-        return cls(tensors_file, read_header(tensors_file), config)
-
-    def shape(self, name: str) -> tuple[int, ...] | None:
-        t = self.stored.get(name)
-        return None if t is None else t.shape
-
-    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
-        """The named adapter tensors, as stored (float32 when perp wrote them)."""
-        out = {}
-        try:
-            with open(self.file, "rb", buffering=0) as f:
-                for name in names:
-                    out[name] = read_tensor(f, self.stored[name])
-        except OSError as exc:
-            raise CheckpointError(f"cannot read {self.file}: {exc.strerror or exc}") from exc
-        return out
 
 
 class MergeStream(ReconstructStream):
