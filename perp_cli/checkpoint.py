@@ -479,7 +479,7 @@ def _strip_forbidden_config(path: Path) -> None:
 def next_manifest(manifest_in: dict[str, Any], step: StepRecord) -> dict[str, Any]:
     """The input's manifest with `step` appended to its history, and without the fields
     that describe the input's masks/adapters (the writer sets them for the output)."""
-    manifest = {k: v for k, v in manifest_in.items() if k not in ("sparsity", "masks_sha256", "adapters")}
+    manifest = {k: v for k, v in manifest_in.items() if k not in ("sparsity", "masks_sha256", "pattern", "adapters")}
     manifest["format_version"] = FORMAT_VERSION
     manifest.setdefault("source_model", step.input)
     manifest["history"] = list(manifest_in.get("history", [])) + [step.finish()]

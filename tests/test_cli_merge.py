@@ -69,6 +69,8 @@ def test_plain_lora_needs_allow_densify(work):
     assert ok.exit_code == 0, ok.stderr
     assert "dense" in ok.stderr and ok.json()["densified_density"] > 0.99
     assert not (work["root"] / "merged-lora" / "masks.safetensors").exists()
+    manifest = json.loads((work["root"] / "merged-lora" / "perp.json").read_text())
+    assert "pattern" not in manifest and "masks_sha256" not in manifest  # no masks, so nothing describes them
 
 
 def test_merge_without_adapters_is_a_usage_error(work):
