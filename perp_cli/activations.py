@@ -33,6 +33,7 @@ from typing import Iterator
 
 import torch
 
+from perp_cli.checkpoint import pid_alive
 from perp_cli.errors import PerpError, UsageError
 
 SPILL_PREFIX = "perp-activations-"
@@ -146,16 +147,6 @@ class _Ledger:
         return self._dir / f"{self._counter:08d}.bin"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale_spills(root: Path) -> list[Path]:
     """Remove activation directories under `root` whose process is gone (SIGKILL)."""
     removed = []
@@ -164,7 +155,7 @@ def clean_stale_spills(root: Path) -> list[Path]:
             pid = int(candidate.name[len(SPILL_PREFIX):].split("-", 1)[0])
         except ValueError:
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(candidate, ignore_errors=True)
             removed.append(candidate)
     return removed

@@ -376,7 +376,8 @@ def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool) -> 
     return resolved
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (a scratch file named after it is then in use)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -396,7 +397,7 @@ def clean_stale_temporaries(out: Path) -> list[Path]:
             pid = int(candidate.name.rsplit("-", 1)[1])
         except ValueError:
             continue
-        if pid != os.getpid() and not _pid_alive(pid):
+        if pid != os.getpid() and not pid_alive(pid):
             shutil.rmtree(candidate, ignore_errors=True)
             removed.append(candidate)
     return removed

@@ -135,16 +135,21 @@ class StoredTensor:
     nbytes: int = 0
 
 
-def read_header(path: Path) -> dict[str, StoredTensor]:
-    """The tensors of one safetensors file, from its header only (no data is read)."""
+def _raw_header(path: Path) -> tuple[int, dict]:
+    """A safetensors file's header length and parsed JSON header (no data is read)."""
     try:
         with open(path, "rb") as f:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > 100_000_000:
                 raise ValueError("header larger than 100 MB")
-            header = json.loads(f.read(length))
+            return length, json.loads(f.read(length))
     except (OSError, ValueError, struct.error) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+
+
+def read_header(path: Path) -> dict[str, StoredTensor]:
+    """The tensors of one safetensors file, from its header only (no data is read)."""
+    length, header = _raw_header(path)
     out = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -364,14 +369,7 @@ class ShardWriter:
 
 def read_metadata(file: Path) -> dict[str, str]:
     """The `__metadata__` of a safetensors file, from its header (no mmap, no data)."""
-    try:
-        with open(file, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > 100_000_000:
-                raise ValueError("header larger than 100 MB")
-            return json.loads(f.read(length)).get("__metadata__") or {}
-    except (OSError, ValueError, struct.error) as exc:
-        raise CheckpointError(f"{file} cannot be read: {exc}") from exc
+    return _raw_header(file)[1].get("__metadata__") or {}
 
 
 class MaskReader:
