@@ -102,3 +102,23 @@ def run_cli(*args: str) -> CliResult:
     finally:
         console.file = old_file
     return CliResult(code, out.getvalue(), err.getvalue())
+
+
+def read_weights(path: Path) -> dict:
+    """Every weight tensor of a checkpoint directory, single file or sharded."""
+    from safetensors.torch import load_file
+
+    out: dict = {}
+    for f in sorted(path.glob("model*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    """The same names, dtypes and bytes (bit for bit, NaN payloads included)."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), f"{name} differs"

@@ -16,7 +16,7 @@ from perp_cli.manifest import StepRecord
 from perp_cli.pruner import PruneConfig
 from perp_cli.shards import ShardWriter
 
-from conftest import run_cli, save_tiny, shared_path
+from conftest import assert_same_tensors, read_weights, run_cli, save_tiny, shared_path
 
 
 @pytest.fixture(autouse=True)
@@ -32,13 +32,6 @@ def _calib(calib_file: Path, nsamples: int = 4, seqlen: int = 64) -> list[str]:
     return ["--calib", str(calib_file), "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--device", "cpu"]
 
 
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("model*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def _metadata(file: Path) -> dict[str, str]:
     """A safetensors header's metadata (compared as a dict: safetensors writes its keys
     in a random order, so the bytes of two equal files may differ)."""
@@ -46,13 +39,6 @@ def _metadata(file: Path) -> dict[str, str]:
 
     with safe_open(str(file), framework="pt") as f:
         return f.metadata()
-
-
-def _assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert a[name].dtype == b[name].dtype, name
-        assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), f"{name} differs"
 
 
 def _prune_both(src: Path, tmp_path: Path, args: list[str], shard: str = "40KB") -> tuple[Path, Path, dict, dict]:
@@ -66,8 +52,8 @@ def _prune_both(src: Path, tmp_path: Path, args: list[str], shard: str = "40KB")
 
 
 def _assert_same_checkpoint(memory: Path, streamed: Path, sum_a: dict, sum_b: dict) -> None:
-    _assert_same_tensors(_weights(memory), _weights(streamed))
-    _assert_same_tensors(load_file(memory / "masks.safetensors"), load_file(streamed / "masks.safetensors"))
+    assert_same_tensors(read_weights(memory), read_weights(streamed))
+    assert_same_tensors(load_file(memory / "masks.safetensors"), load_file(streamed / "masks.safetensors"))
     for name in ("config.json", "generation_config.json", "tokenizer.json"):
         assert (memory / name).read_text() == (streamed / name).read_text(), name
     ma, mb = (json.loads((d / "perp.json").read_text()) for d in (memory, streamed))
@@ -121,7 +107,7 @@ def test_streamed_output_loads_in_plain_transformers_with_tied_embeddings(tmp_pa
     assert (memory / "model.safetensors").read_bytes() == (streamed / "model.safetensors").read_bytes()
     a, b = AutoModelForCausalLM.from_pretrained(memory), AutoModelForCausalLM.from_pretrained(streamed)
     assert b.lm_head.weight is b.get_input_embeddings().weight
-    assert "lm_head.weight" not in _weights(streamed)
+    assert "lm_head.weight" not in read_weights(streamed)
     tokens = torch.randint(4, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(a(tokens).logits, b(tokens).logits)
@@ -133,7 +119,7 @@ def test_pruning_a_pruned_bfloat16_checkpoint_keeps_its_masks_and_dtype(tmp_path
     tiny.build_tokenizer().save_pretrained(src)
     first = tmp_path / "m50"
     assert run_cli("prune", src, "-o", first, "--method", "magnitude", "--streaming", "on", "-q").exit_code == 0
-    assert next(iter(_weights(first).values())).dtype == torch.bfloat16
+    assert next(iter(read_weights(first).values())).dtype == torch.bfloat16
     memory, streamed, sum_a, sum_b = _prune_both(first, tmp_path, ["--method", "sparsegpt", "--sparsity", "0.7", *_calib(calib_file)])
     _assert_same_checkpoint(memory, streamed, sum_a, sum_b)
     old, new = checkpoint.load(first).masks, checkpoint.load(streamed).masks
@@ -198,7 +184,7 @@ def test_at_most_one_block_is_in_memory_at_any_time(method: str, tmp_path: Path,
         # the one-window call and one micro-batch: embeddings run, block 0 is caught before it runs
         assert [s for s, _ in seen].count("embedding") == [s for s, _ in seen].count("capture") == 2
     # every weight, then every mask (assembled from the spool at the end), written once
-    assert len(writes) == len(_weights(tmp_path / "out")) + len(load_file(tmp_path / "out" / "masks.safetensors"))
+    assert len(writes) == len(read_weights(tmp_path / "out")) + len(load_file(tmp_path / "out" / "masks.safetensors"))
     assert not _materialised(model)  # every weight went back to meta
 
 

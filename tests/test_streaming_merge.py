@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, shared_path
+from conftest import assert_same_tensors, read_weights, run_cli, shared_path
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -57,20 +57,6 @@ def adapted(path: Path, family: str, kind: str, shard: str = "60KB", pruned: boo
     return path
 
 
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("model*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name, t in a.items():
-        assert t.dtype == b[name].dtype, name
-        assert torch.equal(t.view(torch.uint8), b[name].view(torch.uint8)), f"{name} differs"
-
-
 def _merge_both(src: Path, tmp_path: Path, extra: list[str], shard: str = "40KB") -> tuple[Path, Path, dict, dict]:
     memory, streamed = tmp_path / "memory", tmp_path / "streamed"
     a = run_cli("merge", src, "-o", memory, *extra, "--streaming", "off", "--json", "-q")
@@ -102,13 +88,13 @@ def test_streamed_merge_is_bit_identical_to_the_in_memory_one(family: str, kind:
     src = adapted(tmp_path / "in", family, kind)
     assert (src / "model.safetensors.index.json").is_file()  # a sharded input
     memory, streamed, sum_a, sum_b = _merge_both(src, tmp_path, extra)
-    _same_tensors(_weights(memory), _weights(streamed))
+    assert_same_tensors(read_weights(memory), read_weights(streamed))
     densified = kind == "lora"
     for d in (memory, streamed):
         assert (d / "masks.safetensors").exists() != densified
         assert not (d / "adapters.safetensors").exists() and not (d / "adapters.json").exists()
     if not densified:
-        _same_tensors(load_file(memory / "masks.safetensors"), load_file(streamed / "masks.safetensors"))
+        assert_same_tensors(load_file(memory / "masks.safetensors"), load_file(streamed / "masks.safetensors"))
         with safe_open(str(memory / "masks.safetensors"), "pt") as fa, safe_open(str(streamed / "masks.safetensors"), "pt") as fb:
             assert fa.metadata() == fb.metadata()
     for name in ("config.json", "generation_config.json", "tokenizer.json"):
@@ -243,7 +229,7 @@ def test_usage_errors(tmp_path: Path) -> None:
 def test_lora_on_a_dense_model_streams_without_masks(tmp_path: Path) -> None:
     src = adapted(tmp_path / "in", "qwen2", "lora", pruned=False)
     memory, streamed, _, sum_b = _merge_both(src, tmp_path, [])
-    _same_tensors(_weights(memory), _weights(streamed))
+    assert_same_tensors(read_weights(memory), read_weights(streamed))
     assert not (streamed / "masks.safetensors").exists() and not sum_b["masks_kept"]
     assert "masks_sha256" not in json.loads((streamed / "perp.json").read_text())
     assert sum_b["checks"] == ["finite", "matrix_probe"]
@@ -261,6 +247,6 @@ def test_real_tiny_opt_pruned_retrained_and_merged_both_ways(tmp_path: Path, cal
                  "--batch-size", "2", "--lr", "1e-2", "--adapter", "masklora", "--rank", "4", "-q")
     assert rt.exit_code == 0, rt.stderr
     memory, streamed, sum_a, sum_b = _merge_both(retrained, tmp_path, [], shard="5MB")
-    _same_tensors(_weights(memory), _weights(streamed))
-    _same_tensors(load_file(memory / "masks.safetensors"), load_file(streamed / "masks.safetensors"))
+    assert_same_tensors(read_weights(memory), read_weights(streamed))
+    assert_same_tensors(load_file(memory / "masks.safetensors"), load_file(streamed / "masks.safetensors"))
     assert sum_a["merged_tensors"] == sum_b["merged_tensors"] > 0 and sum_b["masks_kept"]

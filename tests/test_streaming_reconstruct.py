@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, save_tiny, shared_path
+from conftest import assert_same_tensors, read_weights, run_cli, save_tiny, shared_path
 from safetensors.torch import load_file, save_file
 
 from perp_cli import arch, checkpoint, streaming, tiny
@@ -45,20 +45,6 @@ def pruned(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Pa
     return out
 
 
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("model*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
-def _same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for name, t in a.items():
-        assert t.dtype == b[name].dtype, name
-        assert torch.equal(t.view(torch.uint8), b[name].view(torch.uint8)), f"{name} differs"
-
-
 def _blocks(summary: dict) -> list[dict]:
     return [{k: v for k, v in b.items() if k != "time_s"} for b in summary["blocks"]]
 
@@ -73,10 +59,10 @@ def _reconstruct_both(src: Path, tmp_path: Path, args: list[str], shard: str) ->
 
 
 def _assert_same_checkpoint(src: Path, memory: Path, streamed: Path, sum_a: dict, sum_b: dict) -> None:
-    _same_tensors(_weights(memory), _weights(streamed))
+    assert_same_tensors(read_weights(memory), read_weights(streamed))
     masks = memory / "masks.safetensors"
-    _same_tensors(load_file(masks), load_file(streamed / "masks.safetensors"))
-    _same_tensors(load_file(masks), load_file(src / "masks.safetensors"))  # masks never change
+    assert_same_tensors(load_file(masks), load_file(streamed / "masks.safetensors"))
+    assert_same_tensors(load_file(masks), load_file(src / "masks.safetensors"))  # masks never change
     assert masks.read_bytes() == (streamed / "masks.safetensors").read_bytes()  # perp writes them deterministically
     for name in ("config.json", "generation_config.json", "tokenizer.json"):
         assert (memory / name).read_text() == (streamed / name).read_text(), name
@@ -115,7 +101,7 @@ def test_streamed_reconstruct_is_bit_identical_to_the_in_memory_one(
     sharded = (streamed / "model.safetensors.index.json").is_file()
     assert sharded == (shard != "5GB")
     if "--add-biases" in extra:
-        assert sum_b["added_biases"] > 0 and "model.layers.1.mlp.down_proj.bias" in _weights(streamed)
+        assert sum_b["added_biases"] > 0 and "model.layers.1.mlp.down_proj.bias" in read_weights(streamed)
         assert json.loads((streamed / "config.json").read_text())["mlp_bias"] is True
 
 
@@ -195,7 +181,7 @@ def test_one_pruned_and_one_dense_block_in_memory_at_a_time(pruned: dict, tmp_pa
         assert f"pruned {i}" in seen and f"dense {i}" in seen
     assert seen.index("dense 1") > seen.index("pruned 0")  # dense block 1 is read after block 0 is done
     # every weight, then every mask (assembled from the spool at the end), written once
-    assert len(writes) == len(_weights(tmp_path / "out")) + len(load_file(tmp_path / "out" / "masks.safetensors"))
+    assert len(writes) == len(read_weights(tmp_path / "out")) + len(load_file(tmp_path / "out" / "masks.safetensors"))
     assert not _live(model) and not _live(dense_model) and not real_masks()
     checkpoint.load(tmp_path / "out")
 
