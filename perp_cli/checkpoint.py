@@ -17,7 +17,11 @@ import contextlib
 import errno
 import json
 import os
+import re
+import secrets
 import shutil
+import socket
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -26,19 +30,39 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from perp_cli import arch
+from perp_cli import arch, memory, shards
 from perp_cli.errors import CheckpointError, NumericalError, UsageError, raise_if_signalled
-from perp_cli.manifest import FORMAT_VERSION, MANIFEST_NAME, StepRecord, empty_manifest, sha256_file
+from perp_cli.manifest import (  # noqa: F401  (the file names are part of this module's interface)
+    ADAPTERS_CONFIG_NAME,
+    ADAPTERS_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    MASKS_NAME,
+    PICKLE_NAMES,
+    SHARD_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    ManifestError,
+    StepRecord,
+    empty_manifest,
+    sha256_file,
+    validate,
+    weights_sha256,
+)
 from perp_cli.mask import MaskSet, Pattern, nm_violations, nonzeros_outside, pack_bits
 
-MASKS_NAME = "masks.safetensors"
-ADAPTERS_NAME = "adapters.safetensors"
-ADAPTERS_CONFIG_NAME = "adapters.json"
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 TMP_MARKER = ".perp-tmp-"
+OLD_MARKER = ".perp-old-"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+# what a checkpoint directory perp wrote may hold (older manifests list no "files");
+# --overwrite replaces nothing else without --overwrite-foreign
+PERP_FILES = {
+    "config.json", "generation_config.json", WEIGHTS_NAME, WEIGHTS_INDEX_NAME, MASKS_NAME, MANIFEST_NAME,
+    ADAPTERS_NAME, ADAPTERS_CONFIG_NAME, "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+    "vocab.txt", "spiece.model",
+}
+PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}  # what --export-peft writes
 # vLLM refuses directories that carry these; perp never writes them.
 FORBIDDEN_CONFIG_KEYS = ("sparsity_config", "quantization_config")
 
@@ -110,47 +134,191 @@ def _check_local_dir(path: Path, allow_pickle: bool) -> None:
                 )
         else:
             raise CheckpointError(f"{path} has no model.safetensors or model.safetensors.index.json")
-    index = path / WEIGHTS_INDEX_NAME
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text())["weight_map"].values())
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
-        missing = sorted(s for s in shards if not (path / s).is_file())
+    if (path / WEIGHTS_INDEX_NAME).is_file():
+        missing = sorted(s for s in shards.index_files(path) if not (path / s).is_file())
         if missing:
             raise CheckpointError(f"{path} is missing shard(s) listed in its index: {', '.join(missing)}")
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
+    """`perp.json` of `path`, validated (its documented shape, docs/format.md), or None."""
     file = path / MANIFEST_NAME
     if not file.is_file():
         return None
     try:
         manifest = json.loads(file.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"{file} is not valid JSON: {exc}") from exc
-    version = manifest.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"{file} is not valid JSON: {_first_line(exc)}") from exc
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if isinstance(version, int) and version > FORMAT_VERSION:
         raise CheckpointError(
             f"{file} has format version {version!r}; this perp reads up to {FORMAT_VERSION} (upgrade perp)"
         )
-    return manifest
+    try:
+        return validate(manifest)
+    except ManifestError as exc:
+        raise CheckpointError(f"{file} is malformed: {exc}") from exc
 
 
-def read_masks(path: Path, manifest: dict[str, Any] | None) -> MaskSet | None:
-    """Read and unpack `masks.safetensors`, checking its hash against the manifest (the
-    same reader a streamed step uses a block at a time)."""
-    from perp_cli.shards import MaskReader  # shards imports this module
-
-    reader = MaskReader.open(path, manifest)
+def read_masks(
+    path: Path, manifest: dict[str, Any] | None, shapes: dict[str, tuple[int, ...]] | None = None,
+    verify: bool = True, trust_inputs: bool = False, problems: list[str] | None = None,
+) -> MaskSet | None:
+    """Read and unpack `masks.safetensors`, checking it against the manifest (hash,
+    sparsity; not with `trust_inputs`) and, from the header before anything is unpacked,
+    against the model's parameter `shapes`. A mask that does not fit is an error, or,
+    with `verify=False` (inspect), left out and described in `problems`."""
+    reader = shards.MaskReader.open(path, manifest, verify=not trust_inputs)
     if reader is None:
         return None
-    return MaskSet(reader.read(sorted(reader.stored)), reader.pattern)
+    names = sorted(reader.stored)
+    if shapes is not None:
+        wrong = reader.shape_problems(shapes)
+        if wrong and verify:
+            raise CheckpointError(f"{path}: weights and masks disagree: {wrong[0]} (run `perp inspect` for all)")
+        if problems is not None:
+            problems.extend(wrong)
+        names = [n for n in names if n in shapes and tuple(reader.shapes[n]) == tuple(shapes[n])]
+    return MaskSet(reader.read(names), reader.pattern)
 
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.splitlines()[0]
+
+
+# ----------------------------------------------------------------------------- skeleton
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with every parameter on the meta device and every buffer real.
+
+    Parameters are moved to meta as they are registered (one uninitialised tensor at a
+    time, never the whole model); buffers (rotary `inv_freq`, ...) keep the values the
+    module computed from its config. A parameter registered twice (tied embeddings) stays
+    the same object, so ties survive.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def read_config(path: Path, trust_remote_code: bool = False) -> Any:
+    """The `config.json` of a local directory (one line on failure)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the config of {path}: {_first_line(exc)}") from exc
+
+
+def resolve_load_dtype(config: Any, dtype: str, stored_dtype: torch.dtype | None) -> torch.dtype:
+    """`--dtype auto` as `from_pretrained` resolves it: the config's dtype, else the
+    checkpoint's first floating tensor, else float32."""
+    resolved = resolve_dtype(dtype)
+    if resolved != "auto":
+        return resolved
+    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    if isinstance(declared, torch.dtype):
+        return declared
+    return stored_dtype or torch.float32
+
+
+def build_skeleton(config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model of `config` with meta parameters (see `parameters_on_meta`)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, OverflowError) as exc:
+        raise CheckpointError(f"cannot build a causal LM from this config.json: {_first_line(exc)}") from exc
+    return model.eval()
+
+
+def output_names(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What `save_pretrained` writes, in model names: the persistent state without the
+    tied aliases (a tied `lm_head.weight` is the embedding and is not stored twice)."""
+    tied = tied_parameter_names(model)
+    return {n: t for n, t in model.state_dict(keep_vars=True).items() if n not in tied}
+
+
+def _check_declared_layers(config: Any, stored: dict[str, shards.StoredTensor], path: Path) -> None:
+    """A config that declares more decoder layers than the weights hold fails before
+    the model is even built (a million declared layers would take minutes to build)."""
+    declared = getattr(config, "num_hidden_layers", None)
+    indices = {int(m.group(1)) for key in stored if (m := re.search(r"\.(\d+)\.", key))}
+    if isinstance(declared, int) and indices and declared > max(indices) + 1:
+        raise CheckpointError(f"{path}: config.json declares {declared} layers, but the weights hold {max(indices) + 1}")
+
+
+@dataclass
+class Layout:
+    """What a local safetensors checkpoint holds, checked from the headers against its
+    config before a byte of weights is read (`plan_local`)."""
+
+    config: Any
+    skeleton: nn.Module
+    stored: dict[str, shards.StoredTensor]
+    reader: shards.ShardReader
+    dtype: torch.dtype
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(p.shape) for n, p in self.skeleton.named_parameters()}
+
+    def loaded_bytes(self) -> int:
+        """Bytes the weights take once loaded in the working dtype."""
+        return sum(shards.nbytes(self.dtype if t.is_floating_point() else t.dtype, t.shape)
+                   for t in output_names(self.skeleton).values())
+
+
+def plan_local(path: Path, dtype: str = "auto", trust_remote_code: bool = False) -> Layout:
+    """Check a local safetensors checkpoint from its headers and config, allocating
+    nothing: every declared shape against the file's bytes (`shards.read_header`) and
+    against the model its config builds (on the meta device); no tensor missing, none
+    unexpected (a config.json of another family), none mis-shaped (tied weights, as the
+    config declares them, are stored once). The one check every reader goes through."""
+    config = read_config(path, trust_remote_code)
+    stored = shards.stored_tensors(path)
+    _check_declared_layers(config, stored, path)
+    first_float = next((t.dtype for t in stored.values() if t.dtype.is_floating_point), None)
+    skeleton = build_skeleton(config, resolve_load_dtype(config, dtype, first_float), trust_remote_code)
+    arch.spec_for(skeleton)  # fail early and clearly for an unmapped architecture
+    reader = shards.ShardReader(path, skeleton, output_names(skeleton), stored)
+    return Layout(config, skeleton, stored, reader, skeleton.dtype)
+
+
+def _hub_unreachable(source: str) -> str | None:
+    """Why a hub id cannot be fetched right now (offline and not cached, or no route to
+    the hub), or None: said at once instead of after half a minute of retries."""
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        if isinstance(try_to_load_from_cache(source, "config.json"), str):
+            return None  # cached: from_pretrained works offline
+        if constants.HF_HUB_OFFLINE:
+            return "HF_HUB_OFFLINE is set and it is not in the local cache"
+        host = constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0]
+    except Exception:  # an id the hub client rejects: let from_pretrained say why
+        return None
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=3).close()
+    except OSError as exc:
+        return f"cannot reach {host}: {exc.strerror or exc}"
+    return None
 
 
 def load(
@@ -163,12 +331,18 @@ def load(
     verify: bool = True,
     device_map: str | dict[str, Any] | None = None,
     offload_dir: str | Path | None = None,
+    trust_inputs: bool = False,
 ) -> Checkpoint:
     """Load a local directory (perp's or any HF one) or a hub id, with masks and manifest.
 
-    Consistency is checked here, once, for every command: mask hash, mask names and
-    shapes against the model, masked weights exactly zero, all weights finite. Only
-    `inspect` passes `verify=False`, because reporting disagreement is its job.
+    Everything is checked here, once, for every command. Before any weight is read:
+    the manifest's shape, every header against its file and the config (`plan_local`),
+    the masks' names and shapes, `adapters.json`, and the memory it all needs against
+    what the process may use (`memory.process_limit`). After: nothing missing,
+    unexpected or mis-shaped in transformers' own loading report, all weights finite,
+    masked weights exactly zero, and (unless `trust_inputs`) the hashes and sparsity the
+    manifest records. Only `inspect` passes `verify=False`, because reporting
+    disagreement is its job (`ckpt.extra["problems"]` then lists what it did not load).
 
     `device_map="auto"` (or a dict, as in `from_pretrained`) lets Accelerate spread the
     blocks over every visible GPU, then CPU RAM, then `offload_dir` on disk, instead of
@@ -182,19 +356,42 @@ def load(
     hf_logging.disable_progress_bar()
     source = str(source)
     path = Path(source).expanduser()
-    local = path.exists() or _looks_local(source)
+    local = os.path.lexists(path) or _looks_local(source)
     if local:
         if not path.exists():
-            raise CheckpointError(f"{source}: no such directory")
+            kind = "a broken symlink or a symlink loop" if os.path.lexists(path) else "no such directory"
+            raise CheckpointError(f"{source}: {kind}")
         _check_local_dir(path, allow_pickle)
+    else:
+        reason = _hub_unreachable(source)
+        if reason:
+            raise CheckpointError(f"{source}: no such directory, and the hub is unreachable ({reason})")
     manifest = read_manifest(path) if local else None
     placement = device_map_kwargs(device_map, offload_dir)
+    problems: list[str] = []
+    masks = mask_shapes = adapter_reader = None
+    if local:
+        safetensors = (path / WEIGHTS_NAME).is_file() or (path / WEIGHTS_INDEX_NAME).is_file()
+        layout = plan_local(path, dtype, trust_remote_code) if safetensors else None
+        mask_reader = shards.MaskReader.open(path, manifest, verify=not trust_inputs)
+        adapter_reader = shards.AdapterReader.open(path, manifest, verify=not trust_inputs)
+        if layout is not None:
+            mask_shapes = layout.parameter_shapes()
+            needed = layout.loaded_bytes()
+            if mask_reader is not None:
+                needed += sum(shards.nbytes(torch.bool, mask_reader.shapes[n]) for n in mask_reader.stored)
+            if adapter_reader is not None:
+                needed += sum(t.nbytes for t in adapter_reader.stored.values())
+            if device_map is None:
+                memory.require(needed, f"loading {source}", "a step that streams needs one block: --streaming on, where offered")
+        masks = read_masks(path, manifest, mask_shapes, verify, trust_inputs, problems) if mask_reader else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             str(path) if local else source,
             dtype=resolve_dtype(dtype),
             use_safetensors=None if allow_pickle else True,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
             **placement,
         )
     except (UsageError, CheckpointError):
@@ -206,13 +403,14 @@ def load(
             f"{source} is not a local directory, and loading it as a hub id failed "
             f"(hub ids need network access): {_first_line(exc)}"
         ) from exc
+    _check_loading_info(source, model, info)
     model.eval()
     if device_map is None:
         model.to(resolve_device(device))
     arch.spec_for(model)  # fail early and clearly for an unmapped architecture
     tokenizer = _load_tokenizer(str(path) if local else source, trust_remote_code, need_tokenizer)
-    masks = read_masks(path, manifest) if local else None
-    adapters, adapters_config = _read_adapters(path) if local else (None, None)
+    _check_vocabulary(source, model, tokenizer)
+    adapters, adapters_config = (adapter_reader.read(sorted(adapter_reader.stored)), adapter_reader.config) if adapter_reader else (None, None)
     ckpt = Checkpoint(
         model=model,
         tokenizer=tokenizer,
@@ -222,15 +420,73 @@ def load(
         adapters=adapters,
         adapters_config=adapters_config,
         local_dir=path.resolve() if local else None,
+        extra={"problems": problems},
     )
-    if not verify:
-        return ckpt
-    check_finite(model, source)
-    if masks is not None:
-        problems = mask_problems(model, masks)
-        if problems:
-            raise CheckpointError(f"{source}: weights and masks disagree: {problems[0]} (run `perp inspect` for all)")
+    if verify:
+        check_finite(model, source)
+        if masks is not None:
+            wrong = mask_problems(model, masks)
+            if wrong:
+                raise CheckpointError(f"{source}: weights and masks disagree: {wrong[0]} (run `perp inspect` for all)")
+    if local and manifest and not trust_inputs:
+        recorded = manifest.get("weights_sha256")
+        if recorded and weights_sha256(path) != recorded:
+            message = (f"the weights of {source} do not match the weights_sha256 recorded in {MANIFEST_NAME} "
+                       "(edited or replaced since perp wrote them; --trust-inputs to use them anyway)")
+            if verify:
+                raise CheckpointError(message)
+            problems.append(message)
     return ckpt
+
+
+def check_source_weights(ckpt: Checkpoint, dense: str | Path) -> None:
+    """The dense reference of a reconstruction must be the model the history started
+    from: its weights' hash against the `source_weights_sha256` recorded at pruning."""
+    recorded = ckpt.manifest.get("source_weights_sha256")
+    path = Path(dense).expanduser()
+    if not recorded or not path.is_dir():
+        return
+    if weights_sha256(path) != recorded:
+        raise CheckpointError(
+            f"the weights of {dense} are not those {ckpt.source} was pruned from (sha256 differs from "
+            f"source_weights_sha256 in {MANIFEST_NAME}: replaced since?); --trust-inputs to use them anyway"
+        )
+
+
+def _check_loading_info(source: str, model: nn.Module, info: dict[str, Any]) -> None:
+    """transformers' own report of the load: a tensor the weights lack is randomly
+    initialised and one they have too many is dropped, both silently. Either is an error
+    here (tied weights, as the config declares them, are not reported missing)."""
+    missing = sorted(info.get("missing_keys") or [])
+    unexpected = sorted(info.get("unexpected_keys") or [])
+    mismatched = sorted(str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys") or [])
+    hint = " (is config.json of another model?)" if unexpected else ""
+    if missing:
+        raise CheckpointError(f"{source}: tensor {shards._first(missing)} is not in the weights{hint}")
+    if mismatched:
+        raise CheckpointError(f"{source}: tensor {shards._first(mismatched)} has another shape than config.json makes it")
+    if unexpected:
+        raise CheckpointError(
+            f"{source}: tensor {shards._first(unexpected)} in the weights is not part of a {type(model).__name__} "
+            "(is config.json of another model?)"
+        )
+
+
+def _check_vocabulary(source: str, model: nn.Module, tokenizer: Any) -> None:
+    """A tokenizer with more tokens than the model embeds would feed it ids past the
+    embedding matrix (an index error deep in a forward pass, or worse on a GPU)."""
+    if tokenizer is None:
+        return
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    size = None
+    with contextlib.suppress(Exception):
+        size = len(tokenizer)
+    if rows is not None and size is not None and size > rows:
+        raise CheckpointError(
+            f"{source}: the tokenizer has {size} tokens, but the model embeds only {rows} "
+            "(a tokenizer of another model?)"
+        )
 
 
 def device_map_kwargs(device_map: str | dict[str, Any] | None, offload_dir: str | Path | None = None) -> dict[str, Any]:
@@ -294,10 +550,10 @@ def _load_tokenizer(where: str, trust_remote_code: bool, required: bool) -> Any:
     return tokenizer
 
 
-def _read_adapters(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
-    from perp_cli.shards import AdapterReader  # shards imports this module
-
-    reader = AdapterReader.open(path)
+def _read_adapters(
+    path: Path, manifest: dict[str, Any] | None = None, trust_inputs: bool = False
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
+    reader = shards.AdapterReader.open(path, manifest, verify=not trust_inputs)
     if reader is None:
         return None, None
     return reader.read(sorted(reader.stored)), reader.config
@@ -348,23 +604,91 @@ def tied_parameter_names(model: nn.Module) -> dict[str, str]:
 # ----------------------------------------------------------------------------- writing
 
 
-def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool) -> Path:
-    """Validate an output path before any work starts (fail fast, lose nothing)."""
+def _input_paths(inputs: list[str | Path | None]) -> list[tuple[str, Path]]:
+    """Every existing input as (as given, resolved), plus where the top-level symlinks of
+    an input directory lead (a Hugging Face cache snapshot links to its blobs)."""
+    out = []
+    for inp in inputs:
+        if inp is None:
+            continue
+        path = Path(inp).expanduser()
+        if not path.exists():
+            continue
+        out.append((str(inp), path.resolve()))
+        if path.is_dir():
+            with contextlib.suppress(OSError):
+                for entry in path.iterdir():
+                    if entry.is_symlink() and entry.exists():
+                        out.append((str(inp), entry.resolve()))
+    return out
+
+
+def foreign_content(target: Path) -> str | None:
+    """Why the existing directory `target` is not a checkpoint perp wrote (so --overwrite
+    must not delete it), or None: it is empty, or it has a valid `perp.json` and holds
+    only the files perp writes (those the manifest lists, or the known names), or it is
+    a PEFT directory perp exported."""
+    try:
+        entries = list(target.iterdir())
+    except OSError as exc:
+        return f"it cannot be listed ({exc.strerror or exc})"
+    if not entries:
+        return None
+    names = {e.name for e in entries}
+    for e in entries:
+        if e.is_symlink() or not e.is_file():
+            return f"it holds {e.name}, which perp never writes"
+    if names <= PEFT_FILES:
+        return None
+    if MANIFEST_NAME not in names:
+        return f"it has no {MANIFEST_NAME}"
+    try:
+        manifest = validate(json.loads((target / MANIFEST_NAME).read_text()))
+    except (OSError, ValueError) as exc:
+        return f"its {MANIFEST_NAME} is not one perp wrote ({_first_line(exc)})"
+    if not manifest.get("files") and not manifest.get("history"):
+        return f"its {MANIFEST_NAME} records no step perp wrote it with"
+    listed = set(manifest.get("files") or []) | {MANIFEST_NAME}
+    allowed = listed if manifest.get("files") else PERP_FILES
+    for name in sorted(names):
+        if name not in allowed and not (not manifest.get("files") and SHARD_NAME.fullmatch(name)):
+            return f"it holds {name}, which perp did not write there"
+    return None
+
+
+def check_output(
+    out: str | Path, inputs: list[str | Path | None], overwrite: bool, overwrite_foreign: bool = False
+) -> Path:
+    """Validate an output path before any work starts (fail fast, lose nothing).
+
+    `inputs`: everything the step reads (checkpoints, --dense, data files, --offload-dir).
+    The output may be neither one of them, nor inside one, nor contain one (the rename at
+    the end would delete it). An existing output is replaced only with `overwrite`, and
+    only if perp wrote it (`foreign_content`), unless `overwrite_foreign`."""
+    overwrite = overwrite or overwrite_foreign
+    text = str(out)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise UsageError(f"output path {text!r} contains a newline or another control character; choose another -o")
     out_path = Path(out).expanduser()
     if out_path.is_symlink():
         raise UsageError(f"output {out} is a symlink; perp writes only to real directories")
     resolved = out_path.resolve()
-    for inp in inputs:
-        inp_path = Path(inp).expanduser()
-        if not inp_path.exists():
-            continue
-        inp_resolved = inp_path.resolve()
+    for given, inp_resolved in _input_paths(inputs):
         if resolved == inp_resolved or inp_resolved in resolved.parents:
-            raise UsageError(f"output {out} is, or is inside, the input {inp}; choose another -o")
+            raise UsageError(f"output {out} is, or is inside, the input {given}; choose another -o")
+        if resolved in inp_resolved.parents:
+            raise UsageError(f"output {out} contains the input {given}; replacing it would delete the input: choose another -o")
     if resolved.exists() and not overwrite:
         raise UsageError(f"output {out} already exists; pass --overwrite to replace it")
     if resolved.exists() and not resolved.is_dir():
         raise UsageError(f"output {out} exists and is not a directory")
+    if resolved.exists() and not overwrite_foreign:
+        reason = foreign_content(resolved)
+        if reason:
+            raise UsageError(
+                f"output {out} is not a checkpoint perp wrote ({reason}); --overwrite will not delete it: "
+                "choose another -o, or pass --overwrite-foreign to replace it and everything in it"
+            )
     parent = resolved.parent
     probe = parent
     while not probe.exists():
@@ -374,6 +698,17 @@ def check_output(out: str | Path, inputs: list[str | Path], overwrite: bool) -> 
     if not os.access(probe, os.W_OK):
         raise UsageError(f"cannot write to {parent} (permission denied)")
     return resolved
+
+
+def check_input_file(path: str | Path, what: str) -> Path:
+    """A data file a step reads: it must be a regular file (a FIFO or a device would
+    block the step forever or never end)."""
+    p = Path(path).expanduser()
+    if p.exists() and not p.is_dir():
+        mode = p.stat().st_mode
+        if not stat.S_ISREG(mode):
+            raise UsageError(f"{what} {path} is not a regular file (a pipe, device or socket); give a file")
+    return p
 
 
 def pid_alive(pid: int) -> bool:
@@ -387,20 +722,67 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int) -> str:
+    """When process `pid` started, as a token (clock ticks since boot, from /proc), or ""
+    where that cannot be read: with the pid it names one process, never a later one that
+    reuses the pid."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+        return stat_line.rsplit(")", 1)[1].split()[19]
+    return ""
+
+
+_TOKEN = secrets.token_hex(4)  # where no start time can be read: unique to this process
+
+
+def scratch_suffix() -> str:
+    """`<pid>-<start>` for the names of this process's temporaries (`owner_alive`)."""
+    return f"{os.getpid()}-{process_start(os.getpid()) or _TOKEN}"
+
+
+def owner_alive(name: str) -> bool | None:
+    """Whether the process that made temporary `name` (`...-<pid>[-<start>]`) still runs:
+    its pid lives and, where the name records it, with the same start time. None when
+    the name carries no pid."""
+    tail = name.rsplit(TMP_MARKER, 1)[-1] if TMP_MARKER in name else name.rsplit(OLD_MARKER, 1)[-1]
+    parts = tail.split("-")
+    try:
+        pid = int(parts[0])
+    except ValueError:
+        return None
+    if not pid_alive(pid):
+        return False
+    if len(parts) > 1 and parts[1].isdigit():
+        start = process_start(pid)
+        return not start or start == parts[1]
+    return True
+
+
 def clean_stale_temporaries(out: Path) -> list[Path]:
-    """Remove temporaries of `out` left by a killed process (its pid no longer lives)."""
+    """Remove temporaries of `out` left by a killed process (its pid no longer runs, or
+    now belongs to a process started later)."""
     removed = []
     if not out.parent.is_dir():
         return removed
-    for candidate in out.parent.glob(f".{out.name}{TMP_MARKER}*"):
-        try:
-            pid = int(candidate.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not pid_alive(pid):
-            shutil.rmtree(candidate, ignore_errors=True)
+    mine = scratch_suffix()
+    for marker in (TMP_MARKER, OLD_MARKER):
+        for candidate in out.parent.glob(f".{out.name}{marker}*"):
+            if candidate.name.endswith(mine) or owner_alive(candidate.name) is not False:
+                continue
+            if candidate.is_dir() and not candidate.is_symlink():
+                shutil.rmtree(candidate, ignore_errors=True)
+            else:
+                candidate.unlink(missing_ok=True)
             removed.append(candidate)
     return removed
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether `exc` (an OSError, or a library's wrapper of one) means the disk is full."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(exc)
+    return "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
 
 
 @contextlib.contextmanager
@@ -408,29 +790,38 @@ def staging(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; rename it into place on success.
 
     On any exception (including KeyboardInterrupt and perp's SIGTERM handler) the
-    temporary directory is removed and `out` is untouched.
+    temporary directory is removed and `out` is untouched. A full disk, however the
+    library that hit it words it, becomes the one documented line (exit 1).
     """
     out = Path(out).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CheckpointError(_write_failure(out, exc)) from exc
     clean_stale_temporaries(out)
-    tmp = out.parent / f".{out.name}{TMP_MARKER}{os.getpid()}"
+    tmp = out.parent / f".{out.name}{TMP_MARKER}{scratch_suffix()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        tmp.mkdir()
+    except OSError as exc:
+        raise CheckpointError(_write_failure(out, exc)) from exc
     try:
         yield tmp
         raise_if_signalled()
         if out.exists():
             if not overwrite:
                 raise UsageError(f"output {out} appeared while this step ran; pass --overwrite to replace it")
-            trash = out.parent / f".{out.name}.perp-old-{os.getpid()}"
+            trash = out.parent / f".{out.name}{OLD_MARKER}{scratch_suffix()}"
             os.rename(out, trash)
             os.rename(tmp, out)
             shutil.rmtree(trash, ignore_errors=True)
         else:
             os.rename(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(exc, OSError) and isinstance(exc, Exception) and disk_full(exc):
+            raise CheckpointError(_write_failure(out, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))) from exc
         raise
 
 
@@ -447,11 +838,9 @@ def write_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict
     `masks_metadata`, around them.)"""
     # perp's own safetensors writer, not `save_file`: safetensors writes the metadata in a
     # per-process random order, which made the same masks hash differently on every run
-    from perp_cli.shards import ShardWriter  # shards imports this module
-
     names = sorted(packed)
     layout = {n: (torch.uint8, tuple(packed[n].shape)) for n in names}
-    writer = ShardWriter(path, layout, 1 << 62, metadata=masks_metadata(pattern, shapes), single_name=MASKS_NAME)
+    writer = shards.ShardWriter(path, layout, 1 << 62, metadata=masks_metadata(pattern, shapes), single_name=MASKS_NAME)
     for n in names:
         writer.write(n, packed[n])
     writer.close()
@@ -469,21 +858,52 @@ def masks_metadata(pattern: Pattern, shapes: dict[str, list[int]]) -> dict[str, 
 
 
 def _strip_forbidden_config(path: Path) -> None:
+    """Drop what an output config must not carry: keys vLLM refuses, and an `auto_map`
+    pointing at code the directory does not hold (perp never copies code; such a config
+    would fail to load with --trust-remote-code, or fetch code from elsewhere)."""
     config_file = path / "config.json"
     config = json.loads(config_file.read_text())
+    changed = False
     if any(k in config for k in FORBIDDEN_CONFIG_KEYS):
         for key in FORBIDDEN_CONFIG_KEYS:
             config.pop(key, None)
+        changed = True
+    auto_map = config.get("auto_map")
+    if auto_map is not None:
+        refs = [r for v in (auto_map.values() if isinstance(auto_map, dict) else []) for r in (v if isinstance(v, list) else [v])]
+        modules = {str(r).split("--")[-1].rsplit(".", 1)[0] for r in refs if r}
+        if not isinstance(auto_map, dict) or any("--" in str(r) for r in refs) or not all((path / f"{m}.py").is_file() for m in modules):
+            config.pop("auto_map")
+            changed = True
+    if changed:
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def next_manifest(manifest_in: dict[str, Any], step: StepRecord) -> dict[str, Any]:
     """The input's manifest with `step` appended to its history, and without the fields
-    that describe the input's masks/adapters (the writer sets them for the output)."""
-    manifest = {k: v for k, v in manifest_in.items() if k not in ("sparsity", "masks_sha256", "pattern", "adapters")}
+    that describe the input's files (the writer sets them for the output). The first
+    step from a plain model records that model's weights hash (`source_weights_sha256`),
+    which `reconstruct` checks its dense reference against."""
+    per_output = ("sparsity", "masks_sha256", "pattern", "adapters", "weights_sha256", "files")
+    manifest = {k: v for k, v in manifest_in.items() if k not in per_output}
     manifest["format_version"] = FORMAT_VERSION
     manifest.setdefault("source_model", step.input)
+    if "source_weights_sha256" not in manifest and not manifest_in.get("history") and step.input:
+        source = Path(step.input).expanduser()
+        digest = weights_sha256(source) if source.is_dir() else None
+        if digest:
+            manifest["source_weights_sha256"] = digest
     manifest["history"] = list(manifest_in.get("history", [])) + [step.finish()]
+    return manifest
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write `perp.json` last, recording what the step wrote: the hash of the weights
+    (`weights_sha256`, checked at every read) and every file of the directory (`files`:
+    --overwrite replaces only a directory that holds nothing else)."""
+    manifest["weights_sha256"] = weights_sha256(directory)
+    manifest["files"] = sorted({p.name for p in directory.iterdir()} | {MANIFEST_NAME})
+    (directory / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -537,7 +957,7 @@ def save(
                 save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, str(tmp / ADAPTERS_NAME))
                 (tmp / ADAPTERS_CONFIG_NAME).write_text(json.dumps(adapters_config or {}, indent=2) + "\n")
                 manifest["adapters"] = {"sha256": sha256_file(tmp / ADAPTERS_NAME), **(adapters_config or {})}
-            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+            write_manifest(tmp, manifest)
             _verify_written(tmp, masks)
     except OSError as exc:
         raise CheckpointError(_write_failure(out, exc)) from exc
@@ -545,7 +965,7 @@ def save(
 
 
 def _write_failure(out: str | Path, exc: OSError) -> str:
-    if exc.errno == errno.ENOSPC:
+    if disk_full(exc):
         return f"out of disk space while writing {out}; nothing was written (free space and rerun)"
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {out}: {exc.strerror}; nothing was written"
@@ -578,7 +998,7 @@ def record_eval(path: str | Path, entry: dict[str, Any]) -> dict[str, Any]:
     manifest = read_manifest(path) or empty_manifest(str(path.resolve()))
     manifest["evaluations"] = list(manifest.get("evaluations", [])) + [entry]
     target = path / MANIFEST_NAME
-    tmp = path / f".{MANIFEST_NAME}{TMP_MARKER}{os.getpid()}"
+    tmp = path / f".{MANIFEST_NAME}{TMP_MARKER}{scratch_suffix()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(json.dumps(manifest, indent=2, default=str) + "\n")

@@ -56,6 +56,20 @@ def read_rows(path: Path) -> list[str]:
         raise DataError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
 
 
+def _text(value: Any, where: str, text_field: str) -> str:
+    """A document's text: a string; null (a record without text) is skipped as empty,
+    never read as the word "None"; anything else is refused."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {text_field!r} is a {type(value).__name__}, not text")
+    return value
+
+
+def _texts(values: list[Any], where: str, text_field: str) -> list[str]:
+    return [_text(v, where, text_field) for v in values]
+
+
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     docs = []
     try:
@@ -69,7 +83,7 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
                     raise DataError(f"{path}:{lineno} is not valid JSON") from exc
                 if not isinstance(record, dict) or text_field not in record:
                     raise DataError(f"{path}:{lineno} has no field {text_field!r} (choose one with --text-field)")
-                docs.append(str(record[text_field]))
+                docs.append(_text(record[text_field], f"{path}:{lineno}", text_field))
     except UnicodeDecodeError as exc:
         raise DataError(f"{path} is not UTF-8 text") from exc
     return docs
@@ -88,16 +102,20 @@ def _read_dataset_dir(path: Path, split: str, text_field: str) -> list[str]:
         ds = ds[split]
     if text_field not in ds.column_names:
         raise DataError(f"{path} has no column {text_field!r} (choose one with --text-field)")
-    return list(ds[text_field])
+    return _texts(list(ds[text_field]), str(path), text_field)
 
 
 def _read_parquet(path: Path, text_field: str) -> list[str]:
     import datasets
 
-    ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    try:
+        ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{path} is not a readable parquet file: {first}") from exc
     if text_field not in ds.column_names:
         raise DataError(f"{path} has no column {text_field!r} (choose one with --text-field)")
-    return list(ds[text_field])
+    return _texts(list(ds[text_field]), str(path), text_field)
 
 
 def _hub(name: str, split: str) -> TextSource:
@@ -124,6 +142,8 @@ def load_source(source: str, split: str = "train", text_field: str = "text") -> 
     path = Path(source).expanduser()
     if not path.exists():
         raise UsageError(f"data source {source!r} is neither wikitext2, c4 nor an existing path")
+    if not path.is_dir() and not path.is_file():
+        raise UsageError(f"data source {source} is not a regular file (a pipe, device or socket); give a file")
     if path.is_dir():
         docs, stream = _read_dataset_dir(path, split, text_field), False
         digest = None
@@ -155,12 +175,17 @@ def sample_windows(
     seqlen: int,
     seed: int = 0,
     concat: bool = False,
+    within_data: bool = True,
 ) -> torch.Tensor:
     """`nsamples` windows of `seqlen` tokens, `[nsamples, seqlen]`, reproducibly.
 
     Document sources follow the references: a random document longer than `seqlen`,
     then a random window in it (documents may repeat). `concat` (and stream sources)
     draws random windows from all documents joined together instead.
+
+    `within_data` (calibration): asking for more windows than the text holds without
+    overlap is an error that says how many it holds (a typo such as 1000000000 would
+    otherwise run for hours on repeats). Training passes False: epochs repeat the data.
     """
     if nsamples < 1:
         raise UsageError(f"--nsamples must be at least 1, got {nsamples}")
@@ -171,11 +196,18 @@ def sample_windows(
         ids = _token_ids(tokenizer, source.joined())
         if ids.numel() <= seqlen:
             raise DataError(f"{source.name} has only {ids.numel()} tokens, fewer than one window of {seqlen}")
+        if within_data and nsamples > ids.numel() // seqlen:
+            raise UsageError(
+                f"--nsamples {nsamples} is more than {source.name} holds: {ids.numel()} tokens make "
+                f"{ids.numel() // seqlen} windows of {seqlen}; ask for at most that many"
+            )
         starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
         return torch.stack([ids[s : s + seqlen] for s in starts])
 
     cache: dict[int, torch.Tensor] = {}
     long_enough: set[int] = set()
+    if within_data:
+        _check_document_capacity(tokenizer, source, nsamples, seqlen, cache, long_enough)
     windows = []
     for _ in range(nsamples):
         while True:
@@ -195,6 +227,29 @@ def sample_windows(
         start = rng.randint(0, ids.numel() - seqlen - 1)
         windows.append(ids[start : start + seqlen])
     return torch.stack(windows)
+
+
+def _check_document_capacity(
+    tokenizer: Any, source: TextSource, nsamples: int, seqlen: int, cache: dict[int, torch.Tensor], long_enough: set[int]
+) -> None:
+    """Fail unless the documents hold `nsamples` disjoint windows of `seqlen` tokens
+    (each window comes from a document longer than `seqlen`, as in the references).
+    Tokenizes documents only until enough windows are found (the sampler reuses them)."""
+    capacity = 0
+    for i, doc in enumerate(source.documents):
+        if capacity >= nsamples:
+            return
+        if i not in cache:
+            cache[i] = _token_ids(tokenizer, doc)
+            if cache[i].numel() > seqlen:
+                long_enough.add(i)
+        if i in long_enough:
+            capacity += (cache[i].numel() - 1) // seqlen
+    if capacity < nsamples and long_enough:
+        raise UsageError(
+            f"--nsamples {nsamples} is more than {source.name} holds: its {len(long_enough)} documents longer than "
+            f"{seqlen} tokens make {capacity} windows; ask for at most that many, or pass --calib-concat"
+        )
 
 
 def default_seqlen(model: Any, requested: int | None) -> int:

@@ -49,6 +49,12 @@ class NumericalError(PerpError):
     exit_code = 1
 
 
+class MemoryLimitError(PerpError):
+    """A step would need more memory than this process may use (checked before it starts)."""
+
+    exit_code = 1
+
+
 class InconsistentCheckpoint(PerpError):
     """Weights and masks disagree, or an `inspect` expectation failed."""
 

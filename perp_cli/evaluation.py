@@ -55,6 +55,7 @@ class EvalSettings:
     offload_dir: str | None = None
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    trust_inputs: bool = False
     record: bool = False
     quiet: bool = True
 
@@ -272,7 +273,7 @@ def evaluate_checkpoints(models: list[str], settings: EvalSettings) -> list[dict
         ckpt = checkpoint.load(
             model, dtype=settings.dtype, device=settings.device, allow_pickle=settings.allow_pickle,
             trust_remote_code=settings.trust_remote_code, need_tokenizer=True,
-            device_map=settings.device_map, offload_dir=settings.offload_dir,
+            device_map=settings.device_map, offload_dir=settings.offload_dir, trust_inputs=settings.trust_inputs,
         )
         try:
             result = evaluate_checkpoint(ckpt, settings, sources, cache)

@@ -24,6 +24,7 @@ writes.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import re
@@ -36,9 +37,17 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from perp_cli.checkpoint import ADAPTERS_CONFIG_NAME, ADAPTERS_NAME, MASKS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME
 from perp_cli.errors import CheckpointError, UsageError
-from perp_cli.manifest import FORMAT_VERSION, MANIFEST_NAME, sha256_file
+from perp_cli.manifest import (
+    ADAPTERS_CONFIG_NAME,
+    ADAPTERS_NAME,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    MASKS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    sha256_file,
+)
 from perp_cli.mask import MaskSet, Pattern, unpack_bits
 
 # safetensors dtype codes (the header's "dtype" field)
@@ -142,24 +151,54 @@ def _raw_header(path: Path) -> tuple[int, dict]:
             (length,) = struct.unpack("<Q", f.read(8))
             if length > 100_000_000:
                 raise ValueError("header larger than 100 MB")
-            return length, json.loads(f.read(length))
+            header = json.loads(f.read(length))
     except (OSError, ValueError, struct.error) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file: {exc}") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a readable safetensors file: its header is not a JSON object")
+    return length, header
+
+
+def _entry(path: Path, key: str, info: Any) -> tuple[str, tuple[int, ...], int, int]:
+    """dtype code, shape and data offsets of one header entry, checked for form."""
+    try:
+        code, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (*shape, begin, end)):
+            raise ValueError
+    except (TypeError, KeyError, ValueError) as exc:
+        raise CheckpointError(f"{path}: the header entry of tensor {key} is malformed (dtype, shape, data_offsets)") from exc
+    return code, shape, begin, end
 
 
 def read_header(path: Path) -> dict[str, StoredTensor]:
-    """The tensors of one safetensors file, from its header only (no data is read)."""
+    """The tensors of one safetensors file, from its header only (no data is read).
+
+    Every declared shape is checked against the bytes the file really has, so a header
+    that claims more than the file holds fails here, before anything is allocated."""
     length, header = _raw_header(path)
+    try:
+        data_bytes = path.stat().st_size - 8 - length
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    if data_bytes < 0:
+        raise CheckpointError(f"{path} ends inside its own header (truncated file)")
     out = {}
     for key, info in header.items():
         if key == "__metadata__":
+            if info is not None and not (isinstance(info, dict) and all(isinstance(v, str) for v in info.values())):
+                raise CheckpointError(f"{path}: __metadata__ must map names to strings")
             continue
-        if info["dtype"] not in CODE_DTYPES:
-            raise CheckpointError(f"{path}: tensor {key} has dtype {info['dtype']}, which perp cannot stream")
-        dtype, shape = CODE_DTYPES[info["dtype"]], tuple(info["shape"])
-        begin, end = info["data_offsets"]
+        code, shape, begin, end = _entry(path, key, info)
+        if code not in CODE_DTYPES:
+            raise CheckpointError(f"{path}: tensor {key} has dtype {code}, which perp cannot read")
+        dtype = CODE_DTYPES[code]
         if end - begin != nbytes(dtype, shape):
-            raise CheckpointError(f"{path}: tensor {key} has {end - begin} bytes for {info['dtype']} {list(shape)}")
+            raise CheckpointError(f"{path}: tensor {key} has {end - begin} bytes for {code} {list(shape)}")
+        if end > data_bytes:
+            raise CheckpointError(
+                f"{path}: tensor {key} ({code} {list(shape)}) ends at byte {end} of the data, "
+                f"but the file holds {data_bytes} (truncated, or a header that lies)"
+            )
         out[key] = StoredTensor(key, path.name, dtype, shape, 8 + length + begin, end - begin)
     return out
 
@@ -178,22 +217,44 @@ def read_tensor(f, t: StoredTensor) -> torch.Tensor:
     return out
 
 
+def index_files(directory: Path) -> list[str]:
+    """The shard files a `model.safetensors.index.json` lists, checked to be plain file
+    names inside `directory` (an index is data from the checkpoint, not a path to follow)."""
+    index = directory / WEIGHTS_INDEX_NAME
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in files):
+            raise TypeError("weight_map must map tensor names to file names")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
+    for name in files:
+        if Path(name).name != name or name in ("", ".", ".."):
+            raise CheckpointError(f"{index} names {name!r}, which is not a file of {directory}")
+    return files
+
+
 def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
     """Every tensor of a single-file or sharded checkpoint, from the headers."""
-    index = directory / WEIGHTS_INDEX_NAME
-    if index.is_file():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (OSError, ValueError, KeyError) as exc:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {exc}") from exc
+    if (directory / WEIGHTS_INDEX_NAME).is_file():
+        files = index_files(directory)
     elif (directory / WEIGHTS_NAME).is_file():
         files = [WEIGHTS_NAME]
     else:
         raise CheckpointError(f"{directory} has no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME}; streaming reads safetensors only")
     stored: dict[str, StoredTensor] = {}
     for name in files:
-        stored.update(read_header(directory / name))
+        if not (directory / name).is_file():
+            raise CheckpointError(f"{directory} is missing shard(s) listed in its index: {name}")
+        for key, t in read_header(directory / name).items():
+            if key in stored:
+                raise CheckpointError(f"{directory}: tensor {key} is stored twice ({stored[key].file} and {name})")
+            stored[key] = t
     return stored
+
+
+def _first(names: list[str]) -> str:
+    return names[0] + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
 
 
 class ShardReader:
@@ -212,17 +273,31 @@ class ShardReader:
         self.model = model
         self.stored = stored if stored is not None else stored_tensors(self.directory)
         renamings, converters = _conversions(model)
-        meta_names = dict.fromkeys(model.state_dict(keep_vars=True), True)
+        state = model.state_dict(keep_vars=True)
+        meta_names = dict.fromkeys(state, True)
         self.expected = set(expected)
         self.groups: dict[str, list[str]] = {}  # model name -> checkpoint keys converted into it
+        unexpected, mismatched = [], []
         for key in self.stored:
-            name, _ = model_name_of(model, key, meta_names, renamings, converters)
+            name, pattern = model_name_of(model, key, meta_names, renamings, converters)
             if name in self.expected:
                 self.groups.setdefault(name, []).append(key)
+                if pattern is None and tuple(self.stored[key].shape) != tuple(state[name].shape):
+                    mismatched.append(f"{key} is {list(self.stored[key].shape)}, the config makes it {list(state[name].shape)}")
+            elif name not in meta_names and not _ignored_unexpected(model, key):
+                unexpected.append(key)
         missing = sorted(self.expected - set(self.groups))
+        where = f"{self.directory}"
         if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise CheckpointError(f"{self.directory}: tensor {missing[0]}{more} is not in the checkpoint's shards")
+            hint = " (is config.json of another model?)" if unexpected else ""
+            raise CheckpointError(f"{where}: tensor {_first(missing)} is not in the checkpoint's shards{hint}")
+        if mismatched:
+            raise CheckpointError(f"{where}: the weights do not fit config.json: {_first(sorted(mismatched))}")
+        if unexpected:
+            raise CheckpointError(
+                f"{where}: tensor {_first(sorted(unexpected))} in the weights is not part of a "
+                f"{type(model).__name__} (is config.json of another model?)"
+            )
 
     @property
     def stored_bytes(self) -> int:
@@ -244,6 +319,12 @@ class ShardReader:
             except OSError as exc:
                 raise CheckpointError(f"cannot read {self.directory / file}: {exc.strerror or exc}") from exc
         return to_model_names(self.model, tensors)
+
+
+def _ignored_unexpected(model: nn.Module, key: str) -> bool:
+    """Checkpoint keys a model class declares it ignores (an old `attn.masked_bias`)."""
+    patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
+    return any(re.search(p, key) for p in patterns)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -389,26 +470,68 @@ class MaskReader:
         self.pattern = pattern
 
     @classmethod
-    def open(cls, directory: Path, manifest: dict[str, Any] | None) -> MaskReader | None:
+    def open(cls, directory: Path, manifest: dict[str, Any] | None, verify: bool = True) -> MaskReader | None:
+        """The reader of `directory`'s masks, None when it has none. `verify`: check what
+        the manifest records about them (sha256, total sparsity); `--trust-inputs` skips it."""
         file = directory / MASKS_NAME
         if not file.is_file():
             if manifest and manifest.get("masks_sha256"):
                 raise CheckpointError(f"{directory} lists a mask hash in {MANIFEST_NAME} but {MASKS_NAME} is missing")
             return None
-        expected = (manifest or {}).get("masks_sha256")
-        if expected and sha256_file(file) != expected:
-            raise CheckpointError(f"{file} does not match the sha256 recorded in {MANIFEST_NAME} (corrupt or replaced)")
         stored, meta = read_header(file), read_metadata(file)
-        if int(meta.get("format_version", "0")) > FORMAT_VERSION:
+        try:
+            version = int(meta.get("format_version", "0"))
+        except ValueError as exc:
+            raise CheckpointError(f"{file} has format version {meta.get('format_version')!r}, not a number") from exc
+        if version > FORMAT_VERSION:
             raise CheckpointError(f"{file} has a newer format version {meta.get('format_version')}; upgrade perp")
         try:
-            shapes = {n: [int(d) for d in s] for n, s in json.loads(meta.get("shapes", "{}")).items()}
+            shapes = {str(n): [int(d) for d in s] for n, s in json.loads(meta.get("shapes", "{}")).items()}
+            if any(d < 0 for s in shapes.values() for d in s):
+                raise ValueError("negative dimension")
         except (ValueError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{file} cannot be read: bad shapes metadata ({exc})") from exc
         for name, t in stored.items():
-            if name not in shapes or t.nbytes != (nbytes(torch.bool, shapes[name]) + 7) // 8:
+            if t.dtype != torch.uint8 or name not in shapes or t.nbytes != (nbytes(torch.bool, shapes[name]) + 7) // 8:
                 raise CheckpointError(f"{file} cannot be read: mask {name} has no shape or the wrong number of bytes")
-        return cls(file, stored, shapes, Pattern.parse(meta.get("pattern", "unstructured")))
+        try:
+            pattern = Pattern.parse(meta.get("pattern", "unstructured"))
+        except UsageError as exc:
+            raise CheckpointError(f"{file} records a bad pattern: {exc}") from exc
+        reader = cls(file, stored, shapes, pattern)
+        if verify and manifest:
+            reader._verify(manifest)
+        return reader
+
+    def _verify(self, manifest: dict[str, Any]) -> None:
+        """The file against the manifest: its sha256, and its total sparsity against the
+        recorded one (a mask file swapped for another sparsity, hash updated, would turn a
+        70% history into a 50% model). One pass over the file does both."""
+        expected = manifest.get("masks_sha256")
+        if not expected and "sparsity" not in manifest:
+            return
+        digest, kept = _hash_and_count_bits(self.file, min((t.start for t in self.stored.values()), default=0))
+        if expected and digest != expected:
+            raise CheckpointError(f"{self.file} does not match the sha256 recorded in {MANIFEST_NAME} (corrupt or replaced)")
+        recorded = manifest.get("sparsity", {}).get("total")
+        total = sum(math.prod(self.shapes[n]) for n in self.stored)
+        if recorded is not None and total:
+            actual = 1.0 - kept / total
+            if abs(actual - recorded) > 1e-5:
+                raise CheckpointError(
+                    f"{self.file} has sparsity {actual:.4f}, but {MANIFEST_NAME} records {recorded:.4f} (masks replaced?)"
+                )
+
+    def shape_problems(self, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+        """Masks that name no parameter of `shapes` (name -> shape) or have another shape:
+        checked from the header, before a single mask is unpacked."""
+        problems = []
+        for name in sorted(self.stored):
+            if name not in shapes:
+                problems.append(f"mask {name} names no parameter of this model")
+            elif tuple(self.shapes[name]) != tuple(shapes[name]):
+                problems.append(f"mask {name} has shape {tuple(self.shapes[name])}, the weight {tuple(shapes[name])}")
+        return problems
 
     def placeholders(self) -> MaskSet:
         """Every mask as a meta-device bool tensor of its shape (names sorted)."""
@@ -426,7 +549,39 @@ class MaskReader:
         return out
 
 
+def _hash_and_count_bits(file: Path, data_start: int, chunk: int = 1 << 22) -> tuple[str, int]:
+    """sha256 of the whole file and the number of set bits after `data_start` (the kept
+    weights of bit-packed masks: padding bits are zero), in one read."""
+    popcount = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+    digest, kept, offset = hashlib.sha256(), 0, 0
+    try:
+        with open(file, "rb") as f:
+            while block := f.read(chunk):
+                digest.update(block)
+                data = block[max(data_start - offset, 0):]
+                if data:
+                    kept += int(popcount[torch.frombuffer(bytearray(data), dtype=torch.uint8).long()].sum())
+                offset += len(block)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {file}: {exc.strerror or exc}") from exc
+    return digest.hexdigest(), kept
+
+
 # ----------------------------------------------------------------------------- adapters
+
+
+def adapters_config_problem(config: Any) -> str | None:
+    """What is wrong with an `adapters.json`, or None (the fields every reader uses)."""
+    if not isinstance(config, dict):
+        return "is not a JSON object"
+    for key, kinds, what in (("type", (str,), "a string"), ("rank", (int,), "a positive integer"),
+                             ("alpha", (int, float), "a number"), ("matrices", (list,), "a list of matrix names")):
+        value = config.get(key)
+        if key not in config or isinstance(value, bool) or not isinstance(value, kinds):
+            return f"lacks '{key}' ({what})" if key not in config else f"has '{key}' = {json.dumps(value)[:40]}, not {what}"
+    if config["rank"] < 1 or not math.isfinite(config["alpha"]) or not all(isinstance(m, str) for m in config["matrices"]):
+        return "has a rank below 1, a non-finite alpha or a matrix name that is not a string"
+    return None
 
 
 class AdapterReader:
@@ -444,9 +599,10 @@ class AdapterReader:
         self.config = config
 
     @classmethod
-    def open(cls, directory: Path) -> AdapterReader | None:
-        """The reader of `directory`'s adapters, None when it has none (errors as
-        `checkpoint._read_adapters` raises them)."""
+    def open(cls, directory: Path, manifest: dict[str, Any] | None = None, verify: bool = True) -> AdapterReader | None:
+        """The reader of `directory`'s adapters, None when it has none. `adapters.json` is
+        validated here (every command reads it through this); `verify`: the file's sha256
+        against the one `perp.json` records."""
         tensors_file, config_file = directory / ADAPTERS_NAME, directory / ADAPTERS_CONFIG_NAME
         if not tensors_file.is_file() and not config_file.is_file():
             return None
@@ -456,6 +612,12 @@ class AdapterReader:
             config = json.loads(config_file.read_text())
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"cannot read adapters in {directory}: {exc}") from exc
+        problem = adapters_config_problem(config)
+        if problem:
+            raise CheckpointError(f"{config_file} {problem}; it was not written by perp retrain")
+        expected = ((manifest or {}).get("adapters") or {}).get("sha256")
+        if verify and expected and sha256_file(tensors_file) != expected:
+            raise CheckpointError(f"{tensors_file} does not match the sha256 recorded in {MANIFEST_NAME} (corrupt or replaced)")
         return cls(tensors_file, read_header(tensors_file), config)
 
     def shape(self, name: str) -> tuple[int, ...] | None:

@@ -51,10 +51,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from perp_cli import arch, checkpoint, engine, mask, pruner, shards
+from perp_cli import arch, checkpoint, engine, mask, memory, pruner, shards
 from perp_cli.checkpoint import Checkpoint
 from perp_cli.errors import CheckpointError, NumericalError, UsageError
-from perp_cli.manifest import MANIFEST_NAME, StepRecord, empty_manifest, sha256_file
+from perp_cli.manifest import MANIFEST_NAME, StepRecord, empty_manifest, sha256_file, weights_sha256
 from perp_cli.mask import MaskSet, Pattern, pack_bits
 from perp_cli.shards import (
     AdapterReader,
@@ -98,57 +98,10 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
 # ----------------------------------------------------------------------------- skeleton
 
 
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Build modules with every parameter on the meta device and every buffer real.
-
-    Parameters are moved to meta as they are registered (one uninitialised tensor at a
-    time, never the whole model); buffers (rotary `inv_freq`, ...) keep the values the
-    module computed from its config. A parameter registered twice (tied embeddings) stays
-    the same object, so ties survive.
-    """
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
-def _resolve_dtype(config: Any, dtype: str, reader_dtype: torch.dtype | None) -> torch.dtype:
-    """`--dtype auto` as `from_pretrained` resolves it: the config's dtype, else the
-    checkpoint's first floating tensor, else float32."""
-    resolved = checkpoint.resolve_dtype(dtype)
-    if resolved != "auto":
-        return resolved
-    declared = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(declared, str):
-        declared = getattr(torch, declared, None)
-    if isinstance(declared, torch.dtype):
-        return declared
-    return reader_dtype or torch.float32
-
-
-def build_skeleton(config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    """The model of `config` with meta parameters (see `parameters_on_meta`)."""
-    from transformers import AutoModelForCausalLM
-
-    with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    return model.eval()
-
-
-def output_names(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What `save_pretrained` writes, in model names: the persistent state without the
-    tied aliases (a tied `lm_head.weight` is the embedding and is not stored twice)."""
-    tied = checkpoint.tied_parameter_names(model)
-    return {n: t for n, t in model.state_dict(keep_vars=True).items() if n not in tied}
+# the skeleton is built where every reader builds it (checkpoint.plan_local); these names stay for callers
+parameters_on_meta = checkpoint.parameters_on_meta
+build_skeleton = checkpoint.build_skeleton
+output_names = checkpoint.output_names
 
 
 # ----------------------------------------------------------------------------- opening
@@ -156,7 +109,7 @@ def output_names(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def open_checkpoint(
     source: str | Path, dtype: str = "auto", trust_remote_code: bool = False, need_tokenizer: bool = False,
-    lazy_masks: bool = False, lazy_adapters: bool = False,
+    lazy_masks: bool = False, lazy_adapters: bool = False, trust_inputs: bool = False,
 ) -> Checkpoint:
     """A `Checkpoint` whose model is a meta-device skeleton; `ckpt.extra["reader"]` is the
     `ShardReader` its weights come from. Checks what `checkpoint.load` checks that does
@@ -170,7 +123,7 @@ def open_checkpoint(
     `lazy_adapters`: `adapters.safetensors` is not read (`ckpt.adapters` is None,
     `ckpt.adapters_config` is read); `ckpt.extra["adapters"]` is the `AdapterReader` to
     read a block's adapters with (a streamed merge)."""
-    from transformers import AutoConfig, GenerationConfig
+    from transformers import GenerationConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -181,31 +134,33 @@ def open_checkpoint(
     if not ((path / checkpoint.WEIGHTS_NAME).is_file() or (path / checkpoint.WEIGHTS_INDEX_NAME).is_file()):
         raise UsageError(f"{source} has no safetensors weights; streaming reads model.safetensors or its sharded index only")
     checkpoint._check_local_dir(path, allow_pickle=False)
-    try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read the config of {source}: {checkpoint._first_line(exc)}") from exc
-    stored = stored_tensors(path)
-    first_float = next((t.dtype for t in stored.values() if t.dtype.is_floating_point), None)
-    model = build_skeleton(config, _resolve_dtype(config, dtype, first_float), trust_remote_code)
-    arch.spec_for(model)
-    reader = ShardReader(path, model, output_names(model), stored)
+    manifest = checkpoint.read_manifest(path)
+    layout = checkpoint.plan_local(path, dtype, trust_remote_code)
+    model, reader = layout.skeleton, layout.reader
     if (path / "generation_config.json").is_file():
         with contextlib.suppress(Exception):
             model.generation_config = GenerationConfig.from_pretrained(str(path))
-    manifest = checkpoint.read_manifest(path)
+    mask_reader = MaskReader.open(path, manifest, verify=not trust_inputs)
+    if mask_reader is not None:
+        wrong = mask_reader.shape_problems(layout.parameter_shapes())
+        if wrong:  # from the header, before a single mask is unpacked
+            raise CheckpointError(f"{source}: weights and masks disagree: {wrong[0]}")
     if lazy_masks:
-        mask_reader = MaskReader.open(path, manifest)
         masks = mask_reader.placeholders() if mask_reader is not None else None
     else:
-        mask_reader, masks = None, checkpoint.read_masks(path, manifest)
+        masks = MaskSet(mask_reader.read(sorted(mask_reader.stored)), mask_reader.pattern) if mask_reader else None
+        mask_reader = None
     if masks is not None:
         _check_input_masks(model, masks, source)
-    if lazy_adapters:
-        adapter_reader = AdapterReader.open(path)
-        adapters, adapters_config = None, adapter_reader.config if adapter_reader is not None else None
-    else:
-        adapter_reader, (adapters, adapters_config) = None, checkpoint._read_adapters(path)
+    adapter_reader = AdapterReader.open(path, manifest, verify=not trust_inputs)
+    adapters_config = adapter_reader.config if adapter_reader is not None else None
+    adapters = None
+    if not lazy_adapters and adapter_reader is not None:
+        adapters, adapter_reader = adapter_reader.read(sorted(adapter_reader.stored)), None
+    recorded = (manifest or {}).get("weights_sha256")
+    if recorded and not trust_inputs and weights_sha256(path) != recorded:
+        raise CheckpointError(f"the weights of {source} do not match the weights_sha256 recorded in {MANIFEST_NAME} "
+                              "(edited or replaced since perp wrote them; --trust-inputs to use them anyway)")
     return Checkpoint(
         model=model,
         tokenizer=checkpoint._load_tokenizer(str(path), trust_remote_code, need_tokenizer),
@@ -496,7 +451,7 @@ def streamed_output(
                 manifest["sparsity"] = stream.mask_summary()
             else:
                 stream.spool.path.unlink()
-            (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
+            checkpoint.write_manifest(tmp, manifest)
             if write_masks:
                 stream.spool.verify(manifest["masks_sha256"])
     except OSError as exc:
@@ -707,14 +662,9 @@ class Decision:
 
 
 def available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo (bytes), or None where there is no such file."""
-    with contextlib.suppress(OSError, ValueError):
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    with contextlib.suppress(ValueError, OSError, AttributeError):
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return None
+    """What this process may still allocate (`memory.process_limit`: the smallest of
+    MemAvailable, the cgroup limits and the rlimits; a `MemoryLimit` names which), or None."""
+    return memory.process_limit()
 
 
 def weights_bytes(source: str | Path, dtype: str) -> int | None:
@@ -760,6 +710,7 @@ def decide(
     size = size * models if size is not None else None
     if size is None or free is None:
         return Decision(False, "not streaming: model size or available memory unknown")
+    limit = f" ({free.source})" if isinstance(free, memory.MemoryLimit) else ""
     if size > AUTO_FRACTION * free:
-        return Decision(True, f"streaming, one block in memory at a time: the weights ({size / 2**30:.1f} GiB) exceed half of the {free / 2**30:.1f} GiB available")
-    return Decision(False, f"in memory: weights {size / 2**30:.2f} GiB fit in the {free / 2**30:.1f} GiB available")
+        return Decision(True, f"streaming, one block in memory at a time: the weights ({size / 2**30:.1f} GiB) exceed half of the {free / 2**30:.1f} GiB available{limit}")
+    return Decision(False, f"in memory: weights {size / 2**30:.2f} GiB fit in the {free / 2**30:.1f} GiB available{limit}")

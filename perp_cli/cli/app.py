@@ -32,6 +32,7 @@ from perp_cli.cli import merge as merge_cmd
 from perp_cli.cli import retrain as retrain_cmd
 from perp_cli.cli import reconstruct as reconstruct_cmd
 from perp_cli.cli import _on_sigint, _on_sigterm, last_signal
+from perp_cli.cli.common import validated
 from perp_cli.errors import PerpError
 from perp_cli.progress import console
 
@@ -67,18 +68,19 @@ def _root(
         _state["debug"] = True
 
 
-app.command("inspect")(inspect_cmd.inspect)
-app.command("eval")(eval_cmd.eval_cmd)
-app.command("prune")(prune_cmd.prune_cmd)
-app.command("retrain")(retrain_cmd.retrain_cmd)
-app.command("reconstruct")(reconstruct_cmd.reconstruct_cmd)
-app.command("merge")(merge_cmd.merge_cmd)
-app.command("demo")(demo_cmd.demo)
+app.command("inspect")(validated(inspect_cmd.inspect))
+app.command("eval")(validated(eval_cmd.eval_cmd))
+app.command("prune")(validated(prune_cmd.prune_cmd))
+app.command("retrain")(validated(retrain_cmd.retrain_cmd))
+app.command("reconstruct")(validated(reconstruct_cmd.reconstruct_cmd))
+app.command("merge")(validated(merge_cmd.merge_cmd))
+app.command("demo")(validated(demo_cmd.demo))
 
 
 def _say(prefix: str, message: str) -> None:
     """One line on stderr, never wrapped, with no markup taken from the message."""
-    console.print(f"[red]{prefix}[/] {escape(message)}", highlight=False, soft_wrap=True)
+    one_line = " ".join(message.splitlines())  # a path with a newline in it stays on the line
+    console.print(f"[red]{prefix}[/] {escape(one_line)}", highlight=False, soft_wrap=True)
 
 
 def _quiet_libraries() -> None:

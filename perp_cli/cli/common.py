@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Callable
 
 import typer
 
@@ -47,3 +49,60 @@ def require_range(name: str, value: float, low: float, high: float, high_inclusi
     if not ok:
         bracket = "]" if high_inclusive else ")"
         raise UsageError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
+
+
+OverwriteForeignOpt = Annotated[bool, typer.Option("--overwrite-foreign", help="Replace an existing output directory even if perp did not write it (no perp.json, or files perp does not write): everything in it is deleted once the new output is complete. Implies --overwrite. Never replaces a directory that holds an input of the step.")]
+TrustInputsOpt = Annotated[bool, typer.Option("--trust-inputs", help="Skip the integrity checks of what perp.json records (sha256 of the weights, masks and adapters, the recorded sparsity, the source model's weights), for inputs you changed on purpose. Shapes and consistency are still checked.")]
+
+# --- the one place where option values are validated, whatever the command ------------
+
+SEED_LIMIT = 2**32  # torch, Python and every derived per-block seed accept it
+POSITIVE_COUNTS = {"nsamples", "steps", "tokens", "batch_size", "grad_accum", "rank", "blocksize", "seqlen",
+                   "eval_windows", "steps_per_block", "max_windows"}
+NON_NEGATIVE_COUNTS = {"eval_every", "num_fewshot"}
+FLAG_NAMES = {"json_out": "--json", "data_source": "--data", "streaming_mode": "--streaming"}
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of parameter `name`."""
+    return FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+
+
+def check_values(values: dict[str, Any]) -> None:
+    """Usage errors for option values no command can use: a count of zero or less (never
+    read as "default"), a seed outside [0, 2^32), a NaN or infinite number."""
+    for name, value in values.items():
+        if isinstance(value, bool) or value is None:
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{flag(name)} must be a finite number, got {value}")
+        if not isinstance(value, int):
+            continue
+        if name == "seed" and not 0 <= value < SEED_LIMIT:
+            raise UsageError(f"--seed must be in [0, 2^32), got {value}")
+        if name in POSITIVE_COUNTS and value < 1:
+            raise UsageError(f"{flag(name)} must be at least 1, got {value}")
+        if name in NON_NEGATIVE_COUNTS and value < 0:
+            raise UsageError(f"{flag(name)} must be 0 or more, got {value}")
+
+
+def validated(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`command` with its option values checked (`check_values`) before it runs; the
+    app registers every subcommand through it."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        check_values(kwargs)
+        return command(*args, **kwargs)
+
+    return run
+
+
+def check_rank(model: Any, rank: int, targets: str | None) -> None:
+    """An adapter rank above min(out, in) of a matrix it adapts is no low-rank update
+    (and would allocate factors larger than the matrix): a usage error."""
+    from perp_cli import arch
+
+    smallest = min((min(m.shape) for m in arch.matrices(model, targets)), default=None)
+    if smallest is not None and rank > smallest:
+        raise UsageError(f"--rank {rank} exceeds min(out, in) = {smallest} of the adapted matrices; choose at most {smallest}")

@@ -10,7 +10,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from perp_cli.cli.common import AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, QuietOpt, SeedOpt, TrustRemoteCodeOpt, emit_json
+from perp_cli import checkpoint
+from perp_cli.cli.common import AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, QuietOpt, SeedOpt, TrustInputsOpt, TrustRemoteCodeOpt, emit_json
+from perp_cli.errors import CheckpointError
 from perp_cli.errors import UsageError
 from perp_cli.evaluation import EvalSettings, comparison_rows, evaluate_checkpoints
 from perp_cli.plotting import check_plot_path, eval_bars
@@ -52,6 +54,7 @@ def eval_cmd(
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
+    trust_inputs: TrustInputsOpt = False,
 ) -> None:
     """Perplexity (WikiText-2 / C4 protocols of Wanda, SparseGPT and PERP) and zero-shot
     accuracy (lm-evaluation-harness) of one or more checkpoints, in one table.
@@ -67,12 +70,13 @@ def eval_cmd(
         add_bos=add_bos, tasks=task_list, limit=limit, include_path=str(include_path) if include_path else None,
         num_fewshot=num_fewshot, seed=seed, dtype=dtype, device=device, device_map=device_map,
         offload_dir=str(offload_dir) if offload_dir else None, allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code, record=record, quiet=quiet,
+        trust_remote_code=trust_remote_code, trust_inputs=trust_inputs, record=record, quiet=quiet,
     )
+    inputs = models + list(dataset or []) + ([str(include_path)] if include_path else [])
     if output is not None:
-        _check_output_file(output, models)
+        _check_output_file(output, inputs)
     if plot is not None:
-        _check_output_file(plot, models, "--plot")
+        _check_output_file(plot, inputs, "--plot")
         check_plot_path(plot)  # unsupported suffix or missing matplotlib: fail before any model loads
     results = evaluate_checkpoints(models, settings)
     summary = {"settings": settings.args(), "results": results}
@@ -87,6 +91,8 @@ def eval_cmd(
 
 
 def _check_output_file(output: Path, models: list[str], flag: str = "--output") -> None:
+    if any(ord(c) < 32 or ord(c) == 127 for c in str(output)):
+        raise UsageError(f"{flag} {str(output)!r} contains a newline or another control character; choose another name")
     target = output.expanduser().resolve()
     if target.is_dir():
         raise UsageError(f"{flag} {output} is a directory; give a file name")
@@ -94,15 +100,28 @@ def _check_output_file(output: Path, models: list[str], flag: str = "--output") 
         raise UsageError(f"{flag} {output}: directory {target.parent} does not exist")
     for model in models:
         path = Path(model).expanduser()
+        if path.exists() and path.resolve() == target:
+            raise UsageError(f"{flag} {output} is the input {model}; eval never overwrites its inputs")
         if path.is_dir() and path.resolve() in target.parents:
             raise UsageError(f"{flag} {output} is inside the checkpoint {model}; eval never writes into a checkpoint")
 
 
 def _write_json(output: Path, summary: dict[str, Any]) -> None:
+    """Write the results atomically: a temporary sibling renamed into place, removed
+    on any failure (a full disk leaves neither a half file nor the temporary)."""
     target = output.expanduser()
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    os.replace(tmp, target)
+    tmp = target.with_name(f".{target.name}.tmp-{checkpoint.scratch_suffix()}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(summary, indent=2, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise CheckpointError(checkpoint._write_failure(output, exc)) from exc
+        raise
 
 
 def _render(results: list[dict[str, Any]]) -> None:

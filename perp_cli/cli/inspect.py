@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from perp_cli import checkpoint
-from perp_cli.cli.common import AllowPickleOpt, JsonOpt, ModelArg, QuietOpt, TrustRemoteCodeOpt, emit_json
+from perp_cli.cli.common import AllowPickleOpt, JsonOpt, ModelArg, QuietOpt, TrustInputsOpt, TrustRemoteCodeOpt, emit_json
 from perp_cli.errors import InconsistentCheckpoint
 from perp_cli.inspection import Report, expectation_failures, inspect_checkpoint
 from perp_cli.progress import console
@@ -28,6 +28,7 @@ def inspect(
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
     trust_remote_code: TrustRemoteCodeOpt = False,
+    trust_inputs: TrustInputsOpt = False,
 ) -> None:
     """Report sparsity and check that every masked weight is exactly zero.
 
@@ -35,18 +36,20 @@ def inspect(
     weight is nonzero, an N:M group holds too many weights, or an --expect-* fails.
     """
     ckpt = checkpoint.load(model, dtype="auto", device="cpu", allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code, verify=False)
+                           trust_remote_code=trust_remote_code, verify=False, trust_inputs=trust_inputs)
     report = inspect_checkpoint(ckpt)
+    report.problems.extend(ckpt.extra.get("problems", []))
     failures = expectation_failures(report, expect_sparsity, tolerance, expect_pattern)
     if json_out:
         emit_json({**report.to_json(), "expectation_failures": failures})
     if not quiet:
         _render(report, per_matrix)
     if not report.consistent:
-        first = report.problems[0] if report.problems else next(
+        # a named tensor first: it says more than a hash that differs
+        first = next((
             f"{m.name}: {m.masked_nonzeros} nonzero masked weights, {m.nm_violations} bad N:M groups"
             for m in report.matrices if not m.consistent
-        )
+        ), None) or report.problems[0]
         raise InconsistentCheckpoint(f"{model} is inconsistent: {first}")
     if failures:
         raise InconsistentCheckpoint("; ".join(failures))

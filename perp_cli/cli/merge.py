@@ -16,9 +16,11 @@ from perp_cli.cli.common import (
     MaxShardSizeOpt,
     ModelArg,
     OutputOpt,
+    OverwriteForeignOpt,
     OverwriteOpt,
     QuietOpt,
     SeedOpt,
+    TrustInputsOpt,
     TrustRemoteCodeOpt,
     emit_json,
 )
@@ -39,6 +41,8 @@ def merge_cmd(
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
     overwrite: OverwriteOpt = False,
+    overwrite_foreign: OverwriteForeignOpt = False,
+    trust_inputs: TrustInputsOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
@@ -53,7 +57,8 @@ def merge_cmd(
     the largest value). The output has the same masks and no adapter files.
     """
     shard_bytes = parse_size(max_shard_size)
-    checkpoint.check_output(output, inputs=[model], overwrite=overwrite)
+    overwrite = overwrite or overwrite_foreign
+    checkpoint.check_output(output, inputs=[model], overwrite=overwrite, overwrite_foreign=overwrite_foreign)
     on_host = checkpoint.resolve_device(device).type == "cpu"
     if not on_host and streaming_mode == "on":
         raise UsageError(f"--streaming on merges on the host; use --device cpu (not {device}) or --streaming off")
@@ -66,13 +71,13 @@ def merge_cmd(
         if not quiet:
             console.print(escape(decision.reason), soft_wrap=True)
         ckpt = streaming.open_checkpoint(model, dtype=dtype, trust_remote_code=trust_remote_code,
-                                         lazy_masks=True, lazy_adapters=True)
+                                         lazy_masks=True, lazy_adapters=True, trust_inputs=trust_inputs)
         with make_progress(quiet) as progress:
             report = merge_streamed(ckpt, output, step, allow_densify=allow_densify, overwrite=overwrite,
                                     max_shard_size=shard_bytes, seed=seed, progress=progress)
     else:
         ckpt = checkpoint.load(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
-                               trust_remote_code=trust_remote_code)
+                               trust_remote_code=trust_remote_code, trust_inputs=trust_inputs)
         report = merge_checkpoint(ckpt, allow_densify=allow_densify, seed=seed)
         step.results = report.to_json()
         masks = ckpt.masks if report.densified_density is None else None

@@ -21,9 +21,11 @@ from perp_cli.cli.common import (
     ModelArg,
     OffloadActivationsOpt,
     OutputOpt,
+    OverwriteForeignOpt,
     OverwriteOpt,
     QuietOpt,
     SeedOpt,
+    TrustInputsOpt,
     TrustRemoteCodeOpt,
     emit_json,
 )
@@ -60,6 +62,8 @@ def prune_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     overwrite: OverwriteOpt = False,
+    overwrite_foreign: OverwriteForeignOpt = False,
+    trust_inputs: TrustInputsOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
@@ -83,7 +87,8 @@ def prune_cmd(
     )
     plan(config)  # usage errors before loading anything
     shard_bytes = parse_size(max_shard_size)
-    checkpoint.check_output(output, inputs=[model], overwrite=overwrite)
+    overwrite = overwrite or overwrite_foreign
+    checkpoint.check_output(output, inputs=[model, calib, offload_dir], overwrite=overwrite, overwrite_foreign=overwrite_foreign)
     activations.check_offload_dir(offload_dir, output, [model])
     decision = streaming.decide(streaming_mode, model, config, dtype)
     step = StepRecord("prune", args={**vars(config), "model": model, "output": str(output), "dtype": dtype,
@@ -91,11 +96,11 @@ def prune_cmd(
     if decision.stream:
         if not quiet:
             console.print(escape(decision.reason), soft_wrap=True)
-        ckpt = streaming.open_checkpoint(model, dtype=dtype, trust_remote_code=trust_remote_code)
+        ckpt = streaming.open_checkpoint(model, dtype=dtype, trust_remote_code=trust_remote_code, trust_inputs=trust_inputs)
         _, results, data_record = streaming.prune(ckpt, output, config, step, overwrite=overwrite, max_shard_size=shard_bytes)
     else:
         ckpt = checkpoint.load(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
-                               trust_remote_code=trust_remote_code, need_tokenizer=False)
+                               trust_remote_code=trust_remote_code, need_tokenizer=False, trust_inputs=trust_inputs)
         masks, results, data_record = prune(ckpt, config)
         step.data, step.results = data_record, results
         checkpoint.save(output, ckpt.model, ckpt.tokenizer, masks, manifest_in=ckpt.manifest, step=step,

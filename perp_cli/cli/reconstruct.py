@@ -20,10 +20,13 @@ from perp_cli.cli.common import (
     ModelArg,
     OffloadActivationsOpt,
     OutputOpt,
+    OverwriteForeignOpt,
     OverwriteOpt,
     QuietOpt,
     SeedOpt,
+    TrustInputsOpt,
     TrustRemoteCodeOpt,
+    check_rank,
     emit_json,
 )
 from perp_cli.errors import UsageError
@@ -68,6 +71,8 @@ def reconstruct_cmd(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     overwrite: OverwriteOpt = False,
+    overwrite_foreign: OverwriteForeignOpt = False,
+    trust_inputs: TrustInputsOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
@@ -90,31 +95,38 @@ def reconstruct_cmd(
         offload_dir=None if offload_dir is None else str(offload_dir), quiet=quiet,
     )
     config.validate()  # usage errors before loading anything
-    if nsamples < 1:
-        raise UsageError(f"--nsamples must be at least 1, got {nsamples}")
     shard_bytes = parse_size(max_shard_size)
-    checkpoint.check_output(output, inputs=[model] + ([dense] if dense else []), overwrite=overwrite)
+    overwrite = overwrite or overwrite_foreign
+    inputs = [model, dense, calib, offload_dir]
+    checkpoint.check_output(output, inputs=inputs, overwrite=overwrite, overwrite_foreign=overwrite_foreign)
     activations.check_offload_dir(offload_dir, output, [model] + ([dense] if dense else []))
     decision = streaming.decide(streaming_mode, model, dtype=dtype, models=2)  # the dense model has the same shapes
     if decision.stream:
         if not quiet:
             console.print(escape(decision.reason), soft_wrap=True)
-        ckpt = streaming.open_checkpoint(model, dtype=dtype, trust_remote_code=trust_remote_code, need_tokenizer=True, lazy_masks=True)
+        ckpt = streaming.open_checkpoint(model, dtype=dtype, trust_remote_code=trust_remote_code, need_tokenizer=True,
+                                         lazy_masks=True, trust_inputs=trust_inputs)
     else:
         ckpt = checkpoint.load(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
-                               trust_remote_code=trust_remote_code, need_tokenizer=True)
+                               trust_remote_code=trust_remote_code, need_tokenizer=True, trust_inputs=trust_inputs)
     dense_dir = dense_source(ckpt, dense)
     if dense is None:
-        checkpoint.check_output(output, inputs=[model, dense_dir], overwrite=overwrite)
+        checkpoint.check_output(output, inputs=inputs + [dense_dir], overwrite=overwrite, overwrite_foreign=overwrite_foreign)
     if decision.stream:
         try:
-            reference = streaming.open_checkpoint(dense_dir, dtype=dtype, trust_remote_code=trust_remote_code, lazy_masks=True)
+            reference = streaming.open_checkpoint(dense_dir, dtype=dtype, trust_remote_code=trust_remote_code, lazy_masks=True,
+                                                  trust_inputs=trust_inputs)
         except UsageError as exc:
             raise UsageError(f"--dense: {exc}; or use --streaming off") from exc
     else:
         reference = checkpoint.load(dense_dir, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
-                                    trust_remote_code=trust_remote_code, need_tokenizer=False)
+                                    trust_remote_code=trust_remote_code, need_tokenizer=False,
+                                    trust_inputs=trust_inputs)
     check_compatible(ckpt.model, reference.model)
+    if not trust_inputs:
+        checkpoint.check_source_weights(ckpt, dense_dir)
+    if config.adapter_kind is not None:
+        check_rank(ckpt.model, rank, adapter_targets)
 
     length = data.default_seqlen(ckpt.model, seqlen)
     source = data.load_source(calib, split="train", text_field=text_field)

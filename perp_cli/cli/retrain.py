@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 
 from perp_cli import adapters as adapters_mod
-from perp_cli import checkpoint, data, distributed
+from perp_cli import checkpoint, data, distributed, memory
 from perp_cli import trainable as trainable_mod
 from perp_cli.cli.common import (
     AllowPickleOpt,
@@ -19,10 +19,13 @@ from perp_cli.cli.common import (
     JsonOpt,
     ModelArg,
     OutputOpt,
+    OverwriteForeignOpt,
     OverwriteOpt,
     QuietOpt,
     SeedOpt,
+    TrustInputsOpt,
     TrustRemoteCodeOpt,
+    check_rank,
     emit_json,
 )
 from perp_cli.errors import UsageError
@@ -62,6 +65,8 @@ def retrain_cmd(
     device_map: Annotated[str | None, typer.Option("--device-map", help="auto (or balanced, balanced_low_0, sequential): spread the blocks over all visible GPUs with Accelerate (everything on the CPU without one), instead of --device; the model must fit in the GPUs (offloaded weights cannot train). Not with torchrun / accelerate launch. Default: off.", show_default=False)] = None,
     dtype: DtypeOpt = "auto",
     overwrite: OverwriteOpt = False,
+    overwrite_foreign: OverwriteForeignOpt = False,
+    trust_inputs: TrustInputsOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
@@ -84,8 +89,6 @@ def retrain_cmd(
         raise UsageError("--export-peft needs --adapter lora (PEFT has no MaskLoRA/ScaleLoRA equivalent)")
     if steps is not None and tokens is not None:
         raise UsageError("give --steps or --tokens, not both")
-    if tokens is not None and tokens < 1:
-        raise UsageError(f"--tokens must be at least 1, got {tokens}")
     if eval_every and eval_data is None:
         raise UsageError("--eval-every needs --eval-data (held-out text)")
     if eval_windows < 1:
@@ -99,9 +102,13 @@ def retrain_cmd(
     if device_map is not None and device != "auto":
         raise UsageError("give --device or --device-map, not both")
     checkpoint.device_map_kwargs(device_map)
-    checkpoint.check_output(output, inputs=[model], overwrite=overwrite)
+    overwrite = overwrite or overwrite_foreign
+    inputs = [model, data_source, eval_data]
+    checkpoint.check_output(output, inputs=inputs, overwrite=overwrite, overwrite_foreign=overwrite_foreign)
     if export_peft is not None:
-        checkpoint.check_output(export_peft, inputs=[model, output], overwrite=overwrite)
+        checkpoint.check_output(export_peft, inputs=inputs + [output], overwrite=overwrite, overwrite_foreign=overwrite_foreign)
+        if output.expanduser().resolve() in export_peft.expanduser().resolve().parents:
+            raise UsageError(f"--export-peft {export_peft} is inside the output {output}; choose a directory beside it")
     dist = distributed.setup(device)
     if dist is not None:
         if device_map is not None:
@@ -109,7 +116,8 @@ def retrain_cmd(
         dist.local_slice(batch_size)  # an uneven split fails now, not after loading
 
     ckpt = checkpoint.load(model, dtype=dtype, device=str(dist.device) if dist else device, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code, need_tokenizer=True, device_map=device_map)
+                           trust_remote_code=trust_remote_code, need_tokenizer=True, device_map=device_map,
+                           trust_inputs=trust_inputs)
     offloaded = checkpoint.offloaded_parameters(ckpt.model) if device_map else []
     if offloaded:
         raise UsageError(
@@ -118,14 +126,21 @@ def retrain_cmd(
         )
     seqlen = data.default_seqlen(ckpt.model, seqlen)
     per_step = batch_size * grad_accum * seqlen
-    cfg.steps = math.ceil(tokens / per_step) if tokens is not None else (steps or 100)
+    cfg.steps = math.ceil(tokens / per_step) if tokens is not None else (100 if steps is None else steps)
+    # the training windows are drawn up front: their token ids must fit in memory
+    memory.require(cfg.steps * batch_size * grad_accum * seqlen * 8,
+                   f"{cfg.steps:,} steps x {batch_size * grad_accum} windows x {seqlen} tokens of training data",
+                   "lower --steps / --tokens")
+    if kind is not None:
+        check_rank(ckpt.model, rank, adapter_targets)
     if eval_data is not None and not eval_every:
         cfg.eval_every = cfg.steps
     if ckpt.masks is None and kind in adapters_mod.NEEDS_MASK:
         raise UsageError(f"--adapter {kind} needs the pruning masks, but {model} has no masks.safetensors (a dense model: use scalelora or lora)")
 
     source = data.load_source(data_source, split="train", text_field=text_field)
-    windows = data.sample_windows(ckpt.tokenizer, source, nsamples=cfg.steps * batch_size * grad_accum, seqlen=seqlen, seed=seed)
+    windows = data.sample_windows(ckpt.tokenizer, source, nsamples=cfg.steps * batch_size * grad_accum, seqlen=seqlen,
+                                  seed=seed, within_data=False)
     eval_fn, eval_record = None, {}
     if eval_data is not None:
         from perp_cli.perplexity import eval_token_ids, perplexity
