@@ -168,18 +168,31 @@ def read_masks(
     sparsity; not with `trust_inputs`) and, from the header before anything is unpacked,
     against the model's parameter `shapes`. A mask that does not fit is an error, or,
     with `verify=False` (inspect), left out and described in `problems`."""
-    reader = shards.MaskReader.open(path, manifest, verify=not trust_inputs)
+    reader = open_masks(path, manifest, shapes, verify, trust_inputs, problems)
     if reader is None:
         return None
-    names = sorted(reader.stored)
-    if shapes is not None:
-        wrong = reader.shape_problems(shapes)
-        if wrong and verify:
-            raise CheckpointError(f"{path}: weights and masks disagree: {wrong[0]} (run `perp inspect` for all)")
-        if problems is not None:
-            problems.extend(wrong)
-        names = [n for n in names if n in shapes and tuple(reader.shapes[n]) == tuple(shapes[n])]
+    names = [n for n in sorted(reader.stored) if shapes is None or tuple(reader.shapes[n]) == tuple(shapes.get(n, ()))]
     return MaskSet(reader.read(names), reader.pattern)
+
+
+def open_masks(
+    path: Path, manifest: dict[str, Any] | None, shapes: dict[str, tuple[int, ...]] | None = None,
+    verify: bool = True, trust_inputs: bool = False, problems: list[str] | None = None,
+) -> shards.MaskReader | None:
+    """The reader of `path`'s masks, checked in the order that costs least: the header
+    (names, shapes, bytes) against the model's parameter `shapes`, then the whole file
+    against the manifest (sha256, sparsity; skipped with `trust_inputs`). See `read_masks`."""
+    reader = shards.MaskReader.open(path, manifest, verify=False)
+    if reader is None:
+        return None
+    wrong = reader.shape_problems(shapes) if shapes is not None else []
+    if wrong and verify:
+        raise CheckpointError(f"{path}: weights and masks disagree: {wrong[0]} (run `perp inspect` for all)")
+    if problems is not None:
+        problems.extend(wrong)
+    if not trust_inputs and manifest and not wrong:
+        reader.verify(manifest)
+    return reader
 
 
 def _first_line(exc: BaseException) -> str:
@@ -373,7 +386,7 @@ def load(
     if local:
         safetensors = (path / WEIGHTS_NAME).is_file() or (path / WEIGHTS_INDEX_NAME).is_file()
         layout = plan_local(path, dtype, trust_remote_code) if safetensors else None
-        mask_reader = shards.MaskReader.open(path, manifest, verify=not trust_inputs)
+        mask_reader = open_masks(path, manifest, layout.parameter_shapes() if layout else None, verify, trust_inputs, problems)
         adapter_reader = shards.AdapterReader.open(path, manifest, verify=not trust_inputs)
         if layout is not None:
             mask_shapes = layout.parameter_shapes()
@@ -384,7 +397,10 @@ def load(
                 needed += sum(t.nbytes for t in adapter_reader.stored.values())
             if device_map is None:
                 memory.require(needed, f"loading {source}", "a step that streams needs one block: --streaming on, where offered")
-        masks = read_masks(path, manifest, mask_shapes, verify, trust_inputs, problems) if mask_reader else None
+        if mask_reader is not None:
+            names = [n for n in sorted(mask_reader.stored) if mask_shapes is None
+                     or tuple(mask_reader.shapes[n]) == tuple(mask_shapes.get(n, ()))]
+            masks = MaskSet(mask_reader.read(names), mask_reader.pattern)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(path) if local else source,

@@ -108,6 +108,12 @@ def _read_dataset_dir(path: Path, split: str, text_field: str) -> list[str]:
 def _read_parquet(path: Path, text_field: str) -> list[str]:
     import datasets
 
+    with open(path, "rb") as f:  # the magic bytes first: datasets logs its own lines on a bad file
+        head, size = f.read(4), path.stat().st_size
+        f.seek(max(size - 4, 0))
+        tail = f.read(4)
+    if size < 12 or head != b"PAR1" or tail != b"PAR1":
+        raise DataError(f"{path} is not a readable parquet file (no PAR1 magic bytes at its start and end)")
     try:
         ds = datasets.load_dataset("parquet", data_files=str(path), split="train")
     except Exception as exc:

@@ -500,10 +500,10 @@ class MaskReader:
             raise CheckpointError(f"{file} records a bad pattern: {exc}") from exc
         reader = cls(file, stored, shapes, pattern)
         if verify and manifest:
-            reader._verify(manifest)
+            reader.verify(manifest)
         return reader
 
-    def _verify(self, manifest: dict[str, Any]) -> None:
+    def verify(self, manifest: dict[str, Any]) -> None:
         """The file against the manifest: its sha256, and its total sparsity against the
         recorded one (a mask file swapped for another sparsity, hash updated, would turn a
         70% history into a 50% model). One pass over the file does both."""

@@ -140,11 +140,8 @@ def open_checkpoint(
     if (path / "generation_config.json").is_file():
         with contextlib.suppress(Exception):
             model.generation_config = GenerationConfig.from_pretrained(str(path))
-    mask_reader = MaskReader.open(path, manifest, verify=not trust_inputs)
-    if mask_reader is not None:
-        wrong = mask_reader.shape_problems(layout.parameter_shapes())
-        if wrong:  # from the header, before a single mask is unpacked
-            raise CheckpointError(f"{source}: weights and masks disagree: {wrong[0]}")
+    # names and shapes from the header, before a single mask is unpacked; then the hashes
+    mask_reader = checkpoint.open_masks(path, manifest, layout.parameter_shapes(), trust_inputs=trust_inputs)
     if lazy_masks:
         masks = mask_reader.placeholders() if mask_reader is not None else None
     else:
