@@ -283,3 +283,41 @@ def test_out_of_disk_is_a_clear_error_and_leaves_nothing(tiny_dir: Path, tmp_pat
     with pytest.raises(CheckpointError, match="out of disk space"):
         checkpoint.save(tmp_path / "o", ckpt.model, ckpt.tokenizer, masks, ckpt.manifest, _step())
     assert not (tmp_path / "o").exists() and list(tmp_path.glob(".o*")) == []
+
+
+def test_temporary_of_a_reused_pid_is_stale(tiny_dir: Path, tmp_path: Path) -> None:
+    """A temporary named after a live pid but another start time belongs to a process that
+    is gone (the pid was reused): it is removed; one of a live owner is kept."""
+    import os
+
+    reused = tmp_path / f".out{checkpoint.TMP_MARKER}{os.getppid()}-1"  # a live pid, started at tick 1
+    reused.mkdir()
+    live = tmp_path / f".out{checkpoint.TMP_MARKER}{os.getppid()}-{checkpoint.process_start(os.getppid())}"
+    live.mkdir()
+    removed = checkpoint.clean_stale_temporaries(tmp_path / "out")
+    assert removed == [reused] and not reused.exists() and live.exists()
+
+
+def test_foreign_content_rules(tiny_dir: Path, tmp_path: Path) -> None:
+    ckpt = checkpoint.load(tiny_dir)
+    out = tmp_path / "out"
+    checkpoint.save(out, ckpt.model, ckpt.tokenizer, None, ckpt.manifest, _step())
+    assert checkpoint.foreign_content(out) is None
+    assert "no perp.json" in checkpoint.foreign_content(tiny_dir)
+    (out / "extra.bin").write_bytes(b"x")
+    assert "extra.bin" in checkpoint.foreign_content(out)
+    (tmp_path / "empty").mkdir()
+    assert checkpoint.foreign_content(tmp_path / "empty") is None
+    with pytest.raises(UsageError, match="contains the input"):
+        checkpoint.check_output(tmp_path, [tiny_dir], overwrite=True)
+
+
+def test_missing_or_unexpected_tensor_is_refused_before_loading(tiny_dir: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    f = tiny_dir / "model.safetensors"
+    weights = load_file(str(f))
+    weights["model.decoder.layers.0.extra.weight"] = torch.zeros(2)
+    save_file(weights, str(f), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="extra.weight in the weights is not part of"):
+        checkpoint.load(tiny_dir)

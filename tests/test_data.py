@@ -99,3 +99,24 @@ def test_default_seqlen_caps_positions() -> None:
     assert data.default_seqlen(model, None) == 2048
     with pytest.raises(UsageError, match="exceeds"):
         data.default_seqlen(tiny.build_model("llama"), 1024)
+
+
+def test_null_text_records_are_skipped_not_read_as_none(tmp_path) -> None:
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": null}\n{"text": "real words"}\n{"text": null}\n')
+    source = data.load_source(str(path))
+    assert "None" not in source.joined() and "real words" in source.joined()
+    (tmp_path / "bad.jsonl").write_text('{"text": 5}\n')
+    with pytest.raises(DataError, match="not text"):
+        data.load_source(str(tmp_path / "bad.jsonl"))
+
+
+def test_calibration_beyond_the_data_says_how_many_windows_it_holds(tmp_path) -> None:
+    from perp_cli import tiny
+
+    path = tmp_path / "t.txt"
+    path.write_text("abcdefgh " * 40)
+    source = data.load_source(str(path))
+    with pytest.raises(UsageError, match=r"make \d+ windows of 16"):
+        data.sample_windows(tiny.build_tokenizer(), source, nsamples=10**9, seqlen=16)
+    assert data.sample_windows(tiny.build_tokenizer(), source, nsamples=10**3, seqlen=16, within_data=False).shape == (1000, 16)

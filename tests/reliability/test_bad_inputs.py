@@ -535,3 +535,76 @@ def test_code_shipped_in_a_checkpoint_never_runs_by_default(env: Env) -> None:
     # transformers uses its own OPT class; the checkpoint's evil.py is never imported
     assert "remote code ran" not in result.stderr + result.stdout
     assert result.exit_code == 0, result.stderr
+    # the output holds no evil.py, so its config must not point at it
+    assert "auto_map" not in json.loads((env.out / "config.json").read_text())
+
+
+# --- disk full, however the library words it (issue 19, item 7) -------------------------
+
+
+def _assert_one_line_and_nothing_left(result, env: Env, fragment: str, before: dict) -> None:
+    assert result.exit_code == 1, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("perp: error:") and fragment in lines[0], result.stderr
+    assert not env.out.exists()
+    assert not list(env.root.glob(".*perp-tmp-*")) and not list(env.root.glob(".*tmp-*"))
+    for path, digest in before.items():
+        assert _digest(path) == digest
+
+
+def test_disk_full_in_memory_write_is_one_line(env: Env, monkeypatch) -> None:
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    def full(*a, **k):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    before = {env.dense: _digest(env.dense)}
+    result = run_cli("prune", env.dense, "-o", env.out, "--method", "magnitude", "--sparsity", "0.5", "--streaming", "off", "-q")
+    _assert_one_line_and_nothing_left(result, env, "out of disk space", before)
+
+
+def test_disk_full_streamed_write_is_one_line(env: Env, monkeypatch) -> None:
+    from perp_cli import shards
+
+    def full(*a, **k):
+        raise Exception("No space left on device")  # how one library reported it
+
+    monkeypatch.setattr(shards.ShardWriter, "write", full)
+    before = {env.dense: _digest(env.dense)}
+    result = run_cli("prune", env.dense, "-o", env.out, "--method", "magnitude", "--sparsity", "0.5", "--streaming", "on", "-q")
+    _assert_one_line_and_nothing_left(result, env, "out of disk space", before)
+
+
+def test_disk_full_eval_output_leaves_no_temporary(env: Env, monkeypatch) -> None:
+    import errno
+
+    from perp_cli.cli import eval as eval_cli
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(eval_cli.os, "replace", full)
+    before = {env.pruned: _digest(env.pruned)}
+    result = run_cli("eval", env.pruned, "--dataset", CORPUS, "--seqlen", "32", "--max-windows", "1", "-q",
+                     "-o", env.root / "res.json")
+    _assert_one_line_and_nothing_left(result, env, "out of disk space", before)
+    assert not (env.root / "res.json").exists() and not list(env.root.glob(".res.json*"))
+
+
+def test_trust_inputs_accepts_a_deliberate_edit(env: Env) -> None:
+    edit_kept_weight(env)
+    assert run_cli("inspect", env.pruned, "-q").exit_code == 3  # inspect reports it
+    result = run_cli("prune", env.pruned, "-o", env.out, "--method", "magnitude", "--sparsity", "0.6", "-q", "--trust-inputs")
+    assert result.exit_code == 0, result.stderr
+
+
+def test_overwrite_replaces_a_checkpoint_perp_wrote_and_foreign_needs_the_flag(env: Env) -> None:
+    assert run_cli("prune", env.dense, "-o", env.out, "--method", "magnitude", "--sparsity", "0.5", "-q").exit_code == 0
+    assert run_cli("prune", env.dense, "-o", env.out, "--method", "magnitude", "--sparsity", "0.6", "-q", "--overwrite").exit_code == 0
+    (env.out / "notes.txt").write_text("mine")
+    assert run_cli("prune", env.dense, "-o", env.out, "--method", "magnitude", "--sparsity", "0.5", "-q", "--overwrite").exit_code == 2
+    assert (env.out / "notes.txt").exists()
+    result = run_cli("prune", env.dense, "-o", env.out, "--method", "magnitude", "--sparsity", "0.5", "-q", "--overwrite-foreign")
+    assert result.exit_code == 0 and not (env.out / "notes.txt").exists()
