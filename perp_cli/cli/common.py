@@ -106,3 +106,22 @@ def check_rank(model: Any, rank: int, targets: str | None) -> None:
     smallest = min((min(m.shape) for m in arch.matrices(model, targets)), default=None)
     if smallest is not None and rank > smallest:
         raise UsageError(f"--rank {rank} exceeds min(out, in) = {smallest} of the adapted matrices; choose at most {smallest}")
+
+
+def check_activation_memory(model: Any, nsamples: int, seqlen: int | None, copies: int, offload_dir: Any, what: str) -> None:
+    """The calibration activations of the block-by-block engine (`copies` tensors of
+    nsamples x seqlen x hidden) must fit in what the process may use, unless they go to
+    disk (--offload-dir): checked before any data is read."""
+    import torch
+
+    from perp_cli import data, memory
+
+    hidden = getattr(model.config, "hidden_size", None)
+    if offload_dir is not None or not isinstance(hidden, int):
+        return
+    length = data.default_seqlen(model, seqlen)
+    element = torch.empty((), dtype=model.dtype).element_size()
+    memory.require(copies * nsamples * length * hidden * element,
+                   f"{what}: {copies} x {nsamples} windows x {length} tokens x {hidden} activations",
+                   "lower --nsamples or --seqlen, or pass --offload-dir")
+

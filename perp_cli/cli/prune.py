@@ -27,6 +27,7 @@ from perp_cli.cli.common import (
     SeedOpt,
     TrustInputsOpt,
     TrustRemoteCodeOpt,
+    check_activation_memory,
     emit_json,
 )
 from perp_cli.manifest import StepRecord
@@ -97,10 +98,14 @@ def prune_cmd(
         if not quiet:
             console.print(escape(decision.reason), soft_wrap=True)
         ckpt = streaming.open_checkpoint(model, dtype=dtype, trust_remote_code=trust_remote_code, trust_inputs=trust_inputs)
+        if config.method in ("wanda", "sparsegpt"):
+            check_activation_memory(ckpt.model, nsamples, seqlen, 1, offload_dir, "calibration")
         _, results, data_record = streaming.prune(ckpt, output, config, step, overwrite=overwrite, max_shard_size=shard_bytes)
     else:
         ckpt = checkpoint.load(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
                                trust_remote_code=trust_remote_code, need_tokenizer=False, trust_inputs=trust_inputs)
+        if config.method in ("wanda", "sparsegpt"):
+            check_activation_memory(ckpt.model, nsamples, seqlen, 1, offload_dir, "calibration")
         masks, results, data_record = prune(ckpt, config)
         step.data, step.results = data_record, results
         checkpoint.save(output, ckpt.model, ckpt.tokenizer, masks, manifest_in=ckpt.manifest, step=step,

@@ -26,6 +26,7 @@ from perp_cli.cli.common import (
     SeedOpt,
     TrustInputsOpt,
     TrustRemoteCodeOpt,
+    check_activation_memory,
     check_rank,
     emit_json,
 )
@@ -127,6 +128,8 @@ def reconstruct_cmd(
         checkpoint.check_source_weights(ckpt, dense_dir)
     if config.adapter_kind is not None:
         check_rank(ckpt.model, rank, adapter_targets)
+    # the inputs, the dense targets and the block outputs
+    check_activation_memory(ckpt.model, nsamples, seqlen, 3, offload_dir, "reconstruction")
 
     length = data.default_seqlen(ckpt.model, seqlen)
     source = data.load_source(calib, split="train", text_field=text_field)
