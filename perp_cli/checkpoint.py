@@ -1013,16 +1013,25 @@ def record_eval(path: str | Path, entry: dict[str, Any]) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a directory; cannot record an evaluation in it")
     manifest = read_manifest(path) or empty_manifest(str(path.resolve()))
     manifest["evaluations"] = list(manifest.get("evaluations", [])) + [entry]
-    target = path / MANIFEST_NAME
-    tmp = path / f".{MANIFEST_NAME}{TMP_MARKER}{scratch_suffix()}"
+    write_json_file(path / MANIFEST_NAME, manifest)
+    return manifest
+
+
+def write_json_file(target: str | Path, value: Any) -> None:
+    """Write one JSON file atomically (a temporary sibling, fsynced, renamed into place):
+    a crash leaves the old file or the new one; any failure removes the temporary, and a
+    full disk is the documented one-line error."""
+    target = Path(target).expanduser()
+    tmp = target.with_name(f".{target.name}{TMP_MARKER}{scratch_suffix()}")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(manifest, indent=2, default=str) + "\n")
+            f.write(json.dumps(value, indent=2, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except OSError as exc:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise CheckpointError(f"cannot record the evaluation in {target}: {exc.strerror or exc}") from exc
-    return manifest
+        if isinstance(exc, OSError):
+            raise CheckpointError(_write_failure(target, exc)) from exc
+        raise

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -12,7 +10,6 @@ from rich.table import Table
 
 from perp_cli import checkpoint
 from perp_cli.cli.common import AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, QuietOpt, SeedOpt, TrustInputsOpt, TrustRemoteCodeOpt, emit_json
-from perp_cli.errors import CheckpointError
 from perp_cli.errors import UsageError
 from perp_cli.evaluation import EvalSettings, comparison_rows, evaluate_checkpoints
 from perp_cli.plotting import check_plot_path, eval_bars
@@ -81,7 +78,7 @@ def eval_cmd(
     results = evaluate_checkpoints(models, settings)
     summary = {"settings": settings.args(), "results": results}
     if output is not None:
-        _write_json(output, summary)
+        checkpoint.write_json_file(output, summary)
     if plot is not None:
         eval_bars(results, plot)
     if json_out:
@@ -106,22 +103,6 @@ def _check_output_file(output: Path, models: list[str], flag: str = "--output") 
             raise UsageError(f"{flag} {output} is inside the checkpoint {model}; eval never writes into a checkpoint")
 
 
-def _write_json(output: Path, summary: dict[str, Any]) -> None:
-    """Write the results atomically: a temporary sibling renamed into place, removed
-    on any failure (a full disk leaves neither a half file nor the temporary)."""
-    target = output.expanduser()
-    tmp = target.with_name(f".{target.name}.tmp-{checkpoint.scratch_suffix()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(summary, indent=2, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise CheckpointError(checkpoint._write_failure(output, exc)) from exc
-        raise
 
 
 def _render(results: list[dict[str, Any]]) -> None:

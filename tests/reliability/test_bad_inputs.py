@@ -580,12 +580,12 @@ def test_disk_full_streamed_write_is_one_line(env: Env, monkeypatch) -> None:
 def test_disk_full_eval_output_leaves_no_temporary(env: Env, monkeypatch) -> None:
     import errno
 
-    from perp_cli.cli import eval as eval_cli
+    from perp_cli import checkpoint
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(eval_cli.os, "replace", full)
+    monkeypatch.setattr(checkpoint.os, "replace", full)
     before = {env.pruned: _digest(env.pruned)}
     result = run_cli("eval", env.pruned, "--dataset", CORPUS, "--seqlen", "32", "--max-windows", "1", "-q",
                      "-o", env.root / "res.json")
