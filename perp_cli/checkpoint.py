@@ -474,7 +474,7 @@ def _check_loading_info(source: str, model: nn.Module, info: dict[str, Any]) -> 
     initialised and one they have too many is dropped, both silently. Either is an error
     here (tied weights, as the config declares them, are not reported missing)."""
     missing = sorted(info.get("missing_keys") or [])
-    unexpected = sorted(info.get("unexpected_keys") or [])
+    unexpected = sorted(k for k in info.get("unexpected_keys") or [] if not shards.ignored_unexpected(model, k))
     mismatched = sorted(str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys") or [])
     hint = " (is config.json of another model?)" if unexpected else ""
     if missing:

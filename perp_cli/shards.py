@@ -284,7 +284,7 @@ class ShardReader:
                 self.groups.setdefault(name, []).append(key)
                 if pattern is None and tuple(self.stored[key].shape) != tuple(state[name].shape):
                     mismatched.append(f"{key} is {list(self.stored[key].shape)}, the config makes it {list(state[name].shape)}")
-            elif name not in meta_names and not _ignored_unexpected(model, key):
+            elif name not in meta_names and not ignored_unexpected(model, name):
                 unexpected.append(key)
         missing = sorted(self.expected - set(self.groups))
         where = f"{self.directory}"
@@ -321,10 +321,13 @@ class ShardReader:
         return to_model_names(self.model, tensors)
 
 
-def _ignored_unexpected(model: nn.Module, key: str) -> bool:
-    """Checkpoint keys a model class declares it ignores (an old `attn.masked_bias`)."""
+def ignored_unexpected(model: nn.Module, key: str) -> bool:
+    """Checkpoint keys that are no error although the model has no parameter for them:
+    those its class declares it ignores, and buffers it computes itself (an old
+    `attn.masked_bias`, a stored rotary `inv_freq`)."""
     patterns = getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []
-    return any(re.search(p, key) for p in patterns)
+    buffers = {n for n, _ in model.named_buffers()}
+    return any(re.search(p, key) for p in patterns) or any(key == b or key.endswith("." + b) or b.endswith("." + key) for b in buffers)
 
 
 # ----------------------------------------------------------------------------- writing
