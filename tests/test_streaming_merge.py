@@ -196,7 +196,8 @@ def test_a_non_finite_adapter_in_the_last_block_leaves_no_output(tmp_path: Path)
     last = json.loads((src / "adapters.json").read_text())["matrices"][-1]
     tensors[f"{last}.lora_B"][0, 0] = float("nan")  # in the last block: found after the others were merged
     save_file(tensors, str(src / "adapters.safetensors"))
-    result = run_cli("merge", src, "-o", tmp_path / "out", "--streaming", "on", "-q")
+    # --trust-inputs: past the adapters' hash, to the check under test
+    result = run_cli("merge", src, "-o", tmp_path / "out", "--streaming", "on", "-q", "--trust-inputs")
     assert result.exit_code == 1 and "NaN" in result.stderr
     _nothing_written(tmp_path / "out")
 
@@ -208,7 +209,8 @@ def test_weights_that_disagree_with_their_masks_are_refused(tmp_path: Path) -> N
     name = next(n for n in masks.names() if n.startswith("model.layers.1."))
     tensors[name][~masks[name]] = 1.0  # pruned weights of block 1 come back
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
-    result = run_cli("merge", src, "-o", tmp_path / "out", "--streaming", "on", "-q")
+    # --trust-inputs: past the weights' hash, to the check under test
+    result = run_cli("merge", src, "-o", tmp_path / "out", "--streaming", "on", "-q", "--trust-inputs")
     assert result.exit_code == 1 and "disagree" in result.stderr and name in result.stderr
     _nothing_written(tmp_path / "out")
 

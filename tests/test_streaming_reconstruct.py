@@ -214,7 +214,8 @@ def test_a_non_finite_dense_weight_aborts_without_output(pruned: dict, tmp_path:
     weights["model.decoder.layers.1.fc1.weight"][2, 3] = float("inf")
     save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "out"
-    result = run_cli("reconstruct", src, "-o", out, "--dense", broken, *QUICK, "--streaming", "on", "-q")
+    # --trust-inputs: past the source-weights hash, to the check under test
+    result = run_cli("reconstruct", src, "-o", out, "--dense", broken, *QUICK, "--streaming", "on", "-q", "--trust-inputs")
     assert result.exit_code == 1, result.stderr
     assert "model.decoder.layers.1.fc1.weight contains NaN or inf" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists() and not list(tmp_path.glob(".out*"))
@@ -231,7 +232,8 @@ def test_tampered_masks_are_refused_before_any_work(pruned: dict, tmp_path: Path
     masks[first][0] ^= 1
     save_file(masks, str(copy / "masks.safetensors"))
     result = run_cli("reconstruct", copy, "-o", tmp_path / "out", "--dense", dense, *QUICK, "--streaming", "on", "-q")
-    assert result.exit_code == 1 and "does not match the sha256" in result.stderr
+    # re-saved without perp's metadata: the header check refuses it, before the hash is even read
+    assert result.exit_code == 1 and "masks.safetensors cannot be read" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
