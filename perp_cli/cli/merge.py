@@ -64,7 +64,7 @@ def merge_cmd(
         raise UsageError(f"--streaming on merges on the host; use --device cpu (not {device}) or --streaming off")
     decision = streaming.decide(streaming_mode if on_host else "off", model, None, dtype)
     step = StepRecord("merge", args={"model": model, "output": str(output), "allow_densify": allow_densify,
-                                     "dtype": dtype, "device": device, "streaming": decision.stream,
+                                     "dtype": dtype, "device": device, "streaming": decision.stream, "streaming_reason": decision.reason,
                                      "max_shard_size": max_shard_size}, input=model, seed=seed)
     # the seed only draws the probe inputs: the merge itself is deterministic arithmetic
     if decision.stream:

@@ -93,7 +93,7 @@ def prune_cmd(
     activations.check_offload_dir(offload_dir, output, [model])
     decision = streaming.decide(streaming_mode, model, config, dtype)
     step = StepRecord("prune", args={**vars(config), "model": model, "output": str(output), "dtype": dtype,
-                                     "streaming": decision.stream, "max_shard_size": max_shard_size}, input=model, seed=seed)
+                                     "streaming": decision.stream, "streaming_reason": decision.reason, "max_shard_size": max_shard_size}, input=model, seed=seed)
     if decision.stream:
         if not quiet:
             console.print(escape(decision.reason), soft_wrap=True)

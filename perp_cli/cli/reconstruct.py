@@ -142,7 +142,7 @@ def reconstruct_cmd(
         "warmup": warmup, "schedule": "linear", "weight_decay": weight_decay,
         "offload_activations": offload_activations, "max_memory": max_memory,
         "offload_dir": None if offload_dir is None else str(offload_dir), "device": device, "dtype": dtype,
-        "streaming": decision.stream, "max_shard_size": max_shard_size,
+        "streaming": decision.stream, "streaming_reason": decision.reason, "max_shard_size": max_shard_size,
     }
     step = StepRecord("reconstruct", args=args, input=model, seed=seed)
     step.data = {**data.describe_tokens(source, tokens), "seqlen": length, "concat": calib_concat}
