@@ -15,6 +15,7 @@ import os
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tempfile
 import venv
@@ -71,8 +72,14 @@ def missing(names: list[str], strip_prefix: bool) -> list[str]:
 def run_demo(wheel: Path, work: Path) -> None:
     """Install the wheel (no dependencies: they come from this interpreter) and run `perp demo` elsewhere."""
     env_dir = work / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
+    venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
+    # torch, transformers, ... from this interpreter's site-packages, after the venv's own; a plain
+    # path in a .pth file does not run that directory's .pth files, so an editable perp there stays out
+    site_dir = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                              check=True, capture_output=True, text=True).stdout.strip()
+    parent = dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib"))
+    Path(site_dir, "parent_site.pth").write_text("".join(p + "\n" for p in parent))
     subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", str(wheel)], check=True)
     elsewhere = work / "elsewhere"
     elsewhere.mkdir()
