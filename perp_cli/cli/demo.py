@@ -122,8 +122,8 @@ def demo(
         common = ["--seed", str(seed), "--device", device] + (["--quiet"] if quiet else []) + (["--overwrite"] if overwrite else [])
         trained = "biases" + (" (added, zero-initialised)" if add_biases else "") + f", norms and MaskLoRA rank {rank}"
         pipeline = [
-            (f"prune: {method} sets {sparsity:.0%} of the weights of every linear layer to zero, "
-             f"calibrated on 16 windows of the calibration text.",
+            (f"prune: {method} sets {sparsity:.0%} of the weights of every linear layer to zero"
+             + (", calibrated on 16 windows of the calibration text." if method != "magnitude" else " (smallest |w| first)."),
              ["prune", model, "-o", pruned, "--method", method, "--sparsity", str(sparsity), "--calib", train_text,
               "--nsamples", "16", "--seqlen", str(seqlen), *common]),
             (f"retrain (PERP): trains only the {trained} for {steps} steps on the calibration text; "
@@ -166,7 +166,7 @@ def print_story(results: list[dict[str, Any]], method: str, sparsity: float, whe
     console.print(
         f"\n[bold]perplexity[/] on {where}:\n"
         f"  dense      {s['dense']:9.2f}\n"
-        f"  pruned     {s['pruned']:9.2f}   {method} {sparsity:.0%}: +{s['pruned'] - s['dense']:.2f}\n"
+        f"  pruned     {s['pruned']:9.2f}   {method} {sparsity:.0%}: {s['pruned'] - s['dense']:+.2f}\n"
         f"  recovered  {s['recovered']:9.2f}   PERP, {s['trainable_share']:.2%} of the parameters trained, "
         f"still {sparsity:.0%} sparse\n"
         f"[bold]PERP closed {s['gap_closed']:.0%} of the gap that pruning opened[/].",
