@@ -1,5 +1,5 @@
-"""Tiny models built deterministically from configs: perp's embedded default and the
-test suite's fixtures.
+"""Tiny random-weight models built deterministically from configs: the test suite's
+fixtures. (`perp demo`'s embedded default is a trained model shipped in perp_cli/demo/model.)
 
 Each family of the architecture map has a config here small enough to build in
 milliseconds, with dimensions chosen so that every N:M pattern up to 4:8 divides every

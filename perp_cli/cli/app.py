@@ -99,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not _state["debug"]:
             _quiet_libraries()  # imports transformers: a signal may land here too
-        code = app(args=argv, prog_name="perp", standalone_mode=False)
+        # obj=main: a command that runs other commands (demo) gets this runner, not an import of this module
+        code = app(args=argv, prog_name="perp", standalone_mode=False, obj=main)
         # typer turns KeyboardInterrupt (Ctrl-C, and SIGTERM via Interrupted) into exit 130
         if code == 130:
             _say("perp:", f"{last_signal[-1] if last_signal else 'interrupted'}; no output was written")
