@@ -45,7 +45,7 @@ from perp_cli.pruning import METHODS, Method
 from perp_cli.pruning.magnitude import magnitude_scores
 from perp_cli.pruning.random_ import random_scores
 from perp_cli.pruning.selection import global_prune_masks, nm_prune_mask, prune_mask
-from perp_cli.pruning.sparsegpt import inverse_hessian, prune_matrix
+from perp_cli.pruning.sparsegpt import SELECTIONS, inverse_hessian, prune_matrix
 from perp_cli.pruning.statistics import Group, collecting, target_groups
 from perp_cli.pruning.wanda import wanda_scores
 
@@ -63,6 +63,7 @@ class PruneConfig:
     skip_indivisible: bool = False
     damp: float = 0.01
     blocksize: int = 128
+    sparsegpt_selection: str = "reference"  # the block mask rule: reference (<= k-th, as published code) or exact
     calib: str = "c4"
     text_field: str = "text"
     nsamples: int = 128
@@ -138,6 +139,8 @@ def plan(config: PruneConfig) -> _Plan:
         raise UsageError(f"--blocksize must be at least 1, got {config.blocksize}")
     if config.nsamples < 1:
         raise UsageError(f"--nsamples must be at least 1, got {config.nsamples}")
+    if config.sparsegpt_selection not in SELECTIONS:
+        raise UsageError(f"--sparsegpt-selection {config.sparsegpt_selection!r} is not one of {', '.join(SELECTIONS)}")
     if config.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
     activations.placement_for(torch.device("cpu"), config.offload_activations, config.max_memory, config.offload_dir)
@@ -289,7 +292,10 @@ class _Pruner:
         scope = self.p.scope if not self.p.pattern.structured else "matrix"
         for m in group.matrices:
             w = m.weight()
-            result = prune_matrix(w, inverse, self.p.sparsity, n, mm, self.config.blocksize, scope, _old_pruned(self.old, m))
+            result = prune_matrix(
+                w, inverse, self.p.sparsity, n, mm, self.config.blocksize, scope, _old_pruned(self.old, m),
+                selection=self.config.sparsegpt_selection,
+            )
             with torch.no_grad():
                 w.copy_(result.weight.to(w.dtype))
             self.commit(m, result.pruned)
