@@ -76,12 +76,12 @@ def inverse_hessian(hessian: torch.Tensor, damp: float = 0.01, where: str = "lay
     h = hessian.detach().clone().float()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    mean_diag = torch.mean(torch.diag(h)).item()
+    mean_diag = torch.mean(torch.diag(h))
     diag = torch.arange(h.shape[0], device=h.device)
     for retry in range(MAX_DAMP_RETRIES + 1):
         factor = damp * 10**retry
         damped = h.clone()
-        damped[diag, diag] += factor * mean_diag
+        damped[diag, diag] += factor * mean_diag  # a float32 product, as the reference rounds it
         upper = _upper_inverse_cholesky(damped)
         if upper is not None:
             return InverseHessian(upper, dead, factor, retry)
@@ -150,11 +150,13 @@ def prune_matrix(
             q1[:, i] = w.masked_fill(pruned_i, 0)  # q: the weight kept, or 0
             err = torch.where(pruned_i, w, 0) / hinv1[i, i]  # (w − q) / [U]_ii
             err1[:, i] = err
-            w1[:, i + 1 :].addr_(err, hinv1[i, i + 1 :], alpha=-1)  # OBS update within the block
+            # OBS update within the block; product then difference (not a fused addr_), which
+            # rounds as the reference does: masks then agree within its own float noise
+            w1[:, i + 1 :] -= torch.outer(err, hinv1[i, i + 1 :])
         w_all[:, i1:i2] = q1
         out_mask[:, i1:i2] = mask1
         losses += err1.pow(2).sum(dim=1) / 2  # (w − q)² / [U]_ii² summed
-        w_all[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of later columns
+        w_all[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # lazy batch update of later columns (rounded as above)
 
     if not torch.isfinite(w_all).all():
         raise NumericalError("SparseGPT produced non-finite weights; raise --damp or use more calibration samples")

@@ -67,7 +67,7 @@ class HessianStat:
             self.h *= self.sequences / (self.sequences + 1)
             self.sequences += 1
             scaled = seq.float() * math.sqrt(2 / self.sequences)
-            self.h.addmm_(scaled.t(), scaled)
+            self.h += scaled.t() @ scaled  # product, then sum: the reference's rounding (not addmm_)
             self.tokens += seq.shape[0]
 
     def hessian(self) -> torch.Tensor:
