@@ -22,6 +22,11 @@ propagated, hands it with its final keep-masks (`_Pruner.block_keep`) to the str
 which writes and frees it. Data-free methods then also go block by block through the
 engine. Same numbers as in memory; `--scope global` cannot stream (it ranks the whole
 model at once).
+
+Interleaved (`BlockPruner`, for `perp reconstruct --prune-method`): another step's engine
+pass asks for each block to be pruned in turn, with the same statistics and selection
+code, so block i is pruned from whatever inputs that pass feeds it (PERP: the outputs of
+the already reconstructed blocks).
 """
 
 from __future__ import annotations
