@@ -206,3 +206,10 @@ def test_experts_the_router_never_chose_fall_back_to_magnitude_and_say_so(method
     notes = results["notes"]["no_calibration_tokens"]
     assert len(notes) == 2 * 2 * 2 and all("magnitude fallback" in n for n in notes)
     _check_exact(ckpt.model, masks, PruneConfig(method, sparsity=0.5), 0.5, "row" if method == "wanda" else "matrix")
+
+
+def test_unknown_sparsegpt_selection_is_a_usage_error() -> None:
+    from perp_cli.pruner import plan
+
+    with pytest.raises(UsageError, match="--sparsegpt-selection 'nope' is not one of reference, exact"):
+        plan(PruneConfig("sparsegpt", sparsegpt_selection="nope"))
