@@ -181,6 +181,40 @@ class Adapter(nn.Module):
         self.merged = False
 
 
+# ----------------------------------------------------------------------------- lm_head
+
+
+def attach_lm_head(model: nn.Module, rank: int, alpha: float) -> tuple[Adapter, Any]:
+    """A dense LoRA on the output projection (`--train lm_head-lora`, PERP's default
+    trainable set): lm_head is never pruned, so the update needs no mask. Returns the
+    adapter and the hook handle (remove it when training ends)."""
+    head = model.get_output_embeddings()
+    if head is None or not isinstance(head, nn.Linear):
+        raise UsageError(f"--train lm_head-lora: {type(model).__name__} has no linear output projection")
+    adapter = Adapter("lora", head.out_features, head.in_features, rank, alpha, device=head.weight.device)
+
+    def add_update(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return output + adapter.lowrank(args[0]).to(output.dtype)
+
+    return adapter, head.register_forward_hook(add_update)
+
+
+@torch.no_grad()
+def merge_lm_head(model: nn.Module, adapter: Adapter) -> bool:
+    """Fold the lm_head LoRA into lm_head densely. A tied lm_head is untied first (its
+    own copy, `tie_word_embeddings=False`), so the input embeddings stay as they were;
+    returns whether it was untied. Checked finite before anything changes."""
+    from perp_cli.trainable import lm_head_is_tied, untie_lm_head
+
+    head = model.get_output_embeddings()
+    new = head.weight.float() + adapter.delta_weight(head.weight)
+    if not torch.isfinite(new).all():
+        raise NumericalError("merging the lm_head LoRA gives NaN or inf; nothing was changed")
+    untied = lm_head_is_tied(model) and untie_lm_head(model)
+    head.weight.copy_(new.to(head.weight.dtype))
+    return untied
+
+
 # ----------------------------------------------------------------------------- wiring
 
 

@@ -257,6 +257,38 @@ def _check_document_capacity(
             f"{seqlen} tokens make {capacity} windows; ask for at most that many, or pass --calib-concat"
         )
 
+PAD = -1  # marks padding in `document_windows`: no attention, no loss
+
+
+def document_windows(tokenizer: Any, source: TextSource, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """`nsamples` documents, each its first `seqlen` tokens, right-padded with `PAD`.
+
+    PERP's reference retrains on C4 documents tokenized with truncation and padding to
+    seqlen (the HF Trainer, shuffled): short documents give mostly padding, long ones
+    lose their tail. Documents are drawn in a seeded random order (all of them before
+    any repeats); empty ones are skipped. Stream sources have no documents: an error.
+    """
+    if source.stream:
+        raise UsageError(f"{source.name} is one continuous text, not documents; use --data-mode windows")
+    if nsamples < 1:
+        raise UsageError(f"the number of training documents must be at least 1, got {nsamples}")
+    rng = random.Random(seed)
+    order: list[int] = []
+    out = torch.full((nsamples, seqlen), PAD, dtype=torch.long)
+    row = 0
+    while row < nsamples:
+        if not order:
+            order = list(range(len(source.documents)))
+            rng.shuffle(order)
+            if row == 0 and not any(source.documents):
+                raise DataError(f"{source.name} has no non-empty document")
+        ids = _token_ids(tokenizer, source.documents[order.pop()])[:seqlen]
+        if ids.numel() == 0:
+            continue
+        out[row, : ids.numel()] = ids
+        row += 1
+    return out
+
 
 def default_seqlen(model: Any, requested: int | None) -> int:
     """min(2048, the model's positions); never raw `max_position_embeddings` uncapped."""

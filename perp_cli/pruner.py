@@ -22,6 +22,11 @@ propagated, hands it with its final keep-masks (`_Pruner.block_keep`) to the str
 which writes and frees it. Data-free methods then also go block by block through the
 engine. Same numbers as in memory; `--scope global` cannot stream (it ranks the whole
 model at once).
+
+Interleaved (`BlockPruner`, for `perp reconstruct --prune-method`): another step's engine
+pass asks for each block to be pruned in turn, with the same statistics and selection
+code, so block i is pruned from whatever inputs that pass feeds it (PERP: the outputs of
+the already reconstructed blocks).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from perp_cli.pruning import METHODS, Method
 from perp_cli.pruning.magnitude import magnitude_scores
 from perp_cli.pruning.random_ import random_scores
 from perp_cli.pruning.selection import global_prune_masks, nm_prune_mask, prune_mask
-from perp_cli.pruning.sparsegpt import inverse_hessian, prune_matrix
+from perp_cli.pruning.sparsegpt import SELECTIONS, inverse_hessian, prune_matrix
 from perp_cli.pruning.statistics import Group, collecting, target_groups
 from perp_cli.pruning.wanda import wanda_scores
 
@@ -63,6 +68,7 @@ class PruneConfig:
     skip_indivisible: bool = False
     damp: float = 0.01
     blocksize: int = 128
+    sparsegpt_selection: str = "reference"  # the block mask rule: reference (<= k-th, as published code) or exact
     calib: str = "c4"
     text_field: str = "text"
     nsamples: int = 128
@@ -138,6 +144,8 @@ def plan(config: PruneConfig) -> _Plan:
         raise UsageError(f"--blocksize must be at least 1, got {config.blocksize}")
     if config.nsamples < 1:
         raise UsageError(f"--nsamples must be at least 1, got {config.nsamples}")
+    if config.sparsegpt_selection not in SELECTIONS:
+        raise UsageError(f"--sparsegpt-selection {config.sparsegpt_selection!r} is not one of {', '.join(SELECTIONS)}")
     if config.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
     activations.placement_for(torch.device("cpu"), config.offload_activations, config.max_memory, config.offload_dir)
@@ -289,7 +297,10 @@ class _Pruner:
         scope = self.p.scope if not self.p.pattern.structured else "matrix"
         for m in group.matrices:
             w = m.weight()
-            result = prune_matrix(w, inverse, self.p.sparsity, n, mm, self.config.blocksize, scope, _old_pruned(self.old, m))
+            result = prune_matrix(
+                w, inverse, self.p.sparsity, n, mm, self.config.blocksize, scope, _old_pruned(self.old, m),
+                selection=self.config.sparsegpt_selection,
+            )
             with torch.no_grad():
                 w.copy_(result.weight.to(w.dtype))
             self.commit(m, result.pruned)
@@ -357,6 +368,80 @@ def calibration_tokens(ckpt: Checkpoint, config: PruneConfig) -> tuple[torch.Ten
     return tokens, {**data.describe_tokens(source, tokens), "seqlen": seqlen, "concat": config.calib_concat}
 
 
+def _setup(ckpt: Checkpoint, config: PruneConfig, stream: WeightStream | None) -> tuple[_Plan, "_Pruner", list[str]]:
+    """Validate against the checkpoint, choose the matrices, build the run's state."""
+    p = plan(config)
+    if ckpt.adapters is not None:
+        raise UsageError(f"{ckpt.source} has unmerged adapters; run `perp merge` first, then prune the merged checkpoint")
+    if stream is not None and p.scope == "global":
+        raise UsageError("--scope global ranks every weight of the model at once, so it cannot stream; use --scope row/matrix, or --streaming off")
+    torch.manual_seed(config.seed)
+    try:
+        matrices, skipped = _choose_matrices(ckpt.model, config, p.pattern)
+    except ArchitectureError as exc:
+        raise UsageError(str(exc)) from exc
+    _check_carried_masks(ckpt.model, ckpt.masks, {m.name for m in matrices}, p.pattern)
+    return p, _Pruner(ckpt, config, p, matrices), skipped
+
+
+def _results(pruner: "_Pruner", stats: MaskStats, skipped: list[str], start: float, device: torch.device,
+             activation_record: dict[str, Any]) -> dict[str, Any]:
+    """The `results` of a prune step (perp.json, --json), from the masks' statistics."""
+    p, config = pruner.p, pruner.config
+    pruned_names = sorted({m.name for m in pruner.matrices})
+    kept = sum(stats[n][1] for n in pruned_names)
+    total = sum(stats[n][2] for n in pruned_names)
+    kept_all, total_all = sum(v[1] for v in stats.values()), sum(v[2] for v in stats.values())
+    return {
+        "method": p.method.name,
+        "pattern": str(p.pattern),
+        "scope": p.scope,
+        "sparsity_requested": p.sparsity,
+        "sparsity_achieved": {
+            "pruned_tensors": round(1 - kept / total, 6) if total else 0.0,
+            "all_masked_tensors": round(1.0 - kept_all / total_all if total_all else 0.0, 6),
+            "per_tensor": {n: round(v[0], 6) for n, v in stats.items()},
+        },
+        "matrices_pruned": len(pruner.matrices),
+        "skipped_indivisible": skipped,
+        "notes": pruner.notes,
+        "block_seconds": pruner.block_seconds,
+        "pruning_time_s": round(time.time() - start, 3),
+        "device": str(device),
+        "activations": activation_record,
+        "config": asdict(config),
+        "peak_memory": peak_memory(),
+    }
+
+
+class BlockPruner:
+    """Pruning driven by another step's engine pass, one block at a time (interleaved
+    prune + reconstruct, PERP's order: block i is pruned from the inputs that went
+    through the already reconstructed blocks 0..i-1).
+
+    `prune_block(s)` prunes block `s.index` with `s.inputs` (calibration methods) or
+    without (magnitude, random) and returns its final keep-masks in each parameter's
+    layout; `results()` is the prune step's record once every block is done.
+    """
+
+    def __init__(self, ckpt: Checkpoint, config: PruneConfig) -> None:
+        self.start = time.time()
+        self.p, self.state, self.skipped = _setup(ckpt, config, None)
+        if self.p.scope == "global":
+            raise UsageError("--scope global ranks every weight of the model before pruning any block, so it cannot interleave with reconstruction; use row or matrix")
+        self.device = checkpoint.resolve_device(config.device)
+
+    def prune_block(self, s: engine.BlockStep) -> dict[str, torch.Tensor]:
+        if self.p.method.statistic is None:
+            self.state.step_data_free(s)
+        else:
+            self.state.step(s)
+        return self.state.block_keep(s.index)
+
+    def results(self, activation_record: dict[str, Any] | None = None) -> dict[str, Any]:
+        return _results(self.state, self.state.stats, self.skipped, self.start, self.device, activation_record or {})
+
+
 def prune(
     ckpt: Checkpoint, config: PruneConfig, tokens: torch.Tensor | None = None, stream: WeightStream | None = None
 ) -> PruneOutcome:
@@ -368,21 +453,10 @@ def prune(
     the returned `masks` is then None.
     """
     start = time.time()
-    p = plan(config)
-    if ckpt.adapters is not None:
-        raise UsageError(f"{ckpt.source} has unmerged adapters; run `perp merge` first, then prune the merged checkpoint")
-    if stream is not None and p.scope == "global":
-        raise UsageError("--scope global ranks every weight of the model at once, so it cannot stream; use --scope row/matrix, or --streaming off")
+    p, pruner, skipped = _setup(ckpt, config, stream)
     device = checkpoint.resolve_device(config.device)
     placement = activations.placement_for(device, config.offload_activations, config.max_memory, config.offload_dir)
     model = ckpt.model
-    torch.manual_seed(config.seed)
-    try:
-        matrices, skipped = _choose_matrices(model, config, p.pattern)
-    except ArchitectureError as exc:
-        raise UsageError(str(exc)) from exc
-    _check_carried_masks(model, ckpt.masks, {m.name for m in matrices}, p.pattern)
-    pruner = _Pruner(ckpt, config, p, matrices)
     data_record: dict[str, Any] = {}
     activation_record: dict[str, Any] = {}
     residency = None
@@ -418,29 +492,4 @@ def prune(
         stats = {n: keep_stats(k) for n, k in masks.masks.items()}
     else:
         masks, stats = None, pruner.stats
-    pruned_names = sorted({m.name for m in matrices})
-    kept = sum(stats[n][1] for n in pruned_names)
-    total = sum(stats[n][2] for n in pruned_names)
-    kept_all, total_all = sum(v[1] for v in stats.values()), sum(v[2] for v in stats.values())
-    results = {
-        "method": p.method.name,
-        "pattern": str(p.pattern),
-        "scope": p.scope,
-        "sparsity_requested": p.sparsity,
-        "sparsity_achieved": {
-            "pruned_tensors": round(1 - kept / total, 6) if total else 0.0,
-            "all_masked_tensors": round(1.0 - kept_all / total_all if total_all else 0.0, 6),
-            "per_tensor": {n: round(v[0], 6) for n, v in stats.items()},
-        },
-        "matrices_pruned": len(matrices),
-        "skipped_indivisible": skipped,
-        "notes": pruner.notes,
-        "block_seconds": pruner.block_seconds,
-        "pruning_time_s": round(time.time() - start, 3),
-        "device": str(device),
-        "activations": activation_record,
-        "config": asdict(config),
-        "peak_memory": peak_memory(),
-    }
-    return PruneOutcome(masks, results, data_record)
-
+    return PruneOutcome(masks, _results(pruner, stats, skipped, start, device, activation_record), data_record)

@@ -37,6 +37,7 @@ its dense update and is masked when merged, as in `retrain`.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -55,9 +56,19 @@ from perp_cli.errors import NumericalError, UsageError
 from perp_cli.manifest import peak_memory
 from perp_cli.mask import MaskSet, nonzeros_outside
 from perp_cli.progress import make_progress
+from perp_cli.pruner import BlockPruner, PruneConfig
 from perp_cli.training import TrainConfig, fit, mixed_precision
 
 TARGETS = ("dense", "dense-stream")
+ORDERS = ("shuffle", "fixed")
+MODES = ("eval", "train")
+# `--recipe`: perp's defaults, or the settings of PERP's reference code (ZIB-IOL/PERP
+# `reconstruct_weights`: 20 iterations of one window, lr 5e-4, the windows in their
+# order, the block in train mode, nothing restored). docs/fidelity.md has the numbers.
+RECIPES: dict[str, dict[str, Any]] = {
+    "perp": {"steps_per_block": 100, "batch_size": 8, "lr": 1e-3, "order": "shuffle", "mode": "eval", "restore": True},
+    "paper": {"steps_per_block": 20, "batch_size": 1, "lr": 5e-4, "order": "fixed", "mode": "train", "restore": False},
+}
 
 
 @dataclass
@@ -74,6 +85,9 @@ class ReconstructConfig:
     steps_per_block: int = 100
     batch_size: int = 8
     lr: float = 1e-3
+    order: str = "shuffle"  # which micro-batch each step takes: reshuffled every epoch, or in order
+    mode: str = "eval"  # the block while training: eval (no dropout; adapter owners train) or train
+    restore: bool = True  # put a block back when training made its error worse
     warmup: float = 0.1
     weight_decay: float = 0.0
     seed: int = 0
@@ -120,6 +134,10 @@ class ReconstructConfig:
             raise UsageError(f"--rank must be at least 1, got {self.rank}")
         if self.steps_per_block < 1:
             raise UsageError(f"--steps-per-block must be at least 1, got {self.steps_per_block}")
+        if self.order not in ORDERS:
+            raise UsageError(f"--order {self.order!r} is not one of {', '.join(ORDERS)}")
+        if self.mode not in MODES:
+            raise UsageError(f"--mode {self.mode!r} is not one of {', '.join(MODES)}")
         self.train_config().validate()
         self.placement(torch.device("cpu"))
 
@@ -174,6 +192,8 @@ class ReconstructOutcome:
     device: str
     peak_memory: dict[str, float] = field(default_factory=dict)
     activations: dict[str, Any] = field(default_factory=dict)
+    masks: MaskSet | None = None  # the masks the run ended with (new ones when it pruned)
+    pruning: dict[str, Any] | None = None  # the prune record of an interleaved run
 
     @property
     def restored(self) -> list[int]:
@@ -192,6 +212,10 @@ class ReconstructOutcome:
             "steps_per_block": self.config.steps_per_block,
             "batch_size": self.config.batch_size,
             "lr": self.config.lr,
+            "order": self.config.order,
+            "mode": self.config.mode,
+            "restore": self.config.restore,
+            "interleaved_pruning": self.pruning,
             "warmup": self.config.warmup,
             "weight_decay": self.config.weight_decay,
             "tokens_per_block": max((b.tokens for b in self.blocks), default=0),
@@ -268,12 +292,13 @@ def block_error(
     return total / max(count, 1), outputs
 
 
-def batch_order(num_batches: int, steps: int, generator: torch.Generator) -> list[int]:
-    """Which calibration micro-batch each step trains on: a fresh shuffle every epoch."""
-    order: list[int] = []
-    while len(order) < steps:
-        order.extend(torch.randperm(num_batches, generator=generator).tolist())
-    return order[:steps]
+def batch_order(num_batches: int, steps: int, generator: torch.Generator, order: str = "shuffle") -> list[int]:
+    """Which calibration micro-batch each step trains on: a fresh shuffle every epoch
+    (`shuffle`), or 0, 1, 2, ... cycling (`fixed`, PERP's reference dataloader)."""
+    out: list[int] = []
+    while len(out) < steps:
+        out.extend(torch.randperm(num_batches, generator=generator).tolist() if order == "shuffle" else range(num_batches))
+    return out[:steps]
 
 
 def _block_seed(seed: int, index: int) -> int:
@@ -293,6 +318,21 @@ def _adapter_owners_training(entries: dict[str, tuple[arch.Matrix, adapters_mod.
     finally:
         for owner in owners.values():
             owner.eval()
+
+
+@contextlib.contextmanager
+def _training_mode(block: nn.Module, mode: str, entries: dict[str, tuple[arch.Matrix, adapters_mod.Adapter]]) -> Iterator[None]:
+    """The block's mode while it trains: `eval` (only adapter owners train) or `train`
+    (the whole block, dropout included, as PERP's reference `layer.train()`)."""
+    if mode == "eval":
+        with _adapter_owners_training(entries):
+            yield
+        return
+    block.train()
+    try:
+        yield
+    finally:
+        block.eval()
 
 
 def _mask_violations(model: nn.Module, masks: MaskSet, prefix: str) -> str | None:
@@ -367,7 +407,7 @@ class _Reconstructor:
                 return 0, 0, None, None
             keep = [(p, self.masks[name]) for name, p in params.items() if name in self.masks]
             generator = torch.Generator().manual_seed(_block_seed(cfg.seed, s.index))
-            order = batch_order(len(inputs), cfg.steps_per_block, generator)
+            order = batch_order(len(inputs), cfg.steps_per_block, generator, cfg.order)
             steps = cfg.steps_per_block
 
             with mixed_precision(s.block, list(params.values())) as amp:
@@ -381,7 +421,7 @@ class _Reconstructor:
                         y = inputs.call(s.block, x)
                     return (y.float() - targets[k].to(y.device).float()).pow(2).mean()
 
-                with _adapter_owners_training(adapters_mod.attached_matrices(model)):
+                with _training_mode(s.block, cfg.mode, adapters_mod.attached_matrices(model)):
                     try:
                         result = fit(
                             list(params.values()) + adapter_params, loss_fn, cfg.train_config(), keep_masks=keep,
@@ -399,17 +439,23 @@ class _Reconstructor:
             adapters_mod.detach(model)
             model.requires_grad_(False)
 
+    def prepare(self, s: engine.BlockStep) -> ActivationStore:
+        """What happens before block i trains: here, only its targets T_i."""
+        s.status(f"block {s.index}: dense targets")
+        return self.targets(s)
+
     def step(self, s: engine.BlockStep) -> engine.BlockInputs | None:
         start = time.perf_counter()
-        s.status(f"block {s.index}: dense targets")
-        targets = self.targets(s)
+        targets = self.prepare(s)
         s.status(f"block {s.index}: error before")
         before, _ = block_error(s.inputs, s.block, targets)
         snapshot = {k: v.detach().to("cpu", copy=True) for k, v in s.block.state_dict().items()}  # host: one block on the device
         count, tokens, loss_first, loss_last = self.train(s, targets)
         s.status(f"block {s.index}: error after")
         trained, outputs = block_error(s.inputs, s.block, targets, keep_outputs=True)
-        restored = not trained <= before  # also catches NaN
+        restored = self.cfg.restore and not trained <= before  # also catches NaN
+        if not math.isfinite(trained):
+            raise NumericalError(f"block {s.index}: the reconstruction error is {trained} after training")
         if restored:
             s.block.load_state_dict(snapshot)
             outputs = []
@@ -422,6 +468,23 @@ class _Reconstructor:
             time_s=time.perf_counter() - start,
         ))
         return None if restored else s.inputs.replaced(outputs)
+
+
+class _Interleaved(_Reconstructor):
+    """Prune block i right before reconstructing it, in the same engine pass (PERP's
+    reference order): its inputs X_i went through the reconstructed blocks 0..i-1, its
+    target is block i itself before pruning (the dense block i on X_i), and its mask
+    comes from statistics of X_i (`pruner.BlockPruner`)."""
+
+    def __init__(self, model: nn.Module, masks: MaskSet, cfg: ReconstructConfig, block_pruner: BlockPruner) -> None:
+        super().__init__(model, None, masks, cfg, None)
+        self.block_pruner = block_pruner
+
+    def prepare(self, s: engine.BlockStep) -> ActivationStore:
+        s.status(f"block {s.index}: dense targets")
+        targets = s.inputs.run(s.block)  # block i is still dense here
+        self.masks.masks.update(self.block_pruner.prune_block(s))
+        return targets
 
 
 # ----------------------------------------------------------------------------- streaming
@@ -473,10 +536,11 @@ def check_pruned(pruned_ckpt: checkpoint.Checkpoint) -> None:
 
 def reconstruct(
     pruned_ckpt: checkpoint.Checkpoint,
-    dense_model: nn.Module,
+    dense_model: nn.Module | None,
     tokens: torch.Tensor,
     cfg: ReconstructConfig,
     streamed: Streamed | None = None,
+    prune: PruneConfig | None = None,
 ) -> ReconstructOutcome:
     """Reconstruct `pruned_ckpt.model` block by block in place against `dense_model`.
 
@@ -485,22 +549,36 @@ def reconstruct(
     changed; the adapters are merged into the weights (nothing to save separately).
     `streamed`: both models are skeletons whose blocks come and go through these
     residencies (`perp_cli.streaming.reconstruct`); the numbers are the same.
+
+    `prune` (interleaved, PERP's reference order): `pruned_ckpt` is the DENSE model and
+    `dense_model` is not needed; each block is pruned with `prune` right before it is
+    reconstructed, in the same engine pass; the new masks are `outcome.masks`.
     """
     start = time.perf_counter()
     cfg.validate()
     model = pruned_ckpt.model
-    check_pruned(pruned_ckpt)
+    block_pruner = None
+    if prune is not None:
+        if streamed is not None:
+            raise UsageError("pruning while reconstructing (--prune-method) does not stream yet; use --streaming off")
+        if cfg.target != "dense":
+            raise UsageError("--prune-method reconstructs each block against itself before pruning: --target dense only")
+        block_pruner = BlockPruner(pruned_ckpt, prune)
+    else:
+        check_pruned(pruned_ckpt)
     if tokens.dim() != 2 or tokens.shape[0] < 1:
         raise UsageError(f"calibration tokens must be [n, seqlen] with n >= 1, got {list(tokens.shape)}")
     if streamed is not None:  # checked by the caller before it added the biases (they are in the output layout)
         added = list(streamed.added_biases)
     else:
-        check_compatible(model, dense_model)
+        if dense_model is not None:
+            check_compatible(model, dense_model)
         added = trainable_mod.add_biases(model) if cfg.add_biases else []
     trainable_mod.select_trainable(model, cfg.train, block=0)  # e.g. `biases` on LLaMA: the error names --add-biases
     device = checkpoint.resolve_device(cfg.device)
-    dense_model.eval()
-    dense_model.requires_grad_(False)
+    if dense_model is not None:
+        dense_model.eval()
+        dense_model.requires_grad_(False)
     model.requires_grad_(False)
 
     # one store for the run: the dense stream, the inputs, targets and outputs share its device budget
@@ -510,7 +588,10 @@ def reconstruct(
         with streamed.dense.outside() if streamed is not None else contextlib.nullcontext():
             dense_inputs = engine.capture_inputs(dense_model, tokens, device=device, batch_size=cfg.batch_size, offload=run_store)
     worker_args = (model, dense_model, pruned_ckpt.masks, cfg, dense_inputs)
-    if streamed is None:
+    if block_pruner is not None:
+        old = pruned_ckpt.masks.masks if pruned_ckpt.masks is not None else {}
+        worker: _Reconstructor = _Interleaved(model, MaskSet(dict(old), block_pruner.p.pattern), cfg, block_pruner)
+    elif streamed is None:
         worker = _Reconstructor(*worker_args)
     else:
         worker = _StreamedReconstructor(*worker_args, dense_residency=streamed.dense)
@@ -520,6 +601,7 @@ def reconstruct(
             progress=progress, description="reconstruct blocks",
             residency=streamed.pruned if streamed is not None else None, in_place=streamed is not None,
         )
+    activation_record = {"placement": run_store.placement.describe(), "peak_device_bytes": run_store.peak_device_bytes}
     parts = trainable_mod.parse_spec(cfg.train)
     return ReconstructOutcome(
         config=cfg,
@@ -531,5 +613,7 @@ def reconstruct(
         wall_time_s=time.perf_counter() - start,
         device=str(device),
         peak_memory=peak_memory(),
-        activations={"placement": run_store.placement.describe(), "peak_device_bytes": run_store.peak_device_bytes},
+        activations=activation_record,
+        masks=worker.masks,
+        pruning=block_pruner.results(activation_record) if block_pruner is not None else None,
     )

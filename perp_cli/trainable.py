@@ -12,6 +12,9 @@ Subsets (comma-separated, any combination):
 * `norms`      LayerNorm weight and bias, RMSNorm weight, including the final norm,
 * `lm_head`    the output projection (tied to the input embeddings on many models:
                then training one trains the other, as they are one tensor),
+* `lm_head-lora` a dense LoRA on the output projection (PERP's default set trains one
+               beside biases, norms and MaskLoRA; `training.retrain` attaches it and
+               merges it densely into an untied lm_head at the end; not a parameter here),
 * `embeddings` the input embeddings (and learned positions for OPT/GPT-2),
 * `all`        every parameter (full retraining; masks keep pruned weights at zero),
 * `none`       nothing (only meaningful with an adapter).
@@ -27,8 +30,8 @@ from torch import nn
 from perp_cli import arch
 from perp_cli.errors import ArchitectureError, UsageError
 
-SUBSETS = ("biases", "norms", "lm_head", "embeddings", "all", "none")
-OUTSIDE_BLOCKS = ("lm_head", "embeddings")
+SUBSETS = ("biases", "norms", "lm_head", "lm_head-lora", "embeddings", "all", "none")
+OUTSIDE_BLOCKS = ("lm_head", "lm_head-lora", "embeddings")
 
 
 def parse_spec(spec: str) -> list[str]:

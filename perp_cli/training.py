@@ -36,6 +36,7 @@ from torch import nn
 
 from perp_cli import adapters as adapters_mod
 from perp_cli import trainable as trainable_mod
+from perp_cli.data import PAD
 from perp_cli.distributed import Distributed
 from perp_cli.errors import NumericalError, UsageError
 from perp_cli.manifest import peak_memory
@@ -292,6 +293,7 @@ def train_lm(
     keep = [(p, masks[name]) for name, p in params.items() if masks is not None and name in masks]
     device = next(model.parameters()).device
     seqlen = windows.shape[1]
+    padded = bool((windows == PAD).any())
     use_cache = getattr(model.config, "use_cache", None)
     share = dist.local_slice(cfg.batch_size) if dist else slice(None)
     # dropout draws differ per rank (as they do per window in one process); rank 0 = seed
@@ -304,6 +306,10 @@ def train_lm(
             k = step * cfg.grad_accum + micro
             ids = windows[k * cfg.batch_size : (k + 1) * cfg.batch_size][share].to(device)
             with amp():
+                if padded:  # document windows: no attention to and no loss on data.PAD
+                    real = ids != PAD
+                    return replica(input_ids=ids.clamp(min=0), attention_mask=real.long(),
+                                   labels=ids.masked_fill(~real, -100), use_cache=False).loss.float()
                 return replica(input_ids=ids, labels=ids, use_cache=False).loss.float()
 
         def on_eval(step: int) -> dict[str, float]:
@@ -356,6 +362,16 @@ class RetrainOptions:
     untie_lm_head: bool = False
 
 
+# `perp retrain --recipe`: perp's defaults, or PERP's reference settings (ZIB-IOL/PERP
+# main.py: SelectivePEFT = biases + LayerNorm + lm_head LoRA + MaskLoRA r16/alpha 32, AdamW
+# lr 5e-4 linear with 10% warmup, batch 1 x 2 accumulation, C4 documents truncated and
+# padded to seqlen). An explicit option wins over the recipe; docs/fidelity.md.
+RECIPES: dict[str, dict[str, Any]] = {
+    "perp": {"train": "biases,norms", "adapter": "none", "batch_size": 4, "grad_accum": 1, "data_mode": "windows"},
+    "paper": {"train": "biases,norms,lm_head-lora", "adapter": "masklora", "batch_size": 1, "grad_accum": 2, "data_mode": "documents"},
+}
+
+
 @dataclass
 class RetrainOutcome:
     result: TrainResult
@@ -368,6 +384,7 @@ class RetrainOutcome:
     adapters: dict[str, adapters_mod.Adapter] = field(default_factory=dict)
     adapters_state: dict[str, torch.Tensor] | None = None
     adapters_config: dict[str, Any] | None = None
+    lm_head_lora: str | None = None  # None, "merged", or "merged, lm_head untied"
 
     @property
     def trainable_share(self) -> float:
@@ -383,6 +400,7 @@ class RetrainOutcome:
             "added_biases": len(self.added_biases),
             "dense_retraining": self.dense,
             "adapters": len(self.adapters),
+            "lm_head_lora": self.lm_head_lora,
             **self.result.summary(),
         }
 
@@ -397,6 +415,10 @@ def retrain(
     dist: Distributed | None = None,
 ) -> RetrainOutcome:
     """PERP retraining of `ckpt.model` in place; adapters come back detached and unmerged.
+
+    `lm_head-lora` in `opts.train` is the exception: that LoRA is dense (lm_head is
+    never pruned) and is merged into lm_head before this returns, untying a tied lm_head
+    so the input embeddings do not change (the checkpoint then stores the matrix twice).
 
     The model's weights afterwards are the base weights with the trained subset updated;
     the adapters' tensors and config are returned for `adapters.safetensors`/`.json`.
@@ -421,11 +443,18 @@ def retrain(
     adapters = (
         adapters_mod.attach(model, kind, opts.rank, opts.alpha, opts.adapter_targets, ckpt.masks) if kind else {}
     )
+    head, handle = adapters_mod.attach_lm_head(model, opts.rank, opts.alpha) if "lm_head-lora" in parts else (None, None)
+    trained = {**adapters, "lm_head": head} if head is not None else adapters
     try:
-        result = train_lm(model, windows, cfg, params, adapters, ckpt.masks, eval_fn, quiet, dist)
+        result = train_lm(model, windows, cfg, params, trained, ckpt.masks, eval_fn, quiet, dist)
     finally:
         adapters_mod.detach(model)
-    n_train = sum(p.numel() for p in params.values()) + sum(p.numel() for a in adapters.values() for p in a.parameters())
+        if handle is not None:
+            handle.remove()
+    head_state = None
+    if head is not None:  # dense (lm_head is never pruned): merged now, untied first if tied
+        head_state = "merged, lm_head untied" if adapters_mod.merge_lm_head(model, head) else "merged"
+    n_train = sum(p.numel() for p in params.values()) + sum(p.numel() for a in trained.values() for p in a.parameters())
     return RetrainOutcome(
         result=result,
         trainable_parameters=n_train,
@@ -437,4 +466,5 @@ def retrain(
         adapters=adapters,
         adapters_state=adapters_mod.state_dict(adapters) if adapters else None,
         adapters_config=adapters_mod.config(adapters, opts.adapter_targets) if adapters else None,
+        lm_head_lora=head_state,
     )

@@ -285,3 +285,26 @@ def test_attach_to_one_block_for_reconstruction():
     adapters.detach(model)
     with pytest.raises(UsageError, match="block 2"):
         adapters.attach(model, "masklora", masks=masks, block=2)
+
+
+def test_lm_head_lora_merges_densely_and_leaves_tied_embeddings_alone():
+    model = tiny.build_model("opt")  # tied lm_head
+    ids = torch.randint(4, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    embed = model.get_input_embeddings().weight.detach().clone()
+    head, handle = adapters.attach_lm_head(model, rank=4, alpha=8)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, copy.deepcopy(model)(input_ids=ids).logits)  # B = 0: a no-op
+        head.lora_B.normal_(generator=torch.Generator().manual_seed(1))
+        trained = model(input_ids=ids).logits
+    handle.remove()
+    assert adapters.merge_lm_head(model, head) is True  # it was tied: untied first
+    assert model.config.tie_word_embeddings is False
+    assert torch.equal(model.get_input_embeddings().weight, embed)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, trained, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        head.lora_B.fill_(float("nan"))
+    before = model.get_output_embeddings().weight.detach().clone()
+    with pytest.raises(NumericalError, match="lm_head"):
+        adapters.merge_lm_head(model, head)
+    assert torch.equal(model.get_output_embeddings().weight, before)

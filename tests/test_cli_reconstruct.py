@@ -125,6 +125,34 @@ def test_usage_errors(pruned_dir: Path, tiny_dir: Path, calib_file: Path, tmp_pa
     assert not (tmp_path / "out").exists()
 
 
+def test_prune_method_prunes_and_reconstructs_in_one_pass(tiny_dir: Path, calib_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "interleaved"
+    quick = [a for a in _quick(calib_file) if a not in ("--steps-per-block", "10")]
+    result = run_cli("reconstruct", tiny_dir, "-o", out, *quick, "--prune-method", "wanda", "--recipe", "paper",
+                     "--steps-per-block", "4", "--json")
+    assert result.exit_code == 0, result.stderr
+    summary = result.json()
+    assert summary["interleaved_pruning"]["method"] == "wanda"
+    assert summary["interleaved_pruning"]["scope"] == "matrix"  # the paper recipe picks PERP's comparison group
+    assert (summary["order"], summary["mode"], summary["restore"], summary["lr"]) == ("fixed", "train", False, 3e-3)
+    rec = checkpoint.load(out)  # verifies masks and exact zeros
+    assert abs(rec.masks.total_sparsity() - 0.5) < 1e-6
+    step = json.loads((out / "perp.json").read_text())["history"][-1]
+    assert step["args"]["prune"]["method"] == "wanda" and step["args"]["recipe"] == "paper"
+    for extra, message in [
+        (["--prune-method", "wanda", "--dense", tiny_dir], "--dense is not used"),
+        (["--prune-method", "wanda", "--scope", "global"], "cannot interleave"),
+        (["--prune-method", "wanda", "--streaming", "on"], "does not stream"),
+        (["--sparsity", "0.5"], "without it MODEL is already pruned"),
+        (["--prune-method", "nope"], "--method"),
+        (["--recipe", "nope"], "--recipe"),
+        (["--order", "nope", "--prune-method", "wanda"], "--order"),
+    ]:
+        result = run_cli("reconstruct", tiny_dir, "-o", tmp_path / "bad", *_quick(calib_file), *extra)
+        assert result.exit_code == 2, (extra, result.stderr)
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_reconstruction_beats_pruning_alone_on_tiny_opt(method: str, tmp_path: Path) -> None:

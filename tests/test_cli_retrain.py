@@ -230,3 +230,25 @@ def test_perp_closes_the_gap_on_the_real_tiny_opt(tmp_path):
     assert pruned_ppl > dense * 1.15
     assert closed["bn"] >= 0.20, closed
     assert closed["bn+masklora"] > closed["bn"], closed
+
+
+def test_paper_recipe_trains_lm_head_lora_masklora_on_padded_documents(work):
+    docs = work["root"] / "docs.jsonl"  # documents (a .txt is one continuous text)
+    lines = work["corpus"].read_text(encoding="utf-8").split("\n\n")
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in lines if t.strip()), encoding="utf-8")
+    result = retrain(work, "paper", "--recipe", "paper", "--data", str(docs))
+    assert result.exit_code == 0, result.stderr
+    summary = result.json()
+    assert summary["trained"] == ["biases", "norms", "lm_head-lora"] and summary["adapters"] > 0
+    assert summary["lm_head_lora"] == "merged, lm_head untied"
+    step = json.loads((work["root"] / "paper" / "perp.json").read_text())["history"][-1]
+    assert (step["args"]["recipe"], step["args"]["data_mode"], step["args"]["batch_size"], step["args"]["grad_accum"]) == ("paper", "documents", 2, 2)
+    before, after = weights(work["pruned"]), weights(work["root"] / "paper")
+    assert "lm_head.weight" in after and not torch.equal(after["lm_head.weight"], before["model.decoder.embed_tokens.weight"])
+    assert torch.equal(after["model.decoder.embed_tokens.weight"], before["model.decoder.embed_tokens.weight"])
+    assert (work["root"] / "paper" / "adapters.safetensors").exists()  # MaskLoRA stays unmerged until `perp merge`
+    checkpoint.load(work["root"] / "paper")  # masks and exact zeros verified
+    for extra, message in [(["--recipe", "nope"], "--recipe"), (["--data-mode", "nope"], "--data-mode"),
+                           (["--recipe", "paper"], "not documents")]:
+        bad = retrain(work, "bad", *extra)
+        assert bad.exit_code == 2 and message in bad.stderr, bad.stderr

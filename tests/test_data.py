@@ -120,3 +120,20 @@ def test_calibration_beyond_the_data_says_how_many_windows_it_holds(tmp_path) ->
     with pytest.raises(UsageError, match=r"make \d+ windows of 16"):
         data.sample_windows(tiny.build_tokenizer(), source, nsamples=10**9, seqlen=16)
     assert data.sample_windows(tiny.build_tokenizer(), source, nsamples=10**3, seqlen=16, within_data=False).shape == (1000, 16)
+
+def test_document_windows_truncate_pad_and_follow_a_seeded_order() -> None:
+    tok = tiny.build_tokenizer()
+    docs = ["short one", "", "x" * 500, "a medium length document here"]
+    source = data.TextSource("mem", docs, stream=False)
+    out = data.document_windows(tok, source, nsamples=5, seqlen=64, seed=3)
+    assert out.shape == (5, 64) and torch.equal(out, data.document_windows(tok, source, 5, 64, seed=3))
+    rows = {tuple(r[r != data.PAD].tolist()) for r in out}
+    expected = {tuple(tok(d)["input_ids"][:64]) for d in docs if d}
+    assert rows == expected  # 3 non-empty documents, each its first 64 tokens; the 4th and 5th rows repeat
+    for r in out:  # padding only at the end
+        real = (r != data.PAD).long()
+        assert torch.equal(real, real.sort(descending=True).values)
+    with pytest.raises(UsageError, match="windows"):
+        data.document_windows(tok, data.TextSource("wiki", ["a"], stream=True), 2, 8)
+    with pytest.raises(DataError, match="no non-empty"):
+        data.document_windows(tok, data.TextSource("empty", ["", ""], stream=False), 2, 8)

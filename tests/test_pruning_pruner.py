@@ -73,7 +73,8 @@ def _check_exact(model, masks, config: PruneConfig, sparsity: float, scope: str)
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
 def test_every_method_and_pattern_is_exact_on_every_family(family: str, method: str, pattern: str) -> None:
     ckpt = _ckpt(family)
-    config = PruneConfig(method, sparsity=None if pattern != "unstructured" else 0.6, pattern=pattern, blocksize=32)
+    config = PruneConfig(method, sparsity=None if pattern != "unstructured" else 0.6, pattern=pattern, blocksize=32,
+                         sparsegpt_selection="exact")  # SparseGPT's default reference rule: test_sparsegpt_reference_rule...
     masks, results, _ = prune(ckpt, config, tokens=_tokens())
     scope = results["scope"]
     assert scope == (pattern if pattern != "unstructured" else {"wanda": "row"}.get(method, "matrix"))
@@ -86,7 +87,7 @@ def test_every_method_and_pattern_is_exact_on_every_family(family: str, method: 
                                           ("wanda", "matrix"), ("wanda", "global"), ("sparsegpt", "row")])
 def test_other_scopes_are_exact(method: str, scope: str) -> None:
     ckpt = _ckpt("mixtral")
-    config = PruneConfig(method, sparsity=0.7, scope=scope, blocksize=32)
+    config = PruneConfig(method, sparsity=0.7, scope=scope, blocksize=32, sparsegpt_selection="exact")
     masks, results, _ = prune(ckpt, config, tokens=_tokens())
     if method == "sparsegpt":  # row scope: every row of every column block
         for mat in arch.matrices(ckpt.model):
@@ -94,6 +95,21 @@ def test_other_scopes_are_exact(method: str, scope: str) -> None:
             assert (pruned.sum(-1) == prune_count(32, 0.7)).all()
     else:
         _check_exact(ckpt.model, masks, config, 0.7, scope)
+
+
+@pytest.mark.parametrize("family", ["opt", "mixtral"])
+def test_sparsegpt_reference_rule_prunes_one_more_per_column_block(family: str) -> None:
+    """The default `--sparsegpt-selection reference`: every score <= the (k+1)-th smallest
+    of a column block goes, so each block prunes k+1 (continuous scores: no ties)."""
+    ckpt = _ckpt(family)
+    masks, results, _ = prune(ckpt, PruneConfig("sparsegpt", sparsity=0.6, blocksize=32), tokens=_tokens())
+    for mat in arch.matrices(ckpt.model):
+        pruned = _matrix_pruned(masks, mat)
+        for b in range(0, mat.shape[1], 32):
+            block = pruned[:, b : b + 32]
+            assert int(block.sum()) == prune_count(block.numel(), 0.6) + 1, mat.key
+    assert results["sparsity_achieved"]["pruned_tensors"] > 0.6
+    assert checkpoint.mask_problems(ckpt.model, masks) == []
 
 
 def test_pruning_again_never_revives_weights_and_carries_other_masks() -> None:
@@ -186,7 +202,14 @@ def test_real_tiny_opt_sparsegpt_beats_magnitude_at_70_percent() -> None:
 def test_experts_the_router_never_chose_fall_back_to_magnitude_and_say_so(method: str) -> None:
     ckpt = _ckpt("mixtral")
     one_token = torch.tensor([[7]])  # top-2 of 4 experts: two experts per block see no token
-    masks, results, _ = prune(ckpt, PruneConfig(method, sparsity=0.5), tokens=one_token)
+    masks, results, _ = prune(ckpt, PruneConfig(method, sparsity=0.5, sparsegpt_selection="exact"), tokens=one_token)
     notes = results["notes"]["no_calibration_tokens"]
     assert len(notes) == 2 * 2 * 2 and all("magnitude fallback" in n for n in notes)
     _check_exact(ckpt.model, masks, PruneConfig(method, sparsity=0.5), 0.5, "row" if method == "wanda" else "matrix")
+
+
+def test_unknown_sparsegpt_selection_is_a_usage_error() -> None:
+    from perp_cli.pruner import plan
+
+    with pytest.raises(UsageError, match="--sparsegpt-selection 'nope' is not one of reference, exact"):
+        plan(PruneConfig("sparsegpt", sparsegpt_selection="nope"))

@@ -1,5 +1,8 @@
-"""SparseGPT against an independent float64 implementation of the published algorithm,
-its reconstruction error against magnitude pruning, and its numerical safeguards."""
+"""SparseGPT on one matrix against an independent float64 implementation of the published
+algorithm with the reference's normalisation (H per calibration sequence) and both block
+mask rules, its reconstruction error against magnitude pruning, and its numerical
+safeguards. The whole-model comparison with the reference's semantics on a real
+checkpoint is tests/test_sparsegpt_fidelity.py."""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import torch
 
 from perp_cli.errors import NumericalError
 from perp_cli.pruning.magnitude import magnitude_scores
-from perp_cli.pruning.selection import nm_prune_mask, prune_count, prune_mask
+from perp_cli.pruning.selection import nm_prune_mask, prune_count, prune_mask, threshold_prune_mask
 from perp_cli.pruning.sparsegpt import inverse_hessian, prune_matrix
 from perp_cli.pruning.statistics import HessianStat
 
@@ -16,20 +19,25 @@ from perp_cli.pruning.statistics import HessianStat
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+SEQLEN = 32  # tokens per calibration sequence in these tests
+
+
 def reference_sparsegpt(w: torch.Tensor, x: torch.Tensor, sparsity: float, n: int, m: int, blocksize: int,
-                        damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+                        damp: float = 0.01, selection: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
     """The published algorithm without its speed tricks, in float64.
 
     No Cholesky and no lazy batching: for column j the inverse Hessian of the remaining
     columns F = {j, ...} is recomputed directly, its first row gives the OBS update
     δ = −(w_j − q_j) / [H_F⁻¹]_00 · [H_F⁻¹]_0,: applied at once to all remaining columns, and
     the saliency of column j is w² / [H_F⁻¹]_00. The mask of each block of `blocksize`
-    columns is chosen from the weights at the block's start (unstructured: exactly
-    floor(s·n) lowest in the block), or every m columns (N:M).
+    columns is chosen from the weights at the block's start (unstructured, `reference`:
+    every score <= the (k+1)-th smallest of the block, k = floor(s·n), as the reference
+    code; `exact`: exactly the k lowest), or every m columns (N:M). H = 2/S · XXᵀ with S
+    the number of sequences of SEQLEN tokens, the reference's normalisation.
     """
     w = w.double().clone()
     x = x.double()
-    h = 2.0 / x.shape[1] * x @ x.t()
+    h = 2.0 / (x.shape[1] // SEQLEN) * x @ x.t()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0
@@ -44,10 +52,13 @@ def reference_sparsegpt(w: torch.Tensor, x: torch.Tensor, sparsity: float, n: in
             scores = w[:, b:e] ** 2 / d[b:e]
             flat = scores.reshape(-1)
             k = prune_count(flat.numel(), sparsity)
-            idx = torch.argsort(flat, stable=True)[:k]
-            block = torch.zeros(flat.numel(), dtype=torch.bool)
-            block[idx] = True
-            pruned[:, b:e] = block.reshape(rows, e - b)
+            if selection == "reference":
+                pruned[:, b:e] = scores <= torch.sort(flat).values[min(k, flat.numel() - 1)]
+            else:
+                idx = torch.argsort(flat, stable=True)[:k]
+                block = torch.zeros(flat.numel(), dtype=torch.bool)
+                block[idx] = True
+                pruned[:, b:e] = block.reshape(rows, e - b)
         for j in range(b, e):
             if n != 0 and (j - b) % m == 0:
                 scores = w[:, j : j + m] ** 2 / d[j : j + m]
@@ -72,27 +83,49 @@ def _layer(rows: int = 12, cols: int = 32, tokens: int = 256, seed: int = 0, low
     return w, x
 
 
-def _hessian(x: torch.Tensor) -> torch.Tensor:
+def _hessian(x: torch.Tensor, per_batch: int = 3) -> torch.Tensor:
+    """HessianStat over `[in, tokens]` cut into sequences of SEQLEN tokens, fed in
+    micro-batches of `per_batch` sequences `[b, SEQLEN, in]` as the engine does."""
     stat = HessianStat(x.shape[0], torch.device("cpu"))
-    for chunk in x.t().split(50):  # accumulated over micro-batches as the engine does
+    for chunk in x.t().reshape(-1, SEQLEN, x.shape[0]).split(per_batch):
         stat.add(chunk)
     return stat.hessian()
 
 
+def test_hessian_is_normalised_per_sequence_whatever_the_micro_batch() -> None:
+    _, x = _layer(cols=16, tokens=8 * SEQLEN)
+    expected = 2.0 / 8 * x.double() @ x.double().t()  # 8 sequences: 2/S·ΣXXᵀ, not 2/tokens
+    for per_batch in (1, 3, 8):
+        torch.testing.assert_close(_hessian(x, per_batch).double(), expected, rtol=1e-5, atol=1e-5)
+    stat = HessianStat(16, torch.device("cpu"))
+    stat.add(x.t()[:SEQLEN])  # a 2-D input is one sequence, as in the reference
+    assert (stat.sequences, stat.tokens) == (1, SEQLEN)
+
+
+@pytest.mark.parametrize("selection", ["reference", "exact"])
 @pytest.mark.parametrize("sparsity,n,m,blocksize", [(0.5, 0, 0, 8), (0.7, 0, 0, 32), (0.3, 0, 0, 12), (0.5, 2, 4, 8), (0.5, 4, 8, 16)])
-def test_matches_an_independent_float64_implementation(sparsity: float, n: int, m: int, blocksize: int) -> None:
+def test_matches_an_independent_float64_implementation(sparsity: float, n: int, m: int, blocksize: int, selection: str) -> None:
     w, x = _layer()
-    ours = prune_matrix(w, inverse_hessian(_hessian(x), 0.01), sparsity, n, m, blocksize)
-    ref_w, ref_pruned = reference_sparsegpt(w, x, sparsity, n, m, blocksize)
+    ours = prune_matrix(w, inverse_hessian(_hessian(x), 0.01), sparsity, n, m, blocksize, selection=selection)
+    ref_w, ref_pruned = reference_sparsegpt(w, x, sparsity, n, m, blocksize, selection=selection)
     assert torch.equal(ours.pruned, ref_pruned)
     torch.testing.assert_close(ours.weight.double(), ref_w, rtol=0, atol=2e-5)
     assert float(ours.weight[ours.pruned].abs().sum()) == 0.0
     if n:
         assert ((~ours.pruned).reshape(w.shape[0], -1, m).sum(-1) == n).all()
-    else:  # exactly floor(s·n) per column block (the comparison group)
+    else:  # per column block: exactly floor(s·n), or one more (ties aside) under the reference rule
         for b in range(0, w.shape[1], blocksize):
             block = ours.pruned[:, b : b + blocksize]
-            assert int(block.sum()) == prune_count(block.numel(), sparsity)
+            k = prune_count(block.numel(), sparsity)
+            assert int(block.sum()) == (k if selection == "exact" else min(k + 1, block.numel()))
+
+
+def test_reference_rule_prunes_every_tie_of_the_threshold() -> None:
+    scores = torch.tensor([[3.0, 1.0, 2.0, 2.0], [2.0, 5.0, 6.0, 7.0]])
+    # k = floor(8·0.25) = 2; the 3rd smallest is 2.0: every score <= 2 goes (4 weights)
+    assert threshold_prune_mask(scores, 0.25, "matrix").tolist() == [[False, True, True, True], [True, False, False, False]]
+    assert int(prune_mask(scores, 0.25, "matrix").sum()) == 2
+    assert threshold_prune_mask(scores, 0.25, "row").sum(dim=1).tolist() == [3, 2]  # k = 1: the 2nd smallest of each row, ties too
 
 
 def test_dead_inputs_are_zeroed_and_pruned_first() -> None:
@@ -100,6 +133,7 @@ def test_dead_inputs_are_zeroed_and_pruned_first() -> None:
     x[3] = 0  # an input that is never active
     ours = prune_matrix(w, inverse_hessian(_hessian(x)), 0.5, blocksize=16)
     ref_w, ref_pruned = reference_sparsegpt(w, x, 0.5, 0, 0, 16)
+    assert inverse_hessian(_hessian(x)).dead.tolist() == [j == 3 for j in range(16)]
     assert ours.pruned[:, 3].all() and float(ours.weight[:, 3].abs().sum()) == 0
     assert torch.equal(ours.pruned, ref_pruned)
     torch.testing.assert_close(ours.weight.double(), ref_w, rtol=0, atol=2e-5)
@@ -122,8 +156,10 @@ def test_reconstruction_error_is_well_below_magnitude(sparsity: float, pattern: 
 
 def test_row_scope_prunes_the_same_count_in_every_row_of_every_block() -> None:
     w, x = _layer(rows=8, cols=32)
-    ours = prune_matrix(w, inverse_hessian(_hessian(x)), 0.5, blocksize=16, scope="row")
+    ours = prune_matrix(w, inverse_hessian(_hessian(x)), 0.5, blocksize=16, scope="row", selection="exact")
     assert (ours.pruned.reshape(8, 2, 16).sum(-1) == 8).all()
+    ours = prune_matrix(w, inverse_hessian(_hessian(x)), 0.5, blocksize=16, scope="row")
+    assert (ours.pruned.reshape(8, 2, 16).sum(-1) == 9).all()  # the reference rule: k+1 per row of a block
 
 
 def test_already_pruned_weights_stay_pruned() -> None:

@@ -37,7 +37,22 @@ def test_qkv_share_one_hessian_equal_to_the_direct_sum() -> None:
     assert [len(g.matrices) for g in stats] == [3, 1, 2, 1]
     x = torch.cat(seen).double()
     assert stats[0].stat.tokens == tokens.numel()
-    torch.testing.assert_close(stats[0].stat.hessian().double(), 2 / x.shape[0] * x.t() @ x, rtol=1e-5, atol=1e-5)
+    assert stats[0].stat.sequences == tokens.shape[0]  # SparseGPT's reference normalises per sequence
+    torch.testing.assert_close(stats[0].stat.hessian().double(), 2 / tokens.shape[0] * x.t() @ x, rtol=1e-5, atol=1e-5)
+
+
+def test_flattened_mlp_inputs_still_count_sequences() -> None:
+    """OPT flattens [b, seqlen, hidden] to [b·seqlen, hidden] before fc1/fc2; the Hessian
+    must still be normalised by the number of windows, as for q/k/v."""
+    model = tiny.build_model("opt")
+    tokens = _tokens()
+    inputs = _block0_inputs(model, tokens)
+    block = arch.blocks(model)[0]
+    keys = {m.key for m in arch.block_matrices(model, 0)}
+    with collecting(model, target_groups(model, 0, keys), HessianStat, torch.device("cpu")) as stats:
+        inputs.run(block, keep_outputs=False)
+    assert len(stats) == 4 and any("fc2" in g.label for g in stats)  # q/k/v, out_proj, fc1, fc2
+    assert [g.stat.sequences for g in stats] == [tokens.shape[0]] * 4
 
 
 def test_target_groups_keep_only_chosen_members() -> None:

@@ -226,3 +226,64 @@ def test_refuses_unpruned_input_and_a_mismatched_dense_model() -> None:
 def test_batch_order_visits_every_batch_each_epoch() -> None:
     order = batch_order(3, 7, torch.Generator().manual_seed(0))
     assert len(order) == 7 and sorted(order[:3]) == [0, 1, 2] and sorted(order[3:6]) == [0, 1, 2]
+
+
+def test_fixed_order_cycles_in_order() -> None:
+    assert batch_order(3, 7, torch.Generator().manual_seed(0), "fixed") == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_without_restore_a_worse_block_is_kept() -> None:
+    ckpt, dense = _pruned()
+    out = reconstruct(ckpt, dense, _tokens(), _cfg(lr=30.0, adapter="scalelora", restore=False))
+    assert out.restored == []
+    assert all(b.mse_after == b.mse_trained > b.mse_before for b in out.blocks)
+    assert mask_problems(ckpt.model, ckpt.masks) == []
+
+
+def test_paper_recipe_trains_the_block_in_train_mode() -> None:
+    """`mode=train` is PERP's `layer.train()`: dropout is active while the block trains,
+    so with dropout the run differs from eval mode; the block is back in eval mode after."""
+    runs = {}
+    for mode in ("eval", "train"):
+        dense = tiny.build_model("opt", seed=0, dropout=0.3)
+        ckpt = Checkpoint(copy.deepcopy(dense), None, None, empty_manifest("dense"), "pruned")
+        ckpt.masks, _, _ = prune(ckpt, PruneConfig("wanda", sparsity=0.6, seqlen=32), tokens=_tokens(seed=7))
+        reconstruct(ckpt, dense, _tokens(), _cfg(mode=mode, order="fixed", restore=False))
+        runs[mode] = _state(ckpt.model)
+        assert not any(m.training for m in ckpt.model.modules())
+    assert any(not torch.equal(runs["eval"][n], runs["train"][n]) for n in runs["eval"])
+
+
+def test_interleaved_prunes_each_block_from_the_reconstructed_stream() -> None:
+    """PERP's order in one pass: block 0 is pruned from the same inputs as in a split run
+    (same mask), block 1 from the outputs of the RECONSTRUCTED block 0: its mask is what
+    Wanda gives on a model whose block 0 is already the reconstructed one."""
+    dense = tiny.build_model("opt", seed=0)
+    tokens = _tokens()
+    ckpt = Checkpoint(copy.deepcopy(dense), None, None, empty_manifest("dense"), "dense")
+    out = reconstruct(ckpt, None, tokens, _cfg(), prune=PruneConfig("wanda", sparsity=0.5))
+    masks = out.masks
+    assert masks is not None and len(masks) == 12 and out.pruning["sparsity_achieved"]["pruned_tensors"] == 0.5
+    assert mask_problems(ckpt.model, masks) == []  # exact zeros after training and merging
+    assert all(b.mse_after <= b.mse_before for b in out.blocks)
+
+    split = Checkpoint(copy.deepcopy(dense), None, None, empty_manifest("dense"), "dense")
+    split_masks, _, _ = prune(split, PruneConfig("wanda", sparsity=0.5), tokens=tokens)
+    block0 = [n for n in masks.names() if ".layers.0." in n]
+    assert all(torch.equal(masks[n], split_masks[n]) for n in block0)
+    assert any(not torch.equal(masks[n], split_masks[n]) for n in masks.names() if ".layers.1." in n)
+
+    hybrid = copy.deepcopy(dense)
+    arch.blocks(hybrid)[0].load_state_dict(arch.blocks(ckpt.model)[0].state_dict())
+    hybrid_ckpt = Checkpoint(hybrid, None, None, empty_manifest("dense"), "hybrid")
+    hybrid_masks, _, _ = prune(hybrid_ckpt, PruneConfig("wanda", sparsity=0.5, targets=r"layers\.1\."), tokens=tokens)
+    assert all(torch.equal(masks[n], hybrid_masks[n]) for n in hybrid_masks.names())
+
+
+def test_interleaved_refusals() -> None:
+    dense = tiny.build_model("opt", seed=0)
+    ckpt = Checkpoint(dense, None, None, empty_manifest("dense"), "dense")
+    with pytest.raises(UsageError, match="global"):
+        reconstruct(ckpt, None, _tokens(), _cfg(), prune=PruneConfig("wanda", scope="global"))
+    with pytest.raises(UsageError, match="--target dense"):
+        reconstruct(ckpt, None, _tokens(), _cfg(target="dense-stream"), prune=PruneConfig("wanda"))

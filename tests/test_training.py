@@ -162,3 +162,23 @@ def test_adapters_train_identically_with_and_without_gradient_checkpointing():
                  select_trainable(model, "norms"), ads, masks, quiet=True)
         finals.append(torch.cat([p.detach().flatten() for a in ads.values() for p in a.parameters()]))
     assert torch.allclose(finals[0], finals[1], atol=1e-6)
+
+
+def test_padded_documents_train_on_the_real_tokens_only():
+    """data.PAD rows (PERP's truncated/padded documents): the loss is the model's loss on
+    the unpadded tokens alone (no attention to padding, no loss on it)."""
+    from perp_cli.data import PAD
+
+    model = tiny.build_model("opt")
+    model.config.dropout = 0.0
+    for m in model.modules():
+        if hasattr(m, "dropout") and isinstance(m.dropout, float):
+            m.dropout = 0.0
+    doc = WINDOWS[:1, :20]
+    padded = torch.full((1, WINDOWS.shape[1]), PAD)
+    padded[:, :20] = doc
+    params = select_trainable(model, "norms")
+    with torch.no_grad():
+        expected = model(input_ids=doc, labels=doc).loss.item()
+    result = train_lm(model, padded, TrainConfig(steps=1, batch_size=1, lr=1e-9), params, quiet=True)
+    assert result.initial_loss == pytest.approx(expected, rel=1e-5)

@@ -53,6 +53,7 @@ def prune_cmd(
     calib_concat: Annotated[bool, typer.Option("--calib-concat", help="Draw windows from all documents joined together (when too few documents are longer than --seqlen).")] = False,
     damp: Annotated[float, typer.Option("--damp", help="SparseGPT damping, as a fraction of the Hessian's mean diagonal (raised x10 and retried if the Cholesky fails).")] = 0.01,
     blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT column block size (mask chosen per block; lazy updates between blocks).")] = 128,
+    sparsegpt_selection: Annotated[str, typer.Option("--sparsegpt-selection", help="SparseGPT's mask rule per column block (unstructured): reference = prune every weight whose score is <= the (k+1)-th smallest, k = floor(S·n), as IST-DASLab/sparsegpt does (k+1 per block, more on ties: a hair above S); exact = exactly k per block (S met exactly). N:M is the same under both.")] = "reference",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward micro-batch.")] = 8,
     offload_activations: OffloadActivationsOpt = False,
     max_memory: MaxMemoryOpt = None,
@@ -81,7 +82,7 @@ def prune_cmd(
     """
     config = PruneConfig(
         method=method, sparsity=sparsity, pattern=pattern, scope=scope, targets=targets, exclude=exclude,
-        skip_indivisible=skip_indivisible, damp=damp, blocksize=blocksize, calib=calib, text_field=text_field,
+        skip_indivisible=skip_indivisible, damp=damp, blocksize=blocksize, sparsegpt_selection=sparsegpt_selection, calib=calib, text_field=text_field,
         nsamples=nsamples, seqlen=seqlen, calib_concat=calib_concat, seed=seed, device=device,
         batch_size=batch_size, offload_activations=offload_activations, max_memory=max_memory,
         offload_dir=None if offload_dir is None else str(offload_dir), quiet=quiet,

@@ -33,7 +33,9 @@ from perp_cli.cli.common import (
 from perp_cli.errors import UsageError
 from perp_cli.manifest import StepRecord
 from perp_cli.progress import console
+from perp_cli.pruner import PruneConfig, plan
 from perp_cli.reconstruction import (
+    RECIPES,
     ReconstructConfig,
     check_compatible,
     dense_source,
@@ -58,9 +60,18 @@ def reconstruct_cmd(
     nsamples: Annotated[int, typer.Option("--nsamples", help="Number of calibration windows (the activations every block trains on).")] = 128,
     seqlen: Annotated[int | None, typer.Option("--seqlen", help="Tokens per calibration window. Default: min(2048, the model's max positions).", show_default=False)] = None,
     calib_concat: Annotated[bool, typer.Option("--calib-concat", help="Draw windows from all documents joined together (when too few documents are longer than --seqlen).")] = False,
-    steps_per_block: Annotated[int, typer.Option("--steps-per-block", help="AdamW steps per block, each on one micro-batch of --batch-size windows (reshuffled every pass over the calibration set).")] = 100,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per micro-batch (forward passes and training steps).")] = 8,
-    lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate (10% linear warmup, then linear decay to 0, restarted for every block).")] = 1e-3,
+    recipe: Annotated[str, typer.Option("--recipe", help="Defaults for --steps-per-block, --batch-size, --lr, --order, --mode, --restore (an explicit option wins): perp = 100 steps x 8 windows, lr 1e-3, shuffle, eval, restore; paper = PERP's reference code: 20 steps x 1 window, lr 5e-4, fixed order, train mode, no restore (and --scope matrix for --prune-method wanda). docs/fidelity.md compares them.")] = "perp",
+    steps_per_block: Annotated[int | None, typer.Option("--steps-per-block", help="AdamW steps per block, each on one micro-batch of --batch-size windows. Default: 100 (perp), 20 (paper).", show_default=False)] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Calibration windows per micro-batch (forward passes and training steps). Default: 8 (perp), 1 (paper).", show_default=False)] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak AdamW learning rate (10% linear warmup, then linear decay to 0, restarted for every block). Default: 1e-3 (perp), 5e-4 (paper).", show_default=False)] = None,
+    order: Annotated[str | None, typer.Option("--order", help="Which micro-batch each step trains on: shuffle (a fresh permutation every pass over the windows; perp) or fixed (in order, cycling; paper).", show_default=False)] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="The block while it trains: eval (no dropout; only modules carrying adapters in train mode; perp) or train (the whole block, dropout included; paper).", show_default=False)] = None,
+    restore: Annotated[bool | None, typer.Option("--restore/--no-restore", help="Put a block back to its pre-training state when training made its error worse (perp: on; paper: off).", show_default=False)] = None,
+    prune_method: Annotated[str | None, typer.Option("--prune-method", help="Prune while reconstructing (PERP's order: block i is pruned from inputs that already went through the reconstructed blocks 0..i-1, then reconstructed against itself before pruning): magnitude, random, wanda or sparsegpt. MODEL is then the DENSE model (no --dense); the output has masks as after `perp prune`.", show_default=False)] = None,
+    sparsity: Annotated[float | None, typer.Option("--sparsity", help="With --prune-method: as in `perp prune` (default 0.5, or 1 - N/M).", show_default=False)] = None,
+    pattern: Annotated[str, typer.Option("--pattern", help="With --prune-method: unstructured or N:M, as in `perp prune`.")] = "unstructured",
+    scope: Annotated[str | None, typer.Option("--scope", help="With --prune-method: row or matrix, as in `perp prune` (global cannot interleave). Default: the method's (wanda: row; with --recipe paper: matrix, as PERP's code).", show_default=False)] = None,
+    sparsegpt_selection: Annotated[str, typer.Option("--sparsegpt-selection", help="With --prune-method sparsegpt: reference or exact, as in `perp prune`.")] = "reference",
     warmup: Annotated[float, typer.Option("--warmup", help="Linear warmup, as a fraction of --steps-per-block, in [0, 1).")] = 0.1,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decoupled weight decay (pruned weights stay 0 regardless).")] = 0.0,
     offload_activations: OffloadActivationsOpt = False,
@@ -88,20 +99,44 @@ def reconstruct_cmd(
     Masks never change; the output is a normal checkpoint (no adapter files). With
     --streaming (automatic when the two models would not fit in memory) only one pruned
     and one dense block are in host memory at all, with the same result.
+
+    With --prune-method, MODEL is the dense model and each block is pruned right before
+    it is reconstructed, in the same pass (PERP's reference order); the output carries
+    the masks. --recipe paper reproduces the reference code's settings.
     """
+    if recipe not in RECIPES:
+        raise UsageError(f"--recipe {recipe!r} is not one of {', '.join(RECIPES)}")
+    chosen = {"steps_per_block": steps_per_block, "batch_size": batch_size, "lr": lr, "order": order, "mode": mode, "restore": restore}
+    settings = {k: RECIPES[recipe][k] if v is None else v for k, v in chosen.items()}
     config = ReconstructConfig(
         train=train, adapter=adapter, adapter_targets=adapter_targets, rank=rank, alpha=alpha, add_biases=add_biases,
-        target=target, steps_per_block=steps_per_block, batch_size=batch_size, lr=lr, warmup=warmup,
-        weight_decay=weight_decay, seed=seed, device=device, offload=offload_activations, max_memory=max_memory,
-        offload_dir=None if offload_dir is None else str(offload_dir), quiet=quiet,
+        target=target, warmup=warmup, weight_decay=weight_decay, seed=seed, device=device, offload=offload_activations,
+        max_memory=max_memory, offload_dir=None if offload_dir is None else str(offload_dir), quiet=quiet, **settings,
     )
     config.validate()  # usage errors before loading anything
+    prune_config = None
+    if prune_method is not None:
+        if dense is not None:
+            raise UsageError("--prune-method prunes MODEL (the dense model) while reconstructing it; --dense is not used with it")
+        if streaming_mode == "on":
+            raise UsageError("--prune-method does not stream yet; use --streaming off (or auto)")
+        if scope is None and recipe == "paper" and prune_method == "wanda":
+            scope = "matrix"  # PERP's code compares a Wanda score with the whole matrix, not per output row
+        prune_config = PruneConfig(
+            method=prune_method, sparsity=sparsity, pattern=pattern, scope=scope, sparsegpt_selection=sparsegpt_selection,
+            calib=calib, text_field=text_field, nsamples=nsamples, seqlen=seqlen, calib_concat=calib_concat, seed=seed,
+            device=device, batch_size=config.batch_size, quiet=True,
+        )
+        plan(prune_config)
+        streaming_mode = "off"
+    elif sparsity is not None or scope is not None or pattern != "unstructured":
+        raise UsageError("--sparsity/--pattern/--scope choose how --prune-method prunes; without it MODEL is already pruned")
     shard_bytes = parse_size(max_shard_size)
     overwrite = overwrite or overwrite_foreign
     inputs = [model, dense, calib, offload_dir]
     checkpoint.check_output(output, inputs=inputs, overwrite=overwrite, overwrite_foreign=overwrite_foreign)
     activations.check_offload_dir(offload_dir, output, [model] + ([dense] if dense else []))
-    decision = streaming.decide(streaming_mode, model, dtype=dtype, models=2)  # the dense model has the same shapes
+    decision = streaming.decide(streaming_mode, model, dtype=dtype, models=1 if prune_config else 2)  # the dense model has the same shapes
     if decision.stream:
         if not quiet:
             console.print(escape(decision.reason), soft_wrap=True)
@@ -110,10 +145,12 @@ def reconstruct_cmd(
     else:
         ckpt = checkpoint.load(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
                                trust_remote_code=trust_remote_code, need_tokenizer=True, trust_inputs=trust_inputs)
-    dense_dir = dense_source(ckpt, dense)
+    dense_dir = model if prune_config is not None else dense_source(ckpt, dense)
     if dense is None:
         checkpoint.check_output(output, inputs=inputs + [dense_dir], overwrite=overwrite, overwrite_foreign=overwrite_foreign)
-    if decision.stream:
+    if prune_config is not None:
+        reference = None
+    elif decision.stream:
         try:
             reference = streaming.open_checkpoint(dense_dir, dtype=dtype, trust_remote_code=trust_remote_code, lazy_masks=True,
                                                   trust_inputs=trust_inputs)
@@ -123,9 +160,10 @@ def reconstruct_cmd(
         reference = checkpoint.load(dense_dir, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
                                     trust_remote_code=trust_remote_code, need_tokenizer=False,
                                     trust_inputs=trust_inputs)
-    check_compatible(ckpt.model, reference.model)
-    if not trust_inputs:
-        checkpoint.check_source_weights(ckpt, dense_dir)
+    if reference is not None:
+        check_compatible(ckpt.model, reference.model)
+        if not trust_inputs:
+            checkpoint.check_source_weights(ckpt, dense_dir)
     if config.adapter_kind is not None:
         check_rank(ckpt.model, rank, adapter_targets)
     # the inputs, the dense targets and the block outputs
@@ -138,7 +176,8 @@ def reconstruct_cmd(
         "model": model, "output": str(output), "dense": dense_dir, "target": target, "train": train,
         "add_biases": add_biases, "adapter": config.adapter_kind or "none", "adapter_targets": adapter_targets,
         "rank": rank, "alpha": alpha, "calib": calib, "text_field": text_field, "nsamples": nsamples, "seqlen": length,
-        "calib_concat": calib_concat, "steps_per_block": steps_per_block, "batch_size": batch_size, "lr": lr,
+        "calib_concat": calib_concat, "recipe": recipe, **settings,
+        "prune": None if prune_config is None else {k: v for k, v in vars(prune_config).items() if k not in ("quiet",)},
         "warmup": warmup, "schedule": "linear", "weight_decay": weight_decay,
         "offload_activations": offload_activations, "max_memory": max_memory,
         "offload_dir": None if offload_dir is None else str(offload_dir), "device": device, "dtype": dtype,
@@ -150,8 +189,9 @@ def reconstruct_cmd(
         streaming.reconstruct(ckpt, reference, output, config, tokens, step, overwrite=overwrite, max_shard_size=shard_bytes)
         results = step.results
     else:
-        step.results = results = reconstruct(ckpt, reference.model, tokens, config).results()
-        checkpoint.save(output, ckpt.model, ckpt.tokenizer, ckpt.masks, manifest_in=ckpt.manifest, step=step,
+        outcome = reconstruct(ckpt, None if reference is None else reference.model, tokens, config, prune=prune_config)
+        step.results = results = outcome.results()
+        checkpoint.save(output, ckpt.model, ckpt.tokenizer, outcome.masks, manifest_in=ckpt.manifest, step=step,
                         overwrite=overwrite, max_shard_size=shard_bytes)
 
     if json_out:
@@ -171,6 +211,13 @@ def _render(results: dict, dense: str, output: str) -> None:
         table.add_row(str(b["block"]), f"{b['mse_before']:.4g}", f"{b['mse_after']:.4g}", change,
                       f"{b['trainable_parameters']:,}", f"{b['time_s']:.1f}")
     console.print(table)
+    pruning = results.get("interleaved_pruning")
+    if pruning:
+        console.print(
+            f"pruned while reconstructing: {pruning['method']} {pruning['pattern']}, sparsity "
+            f"{pruning['sparsity_achieved']['pruned_tensors']:.2%} over {pruning['matrices_pruned']} matrices",
+            soft_wrap=True, highlight=False,
+        )
     console.print(
         f"{results['steps_per_block']} steps x {results['tokens_per_block'] // max(results['steps_per_block'], 1):,} tokens per block "
         f"in {results['reconstruction_time_s']:.1f}s against {escape(dense)} → {escape(output)}",

@@ -31,24 +31,26 @@ from perp_cli.cli.common import (
 from perp_cli.errors import UsageError
 from perp_cli.manifest import StepRecord
 from perp_cli.progress import console
-from perp_cli.training import RetrainOptions, TrainConfig, retrain
+from perp_cli.training import RECIPES, RetrainOptions, TrainConfig, retrain
 
 
 def retrain_cmd(
     model: ModelArg,
     output: OutputOpt,
-    train: Annotated[str, typer.Option("--train", help="Comma list of what trains: biases (projection biases), norms (LayerNorm weight+bias / RMSNorm weight), lm_head, embeddings, all (full retraining; pruned weights stay exactly 0), or none (adapter only). A tied lm_head IS the input embedding matrix: training either trains both (see --untie-lm-head).")] = "biases,norms",
+    recipe: Annotated[str, typer.Option("--recipe", help="Defaults for --train, --adapter, --batch-size, --grad-accum, --data-mode (an explicit option wins): perp = biases,norms, no adapter, 4 x 1 random windows; paper = PERP's reference: biases,norms,lm_head-lora + masklora (r 16, alpha 32), batch 1 x 2 accumulation, C4 documents truncated/padded to --seqlen. docs/fidelity.md compares them.")] = "perp",
+    train: Annotated[str | None, typer.Option("--train", help="Comma list of what trains: biases (projection biases), norms (LayerNorm weight+bias / RMSNorm weight), lm_head, lm_head-lora (a dense LoRA on lm_head, --rank/--alpha, merged into lm_head when training ends; a tied lm_head is untied so the embeddings stay), embeddings, all (full retraining; pruned weights stay exactly 0), or none (adapter only). A tied lm_head IS the input embedding matrix: training it trains both (see --untie-lm-head). Default: biases,norms (perp), biases,norms,lm_head-lora (paper).", show_default=False)] = None,
     add_biases: Annotated[bool, typer.Option("--add-biases", help="Add zero-initialised biases to the projections of models without them and set the config flags so the output loads in plain transformers (LLaMA: attention_bias, mlp_bias). Refused for families without such flags.")] = False,
     untie_lm_head: Annotated[bool, typer.Option("--untie-lm-head", help="Give lm_head its own copy of the embedding matrix (tie_word_embeddings=false) so --train lm_head leaves the input embeddings alone.")] = False,
-    adapter: Annotated[str, typer.Option("--adapter", help="none; lora (W + s·BA, merge densifies); masklora (W + s·(M⊙BA), keeps sparsity; needs masks); scalelora or multlora (W ⊙ BA, BA = 1 at init, keeps sparsity); lora-prune (dense LoRA while training, masked at merge; needs masks). s = alpha/rank.")] = "none",
+    adapter: Annotated[str | None, typer.Option("--adapter", help="none; lora (W + s·BA, merge densifies); masklora (W + s·(M⊙BA), keeps sparsity; needs masks); scalelora or multlora (W ⊙ BA, BA = 1 at init, keeps sparsity); lora-prune (dense LoRA while training, masked at merge; needs masks). s = alpha/rank. Default: none (perp), masklora (paper).", show_default=False)] = None,
     adapter_targets: Annotated[str | None, typer.Option("--adapter-targets", help="Regex (re.search) on matrix names, e.g. 'self_attn'; experts are named NAME[e]. Default: every prunable matrix.", show_default=False)] = None,
     rank: Annotated[int, typer.Option("--rank", help="Adapter rank r.")] = 16,
     alpha: Annotated[float, typer.Option("--alpha", help="Adapter scaling numerator: the update is (alpha/rank)·BA (unused by scalelora).")] = 32.0,
     data_source: Annotated[str, typer.Option("--data", help="Training text: c4 or wikitext2 (hub, needs network), or a local .txt/.raw/.jsonl/.parquet file or datasets directory.")] = "c4",
     text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl/.parquet/datasets data.")] = "text",
+    data_mode: Annotated[str | None, typer.Option("--data-mode", help="windows: random windows of --seqlen tokens from documents longer than that (perp); documents: whole documents in a seeded random order, each truncated to --seqlen and right-padded (no attention, no loss on padding; PERP's reference). Default: windows (perp), documents (paper).", show_default=False)] = None,
     seqlen: Annotated[int | None, typer.Option("--seqlen", help="Tokens per training window. Default: min(2048, the model's max positions).", show_default=False)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per micro-batch. Under torchrun / accelerate launch this is the GLOBAL micro-batch, split evenly over the processes (must divide by their number), so N processes take the same steps as one.")] = 4,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches accumulated per optimizer step (effective batch = batch-size x grad-accum, whatever the number of processes).")] = 1,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Windows per micro-batch. Under torchrun / accelerate launch this is the GLOBAL micro-batch, split evenly over the processes (must divide by their number), so N processes take the same steps as one. Default: 4 (perp), 1 (paper).", show_default=False)] = None,
+    grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches accumulated per optimizer step (effective batch = batch-size x grad-accum, whatever the number of processes). Default: 1 (perp), 2 (paper).", show_default=False)] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Optimizer steps. Default 100 unless --tokens is given.", show_default=False)] = None,
     tokens: Annotated[int | None, typer.Option("--tokens", help="Train on this many tokens instead of --steps (rounded up to whole steps of batch-size x grad-accum x seqlen).", show_default=False)] = None,
     lr: Annotated[float, typer.Option("--lr", help="Peak AdamW learning rate.")] = 5e-4,
@@ -82,6 +84,16 @@ def retrain_cmd(
     Data-parallel: `torchrun --nproc-per-node N -m perp_cli retrain ...` or `accelerate
     launch -m perp_cli retrain ...`; rank 0 alone writes the output.
     """
+    if recipe not in RECIPES:
+        raise UsageError(f"--recipe {recipe!r} is not one of {', '.join(RECIPES)}")
+    preset = RECIPES[recipe]
+    train = preset["train"] if train is None else train
+    adapter = preset["adapter"] if adapter is None else adapter
+    batch_size = preset["batch_size"] if batch_size is None else batch_size
+    grad_accum = preset["grad_accum"] if grad_accum is None else grad_accum
+    data_mode = preset["data_mode"] if data_mode is None else data_mode
+    if data_mode not in ("windows", "documents"):
+        raise UsageError(f"--data-mode {data_mode!r} is not one of windows, documents")
     opts = RetrainOptions(train=train, adapter=adapter, adapter_targets=adapter_targets, rank=rank, alpha=alpha,
                           add_biases=add_biases, untie_lm_head=untie_lm_head)
     kind = None if adapter.strip().lower() == "none" else adapters_mod.canonical_kind(adapter)
@@ -139,8 +151,12 @@ def retrain_cmd(
         raise UsageError(f"--adapter {kind} needs the pruning masks, but {model} has no masks.safetensors (a dense model: use scalelora or lora)")
 
     source = data.load_source(data_source, split="train", text_field=text_field)
-    windows = data.sample_windows(ckpt.tokenizer, source, nsamples=cfg.steps * batch_size * grad_accum, seqlen=seqlen,
-                                  seed=seed, within_data=False)
+    needed = cfg.steps * batch_size * grad_accum
+    if data_mode == "documents":
+        windows = data.document_windows(ckpt.tokenizer, source, needed, seqlen, seed=seed)
+    else:
+        windows = data.sample_windows(ckpt.tokenizer, source, nsamples=needed, seqlen=seqlen, seed=seed,
+                                      within_data=False)
     eval_fn, eval_record = None, {}
     if eval_data is not None:
         from perp_cli.perplexity import eval_token_ids, perplexity
@@ -153,7 +169,7 @@ def retrain_cmd(
             return perplexity(ckpt.model, eval_ids, seqlen, batch_size, max_windows=eval_windows, quiet=True).ppl
 
     args = {
-        "model": model, "output": str(output), "train": train, "add_biases": add_biases, "untie_lm_head": untie_lm_head,
+        "model": model, "output": str(output), "recipe": recipe, "data_mode": data_mode, "train": train, "add_biases": add_biases, "untie_lm_head": untie_lm_head,
         "adapter": kind or "none", "adapter_targets": adapter_targets, "rank": rank, "alpha": alpha, "data": data_source,
         "seqlen": seqlen, "batch_size": batch_size, "grad_accum": grad_accum, "steps": cfg.steps, "tokens": tokens,
         "lr": lr, "warmup": warmup, "schedule": schedule, "weight_decay": weight_decay,
@@ -207,6 +223,8 @@ def _render(results: dict, output: str) -> None:
     table.add_column("value", justify="right")
     table.add_row("trainable parameters", f"{results['trainable_parameters']:,} ({results['trainable_share']:.4%})")
     table.add_row("tokens seen", f"{results['tokens_seen']:,}")
+    if results.get("lm_head_lora"):
+        table.add_row("lm_head LoRA", results["lm_head_lora"])
     table.add_row("loss", f"{results['initial_loss']:.4f} → {results['final_loss']:.4f}")
     table.add_row("tokens/s", f"{results['tokens_per_s']:,.0f}")
     table.add_row("training time", f"{results['train_wall_time_s']:.1f} s")

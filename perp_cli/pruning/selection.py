@@ -7,7 +7,7 @@ Every method reduces to a score; the comparison group decides what competes with
 * `global`: every prunable weight of the model competes,
 * N:M: every group of M consecutive inputs keeps its N best.
 
-Counts are exact: a group of n weights at sparsity s prunes `prune_count(n, s)` weights,
+Counts are exact (except `threshold_prune_mask`, SparseGPT's reference rule): a group of n weights at sparsity s prunes `prune_count(n, s)` weights,
 ties broken by position (stable sort), so the same scores always give the same mask. A
 weight already pruned by an earlier step (`pruned`) is pruned again first and stays
 pruned even if the group then exceeds its count: masks never revive weights.
@@ -70,6 +70,29 @@ def prune_mask(
         out = _lowest(s.reshape(1, -1), prune_count(s.numel(), sparsity)).reshape(s.shape)
     else:
         raise ValueError(f"unknown scope {scope!r}")
+    return out if pruned is None else out | pruned.to(out.device)
+
+
+def threshold_prune_mask(
+    scores: torch.Tensor, sparsity: float, scope: str, pruned: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The SparseGPT reference's block rule: prune every score <= the (k+1)-th smallest.
+
+    k = floor(n·s) for each group of n scores (`row` or `matrix`, as in `prune_mask`);
+    the reference (IST-DASLab/sparsegpt `fasterprune`) takes `sort(scores)[k]` as the
+    threshold and prunes `scores <= threshold`, i.e. k+1 weights per group, more on ties
+    (all of them at s such that k = n). Already-pruned weights count among the lowest.
+    """
+    s = _forced(scores, pruned)
+    groups = s if scope == "row" else s.reshape(1, -1)
+    if scope not in ("row", "matrix"):
+        raise ValueError(f"unknown scope {scope!r}")
+    k = prune_count(groups.shape[1], sparsity)
+    if k >= groups.shape[1]:
+        out = torch.ones_like(s, dtype=torch.bool)
+    else:
+        kth = torch.kthvalue(groups, k + 1, dim=-1, keepdim=True).values
+        out = (groups <= kth).reshape(s.shape)
     return out if pruned is None else out | pruned.to(out.device)
 
 

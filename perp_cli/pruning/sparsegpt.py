@@ -3,7 +3,8 @@
 For a layer with weight W `[out, in]` and calibration inputs X `[in, tokens]`, SparseGPT
 approximately solves min ‖WX − ŴX‖² over Ŵ with the chosen sparsity, column by column:
 
-* H = 2/N · Σ XXᵀ (accumulated in float32 by `perp_cli.pruning.statistics`);
+* H = 2/N · Σ XXᵀ, N = the number of calibration sequences (windows), accumulated in
+  float32 as the reference's running average (`perp_cli.pruning.statistics.HessianStat`);
 * dead inputs (H_ii = 0) get H_ii = 1 and their weight column is zeroed;
 * H += λ·mean(diag H)·I with λ = `damp` (0.01);
 * the upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU) gives the sequential inverse-Hessian
@@ -13,10 +14,19 @@ approximately solves min ‖WX − ŴX‖² over Ŵ with the chosen sparsity, co
   each pruned weight's error is spread over the remaining columns of the block (OBS),
   and the accumulated error is applied lazily to all later columns once per block.
 
-This follows Algorithm 1 of the paper and `fasterprune` of the reference code, with one
-deliberate difference: the reference picks a block's mask with `score <= k-th value`,
-which prunes k+1 weights (more on ties); here exactly k = floor(s·n) are pruned, so the
-requested sparsity is met exactly.
+This follows Algorithm 1 of the paper and `fasterprune` of the reference code
+(IST-DASLab/sparsegpt). H is the reference's: normalised per calibration sequence, N =
+the number of windows, not tokens (`statistics.HessianStat`). The scale cancels in the
+updates but not in the dead-input constant and so not in the damping: per token, the
+masks of ReLU models drift from the reference's (docs/fidelity.md).
+
+The block mask: `selection="reference"` (default) is the reference's rule, every weight
+whose score is <= the (k+1)-th smallest of the block, k = floor(s·n): k+1 weights per
+128-column block (more on ties), so a matrix ends slightly above the requested sparsity
+(+1 weight per block and row group); `selection="exact"` prunes exactly k per block, so
+the requested sparsity is met exactly. N:M is the same under both (M−N per group).
+
+The loss reported is the reference's: Σ (w − q)² / [U]_jj² / 2 with the H above.
 
 A Hessian that is not positive definite after damping (too few tokens, duplicated
 features) makes the Cholesky fail: damping is multiplied by 10 and retried, and the
@@ -30,7 +40,9 @@ from dataclasses import dataclass
 import torch
 
 from perp_cli.errors import NumericalError
-from perp_cli.pruning.selection import nm_prune_mask, prune_mask
+from perp_cli.pruning.selection import nm_prune_mask, prune_mask, threshold_prune_mask
+
+SELECTIONS = ("reference", "exact")
 
 MAX_DAMP_RETRIES = 6
 
@@ -64,12 +76,12 @@ def inverse_hessian(hessian: torch.Tensor, damp: float = 0.01, where: str = "lay
     h = hessian.detach().clone().float()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
-    mean_diag = torch.mean(torch.diag(h)).item()
+    mean_diag = torch.mean(torch.diag(h))
     diag = torch.arange(h.shape[0], device=h.device)
     for retry in range(MAX_DAMP_RETRIES + 1):
         factor = damp * 10**retry
         damped = h.clone()
-        damped[diag, diag] += factor * mean_diag
+        damped[diag, diag] += factor * mean_diag  # a float32 product, as the reference rounds it
         upper = _upper_inverse_cholesky(damped)
         if upper is not None:
             return InverseHessian(upper, dead, factor, retry)
@@ -95,13 +107,19 @@ def prune_matrix(
     blocksize: int = 128,
     scope: str = "matrix",
     pruned: torch.Tensor | None = None,
+    selection: str = "reference",
 ) -> SparseGPTResult:
     """SparseGPT on one `[out, in]` weight (not modified); `n:m` > 0 selects N:M.
 
     `scope` picks the mask within each column block: `matrix` (all rows of the block
     compete, as published) or `row` (each row of the block prunes the same count).
-    `pruned` (already-pruned weights) are forced into every block's mask.
+    `pruned` (already-pruned weights) are forced into every block's mask. `selection`:
+    `reference` (score <= the (k+1)-th smallest, as IST-DASLab/sparsegpt) or `exact`
+    (exactly floor(s·n) per block); see the module docstring.
     """
+    if selection not in SELECTIONS:
+        raise ValueError(f"unknown selection {selection!r}")
+    choose = threshold_prune_mask if selection == "reference" else prune_mask
     w_all = weight.detach().clone().float()
     rows, cols = w_all.shape
     hinv = inverse.upper.to(w_all.device)
@@ -120,7 +138,7 @@ def prune_matrix(
         d1 = torch.diag(hinv1)
         old1 = old[:, i1:i2] if old is not None else None
         if n == 0:
-            mask1 = prune_mask(w1**2 / d1.reshape(1, -1) ** 2, sparsity, scope, old1)
+            mask1 = choose(w1**2 / d1.reshape(1, -1) ** 2, sparsity, scope, old1)
         else:
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
         for i in range(count):
@@ -132,11 +150,13 @@ def prune_matrix(
             q1[:, i] = w.masked_fill(pruned_i, 0)  # q: the weight kept, or 0
             err = torch.where(pruned_i, w, 0) / hinv1[i, i]  # (w − q) / [U]_ii
             err1[:, i] = err
-            w1[:, i + 1 :].addr_(err, hinv1[i, i + 1 :], alpha=-1)  # OBS update within the block
+            # OBS update within the block; product then difference (not a fused addr_), which
+            # rounds as the reference does: masks then agree within its own float noise
+            w1[:, i + 1 :] -= torch.outer(err, hinv1[i, i + 1 :])
         w_all[:, i1:i2] = q1
         out_mask[:, i1:i2] = mask1
         losses += err1.pow(2).sum(dim=1) / 2  # (w − q)² / [U]_ii² summed
-        w_all[:, i2:].addmm_(err1, hinv[i1:i2, i2:], alpha=-1)  # lazy batch update of later columns
+        w_all[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # lazy batch update of later columns (rounded as above)
 
     if not torch.isfinite(w_all).all():
         raise NumericalError("SparseGPT produced non-finite weights; raise --damp or use more calibration samples")

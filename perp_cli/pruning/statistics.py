@@ -15,6 +15,7 @@ exactly as `MixtralExperts.forward` does.
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -33,6 +34,7 @@ class NormStat:
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])
         self.sq += x.float().pow(2).sum(dim=0).double()
         self.tokens += x.shape[0]
 
@@ -42,19 +44,34 @@ class NormStat:
 
 
 class HessianStat:
-    """Σ xxᵀ over all tokens in float32; `hessian()` = 2/N · Σ xxᵀ (SparseGPT's H)."""
+    """SparseGPT's H = 2/S · Σ_s X_s X_sᵀ, S = the number of calibration SEQUENCES (windows).
+
+    The normalisation is the reference's (IST-DASLab/sparsegpt `add_batch`), not per
+    token: a running average updated once per sequence, in the reference's order
+    (H ← H·S/(S+1); S ← S+1; H += (√(2/S)·X_s)(√(2/S)·X_s)ᵀ, float32), so the result does
+    not depend on the micro-batch size and rounds like the reference's one-window calls.
+    The scale matters although it cancels in the OBS updates: SparseGPT sets a dead
+    input's H_jj to the constant 1 and damps by 1% of the mean diagonal, and neither
+    scales with H (docs/fidelity.md). A 2-D input `[tokens, features]` (MoE expert
+    slices, gathered over a micro-batch) counts as one sequence, as in the reference.
+    """
 
     def __init__(self, features: int, device: torch.device) -> None:
-        self.sum = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self.h = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self.sequences = 0
         self.tokens = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.float()
-        self.sum.addmm_(x.t(), x)
-        self.tokens += x.shape[0]
+        seqs = x.reshape(-1, *x.shape[-2:]) if x.dim() >= 3 else x.unsqueeze(0)
+        for seq in seqs:
+            self.h *= self.sequences / (self.sequences + 1)
+            self.sequences += 1
+            scaled = seq.float() * math.sqrt(2 / self.sequences)
+            self.h += scaled.t() @ scaled  # product, then sum: the reference's rounding (not addmm_)
+            self.tokens += seq.shape[0]
 
     def hessian(self) -> torch.Tensor:
-        return self.sum * (2.0 / max(self.tokens, 1))
+        return self.h
 
 
 StatFactory = Callable[[int, torch.device], Any]
@@ -105,6 +122,13 @@ def _expert_hook(experts: nn.Module, by_expert: dict[tuple[str, int], Group], sp
     return hook
 
 
+def _as_sequences(x: torch.Tensor, window: list[torch.Size]) -> torch.Tensor:
+    """`x` as `[b, seqlen, features]` when it holds the current micro-batch's tokens."""
+    if x.dim() == 2 and window and x.shape[0] == window[0][0] * window[0][1]:
+        return x.reshape(window[0][0], window[0][1], x.shape[-1])
+    return x
+
+
 @contextlib.contextmanager
 def collecting(model: nn.Module, groups: list[list[Matrix]], factory: StatFactory, device: torch.device) -> Iterator[list[Group]]:
     """Attach one statistics object per group while the block runs; yields the groups."""
@@ -120,10 +144,20 @@ def collecting(model: nn.Module, groups: list[list[Matrix]], factory: StatFactor
             continue
 
         def hook(module: nn.Module, args: tuple, group: Group = group) -> None:
-            x = args[0]
-            group.stat.add(x.reshape(-1, x.shape[-1]))
+            group.stat.add(_as_sequences(args[0], window))
 
         handles.append(first.owner.register_forward_pre_hook(hook))
+    # the block's input shape [b, seqlen, hidden] of the current micro-batch: some blocks
+    # flatten tokens before a matrix (OPT's fc1/fc2 see [b·seqlen, f]), and HessianStat
+    # normalises per sequence, so the hooks restore [b, seqlen, f] from it
+    window: list[torch.Size] = []
+
+    def remember(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        window[:] = [hidden.shape] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else []
+
+    for index in sorted({g.matrices[0].block for g in out}):
+        handles.insert(0, arch.blocks(model)[index].register_forward_pre_hook(remember, with_kwargs=True))
     for owner, table in experts.values():
         handles.append(owner.register_forward_pre_hook(_expert_hook(owner, table, spec), with_kwargs=True))
     try:

@@ -1,0 +1,174 @@
+"""SparseGPT on a real checkpoint against an independent implementation of the REFERENCE's
+semantics (IST-DASLab/sparsegpt `opt_sequential` + `SparseGPT.add_batch/fasterprune`),
+written here from the published algorithm, not from perp's code:
+
+* one calibration window at a time through each block (the reference's loop), a hook on
+  every linear layer that keeps H as the running average 2/S · Σ_s X_s X_sᵀ over the S
+  sequences seen (the reference's normalisation and update order),
+* all linear layers of a block pruned from those statistics, then the windows go through
+  the pruned block to the next one,
+* dead inputs (H_jj = 0): H_jj = 1, weight column zeroed; damping 1% of mean(diag H);
+  U = chol(H⁻¹) upper,
+* per 128-column block: unstructured masks prune every w²/U_jj² <= the (k+1)-th
+  smallest, k = floor(s·n) (the `reference` rule), or exactly k (`exact`, perp's
+  alternative); N:M picks the N lowest of every M columns as they are reached; OBS
+  updates applied to every remaining column at once (no lazy batching).
+
+Masks are then compared entry by entry with `perp prune`. Float rounding differs between
+any two implementations (summation order, batching, lazy vs immediate updates), and
+through the OBS cascade a few near-tie entries flip: the tolerance is the reference
+semantics against themselves with the windows in reverse order (same maths, other
+rounding), measured in the same test, x2 (issue 16's target) plus 0.01% of the entries.
+Measured with these 16 x 128 windows: 50% 1,176 entries differ (floor 642), 2:4 31,976
+(floor 17,080), 50% with the exact rule 1,044 (floor 9,466), of 3,145,728; the per-token
+Hessian perp used before fails (32,426 / 101,172 / 32,468). Against the reference code
+itself (128 x 512 windows) perp's masks are bit-identical: docs/fidelity.md.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import shared_path
+from perp_cli import arch, checkpoint, data
+from perp_cli.pruner import PruneConfig, prune
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+NSAMPLES, SEQLEN = 16, 128
+
+
+class RunningHessian:
+    """The reference's add_batch, one call per window (batch of 1)."""
+
+    def __init__(self, features: int) -> None:
+        self.h = torch.zeros(features, features)
+        self.count = 0
+
+    def __call__(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        x = args[0].reshape(-1, args[0].shape[-1]).t().float()  # [features, tokens] of one window
+        self.h *= self.count / (self.count + 1)
+        self.count += 1
+        x = math.sqrt(2 / self.count) * x
+        self.h += x @ x.t()
+
+
+def reference_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float, n: int, m: int, rule: str,
+                    blocksize: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pruned weight and mask (True = pruned); `n` = weights PRUNED per group of `m`."""
+    w = w.detach().float().clone()
+    h = h.clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    d = torch.diag(u)
+    rows, cols = w.shape
+    pruned = torch.zeros(rows, cols, dtype=torch.bool)
+    for b in range(0, cols, blocksize):
+        e = min(b + blocksize, cols)
+        if n == 0:
+            scores = (w[:, b:e] / d[b:e]) ** 2
+            flat = scores.flatten()
+            k = int(flat.numel() * sparsity)
+            if rule == "reference":
+                pruned[:, b:e] = scores <= torch.sort(flat).values[k]
+            else:
+                chosen = torch.zeros(flat.numel(), dtype=torch.bool)
+                chosen[torch.argsort(flat, stable=True)[:k]] = True
+                pruned[:, b:e] = chosen.reshape(scores.shape)
+        for j in range(b, e):
+            if n != 0 and (j - b) % m == 0:
+                scores = (w[:, j : j + m] / d[j : j + m]) ** 2
+                pruned[:, j : j + m].scatter_(1, torch.argsort(scores, dim=1, stable=True)[:, :n], True)
+            err = torch.where(pruned[:, j], w[:, j], 0) / d[j]
+            w[:, j:] -= torch.outer(err, u[j, j:])
+            w[:, j] = torch.where(pruned[:, j], 0, w[:, j])
+    return w, pruned
+
+
+@torch.no_grad()
+def reference_run(model: nn.Module, tokens: torch.Tensor, sparsity: float, n: int, m: int, rule: str) -> dict[str, torch.Tensor]:
+    """The reference's loop over blocks on `model` (modified in place); masks by weight name."""
+    blocks = arch.blocks(model)
+    caught: list[tuple[torch.Tensor, dict]] = []
+
+    def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        caught.append((args[0] if args else kwargs.pop("hidden_states"), kwargs))
+        raise StopIteration
+
+    handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
+    for window in tokens:
+        try:
+            model(input_ids=window[None], use_cache=False)
+        except StopIteration:
+            pass
+    handle.remove()
+    inputs = [x for x, _ in caught]
+    kwargs = {k: v for k, v in caught[0][1].items() if k not in ("cache", "past_key_values")}
+    masks: dict[str, torch.Tensor] = {}
+    prefix = arch.spec_for(model).blocks
+    for i, block in enumerate(blocks):
+        linears = {name: mod for name, mod in block.named_modules() if isinstance(mod, nn.Linear)}
+        stats = {name: RunningHessian(mod.in_features) for name, mod in linears.items()}
+        handles = [linears[name].register_forward_hook(stats[name]) for name in linears]
+        for x in inputs:
+            block(x, **kwargs)
+        for hd in handles:
+            hd.remove()
+        for name, mod in linears.items():
+            pruned_w, pruned = reference_prune(mod.weight, stats[name].h, sparsity, n, m, rule)
+            mod.weight.copy_(pruned_w.to(mod.weight.dtype))
+            masks[f"{prefix}.{i}.{name}.weight"] = pruned
+        inputs = [block(x, **kwargs) for x in inputs]
+        inputs = [y[0] if isinstance(y, tuple) else y for y in inputs]
+    return masks
+
+
+@pytest.fixture(scope="module")
+def tiny_opt():
+    model_dir = shared_path("models", "tiny-opt")
+    c4 = shared_path("data", "c4", "c4-train.00000-of-01024.first1000.jsonl")
+    base = checkpoint.load(model_dir, need_tokenizer=True)
+    tokens = data.sample_windows(base.tokenizer, data.load_source(str(c4)), NSAMPLES, SEQLEN, seed=0)
+    return base, tokens
+
+
+def _perp_masks(base, tokens: torch.Tensor, pattern: str, selection: str) -> dict[str, torch.Tensor]:
+    ckpt = copy.deepcopy(base)
+    config = PruneConfig(method="sparsegpt", pattern=pattern, sparsegpt_selection=selection, batch_size=4)
+    masks, _, _ = prune(ckpt, config, tokens=tokens)
+    return {name: ~keep.bool() for name, keep in masks.masks.items()}
+
+
+def _differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> int:
+    assert a.keys() == b.keys()
+    return sum(int((a[k] != b[k]).sum()) for k in a)
+
+
+@pytest.mark.parametrize("pattern,n,m,rule", [
+    ("unstructured", 0, 0, "reference"),
+    ("2:4", 2, 4, "reference"),
+    ("unstructured", 0, 0, "exact"),
+])
+def test_masks_agree_with_the_reference_semantics_within_float_noise(tiny_opt, pattern: str, n: int, m: int, rule: str) -> None:
+    base, tokens = tiny_opt
+    ref = reference_run(copy.deepcopy(base.model), tokens, 0.5, n, m, rule)
+    ref_reversed = reference_run(copy.deepcopy(base.model), tokens.flip(0), 0.5, n, m, rule)
+    ours = _perp_masks(base, tokens, pattern, rule)
+    total = sum(v.numel() for v in ref.values())
+    floor = _differ(ref, ref_reversed)
+    differ = _differ(ours, ref)
+    # the float-noise floor measured right here; a 0.01% allowance keeps a floor of 0 from
+    # demanding bit-equality of two differently ordered float32 computations
+    assert differ <= 2 * floor + total // 10_000, f"{differ} entries differ from the reference (noise floor {floor} of {total})"
+    if rule == "reference" and n == 0:  # k+1 per 128-column block: a hair above 50%
+        assert sum(int(v.sum()) for v in ours.values()) > total // 2
+    if rule == "exact":
+        assert sum(int(v.sum()) for v in ours.values()) == total // 2
