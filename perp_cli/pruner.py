@@ -186,9 +186,9 @@ def _check_carried_masks(model: nn.Module, old: MaskSet | None, names: set[str],
     """Masks carried over untouched must obey the new pattern, or the output is invalid."""
     if old is None or not pattern.structured:
         return
-    transposed = arch.spec_for(model).transposed
+    transposed = arch.transposed_names(model)
     for name, keep in old.masks.items():
-        if name not in names and mask.nm_violations(keep, pattern, transposed=transposed and keep.dim() == 2):
+        if name not in names and mask.nm_violations(keep, pattern, transposed=name in transposed):
             raise UsageError(
                 f"{name} keeps its {old.pattern} mask from the input, which breaks {pattern}; include it in --targets"
             )
