@@ -179,6 +179,10 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     how = f"a ModuleList of {', '.join(sorted(declared))} (model._no_split_modules)" if declared else "model._no_split_modules (empty)"
     if not candidates:
         uniform = [(p, m) for p, m in lists if len({type(b) for b in m}) == 1]
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        decoder_path = next((p for p, m in model.named_modules() if m is decoder), None) if decoder is not None else None
+        if decoder_path:  # a multimodal model: prefer the language model's lists
+            uniform = [(p, m) for p, m in uniform if _under(p, decoder_path)] or uniform
         if uniform:
             longest = max(len(m) for _, m in uniform)
             candidates = [(p, m) for p, m in uniform if len(m) == longest]

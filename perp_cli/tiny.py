@@ -54,8 +54,8 @@ SHRINK: dict[str, Any] = dict(
     moe_intermediate_size=32, shared_expert_intermediate_size=32, intermediate_size_mlp=128, ffn_hidden_size=128,
     ffn_dim=128, n_inner=128, num_local_experts=4, num_experts=4, n_routed_experts=4, moe_num_experts=4,
     num_experts_per_tok=2, n_shared_experts=1, rotary_dim=8, sliding_window=32, attention_chunk_size=32,
-    kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16, n_group=1,
-    topk_group=1, first_k_dense_replace=1, partial_rotary_factor=0.5, linear_num_key_heads=2,
+    kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=16, qk_head_dim=32, v_head_dim=16, n_group=1,
+    topk_group=1, first_k_dense_replace=1, linear_num_key_heads=2,
     linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16, global_attn_every_n_layers=1,
     decoder_layers=2, encoder_layers=2, decoder_ffn_dim=128, encoder_ffn_dim=128, decoder_attention_heads=4,
     encoder_attention_heads=4, d_model=64, d_ff=128, num_layers=2, num_heads=4, n_layer=2, n_head=4,
@@ -96,6 +96,9 @@ def _shrink(config: Any, values: dict[str, Any], depth: int = 0) -> None:
             return None
 
     layers_before = get("num_hidden_layers")
+    values = dict(values)
+    if get("num_key_value_heads") is not None and get("num_key_value_heads") == get("num_attention_heads"):
+        values["num_key_value_heads"] = values.get("num_attention_heads")  # no grouped-query attention in this family
     for key, value in values.items():
         current = get(key)
         if current is not None and not isinstance(current, bool) and isinstance(current, (int, float)):
@@ -111,6 +114,8 @@ def _shrink(config: Any, values: dict[str, Any], depth: int = 0) -> None:
             setattr(config, key, value[:layers])
         elif key in _PER_LAYER_INDEX_LISTS and isinstance(value, list) and layers:
             setattr(config, key, [i for i in value if isinstance(i, int) and i < layers])
+        elif isinstance(value, dict) and value and layers and all(str(k).isdigit() for k in value):
+            setattr(config, key, {k: v for k, v in value.items() if int(k) < layers})  # per-layer overrides
 
 
 def build_model(family: str = DEFAULT_FAMILY, seed: int = 0, **overrides: Any) -> nn.Module:
