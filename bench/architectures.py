@@ -104,7 +104,7 @@ def _not_transformer(model: torch.nn.Module) -> str | None:
     changed = ids.clone()
     changed[0, -1] = 4 if int(ids[0, -1]) != 4 else 5
     with torch.no_grad():
-        a, b = model(input_ids=ids).logits, model(input_ids=changed).logits
+        a, b = model(input_ids=ids, use_cache=False).logits, model(input_ids=changed, use_cache=False).logits
     if not torch.allclose(a[:, :-1], b[:, :-1], atol=1e-4):  # batched kernels may round differently
         return "bidirectional encoder (earlier logits see later tokens): not a decoder-only transformer"
     try:
@@ -135,7 +135,7 @@ def build(model_type: str, directory: Path) -> tuple[str, str]:
         return "not-tiny", f"cannot build a tiny model: {type(exc).__name__}: {_first_line(str(exc)) or '-'}"
     try:  # transformers' own forward must work at these sizes before perp is asked to
         with torch.no_grad():
-            model(input_ids=torch.randint(4, tiny.VOCAB, (2, 16)))
+            model(input_ids=torch.randint(4, tiny.VOCAB, (2, 16)), use_cache=False)
     except Exception as exc:
         return "not-tiny", f"the tiny model's own forward fails: {type(exc).__name__}: {_first_line(str(exc)) or '-'}"
     why = _not_transformer(model)

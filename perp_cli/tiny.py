@@ -76,8 +76,9 @@ def shrunk_config(model_type: str, **overrides: Any) -> Any:
     """`model_type`'s own config class with every size it has made tiny (`SHRINK`).
 
     Sub-configs (a multimodal model's text and vision configs) are shrunk the same way.
-    Per-layer lists (`layer_types`, `no_rope_layers`, ...) are cut to the new depth and
-    layer-index lists keep the indices that still exist, so hybrid layouts survive.
+    Per-layer lists (`layer_types`, `no_rope_layers`, ...) are cut to the new depth keeping
+    one layer of each kind, and layer-index lists keep the indices that still exist, so
+    hybrid layouts survive.
     """
     from transformers import AutoConfig
 
@@ -101,7 +102,9 @@ def _shrink(config: Any, values: dict[str, Any], depth: int = 0) -> None:
         values["num_key_value_heads"] = values.get("num_attention_heads")  # no grouped-query attention in this family
     for key, value in values.items():
         current = get(key)
-        if current is not None and not isinstance(current, bool) and isinstance(current, (int, float)):
+        settable = isinstance(current, (int, float)) and not isinstance(current, bool)
+        moe_without_top_k = key == "num_experts_per_tok" and current is None and (get("num_local_experts") or get("n_routed_experts"))
+        if settable or moe_without_top_k:
             try:
                 setattr(config, key, value)
             except Exception:
@@ -111,7 +114,8 @@ def _shrink(config: Any, values: dict[str, Any], depth: int = 0) -> None:
         if isinstance(value, PretrainedConfig) and depth < 2:
             _shrink(value, values, depth + 1)
         elif isinstance(value, list) and layers_before and len(value) == layers_before and key not in _PER_LAYER_INDEX_LISTS:
-            setattr(config, key, value[:layers])
+            kinds = list(dict.fromkeys(value))  # keep one layer of each kind (hybrids: attention and linear layers)
+            setattr(config, key, (kinds + value)[:layers] if len(kinds) <= layers else value[:layers])
         elif key in _PER_LAYER_INDEX_LISTS and isinstance(value, list) and layers:
             setattr(config, key, [i for i in value if isinstance(i, int) and i < layers])
         elif isinstance(value, dict) and value and layers and all(str(k).isdigit() for k in value):
