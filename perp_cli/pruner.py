@@ -397,6 +397,8 @@ def prune(
         elif p.method.statistic is None:
             engine.run_blocks(model, None, pruner.step_data_free, progress=progress, description=f"{p.method.name} blocks", residency=residency)
         else:
+            # find the input groups (one probe forward) while the whole model sits on its home device
+            arch.groups_probed(model)
             if tokens is None:
                 tokens, data_record = calibration_tokens(ckpt, config)
             else:
