@@ -60,6 +60,7 @@ data-free pass: each block in turn, no activations.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -275,7 +276,8 @@ def capture_inputs(
 
     def call_arguments(caught_call: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         kwargs = {k: v for k, v in caught_call["kwargs"].items() if k not in ("cache", "past_key_values", "past_key_value")}
-        kwargs["use_cache"] = False
+        if _accepts(first, "use_cache"):  # GPT-1's Block takes no such argument
+            kwargs["use_cache"] = False
         args = tuple(None if isinstance(a, torch.nn.Module) or type(a).__name__.endswith("Cache") else a for a in caught_call["args"])
         return _to(args, device), _to(kwargs, device)
 
@@ -294,6 +296,11 @@ def capture_inputs(
         handle.remove()
     args, kwargs = call_arguments(one)
     return BlockInputs(hidden, args, kwargs, device, by_size)
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    params = inspect.signature(module.forward).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def _broadcasts(one: dict[str, Any], many: dict[str, Any]) -> bool:
