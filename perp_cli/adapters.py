@@ -331,7 +331,8 @@ def _effective(param: torch.Tensor, entries: list[tuple[arch.Matrix, Adapter]], 
     for e in range(param.shape[0]):
         if e in by_expert:
             m, a = by_expert[e]
-            slices.append(a.effective_weight(_slot_view(m, param), training))
+            eff = a.effective_weight(_slot_view(m, param), training)
+            slices.append(eff.t() if m.transposed else eff)
         else:
             slices.append(param[e])
     return torch.stack(slices)
@@ -543,7 +544,7 @@ def peft_files(adapters: dict[str, Adapter], model: nn.Module, base_model: str) 
         "lora_dropout": 0.0,
         "bias": "none",
         "target_modules": modules,
-        "fan_in_fan_out": arch.spec_for(model).transposed,
+        "fan_in_fan_out": any(by_key[key].transposed for key in adapters),
         "init_lora_weights": True,
         "use_rslora": False,
         "use_dora": False,

@@ -585,7 +585,7 @@ def check_finite(model: nn.Module, where: str) -> None:
 def mask_problems(model: nn.Module, masks: MaskSet) -> list[str]:
     """Everything wrong between a model and its masks, as readable lines."""
     params = dict(model.named_parameters())
-    transposed = arch.spec_for(model).transposed
+    transposed = arch.transposed_names(model)
     problems = []
     for name, keep in masks.masks.items():
         if name not in params:
@@ -599,7 +599,7 @@ def mask_problems(model: nn.Module, masks: MaskSet) -> list[str]:
             outside = nonzeros_outside(values.detach(), keep)
         if outside:
             problems.append(f"{name} has {outside} nonzero weights where the mask says pruned")
-        bad = nm_violations(keep, masks.pattern, transposed=transposed and p.dim() == 2)
+        bad = nm_violations(keep, masks.pattern, transposed=name in transposed)
         if bad:
             problems.append(f"{name} breaks the {masks.pattern} pattern in {bad if bad > 0 else 'all'} groups")
     return problems

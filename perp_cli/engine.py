@@ -60,7 +60,8 @@ data-free pass: each block in turn, no activations.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
@@ -105,6 +106,9 @@ class BlockInputs:
     args: tuple
     kwargs: dict[str, Any]
     device: torch.device
+    # (args, kwargs) for micro-batches of b windows where the one-window ones do not
+    # broadcast (BLOOM folds the batch into its ALiBi bias, `[b * heads, 1, seqlen]`)
+    by_size: dict[int, tuple[tuple, dict[str, Any]]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -138,7 +142,8 @@ class BlockInputs:
 
     def call(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Run a decoder block (or a copy of one) on one micro-batch `x`."""
-        return _hidden(module(x, *self.args, **self.kwargs))
+        args, kwargs = self.by_size.get(x.shape[0], (self.args, self.kwargs))
+        return _hidden(module(x, *args, **kwargs))
 
     @torch.no_grad()
     def run(self, module: nn.Module, keep_outputs: bool = True) -> ActivationStore:
@@ -157,7 +162,7 @@ class BlockInputs:
 
     def replaced(self, hidden: "ActivationStore | list[torch.Tensor]") -> "BlockInputs":
         """The same call arguments with new hidden states (the next block's inputs)."""
-        return BlockInputs(ActivationStore.of(hidden, like=self.hidden), self.args, self.kwargs, self.device)
+        return BlockInputs(ActivationStore.of(hidden, like=self.hidden), self.args, self.kwargs, self.device, self.by_size)
 
     def propagate(self, module: nn.Module) -> "BlockInputs":
         """The inputs of the next block: `module` applied to these inputs."""
@@ -269,18 +274,53 @@ def capture_inputs(
             raise RuntimeError("the model forward never reached its first decoder block")
         return dict(caught)
 
+    def call_arguments(caught_call: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        kwargs = {k: v for k, v in caught_call["kwargs"].items() if k not in ("cache", "past_key_values", "past_key_value")}
+        if _accepts(first, "use_cache"):  # GPT-1's Block takes no such argument
+            kwargs["use_cache"] = False
+        args = tuple(None if isinstance(a, torch.nn.Module) or type(a).__name__.endswith("Cache") else a for a in caught_call["args"])
+        return _to(args, device), _to(kwargs, device)
+
+    by_size: dict[int, tuple[tuple, dict[str, Any]]] = {}
     handle = first.register_forward_pre_hook(catch, with_kwargs=True)
     try:
         with _outside_blocks_on(model, device):
             one = embed(tokens[:1])
             for i in range(0, tokens.shape[0], batch_size):
-                hidden.append(embed(tokens[i : i + batch_size])["hidden"])
+                this = embed(tokens[i : i + batch_size])
+                hidden.append(this["hidden"])
+                b = this["hidden"].shape[0]
+                if b not in by_size and not _broadcasts(one, this):
+                    by_size[b] = call_arguments(this)
     finally:
         handle.remove()
-    kwargs = {k: v for k, v in one["kwargs"].items() if k not in ("cache", "past_key_values", "past_key_value")}
-    kwargs["use_cache"] = False
-    args = tuple(None if isinstance(a, torch.nn.Module) or type(a).__name__.endswith("Cache") else a for a in one["args"])
-    return BlockInputs(hidden, _to(args, device), _to(kwargs, device), device)
+    args, kwargs = call_arguments(one)
+    return BlockInputs(hidden, args, kwargs, device, by_size)
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    params = inspect.signature(module.forward).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _broadcasts(one: dict[str, Any], many: dict[str, Any]) -> bool:
+    """Whether every tensor argument of a one-window call broadcasts to the same
+    argument of a several-window call (true for causal masks and rotary tables)."""
+    def leaves(value: Any) -> list[Any]:
+        if isinstance(value, dict):
+            return [x for k in sorted(value) for x in leaves(value[k])]
+        if isinstance(value, (list, tuple)):
+            return [x for v in value for x in leaves(v)]
+        return [value]
+
+    for a, b in zip(leaves((one["args"], one["kwargs"])), leaves((many["args"], many["kwargs"]))):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape != b.shape:
+            try:
+                if torch.broadcast_shapes(a.shape, b.shape) != b.shape:
+                    return False
+            except RuntimeError:
+                return False
+    return True
 
 
 def run_blocks(

@@ -108,6 +108,7 @@ def inspect_checkpoint(ckpt: Checkpoint) -> Report:
     model = ckpt.model
     spec = arch.spec_for(model)
     masks = ckpt.masks or MaskSet()
+    transposed = arch.transposed_names(model)
     params = dict(model.named_parameters())
     problems = [f"mask {n} names no prunable parameter" for n in masks.names() if n not in params]
     reports = []
@@ -125,7 +126,7 @@ def inspect_checkpoint(ckpt: Checkpoint) -> Report:
                 zero_fraction=float((w == 0).float().mean()),
                 mask_sparsity=None if keep is None else 1.0 - float(keep.float().mean()),
                 masked_nonzeros=0 if keep is None else nonzeros_outside(w, keep),
-                nm_violations=_nm_check(w, keep, masks.pattern, spec.transposed and w.dim() == 2),
+                nm_violations=_nm_check(w, keep, masks.pattern, name in transposed),
             )
         )
     return Report(

@@ -194,9 +194,9 @@ def _check_carried_masks(model: nn.Module, old: MaskSet | None, names: set[str],
     """Masks carried over untouched must obey the new pattern, or the output is invalid."""
     if old is None or not pattern.structured:
         return
-    transposed = arch.spec_for(model).transposed
+    transposed = arch.transposed_names(model)
     for name, keep in old.masks.items():
-        if name not in names and mask.nm_violations(keep, pattern, transposed=transposed and keep.dim() == 2):
+        if name not in names and mask.nm_violations(keep, pattern, transposed=name in transposed):
             raise UsageError(
                 f"{name} keeps its {old.pattern} mask from the input, which breaks {pattern}; include it in --targets"
             )
@@ -471,6 +471,8 @@ def prune(
         elif p.method.statistic is None:
             engine.run_blocks(model, None, pruner.step_data_free, progress=progress, description=f"{p.method.name} blocks", residency=residency)
         else:
+            # find the input groups (one probe forward) while the whole model sits on its home device
+            arch.groups_probed(model)
             if tokens is None:
                 tokens, data_record = calibration_tokens(ckpt, config)
             else:

@@ -284,7 +284,7 @@ class BlockStream:
         spec = arch.spec_for(self.model)
         self.prefix = spec.blocks + "."
         self.dtypes = {n: t.dtype for n, t in self.names.items()}
-        tail = {f"{spec.final_norm}.{n}" for n, _ in self.model.get_submodule(spec.final_norm).named_parameters()}
+        tail = _final_norm_names(self.model)
         head, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
         if head is not None and head.weight is not embedding.weight:  # an untied head runs after the blocks
             tail |= {n for n, p in self.model.named_parameters(remove_duplicate=False) if p is head.weight}
@@ -523,11 +523,17 @@ class ReconstructStream(BlockStream):
             self.old.masks[n] = self.placeholders[n]
 
 
+def _final_norm_names(model: nn.Module) -> set[str]:
+    """The final norm's parameter names (none when the model has no final norm)."""
+    final = arch.spec_for(model).final_norm
+    return set() if final is None else {f"{final}.{n}" for n, _ in model.get_submodule(final).named_parameters()}
+
+
 def _embedding_names(model: nn.Module, names: dict[str, torch.Tensor]) -> list[str]:
     """What catching block 0's inputs runs: every tensor outside the blocks except the
     final norm and an untied head (as `BlockStream` splits them)."""
     spec = arch.spec_for(model)
-    tail = {f"{spec.final_norm}.{n}" for n, _ in model.get_submodule(spec.final_norm).named_parameters()}
+    tail = _final_norm_names(model)
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if head is not None and head.weight is not embedding.weight:
         tail |= {n for n, p in model.named_parameters(remove_duplicate=False) if p is head.weight}

@@ -64,8 +64,8 @@ def _canonical_names(model: nn.Module) -> dict[int, str]:
 
 def _missing_biases_message(model: nn.Module) -> str:
     spec = arch.spec_for(model)
-    if spec.bias_flags:
-        flags = ", ".join(spec.bias_flags)
+    flags = ", ".join(arch.bias_flags(model))
+    if flags:
         return (
             f"{spec.model_type} has no biases on its projections; pass --add-biases to add zero-initialised "
             f"biases (sets the config flags {flags} so the checkpoint loads in plain transformers)"
@@ -152,16 +152,19 @@ def add_biases(model: nn.Module) -> list[str]:
     function unchanged. Returns the names of the biases added.
     """
     spec = arch.spec_for(model)
-    if not spec.bias_flags:
+    flags = arch.bias_flags(model)
+    if not flags:
         raise UsageError(
             f"--add-biases: {spec.model_type} has no config flag for projection biases, so a checkpoint with added "
             "biases would not load in plain transformers; train norms (and/or an adapter) instead"
         )
     added = []
-    for flag, locals_ in spec.bias_flags.items():
+    for flag, locals_ in flags.items():
         setattr(model.config, flag, True)
         for i, block in enumerate(arch.blocks(model)):
             for local in locals_:
+                if local not in spec.present[i]:
+                    continue
                 owner = block.get_submodule(local)
                 if getattr(owner, "bias", None) is not None:
                     continue

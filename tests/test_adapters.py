@@ -25,7 +25,7 @@ def magnitude_masks(model, sparsity: float = 0.5) -> MaskSet:
         if m.expert is None:
             masks[m.name] = m.to_param_layout(keep).contiguous()
         else:
-            masks.setdefault(m.name, torch.ones(m.parameter.shape, dtype=torch.bool))[m.expert] = keep
+            masks.setdefault(m.name, torch.ones(m.parameter.shape, dtype=torch.bool))[m.expert] = m.to_param_layout(keep)
     ms = MaskSet(masks)
     mask.apply(model, ms)
     return ms
@@ -76,8 +76,10 @@ def reference_model(model, masks, ads, training=False):
     return ref
 
 
-# every kind on each storage layout (Linear, Conv1D, fused experts); one on the other families
-CASES = [(f, k) for f in ("opt", "gpt2", "mixtral") for k in KINDS] + [(f, "masklora") for f in ("llama", "mistral", "qwen2")]
+# every kind on each storage layout (Linear, Conv1D, fused experts [E, out, in] and
+# [E, in, out], Llama 4's batched experts); masklora on the other families and layouts
+CASES = [(f, k) for f in ("opt", "gpt2", "mixtral", "gpt_oss", "llama4_text") for k in KINDS] + [
+    (f, "masklora") for f in ("llama", "mistral", "qwen2", "phi3", "qwen3_moe", "falcon", "gemma2")]
 
 
 @pytest.mark.parametrize("family,kind", CASES)
@@ -243,7 +245,7 @@ def test_peft_export_refuses_other_kinds():
         adapters.peft_files(ads, model, "x")
 
 
-@pytest.mark.parametrize("family,kind", [("opt", "masklora"), ("gpt2", "scalelora"), ("mixtral", "masklora"), ("llama", "lora-prune")])
+@pytest.mark.parametrize("family,kind", [("opt", "masklora"), ("gpt2", "scalelora"), ("mixtral", "masklora"), ("llama", "lora-prune"), ("gpt_oss", "scalelora"), ("llama4_text", "masklora")])
 def test_gradients_match_an_independent_functional_reference(family, kind):
     """Backward through the wrapped forward (weights rebuilt, not saved) gives the true gradients."""
     from torch.func import functional_call
@@ -268,7 +270,7 @@ def test_gradients_match_an_independent_functional_reference(family, kind):
         if m.expert is None:
             params[m.name] = eff.t() if m.transposed else eff
         else:
-            slices.setdefault(m.name, {})[m.expert] = eff
+            slices.setdefault(m.name, {})[m.expert] = eff.t() if m.transposed else eff
     for name, per_expert in slices.items():
         params[name] = torch.stack([per_expert[e] for e in sorted(per_expert)])
     torch.manual_seed(0)

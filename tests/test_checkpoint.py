@@ -238,15 +238,14 @@ def test_corrupt_weights_and_missing_shard(tiny_dir: Path, tmp_path: Path) -> No
 def test_missing_dir_and_unmapped_architecture(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no such directory"):
         checkpoint.load(tmp_path / "nope")
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model("gpt_neox", hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                               intermediate_size=64, vocab_size=64)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "neox")
+    # XLM keeps attention and feed-forward layers in separate ModuleLists: no block class to find
+    AutoModelForCausalLM.from_config(tiny.shrunk_config("xlm")).save_pretrained(tmp_path / "xlm")
     from perp_cli.errors import ArchitectureError
 
-    with pytest.raises(ArchitectureError, match="GPTNeoXForCausalLM"):
-        checkpoint.load(tmp_path / "neox")
+    with pytest.raises(ArchitectureError, match="cannot find the decoder blocks of XLMWithLMHeadModel"):
+        checkpoint.load(tmp_path / "xlm")
 
 
 def test_tokenizer_is_optional_until_needed(tmp_path: Path) -> None:

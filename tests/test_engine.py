@@ -114,3 +114,18 @@ def test_eager_attention_masks_broadcast_over_micro_batches(family: str) -> None
     assert tuple(inputs.kwargs["attention_mask"].shape)[0] == 1  # caught from a one-window batch
     final = engine.run_blocks(model, inputs, lambda s: None)
     torch.testing.assert_close(torch.cat(list(final.hidden)), _last_block_output(model, tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_call_arguments_that_fold_the_batch_are_kept_per_micro_batch_size() -> None:
+    """BLOOM folds the batch into its ALiBi bias ([b * heads, 1, seq]): a one-window bias
+    does not broadcast, so the engine keeps the arguments of each micro-batch size."""
+    model = tiny.build_model("bloom")
+    tokens = torch.randint(4, tiny.VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
+    inputs = engine.capture_inputs(model, tokens, batch_size=2)
+    assert sorted(inputs.by_size) == [2]  # the last micro-batch has one window: the one-window arguments fit
+    out = torch.cat(list(inputs.run(arch.blocks(model)[0])))
+    with torch.no_grad():
+        expected = model(tokens, output_hidden_states=True, use_cache=False).hidden_states[1]
+    torch.testing.assert_close(out, expected)
+    llama = engine.capture_inputs(tiny.build_model("llama"), tokens, batch_size=2)
+    assert llama.by_size == {}  # masks and rotary tables broadcast: one set of arguments, as before

@@ -88,3 +88,18 @@ def test_shared_tiny_opt_reports_zero_sparsity() -> None:
         data = result.json()
         assert data["total_sparsity"] == 0.0 and data["consistent"] and data["pattern"] == "dense"
     assert len(json.loads(run_cli("inspect", shared_path("models", "tiny-opt"), "--json").stdout)["matrices"]) == 24
+
+
+def test_inspect_arch_prints_the_discovered_map(tmp_path: Path) -> None:
+    from conftest import save_tiny
+
+    path = save_tiny(tmp_path / "tiny-gpt2", "gpt2")
+    result = run_cli("inspect", "--arch", "--json", path)
+    assert result.exit_code == 0, result.stderr
+    found = result.json()
+    assert found["blocks"] == {"path": "transformer.h", "count": 2, "classes": ["GPT2Block"]}
+    assert found["matrices"]["attn.c_attn"]["layout"] == "[in, out] (Conv1D)"
+    assert found["matrices"]["attn.c_attn"]["out_in"] == [192, 64]
+    assert found["excluded"]["transformer.wte.weight"] == "embedding"
+    shown = run_cli("inspect", "--arch", path)
+    assert shown.exit_code == 0 and "attn.c_attn" in shown.stderr and "never pruned" in shown.stderr

@@ -103,3 +103,50 @@ def test_gpt2_conv1d_inputs_are_the_in_features() -> None:
     # c_fc reads 64 features, c_proj (mlp) reads 4·64
     assert [g.stat.sq.numel() for g in stats] == [64, 64, 64, 256]
     assert [m.shape[1] for g in stats for m in g.matrices] == [64, 64, 64, 256]
+
+
+class _ExpertInputs(torch.overrides.TorchFunctionMode):
+    """Records, per expert, the rows each fused expert weight is really multiplied with
+    (F.linear / matmul / bmm on the 3-D parameter or one of its slices), whatever the
+    family's forward looks like: an independent check of the statistics hook."""
+
+    def __init__(self, param: torch.Tensor) -> None:
+        super().__init__()
+        self.param, self.rows = param, {}
+
+    def _slice(self, w: object) -> int | None:
+        if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.untyped_storage().data_ptr() != self.param.untyped_storage().data_ptr():
+            return None
+        return (w.storage_offset() - self.param.storage_offset()) // self.param.stride(0)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (nn.functional.linear, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__) and len(args) >= 2:
+            e = self._slice(args[1])
+            if e is not None:
+                self.rows.setdefault(e, []).append(args[0].reshape(-1, args[0].shape[-1]))
+        elif func is torch.bmm and args[1] is self.param:
+            for e in range(self.param.shape[0]):
+                x = args[0][e]
+                self.rows.setdefault(e, []).append(x[x.ne(0).any(dim=-1)])
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "gpt_oss", "llama4_text"])
+@pytest.mark.parametrize("which", ["gate_up_proj", "down_proj"])
+def test_expert_statistics_are_the_rows_each_expert_really_sees(model_type: str, which: str) -> None:
+    model = tiny.build_model(model_type)
+    if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
+        model.set_experts_implementation("eager")  # the per-expert loop, so the reference can see each slice
+    inputs = _block0_inputs(model, _tokens())
+    block = arch.blocks(model)[0]
+    chosen = [m for m in arch.block_matrices(model, 0) if m.attr == which]
+    with collecting(model, target_groups(model, 0, {m.key for m in chosen}), NormStat, torch.device("cpu")) as stats:
+        with _ExpertInputs(chosen[0].parameter) as seen:
+            inputs.run(block, keep_outputs=False)
+    assert len(stats) == len(chosen) and sum(g.stat.tokens for g in stats) > 0
+    for group in stats:
+        e = group.matrices[0].expert
+        rows = torch.cat(seen.rows[e]) if e in seen.rows else torch.zeros(0, group.matrices[0].shape[1])
+        assert group.stat.tokens == rows.shape[0]
+        torch.testing.assert_close(group.stat.norms(), rows.double().pow(2).sum(0).sqrt().float(), rtol=1e-4, atol=1e-5)

@@ -80,6 +80,10 @@ CASES = [
     ("gpt2", "sparsegpt", []),  # Conv1D, tied, no rotary
     ("mixtral", "wanda", []),  # per-expert names on disk, fused in the model
     ("qwen2", "random", []),
+    ("gpt_oss", "sparsegpt", ["--pattern", "2:4"]),  # experts [E, in, out] with biases; no probe on a skeleton
+    ("llama4_text", "wanda", []),  # batched experts, dense and MoE paths
+    ("phi3", "sparsegpt", []),  # fused qkv
+    ("bloom", "wanda", []),  # ALiBi call arguments per micro-batch size
 ]
 
 

@@ -22,3 +22,13 @@ def test_byte_tokenizer_round_trip() -> None:
     ids = tok(text)["input_ids"]
     assert len(ids) == len(text.encode()) and max(ids) < tiny.VOCAB
     assert tok.decode(ids) == text
+
+
+def test_shrunk_configs_keep_each_layer_kind_and_stay_tiny() -> None:
+    config = tiny.shrunk_config("qwen3_next")
+    assert config.num_hidden_layers == 2 and set(config.layer_types) == {"linear_attention", "full_attention"}
+    moe = tiny.shrunk_config("llama4_text")
+    assert all(i < 2 for i in moe.moe_layers) and moe.hidden_size == 64 and moe.num_local_experts == 4
+    model = tiny.build_model("gpt_oss")
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    assert tiny.shrunk_config("deepseek_v3").num_key_value_heads == tiny.shrunk_config("deepseek_v3").num_attention_heads

@@ -90,7 +90,25 @@ def test_llama_biases_need_add_biases_which_keeps_the_function_and_loads_in_tran
     assert torch.allclose(again(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("family", ["mistral", "mixtral"])
+@pytest.mark.parametrize("family,flag,per_block", [("cohere", "attention_bias", 4), ("qwen3", "attention_bias", 4), ("gemma2", "attention_bias", 4)])
+def test_discovered_bias_flags_add_biases_that_load_in_transformers(family, flag, per_block, tmp_path):
+    model = tiny.build_model(family)
+    ids = torch.randint(4, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    before = model(ids).logits
+    added = add_biases(model)
+    assert len(added) == per_block * model.config.num_hidden_layers and getattr(model.config, flag)
+    assert torch.equal(model(ids).logits, before)
+    biases = select_trainable(model, "biases")
+    with torch.no_grad():
+        for p in biases.values():
+            p.normal_()
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert all(torch.equal(again.get_parameter(n), p) for n, p in biases.items())
+    assert torch.allclose(again(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["mistral", "mixtral", "mpt"])
 def test_families_without_bias_flags_refuse_biases_clearly(family):
     model = tiny.build_model(family)
     with pytest.raises(UsageError, match="no config flag"):

@@ -1,13 +1,15 @@
-"""`perp inspect DIR`: sparsity per block and matrix, mask consistency, history."""
+"""`perp inspect DIR`: sparsity per block and matrix, mask consistency, history;
+`perp inspect --arch DIR`: the architecture map perp discovered (what it will prune)."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
-from perp_cli import checkpoint
+from perp_cli import arch, checkpoint
 from perp_cli.cli.common import AllowPickleOpt, JsonOpt, ModelArg, QuietOpt, TrustInputsOpt, TrustRemoteCodeOpt, emit_json
 from perp_cli.errors import InconsistentCheckpoint
 from perp_cli.inspection import Report, expectation_failures, inspect_checkpoint
@@ -24,6 +26,7 @@ def inspect(
         str | None, typer.Option("--expect-pattern", help="Fail (exit 3) unless the masks have this pattern (unstructured or N:M) and every group obeys it.")
     ] = None,
     per_matrix: Annotated[bool, typer.Option("--per-matrix/--per-block", help="Show every matrix, or one row per block.")] = True,
+    show_arch: Annotated[bool, typer.Option("--arch", help="Print the architecture map perp discovered instead: blocks, prunable matrices with shapes and storage layout, input groups, norms, and what is never pruned and why. Check it before a long run.")] = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     allow_pickle: AllowPickleOpt = False,
@@ -37,6 +40,13 @@ def inspect(
     """
     ckpt = checkpoint.load(model, dtype="auto", device="cpu", allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code, verify=False, trust_inputs=trust_inputs)
+    if show_arch:
+        found = arch.map_report(ckpt.model)
+        if json_out:
+            emit_json(found)
+        if not quiet:
+            _render_arch(found)
+        return
     report = inspect_checkpoint(ckpt)
     report.problems.extend(ckpt.extra.get("problems", []))
     failures = expectation_failures(report, expect_sparsity, tolerance, expect_pattern)
@@ -82,3 +92,31 @@ def _render(report: Report, per_matrix: bool) -> None:
     console.print(f"weights vs masks: {verdict}")
     if report.history:
         console.print("history: " + " → ".join(str(h.get("command")) for h in report.history))
+
+
+def _render_arch(found: dict) -> None:
+    blocks = found["blocks"]
+    console.print(
+        f"{found['class']} ({found['model_type']}) · {blocks['count']} blocks at {blocks['path']} ({', '.join(blocks['classes'])}) · "
+        f"{found['prunable_matrices']} prunable matrices, {found['prunable_parameters']:,} weights",
+        highlight=False,
+    )
+    table = Table(title="prunable matrices (per block)")
+    for col in ("matrix", "stored shape", "[out, in]", "layout", "blocks"):
+        table.add_column(escape(col))
+    for local, info in found["matrices"].items():
+        in_blocks = [str(layout["blocks"][0]) + ("" if len(layout["blocks"]) == 1 else f"-{layout['blocks'][-1]}")
+                     for layout in found["block_layouts"] if local in layout["matrices"]]
+        experts = f" x{info['experts']} experts" if info["experts"] else ""
+        table.add_row(local, "x".join(map(str, info["shape"])), "x".join(map(str, info["out_in"])), escape(info["layout"] + experts), ",".join(in_blocks))
+    console.print(table)
+    console.print(f"input groups ({found['groups_from']}):", highlight=False)
+    for block, groups in found["input_groups"].items():
+        shown = [g for g in groups if "[" not in g[0] or g[0].endswith("[0]")]
+        console.print(escape(f"  block {block}: " + " | ".join(", ".join(g) for g in shown)), highlight=False)
+    console.print("norms (--train norms): " + ", ".join(found["norms"]) + f"; final: {found['final_norm']}", highlight=False)
+    console.print("never pruned:", highlight=False)
+    for name, why in found["excluded"].items():
+        console.print(escape(f"  {name}: {why}"), highlight=False)
+    if found["overrides"]:
+        console.print(escape(f"overrides (documented exceptions in perp_cli/arch.py): {found['overrides']}"), highlight=False)

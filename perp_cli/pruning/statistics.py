@@ -5,11 +5,12 @@ statistics object: the reference implementations compute the same Hessian three 
 for q, k and v; here it is computed once.
 
 Inputs are caught with forward pre-hooks on the module that owns the group's first
-matrix. transformers 5 stores Mixtral's experts fused (`MixtralExperts.forward(hidden,
-top_k_index, top_k_weights)`), so no per-expert module exists to hook: one pre-hook on
-the experts module recomputes, for each expert, the tokens the router sent to it (its
-`gate_up` input) and `act(gate) * up` from that expert's slice (its `down` input),
-exactly as `MixtralExperts.forward` does.
+matrix. transformers 5 stores MoE experts fused (3-D weights in one module, e.g.
+`MixtralExperts.forward(hidden, top_k_index, top_k_weights)`), so no per-expert module
+exists to hook: one pre-hook on the experts module recomputes, for each expert, the
+tokens the router sent to it (its first weight's input) and the gated output of that
+expert's first slice (its last weight's input), as the experts' own forward does, for
+either storage orientation and with expert biases.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from torch import nn
 
 from perp_cli import arch
 from perp_cli.arch import Matrix
+from perp_cli.errors import ArchitectureError
 
 
 class NormStat:
@@ -99,25 +101,54 @@ def target_groups(model: nn.Module, index: int, keys: set[str]) -> list[list[Mat
     return groups
 
 
-def _expert_hook(experts: nn.Module, by_expert: dict[tuple[str, int], Group], spec: arch.ArchSpec) -> Callable:
-    gate_up_local, down_local = spec.fused_experts
+def _expert_hook(experts: nn.Module, by_expert: dict[tuple[str, int], Group], transposed: bool) -> Callable:
+    """Per-expert inputs of a fused experts module, from the routed tokens.
+
+    The module's 3-D weights are a chain: the first reads the tokens routed to an expert,
+    the last reads the gated output of the first (`_apply_gate`, or act(gate) * up).
+    Routing comes either as an index tensor (`top_k_index [T, k]`: Mixtral, Qwen-MoE,
+    gpt-oss...) or already applied, one `[T, H]` slab per expert with zero rows for the
+    tokens not routed there (Llama 4).
+    """
+    chain = [n for n, p in experts.named_parameters(recurse=False) if p.dim() == 3]
+    first, last = chain[0], chain[-1]
+    if any(local.rsplit(".", 1)[-1] not in (first, last) for local, _ in by_expert):
+        raise ArchitectureError(f"{type(experts).__name__} chains {len(chain)} expert weights; perp computes per-expert statistics for a first and a last one only")
+    n_experts = getattr(experts, first).shape[0]
+    act = getattr(experts, "act_fn", None)
+
+    def gate(out: torch.Tensor) -> torch.Tensor:
+        if hasattr(experts, "_apply_gate") and getattr(experts, "has_gate", True):
+            return experts._apply_gate(out)
+        if not getattr(experts, "has_gate", True):
+            return act(out)
+        g, up = out.chunk(2, dim=-1)
+        return act(g) * up
 
     def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        names = ("hidden_states", "top_k_index", "top_k_weights")
-        values = list(args) + [kwargs[k] for k in names[len(args) :] if k in kwargs]
-        hidden, top_k_index = values[0], values[1]
-        for e in range(experts.gate_up_proj.shape[0]):
-            token_idx = (top_k_index == e).any(dim=-1).nonzero().reshape(-1)
-            if token_idx.numel() == 0:
+        values = list(args) + [v for v in kwargs.values() if isinstance(v, torch.Tensor)]
+        hidden = values[0]
+        index = next((v for v in values[1:] if isinstance(v, torch.Tensor) and not v.is_floating_point()), None)
+        per_expert = None if index is not None else hidden.reshape(n_experts, -1, hidden.shape[-1])
+        for e in range(n_experts):
+            if index is not None:
+                token_idx = (index == e).any(dim=-1).nonzero().reshape(-1)
+                x = hidden[token_idx]
+            else:
+                x = per_expert[e][per_expert[e].ne(0).any(dim=-1)]
+            if x.shape[0] == 0:
                 continue
-            x = hidden[token_idx]
-            group = by_expert.get((gate_up_local, e))
+            group = by_expert.get((first, e))
             if group is not None:
                 group.stat.add(x)
-            group = by_expert.get((down_local, e))
+            group = by_expert.get((last, e))
             if group is not None:
-                gate, up = nn.functional.linear(x, experts.gate_up_proj[e]).chunk(2, dim=-1)
-                group.stat.add(experts.act_fn(gate) * up)
+                w = getattr(experts, first)[e]
+                out = nn.functional.linear(x, w.t() if transposed else w)
+                bias = getattr(experts, f"{first}_bias", None)
+                if isinstance(bias, torch.Tensor):
+                    out = out + bias[e]
+                group.stat.add(gate(out))
 
     return hook
 
@@ -132,15 +163,14 @@ def _as_sequences(x: torch.Tensor, window: list[torch.Size]) -> torch.Tensor:
 @contextlib.contextmanager
 def collecting(model: nn.Module, groups: list[list[Matrix]], factory: StatFactory, device: torch.device) -> Iterator[list[Group]]:
     """Attach one statistics object per group while the block runs; yields the groups."""
-    spec = arch.spec_for(model)
     out = [Group(g, factory(g[0].shape[1], device)) for g in groups]
     handles = []
-    experts: dict[int, tuple[nn.Module, dict[tuple[str, int], Group]]] = {}
+    experts: dict[int, tuple[nn.Module, dict[tuple[str, int], Group], bool]] = {}
     for group in out:
         first = group.matrices[0]
         if first.expert is not None:
-            owner, table = experts.setdefault(id(first.owner), (first.owner, {}))
-            table[(first.local, first.expert)] = group
+            owner, table, _ = experts.setdefault(id(first.owner), (first.owner, {}, first.transposed))
+            table[(first.attr, first.expert)] = group
             continue
 
         def hook(module: nn.Module, args: tuple, group: Group = group) -> None:
@@ -158,8 +188,8 @@ def collecting(model: nn.Module, groups: list[list[Matrix]], factory: StatFactor
 
     for index in sorted({g.matrices[0].block for g in out}):
         handles.insert(0, arch.blocks(model)[index].register_forward_pre_hook(remember, with_kwargs=True))
-    for owner, table in experts.values():
-        handles.append(owner.register_forward_pre_hook(_expert_hook(owner, table, spec), with_kwargs=True))
+    for owner, table, transposed in experts.values():
+        handles.append(owner.register_forward_pre_hook(_expert_hook(owner, table, transposed), with_kwargs=True))
     try:
         yield out
     finally:

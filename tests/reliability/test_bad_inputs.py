@@ -120,12 +120,11 @@ def pickle_only(e: Env) -> None:
 
 
 def unknown_architecture(e: Env) -> None:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     shutil.rmtree(e.dense)
-    cfg = AutoConfig.for_model("gpt_neox", hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                               intermediate_size=64, vocab_size=320)
-    AutoModelForCausalLM.from_config(cfg).save_pretrained(e.dense)
+    # XLM keeps attention and feed-forward layers in separate lists: no decoder blocks to find
+    AutoModelForCausalLM.from_config(tiny.shrunk_config("xlm")).save_pretrained(e.dense)
 
 
 def nan_weights(e: Env) -> None:
@@ -187,7 +186,7 @@ CASES: list[tuple[str, Callable[[Env], None] | None, list[str], int, str]] = [
     ("newer-manifest", newer_manifest, ["merge", P, "-o", O], 1, "format version"),
     ("no-tokenizer", remove_tokenizer, WANDA, 1, "tokenizer"),
     ("pickle-only", pickle_only, PRUNE, 1, "--allow-pickle"),
-    ("unknown-architecture", unknown_architecture, PRUNE, 1, "GPTNeoXForCausalLM"),
+    ("unknown-architecture", unknown_architecture, PRUNE, 1, "cannot find the decoder blocks of XLMWithLMHeadModel"),
     ("nan-weights", nan_weights, PRUNE, 1, "NaN"),
     ("missing-input", None, ["prune", "{root}/nope", "-o", O, "--method", "magnitude", "--sparsity", "0.5"], 1, "no such directory"),
     # bad arguments
