@@ -52,16 +52,18 @@ def write_embedded_default(out: Path) -> None:
 
 def lacks_biases(model: str) -> bool:
     """Whether MODEL's family can take biases (a config flag turns them on) and some are off (LLaMA)."""
-    from transformers import AutoConfig
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    from perp_cli.arch import ARCHITECTURES
+    from perp_cli import arch
 
     try:
         config = AutoConfig.from_pretrained(model)
+        with torch.device("meta"):  # the architecture map alone: no memory, no weights read
+            skeleton = AutoModelForCausalLM.from_config(config)
+        return bool(arch.bias_flags(skeleton))
     except Exception:
-        return False  # the prune step reports an unreadable model with a clear error
-    spec = ARCHITECTURES.get(getattr(config, "model_type", ""))
-    return spec is not None and any(not getattr(config, flag, False) for flag in spec.bias_flags)
+        return False  # the prune step reports an unreadable or unmapped model with a clear error
 
 
 def gap_closed(dense: float, pruned: float, recovered: float) -> float:
