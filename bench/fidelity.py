@@ -22,27 +22,16 @@ the same windows for every pruning and reconstruction.
 
 from __future__ import annotations
 
-import argparse
 import copy
-import os
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("PERP_SHARED", ROOT.parent / "shared"))
+from quality_args import quality_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(SHARED / "models" / "tiny-opt"))
-    parser.add_argument("--calib", default=str(SHARED / "data" / "c4" / "c4-train.00000-of-01024.first1000.jsonl"))
-    parser.add_argument("--eval", default=str(SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"))
-    parser.add_argument("--nsamples", type=int, default=128)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--eval-seqlen", type=int, default=512)
-    parser.add_argument("--windows", type=int, default=100, help="WikiText-2 windows evaluated (0 = all)")
+    parser = quality_parser(__doc__, nsamples=128, seqlen=512)
     parser.add_argument("--retrain-steps", type=int, default=100)
     parser.add_argument("--sections", default="sparsegpt,wanda-scope,interleaved,retrain")
     parser.add_argument("--recipes", default="perp,paper", help="recipes of the interleaved and retrain sections")

@@ -13,28 +13,17 @@ non-overlapping windows of `--eval-seqlen` tokens (`perp_cli.perplexity`).
 
 from __future__ import annotations
 
-import argparse
 import copy
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("PERP_SHARED", ROOT.parent / "shared"))
+from quality_args import quality_parser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=str(SHARED / "models" / "tiny-opt"))
-    parser.add_argument("--calib", default=str(SHARED / "data" / "c4" / "c4-train.00000-of-01024.first1000.jsonl"))
-    parser.add_argument("--eval", default=str(SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"))
-    parser.add_argument("--nsamples", type=int, default=128)
-    parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--eval-seqlen", type=int, default=256)
-    parser.add_argument("--windows", type=int, default=100)
+    parser = quality_parser(__doc__, nsamples=128, seqlen=256)
     parser.add_argument("--methods", default="wanda,sparsegpt")
     parser.add_argument("--settings", default="0.5,0.6,0.7,2:4", help="sparsities and/or N:M patterns")
     parser.add_argument("--steps", type=int, default=100, help="AdamW steps per block")
