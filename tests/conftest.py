@@ -19,6 +19,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Idle OpenMP threads must not spin: subprocess tests and parallel jobs share 2 cores, and
 # busy-waiting workers made forward passes ~70x slower there. Set before torch loads.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Under pytest-xdist each worker gets its share of the cores: N workers with every torch
+# using all cores oversubscribe them (slower than one process). Subprocesses inherit it.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _workers > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _workers)))
 
 from perp_cli import tiny  # noqa: E402
 from perp_cli.cli.app import main  # noqa: E402
