@@ -126,7 +126,7 @@ def inspect_checkpoint(ckpt: Checkpoint) -> Report:
                 zero_fraction=float((w == 0).float().mean()),
                 mask_sparsity=None if keep is None else 1.0 - float(keep.float().mean()),
                 masked_nonzeros=0 if keep is None else nonzeros_outside(w, keep),
-                nm_violations=_nm_check(w, keep, masks.pattern, name in transposed),
+                nm_violations=_nm_check(w, keep, masks.pattern, name in transposed, masks.permutations.get(name)),
             )
         )
     return Report(
@@ -140,14 +140,16 @@ def inspect_checkpoint(ckpt: Checkpoint) -> Report:
     )
 
 
-def _nm_check(weight: torch.Tensor, keep: torch.Tensor | None, pattern: Pattern, transposed: bool) -> int:
-    """N:M violations, judged on the mask and on the weights' own nonzeros."""
+def _nm_check(weight: torch.Tensor, keep: torch.Tensor | None, pattern: Pattern, transposed: bool,
+              permutation: torch.Tensor | None = None) -> int:
+    """N:M violations, judged on the mask and on the weights' own nonzeros (in the
+    mask's permuted input order when it has one)."""
     if not pattern.structured:
         return 0
     nonzero = weight != 0
-    bad = nm_violations(nonzero, pattern, transposed)
+    bad = nm_violations(nonzero, pattern, transposed, permutation)
     if keep is not None:
-        bad = max(bad, nm_violations(keep, pattern, transposed)) if bad >= 0 else bad
+        bad = max(bad, nm_violations(keep, pattern, transposed, permutation)) if bad >= 0 else bad
     return abs(bad)
 
 
