@@ -456,18 +456,20 @@ class _Pruner:
             return  # no calibration tokens: nothing to estimate the error from
         moments = group.stat.moments
         n, mm = (self.p.pattern.n, self.p.pattern.m) if self.p.pattern.structured else (0, 0)
+        keep_mode = self.p.method.name == "keep"
         for m in group.matrices:
+            if self.skipped_by_refine(m):
+                continue  # the method's result stands (SparseGPT's updated weights included)
             w = m.weight()
             dense = before[m.key]
             with torch.no_grad():
                 w.copy_(dense)  # DSnoT updates no weight: the refined mask applies to these values
-            if self.skipped_by_refine(m):
-                self.commit(m, self.pruned[m.key])
-                continue
             status(f"block {m.block}: dsnot {m.key}")
-            frozen = None if self.p.method.name == "keep" else _old_pruned(self.old, m)
+            frozen = None if keep_mode else _old_pruned(self.old, m)
             pruned = self.pruned[m.key].to(w.device)
             order = self.permutations.get(m.key)
+            if order is None and keep_mode and self.old is not None and m.expert is None:
+                order = self.old.permutations.get(m.name)  # refine in the input mask's own grouping
             stat = moments
             if order is not None:  # refine in the permuted grouping, map back
                 order = order.to(w.device)
@@ -491,6 +493,9 @@ class _Pruner:
     def permutation_set(self) -> dict[str, torch.Tensor]:
         """--permute: each mask's input order (by parameter name), with the input's own."""
         out = dict(self.old.permutations) if self.old is not None else {}
+        if self.p.method.name != "keep":  # a new mask is N:M in the original order unless permuted anew
+            for m in self.matrices:
+                out.pop(m.name, None)
         by_key = {m.key: m for m in self.matrices}
         out.update({by_key[k].name: order for k, order in self.permutations.items()})
         return out

@@ -162,3 +162,20 @@ def test_keep_refines_a_pruned_checkpoint(tmp_path, calib_file) -> None:
         assert torch.equal(out_w[name][g], dense_w[name][g])  # grown weights take their dense values
     manifest = json.loads((tmp_path / "r" / "perp.json").read_text())
     assert [h["command"] for h in manifest["history"]] == ["prune", "prune"]
+
+
+def test_refining_a_permuted_nm_checkpoint_stays_nm_in_its_order(tmp_path, calib_file) -> None:
+    dense = save_tiny(tmp_path / "dense", "opt")
+    calib = ["--calib", str(calib_file), "--calib-concat", "--nsamples", "4", "--seqlen", "32", "-q"]
+    assert run_cli("prune", dense, "-o", tmp_path / "p", "--method", "ria", "--pattern", "2:4", "--permute", *calib).exit_code == 0
+    result = run_cli("prune", tmp_path / "p", "-o", tmp_path / "r", "--method", "keep", "--refine", "dsnot",
+                     "--refine-skip", "none", "--refine-threshold", "0", "--json", *calib)
+    assert result.exit_code == 0, result.stderr
+    assert sum(result.json()["refine"]["swaps"].values()) > 0
+    assert run_cli("inspect", tmp_path / "r", "--expect-pattern", "2:4", "-q").exit_code == 0
+    # pruning it again without --permute chooses masks in the original order: the orders are dropped
+    assert run_cli("prune", tmp_path / "r", "-o", tmp_path / "w", "--method", "wanda", "--pattern", "2:4", *calib).exit_code == 0
+    from perp_cli import checkpoint
+
+    assert checkpoint.load(tmp_path / "w").masks.permutations == {}
+    assert run_cli("inspect", tmp_path / "w", "--expect-pattern", "2:4", "-q").exit_code == 0
