@@ -28,40 +28,37 @@ def _stat(x: torch.Tensor) -> MomentStat:
 
 
 def _reference_swaps(w, pruned, mean, var, scaler, iters, threshold, n=0, m=0):
-    """The published loop, one row at a time: lists walked from both ends, sticky stop."""
+    """The published loop, one row at a time (zyxxmu/DSnoT): a grow list of every weight
+    sorted by W·E[x]/Var[x] (kept ones at 0), a pruning list of the kept weights (negative
+    contributions in Wanda order, then positive ones reversed), both walked from either end
+    by the sign of the error; sticky stop at the threshold. Stops where the reference
+    would break the row's count (see perp_cli/pruning/dsnot.py)."""
     pruned = pruned.clone()
     rows, cols = w.shape
     contrib = (w * mean).double()
     wanda = (w.abs() * scaler.sqrt()).double()
     for i in range(rows):
         start = pruned[i].clone()
-        grow_list = sorted((j for j in range(cols) if start[j]), key=lambda j: (float(contrib[i, j] / var[j]), j))
-        grow_lo, grow_hi = 0, len(grow_list) - 1
+        key = [float(contrib[i, j] / var[j]) if start[j] else 0.0 for j in range(cols)]
+        grow_list = sorted(range(cols), key=lambda j: (key[j], j))
+        lo, hi = 0, cols - 1
         kept = sorted((j for j in range(cols) if not start[j]), key=lambda j: (float(wanda[i, j]), j))
         prune_list = [j for j in kept if contrib[i, j] < 0] + [j for j in kept if contrib[i, j] > 0][::-1]
         p_lo, p_hi = 0, len(prune_list) - 1
         error = float(contrib[i][start].sum())
         sign = (error > 0) - (error < 0)
         for _ in range(iters):
-            if abs(error) <= threshold:
+            if abs(error) <= threshold or lo > hi:
                 break
-            if error > 0:
-                if grow_hi < grow_lo or contrib[i, grow_list[grow_hi]] <= 0:
-                    break
-                g = grow_list[grow_hi]
-                grow_hi -= 1
-            else:
-                if grow_hi < grow_lo or contrib[i, grow_list[grow_lo]] >= 0:
-                    break
-                g = grow_list[grow_lo]
-                grow_lo += 1
+            g = grow_list[hi] if error > 0 else grow_list[lo]
+            hi, lo = (hi - 1, lo) if error > 0 else (hi, lo + 1)
+            if not (start[g] and pruned[i, g]):
+                break
             if m == 0:
-                if p_hi < p_lo:
+                if p_lo > p_hi:
                     break
-                c = prune_list[p_lo] if error > 0 else prune_list[p_hi]
-                if (error > 0 and contrib[i, c] >= 0) or (error < 0 and contrib[i, c] <= 0):
-                    break
-                p_lo, p_hi = (p_lo + 1, p_hi) if error > 0 else (p_lo, p_hi - 1)
+                c = prune_list[p_hi] if error < 0 else prune_list[p_lo]
+                p_lo, p_hi = (p_lo, p_hi - 1) if error < 0 else (p_lo + 1, p_hi)
             else:
                 group = [j for j in range(g - g % m, g - g % m + m) if not start[j] and not pruned[i, j]]
                 if not group:
@@ -75,12 +72,14 @@ def _reference_swaps(w, pruned, mean, var, scaler, iters, threshold, n=0, m=0):
     return pruned
 
 
-@pytest.mark.parametrize("nm", [(0, 0), (2, 4)])
-def test_swaps_equal_the_published_algorithm(nm) -> None:
+@pytest.mark.parametrize("nm,one_sided", [((0, 0), False), ((2, 4), False), ((0, 0), True)])
+def test_swaps_equal_the_published_algorithm(nm, one_sided) -> None:
     torch.manual_seed(0)
     n, m = nm
     w = torch.randn(24, 64, dtype=torch.float64).float()
     x = (torch.randn(3, 40, 64) * torch.rand(64) * 3 + torch.randn(64)).float()
+    if one_sided:  # rows whose kept weights all contribute with one sign (seen on tiny-opt's k_proj)
+        w = w.abs() * torch.sign(x.mean(dim=(0, 1))).reshape(1, -1)
     stat = _stat(x)
     scores = w.abs() * stat.norms()
     pruned = nm_prune_mask(scores, n, m) if m else prune_mask(scores, 0.6, "row")

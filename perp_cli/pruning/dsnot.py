@@ -10,8 +10,9 @@ x_j, averaged over sequences: `sum_metric_row`). Each iteration swaps one weight
   inputs); the candidates are walked from both ends of one sorted list, as in the
   reference;
 * prune a kept weight whose contribution has the opposite sign, the least important
-  first by Wanda's |W_ij|·sqrt(E[x_j²]) (negative contributions in that order when
-  ε_i > 0, positive ones from the other end when ε_i < 0);
+  first by Wanda's |W_ij|·sqrt(E[x_j²]) (the kept weights listed with negative
+  contributions first in Wanda order, positive ones after them in reverse; ε_i > 0 takes
+  from the front, ε_i < 0 from the back);
 * N:M: the weight pruned is the least important kept weight of the grown weight's
   group of M, and a swap must not flip the sign of ε_i (the reference's N:M rule).
 
@@ -21,13 +22,13 @@ iterations. Each swap prunes one and grows one weight of the same row (and of th
 N:M group), so every row's count and the N:M pattern are kept exactly.
 
 Where perp differs from the reference (documented in docs/cli-prune.md): a row also
-stops when the next candidate on either side does not exist (no pruned weight with the
-needed sign left, no kept weight with the opposite sign). The reference keeps walking
-its sorted lists into the kept weights then, "growing" weights that are already kept
-and so changing the row's count; that happens only on rows with fewer than `iters`
-right-signed candidates (small layers). Weights an earlier step pruned (`frozen`) are
-never grown. The reference's default `--skip_layer mlp` (refine attention matrices
-only) is `skip` here.
+stops where the reference would break its count: when the next grow candidate is not a
+still-pruned weight (the reference's walk reaches the kept weights, sorted in the middle
+of its list with key 0, and "grows" a weight that is already kept) or the two pruning
+pointers have crossed. Weights an earlier step pruned (`frozen`) are never grown. As in
+the reference, the candidates' signs are not checked: when a row has no kept weight of
+the needed sign, the walk goes on into the other sign. The reference's default
+`--skip_layer mlp` (refine attention matrices only) is `skip` here.
 
 Weight values: DSnoT does not update weights. The refined mask is applied to the
 weights as they were before this step pruned them (for SparseGPT: its mask choice is
@@ -118,16 +119,19 @@ class Refined:
     iterations: int
 
 
-def _reorder_for_pruning(order: torch.Tensor, contribution: torch.Tensor, candidate: torch.Tensor) -> torch.Tensor:
-    """Per row: candidates with a negative contribution in `order`, then the rest, then
-    candidates with a positive contribution in reverse `order` (the reference's
-    `return_reorder_indice` on the Wanda-sorted kept weights)."""
-    c = contribution.gather(1, order)
-    ok = candidate.gather(1, order)
-    cols = order.shape[1]
-    position = torch.arange(cols, device=order.device, dtype=torch.float64).expand_as(c)
-    key = torch.where(ok & (c < 0), position, torch.where(ok & (c > 0), 3.0 * cols - position, 1.5 * cols))
-    return order.gather(1, torch.sort(key, dim=1, stable=True)[1])
+def _pruning_order(wanda: torch.Tensor, contribution: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Per row, the kept weights as the reference walks them: Wanda-ascending, negative
+    contributions first in that order, then zero ones, then positive ones in reverse
+    (`return_reorder_indice` on the Wanda-sorted kept weights); the pruned weights after
+    them, never reached (each row's pointers stay within its kept count)."""
+    by_wanda = torch.sort(torch.where(kept, wanda, torch.full_like(wanda, float("inf"))), dim=1, stable=True)[1]
+    c = contribution.gather(1, by_wanda)
+    k = kept.gather(1, by_wanda)
+    cols = by_wanda.shape[1]
+    position = torch.arange(cols, device=wanda.device, dtype=torch.float64).expand(c.shape)
+    key = torch.where(c < 0, position, torch.where(c > 0, 3.0 * cols - position, 1.5 * cols))
+    key = torch.where(k, key, 4.0 * cols + position)
+    return by_wanda.gather(1, torch.sort(key, dim=1, stable=True)[1])
 
 
 def refine(
@@ -152,53 +156,50 @@ def refine(
     error = (contribution * start).sum(dim=1)
     first_sign = torch.sign(error)
 
-    growable = start & ~frozen
+    # grow candidates: every weight sorted by its key (kept ones at 0, as the reference sorts)
     grow_key = torch.where(start, contribution, torch.zeros_like(contribution))
     if var_power:
         grow_key = grow_key / stat.variance().to(device).reshape(1, -1).pow(var_power)
-    grow_key = torch.nan_to_num(grow_key, nan=0.0)  # 0/0: a dead feature, contribution 0
+    grow_key = torch.nan_to_num(grow_key, nan=0.0)  # 0/0: a constant input with zero contribution
     grow_order = torch.sort(grow_key, dim=1, stable=True)[1]
-
     wanda = w.abs() * stat.mean_square().to(device).sqrt().reshape(1, -1)
-    if m == 0:
-        kept_first = torch.sort(torch.where(start, torch.full_like(wanda, float("inf")), wanda), dim=1, stable=True)[1]
-        prune_order = _reorder_for_pruning(kept_first, contribution, ~start)
 
     row = torch.arange(rows, device=device)
     lo = torch.zeros(rows, dtype=torch.long, device=device)
     hi = torch.full((rows,), cols - 1, dtype=torch.long, device=device)
-    p_lo, p_hi = lo.clone(), hi.clone()
+    if m == 0:
+        prune_order = _pruning_order(wanda, contribution, ~start)
+        p_lo, p_hi = lo.clone(), (~start).sum(dim=1) - 1
     active = torch.ones(rows, dtype=torch.bool, device=device)
     swaps = 0
     iteration = 0
     while bool(active.any()) and iteration < iters:
         iteration += 1
         positive = error > 0
-        # grow: from the top of the list when ε > 0, from the bottom otherwise
-        g_pos = torch.where(positive, hi, lo).clamp(0, cols - 1)
-        grow = grow_order[row, g_pos]
+        # grow: from the top of the list when ε > 0, from the bottom otherwise; a candidate
+        # that is not a (still) pruned weight ends the row, where the reference would
+        # change the row's count
+        grow = grow_order[row, torch.where(positive, hi, lo).clamp(0, cols - 1)]
         g_c = contribution[row, grow]
-        ok = active & (error.abs() > threshold) & growable[row, grow] & pruned[row, grow]
-        ok &= torch.where(positive, g_c > 0, g_c < 0) & (lo <= hi)
+        ok = active & (error.abs() > threshold) & (lo <= hi) & start[row, grow] & pruned[row, grow] & ~frozen[row, grow]
         hi = hi - positive.long()
         lo = lo + (~positive).long()
         if m == 0:
-            p_pos = torch.where(positive, p_lo, p_hi).clamp(0, cols - 1)
-            cut = prune_order[row, p_pos]
+            negative = error < 0  # the reference's test for the pruning side (ε = 0: front)
+            cut = prune_order[row, torch.where(negative, p_hi, p_lo).clamp(0, cols - 1)]
             p_c = contribution[row, cut]
-            ok &= ~start[row, cut] & ~pruned[row, cut] & torch.where(positive, p_c < 0, p_c > 0) & (p_lo <= p_hi)
-            p_lo = p_lo + positive.long()
-            p_hi = p_hi - (~positive).long()
+            ok &= (p_lo <= p_hi) & ~pruned[row, cut]
+            p_lo = p_lo + (~negative).long()
+            p_hi = p_hi - negative.long()
         else:
             base = grow - grow % m
             members = base.reshape(-1, 1) + torch.arange(m, device=device).reshape(1, -1)
             eligible = ~start.gather(1, members) & ~pruned.gather(1, members)
-            score = torch.where(eligible, wanda.gather(1, members), torch.full_like(members, 0, dtype=wanda.dtype) + float("inf"))
+            score = torch.where(eligible, wanda.gather(1, members), torch.full(members.shape, float("inf"), device=device))
             best = score.argmin(dim=1)
             cut = members[row, best]
             p_c = contribution[row, cut]
-            ok &= eligible[row, best]
-            ok &= torch.sign(error + p_c - g_c) == first_sign
+            ok &= eligible[row, best] & (torch.sign(error + p_c - g_c) == first_sign)
         active &= ok
         pruned[row[ok], cut[ok]] = True
         pruned[row[ok], grow[ok]] = False
