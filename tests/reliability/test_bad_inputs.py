@@ -507,6 +507,8 @@ CASES += [
     ("refine-iters-zero", None, WANDA + ["--refine", "dsnot", "--refine-iters", "0"], 2, "--refine-iters"),
     ("refine-on-dense", None, ["prune", D, "-o", O, "--method", "keep", "--refine", "dsnot", *CALIB], 2, "has no masks.safetensors"),
     ("keep-without-refine", None, ["prune", P, "-o", O, "--method", "keep"], 2, "--method keep prunes nothing new"),
+    ("keep-with-sparsity", None, ["prune", P, "-o", O, "--method", "keep", "--refine", "dsnot", "--sparsity", "0.7", *CALIB], 2, "drop --sparsity"),
+    ("dense-without-keep", None, WANDA + ["--dense", D], 2, "--dense is for --method keep"),
     # 10. minor
     ("calibration-fifo", calibration_fifo, WANDA[:-7] + ["--calib", "{root}/fifo.txt"], 2, "regular file"),
 ]
