@@ -25,7 +25,9 @@ Where perp differs from the reference (documented in docs/cli-prune.md): a row a
 stops where the reference would break its count: when the next grow candidate is not a
 still-pruned weight (the reference's walk reaches the kept weights, sorted in the middle
 of its list with key 0, and "grows" a weight that is already kept) or the two pruning
-pointers have crossed. Weights an earlier step pruned (`frozen`) are never grown. As in
+pointers have crossed. Weights an earlier step pruned (`frozen`) are never grown. An input with zero
+variance and zero mean (a ReLU channel that never fires) gets grow key 0 (the
+reference's 0/0 = NaN sorts last, so it grows such useless weights first). As in
 the reference, the candidates' signs are not checked: when a row has no kept weight of
 the needed sign, the walk goes on into the other sign. The reference's default
 `--skip_layer mlp` (refine attention matrices only) is `skip` here.
