@@ -33,9 +33,11 @@ ROWS: list[tuple[str, dict]] = [
     ("wanda 60%", dict(method="wanda", sparsity=0.6)),
     ("wanda 60% + dsnot", dict(method="wanda", sparsity=0.6, refine="dsnot")),
     ("wanda 60% + dsnot (all matrices)", dict(method="wanda", sparsity=0.6, refine="dsnot", refine_skip="none")),
+    ("wanda 60% + dsnot (5 iterations)", dict(method="wanda", sparsity=0.6, refine="dsnot", refine_iters=5)),
     ("wanda 70%", dict(method="wanda", sparsity=0.7)),
     ("wanda 70% + dsnot", dict(method="wanda", sparsity=0.7, refine="dsnot")),
     ("wanda 70% + dsnot (all matrices)", dict(method="wanda", sparsity=0.7, refine="dsnot", refine_skip="none")),
+    ("wanda 70% + dsnot (5 iterations)", dict(method="wanda", sparsity=0.7, refine="dsnot", refine_iters=5)),
 ]
 
 
