@@ -53,3 +53,25 @@ def test_owl_prunes_blocks_to_their_targets_and_inspect_shows_them(tmp_path, cal
         assert achieved == pytest.approx(targets[int(block)], abs=0.02)  # per-row floor rounding
     manifest = json.loads((tmp_path / "o" / "perp.json").read_text())
     assert manifest["history"][-1]["results"]["allocation"]["block_sparsity"]
+
+
+@pytest.mark.parametrize("method", ["magnitude", "sparsegpt", "ria"])
+def test_owl_works_with_every_method(method: str) -> None:
+    from perp_cli import arch, tiny
+    from perp_cli.checkpoint import Checkpoint
+    from perp_cli.pruner import PruneConfig, prune
+
+    model = tiny.build_model("llama")
+    tokens = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    ckpt = Checkpoint(model=model, tokenizer=None, masks=None, adapters=None, manifest={}, source="tiny")
+    masks, results, _ = prune(ckpt, PruneConfig(method, sparsity=0.6, seqlen=16, allocation="owl", owl_lambda=0.1), tokens=tokens)
+    targets = {int(b): s for b, s in results["allocation"]["block_sparsity"].items()}
+    counts: dict[int, list[int]] = {}
+    for m in arch.matrices(model):
+        kept, total = counts.setdefault(m.block, [0, 0]), masks[m.name].numel()
+        kept[0] += int(masks[m.name].sum())
+        kept[1] += total
+    weights = {b: c[1] for b, c in counts.items()}
+    assert sum(targets[b] * weights[b] for b in targets) / sum(weights.values()) == pytest.approx(0.6, abs=1e-9)
+    for b, (kept, total) in counts.items():
+        assert 1 - kept / total == pytest.approx(targets[b], abs=0.03)
