@@ -369,6 +369,16 @@ def _expand(spec: ArchSpec, index: int, block: nn.Module, local: str) -> list[Ma
     ]
 
 
+_ATTENTION = re.compile(r"(^|[._])(self_)?(attn|attention)([._]|$)")
+
+
+def is_attention(matrix: Matrix) -> bool:
+    """Whether a matrix belongs to the block's attention half (by its module path:
+    `self_attn`, `attn`, `attention`, `self_attention`); the rest is the MLP half. Used
+    where a method treats the halves differently (DSnoT's reference skips the MLP)."""
+    return bool(_ATTENTION.search(matrix.local))
+
+
 def block_matrices(model: nn.Module, index: int) -> list[Matrix]:
     """Prunable matrices of block `index`, in the map's order (experts expanded)."""
     spec = spec_for(model)

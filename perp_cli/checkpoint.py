@@ -172,7 +172,7 @@ def read_masks(
     if reader is None:
         return None
     names = [n for n in sorted(reader.stored) if shapes is None or tuple(reader.shapes[n]) == tuple(shapes.get(n, ()))]
-    return MaskSet(reader.read(names), reader.pattern)
+    return MaskSet(reader.read(names), reader.pattern, {n: o for n, o in reader.permutations.items() if n in names})
 
 
 def open_masks(
@@ -400,7 +400,7 @@ def load(
         if mask_reader is not None:
             names = [n for n in sorted(mask_reader.stored) if mask_shapes is None
                      or tuple(mask_reader.shapes[n]) == tuple(mask_shapes.get(n, ()))]
-            masks = MaskSet(mask_reader.read(names), mask_reader.pattern)
+            masks = MaskSet(mask_reader.read(names), mask_reader.pattern, {n: o for n, o in mask_reader.permutations.items() if n in names})
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(path) if local else source,
@@ -599,7 +599,7 @@ def mask_problems(model: nn.Module, masks: MaskSet) -> list[str]:
             outside = nonzeros_outside(values.detach(), keep)
         if outside:
             problems.append(f"{name} has {outside} nonzero weights where the mask says pruned")
-        bad = nm_violations(keep, masks.pattern, transposed=name in transposed)
+        bad = nm_violations(keep, masks.pattern, transposed=name in transposed, permutation=masks.permutations.get(name))
         if bad:
             problems.append(f"{name} breaks the {masks.pattern} pattern in {bad if bad > 0 else 'all'} groups")
     return problems
@@ -845,10 +845,12 @@ def write_masks(path: Path, masks: MaskSet) -> str:
     """Write `masks.safetensors` and return its sha256."""
     # sorted names: the same masks always give the same bytes (and the same sha256)
     packed = {name: pack_bits(masks.masks[name]) for name in sorted(masks.masks)}
-    return write_packed_masks(path, packed, {name: list(keep.shape) for name, keep in masks.masks.items()}, masks.pattern)
+    permutations = {n: o for n, o in masks.permutations.items() if n in masks.masks}
+    return write_packed_masks(path, packed, {name: list(keep.shape) for name, keep in masks.masks.items()}, masks.pattern, permutations)
 
 
-def write_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict[str, list[int]], pattern: Pattern) -> str:
+def write_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict[str, list[int]], pattern: Pattern,
+                       permutations: dict[str, torch.Tensor] | None = None) -> str:
     """Write already bit-packed masks (`mask.pack_bits`) as `masks.safetensors`; return its
     sha256. (Streaming spools packed masks to disk instead and writes the same header,
     `masks_metadata`, around them.)"""
@@ -856,21 +858,25 @@ def write_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict
     # per-process random order, which made the same masks hash differently on every run
     names = sorted(packed)
     layout = {n: (torch.uint8, tuple(packed[n].shape)) for n in names}
-    writer = shards.ShardWriter(path, layout, 1 << 62, metadata=masks_metadata(pattern, shapes), single_name=MASKS_NAME)
+    writer = shards.ShardWriter(path, layout, 1 << 62, metadata=masks_metadata(pattern, shapes, permutations), single_name=MASKS_NAME)
     for n in names:
         writer.write(n, packed[n])
     writer.close()
     return sha256_file(path / MASKS_NAME)
 
 
-def masks_metadata(pattern: Pattern, shapes: dict[str, list[int]]) -> dict[str, str]:
+def masks_metadata(pattern: Pattern, shapes: dict[str, list[int]], permutations: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
     """The `__metadata__` of `masks.safetensors` (docs/format.md): also the header of the
-    masks a streamed run spools to disk block by block."""
-    return {
+    masks a streamed run spools to disk block by block. `input_permutations` only when
+    some mask's N:M groups run in a permuted input order (`perp prune --permute`)."""
+    meta = {
         "format_version": str(FORMAT_VERSION),
         "pattern": str(pattern),
         "shapes": json.dumps(shapes, sort_keys=True),
     }
+    if permutations:
+        meta["input_permutations"] = json.dumps({n: [int(i) for i in o] for n, o in permutations.items()}, sort_keys=True)
+    return meta
 
 
 def _strip_forbidden_config(path: Path) -> None:

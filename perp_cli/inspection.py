@@ -43,6 +43,7 @@ class Report:
     matrices: list[MatrixReport]
     history: list[dict[str, Any]]
     problems: list[str] = field(default_factory=list)
+    permuted: list[str] = field(default_factory=list)  # masks whose N:M groups run in a permuted input order
 
     @property
     def consistent(self) -> bool:
@@ -61,6 +62,15 @@ class Report:
             out[m.block] = (zeros + m.zero_fraction * _numel(m.shape), total + _numel(m.shape))
         return {b: z / t for b, (z, t) in sorted(out.items())}
 
+    def block_targets(self) -> dict[int, float]:
+        """Each block's target sparsity when the last prune step allocated them
+        (`--allocation owl`, recorded in perp.json), else {}."""
+        for step in reversed(self.history):
+            if step.get("command") == "prune":
+                found = (step.get("results") or {}).get("allocation", {}).get("block_sparsity", {})
+                return {int(b): float(s) for b, s in found.items()}
+        return {}
+
     def to_json(self) -> dict[str, Any]:
         return {
             "model_type": self.model_type,
@@ -70,6 +80,8 @@ class Report:
             "consistent": self.consistent,
             "total_sparsity": self.total_sparsity,
             "per_block_sparsity": {str(k): v for k, v in self.per_block().items()},
+            "per_block_target_sparsity": {str(k): v for k, v in self.block_targets().items()},
+            "permuted_masks": sorted(self.permuted),
             "matrices": [
                 {
                     "name": m.name,
@@ -126,7 +138,7 @@ def inspect_checkpoint(ckpt: Checkpoint) -> Report:
                 zero_fraction=float((w == 0).float().mean()),
                 mask_sparsity=None if keep is None else 1.0 - float(keep.float().mean()),
                 masked_nonzeros=0 if keep is None else nonzeros_outside(w, keep),
-                nm_violations=_nm_check(w, keep, masks.pattern, name in transposed),
+                nm_violations=_nm_check(w, keep, masks.pattern, name in transposed, masks.permutations.get(name)),
             )
         )
     return Report(
@@ -137,17 +149,20 @@ def inspect_checkpoint(ckpt: Checkpoint) -> Report:
         matrices=reports,
         history=list(ckpt.manifest.get("history", [])),
         problems=problems,
+        permuted=sorted(masks.permutations),
     )
 
 
-def _nm_check(weight: torch.Tensor, keep: torch.Tensor | None, pattern: Pattern, transposed: bool) -> int:
-    """N:M violations, judged on the mask and on the weights' own nonzeros."""
+def _nm_check(weight: torch.Tensor, keep: torch.Tensor | None, pattern: Pattern, transposed: bool,
+              permutation: torch.Tensor | None = None) -> int:
+    """N:M violations, judged on the mask and on the weights' own nonzeros (in the
+    mask's permuted input order when it has one)."""
     if not pattern.structured:
         return 0
     nonzero = weight != 0
-    bad = nm_violations(nonzero, pattern, transposed)
+    bad = nm_violations(nonzero, pattern, transposed, permutation)
     if keep is not None:
-        bad = max(bad, nm_violations(keep, pattern, transposed)) if bad >= 0 else bad
+        bad = max(bad, nm_violations(keep, pattern, transposed, permutation)) if bad >= 0 else bad
     return abs(bad)
 
 

@@ -76,10 +76,18 @@ class Pattern:
 
 @dataclass
 class MaskSet:
-    """Keep-masks by parameter name, plus the pattern they were chosen with."""
+    """Keep-masks by parameter name, plus the pattern they were chosen with.
+
+    `permutations` (RIA's `--permute`): for some masks, the input order in which their
+    N:M groups run (`order[p]` = the input at position p; groups are runs of M positions
+    of that order). The weights stay in their original order on disk, so such a mask is
+    N:M only in the permuted order; a runtime using N:M kernels must permute the
+    weight's input columns and its input activations by `order` first.
+    """
 
     masks: dict[str, torch.Tensor] = field(default_factory=dict)
     pattern: Pattern = field(default_factory=Pattern)
+    permutations: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __contains__(self, name: str) -> bool:
         return name in self.masks
@@ -116,15 +124,20 @@ def nonzeros_outside(weight: torch.Tensor, keep: torch.Tensor) -> int:
     return int(((weight != 0) & ~keep.to(weight.device)).sum())
 
 
-def nm_violations(keep: torch.Tensor, pattern: Pattern, transposed: bool = False) -> int:
+def nm_violations(keep: torch.Tensor, pattern: Pattern, transposed: bool = False, permutation: torch.Tensor | None = None) -> int:
     """Groups of M consecutive inputs holding more than N kept weights.
 
     The input dimension is the last one, except for GPT-2 Conv1D (`transposed`), where
-    the stored weight is `[in, out]` and inputs run along dim -2.
+    the stored weight is `[in, out]` and inputs run along dim -2. With `permutation`
+    (`MaskSet.permutations`), the groups are runs of M inputs in that order.
     """
     if not pattern.structured:
         return 0
     k = keep.transpose(-1, -2) if transposed else keep
+    if permutation is not None:
+        if permutation.numel() != k.shape[-1]:
+            return -1
+        k = k[..., permutation.to(k.device).long()]
     if k.shape[-1] % pattern.m:
         return -1
     groups = k.reshape(-1, pattern.m).sum(dim=1)

@@ -16,6 +16,19 @@ One recipe for every method:
 `--scope global` needs every score before any mask: for Wanda the scores are then
 collected on the dense model's activations (blocks are not pruned during the pass).
 
+`--allocation owl` (perp_cli/pruning/owl.py) also needs something of every block before
+the first is pruned: each block's outlier ratio. It runs the same engine twice: a
+statistics-only pass over the dense model (nothing pruned, the calibration data goes
+through the dense blocks, as the reference computes its ratios), then the pruning pass
+with one sparsity per block.
+
+`--refine dsnot` (perp_cli/pruning/dsnot.py) refines each block's masks right after the
+method chose them, inside the same engine step, from the same statistics hook (moments
+of each input added to the method's statistic); `--method keep` refines the input's
+masks instead of choosing new ones (the pruned weights' values come from the dense model).
+`--permute` (RIA's channel reallocation, N:M) chooses each matrix's N:M mask in a
+permuted input order and records the permutation with the masks (`MaskSet.permutations`).
+
 Streaming (`stream=`, from perp_cli.streaming): the model is a skeleton on the meta
 device; the engine loads each block before its step and, once the block is pruned and
 propagated, hands it with its final keep-masks (`_Pruner.block_keep`) to the stream,
@@ -46,13 +59,13 @@ from perp_cli.errors import ArchitectureError, UsageError
 from perp_cli.manifest import peak_memory, sha256_tensor
 from perp_cli.mask import MaskSet, Pattern
 from perp_cli.progress import make_progress
-from perp_cli.pruning import METHODS, Method
+from perp_cli.pruning import METHODS, Method, dsnot, owl
 from perp_cli.pruning.magnitude import magnitude_scores
 from perp_cli.pruning.random_ import random_scores
+from perp_cli.pruning.ria import channel_permutation
 from perp_cli.pruning.selection import global_prune_masks, nm_prune_mask, prune_mask
 from perp_cli.pruning.sparsegpt import SELECTIONS, inverse_hessian, prune_matrix
-from perp_cli.pruning.statistics import Group, collecting, target_groups
-from perp_cli.pruning.wanda import wanda_scores
+from perp_cli.pruning.statistics import Group, NormStat, collecting, target_groups
 
 
 @dataclass
@@ -81,6 +94,18 @@ class PruneConfig:
     max_memory: str | None = None  # activations on the device, e.g. "2GiB" (perp_cli.activations)
     offload_dir: str | None = None  # the rest of the activations in files here
     quiet: bool = True
+    allocation: str = "uniform"  # uniform | owl (one sparsity per block from outlier ratios)
+    owl_m: float = owl.DEFAULT_M
+    owl_lambda: float = owl.DEFAULT_LAMBDA
+    permute: bool = False  # N:M: RIA's channel reallocation before choosing each mask
+    refine: str | None = None  # None | dsnot
+    refine_iters: int = dsnot.DEFAULT_ITERS
+    refine_threshold: float = dsnot.DEFAULT_THRESHOLD
+    refine_skip: str = "mlp"  # the reference's --skip_layer: mlp, attention or none
+
+
+ALLOCATIONS = ("uniform", "owl")
+REFINEMENTS = ("dsnot",)
 
 
 class PruneOutcome(NamedTuple):
@@ -149,6 +174,7 @@ def plan(config: PruneConfig) -> _Plan:
     if config.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {config.batch_size}")
     activations.placement_for(torch.device("cpu"), config.offload_activations, config.max_memory, config.offload_dir)
+    _plan_extensions(config, method, pattern, sparsity, scope)
     for flag, regex in (("--targets", config.targets), ("--exclude", config.exclude)):
         if regex:
             try:
@@ -156,6 +182,48 @@ def plan(config: PruneConfig) -> _Plan:
             except re.error as exc:
                 raise UsageError(f"{flag} {regex!r} is not a valid regular expression: {exc}") from exc
     return _Plan(method, pattern, sparsity, scope)
+
+
+def _plan_extensions(config: PruneConfig, method: Method, pattern: Pattern, sparsity: float, scope: str) -> None:
+    """Usage errors of --allocation, --permute, --refine and --method keep."""
+    if config.allocation not in ALLOCATIONS:
+        raise UsageError(f"--allocation {config.allocation!r} is not one of {', '.join(ALLOCATIONS)}")
+    if config.allocation == "owl":
+        if pattern.structured:
+            raise UsageError(f"--allocation owl sets one unstructured sparsity per block; it cannot be combined with --pattern {pattern}")
+        if method.name in ("keep", "random"):
+            raise UsageError(f"--allocation owl needs a pruning method (magnitude, wanda, sparsegpt, ria), not {method.name}")
+        if scope == "global":
+            raise UsageError("--allocation owl gives every block its own sparsity; --scope global ranks the whole model at once (use row or matrix)")
+        bound = min(sparsity, 1.0 - sparsity)
+        if not 0.0 <= config.owl_lambda <= bound:
+            raise UsageError(f"--owl-lambda must be in [0, min(S, 1-S)] = [0, {bound:g}] for --sparsity {sparsity:g}, got {config.owl_lambda:g}")
+        if config.owl_m <= 0:
+            raise UsageError(f"--owl-m must be positive, got {config.owl_m:g}")
+    elif config.owl_lambda != owl.DEFAULT_LAMBDA or config.owl_m != owl.DEFAULT_M:
+        raise UsageError("--owl-m/--owl-lambda apply to --allocation owl")
+    if config.permute:
+        if not pattern.structured:
+            raise UsageError("--permute reorders inputs into N:M groups; it needs --pattern N:M")
+        if method.name not in ("magnitude", "wanda", "ria", "random"):
+            raise UsageError(f"--permute chooses a score-based N:M mask (magnitude, wanda, ria); not available for {method.name}")
+    if config.refine is not None and config.refine not in REFINEMENTS:
+        raise UsageError(f"--refine {config.refine!r} is not one of {', '.join(REFINEMENTS)}")
+    if method.name == "keep" and (config.sparsity is not None or pattern.structured or config.allocation != "uniform"):
+        raise UsageError("--method keep keeps the input's masks (their pattern and sparsity); drop --sparsity/--pattern/--allocation")
+    if config.refine is None and method.name == "keep":
+        raise UsageError("--method keep prunes nothing new; it is for --refine dsnot on an already pruned checkpoint")
+    if config.refine is not None:
+        if method.name == "random":
+            raise UsageError("--refine dsnot refines a pruning criterion's mask; random has none")
+        if config.refine_skip not in dsnot.SKIPS:
+            raise UsageError(f"--refine-skip {config.refine_skip!r} is not one of {', '.join(dsnot.SKIPS)}")
+        if config.refine_iters < 1:
+            raise UsageError(f"--refine-iters must be at least 1, got {config.refine_iters}")
+        if config.refine_threshold < 0:
+            raise UsageError(f"--refine-threshold must be 0 or more, got {config.refine_threshold:g}")
+        if scope == "global":
+            raise UsageError("--refine dsnot refines block by block; --scope global ranks the whole model at once (use row or matrix)")
 
 
 def _choose_matrices(model: nn.Module, config: PruneConfig, pattern: Pattern) -> tuple[list[Matrix], list[str]]:
@@ -196,7 +264,7 @@ def _check_carried_masks(model: nn.Module, old: MaskSet | None, names: set[str],
         return
     transposed = arch.transposed_names(model)
     for name, keep in old.masks.items():
-        if name not in names and mask.nm_violations(keep, pattern, transposed=name in transposed):
+        if name not in names and mask.nm_violations(keep, pattern, transposed=name in transposed, permutation=old.permutations.get(name)):
             raise UsageError(
                 f"{name} keeps its {old.pattern} mask from the input, which breaks {pattern}; include it in --targets"
             )
@@ -218,16 +286,38 @@ class _Pruner:
         self.block_seconds: list[dict[str, float]] = []  # per calibrated block: statistics pass, pruning
         self.generator = torch.Generator().manual_seed(config.seed)
         self.stats: MaskStats = {}  # filled by block_keep (streaming)
+        self.block_sparsity: dict[int, float] = {}  # --allocation owl: each block's target
+        self.outlier_ratios: dict[int, float] = {}
+        self.permutations: dict[str, torch.Tensor] = {}  # --permute: matrix key -> input order
+        self.dense: dict[str, torch.Tensor] | None = None  # --method keep: dense [out, in] weights by key
+        self.refine_swaps: dict[str, int] = {}
 
     def note(self, kind: str, text: str) -> None:
         self.notes.setdefault(kind, []).append(text)
 
     # --- mask selection and writing
 
-    def select(self, scores: torch.Tensor, old: torch.Tensor | None) -> torch.Tensor:
+    def sparsity(self, block: int) -> float:
+        """The block's target sparsity (uniform, or its OWL allocation)."""
+        return self.block_sparsity.get(block, self.p.sparsity)
+
+    def select(self, scores: torch.Tensor, old: torch.Tensor | None, m: Matrix) -> torch.Tensor:
+        if self.p.pattern.structured and self.config.permute:
+            return self._select_permuted(scores, old, m)
         if self.p.pattern.structured:
             return nm_prune_mask(scores, self.p.pattern.n, self.p.pattern.m, old)
-        return prune_mask(scores, self.p.sparsity, self.p.scope, old)
+        return prune_mask(scores, self.sparsity(m.block), self.p.scope, old)
+
+    def _select_permuted(self, scores: torch.Tensor, old: torch.Tensor | None, m: Matrix) -> torch.Tensor:
+        """N:M in RIA's reallocated input order, returned in the original order."""
+        if m.expert is not None:
+            raise UsageError("--permute records one input permutation per weight tensor; fused MoE experts are not supported")
+        order = channel_permutation(scores, self.p.pattern.m)
+        chosen = nm_prune_mask(scores[:, order], self.p.pattern.n, self.p.pattern.m, None if old is None else old[:, order])
+        pruned = torch.empty_like(chosen)
+        pruned[:, order] = chosen
+        self.permutations[m.key] = order.cpu()
+        return pruned
 
     def commit(self, m: Matrix, pruned: torch.Tensor) -> None:
         """Zero the pruned weights in place and remember the mask."""
@@ -240,7 +330,7 @@ class _Pruner:
         if self.p.scope == "global":
             self.global_scores[m.key] = scores.cpu()
         else:
-            self.commit(m, self.select(scores, old))
+            self.commit(m, self.select(scores, old, m))
 
     def finish_global(self) -> None:
         if not self.global_scores:
@@ -261,8 +351,12 @@ class _Pruner:
         self.finish_global()
 
     def prune_data_free(self, m: Matrix) -> None:
-        if self.p.method.name == "magnitude":
-            scores = magnitude_scores(m.weight())
+        if self.p.method.name == "keep":
+            old = _old_pruned(self.old, m)
+            self.commit(m, old if old is not None else torch.zeros(m.shape, dtype=torch.bool))
+            return
+        if self.p.method.score is not None:
+            scores = self.p.method.score(m.weight(), None)
         else:
             scores = random_scores(m.shape, self.generator)
         self.score_or_select(m, scores)
@@ -280,15 +374,18 @@ class _Pruner:
 
     def prune_group(self, group: Group, status: Any) -> None:
         status(f"block {group.matrices[0].block}: {group.label}")
+        if self.p.method.statistic is None:  # magnitude or keep, calibrated only for --refine
+            for m in group.matrices:
+                self.prune_data_free(m)
+            return
         if group.stat.tokens == 0:  # an expert the router never chose on this data
             self.note("no_calibration_tokens", f"{group.label}: magnitude fallback")
             for m in group.matrices:
                 self.score_or_select(m, magnitude_scores(m.weight()))
             return
-        if self.p.method.name == "wanda":
-            norms = group.stat.norms()
+        if self.p.method.score is not None:
             for m in group.matrices:
-                self.score_or_select(m, wanda_scores(m.weight(), norms))
+                self.score_or_select(m, self.p.method.score(m.weight(), group.stat))
             return
         inverse = inverse_hessian(group.stat.hessian(), self.config.damp, where=group.label)
         if inverse.retries:
@@ -298,35 +395,110 @@ class _Pruner:
         for m in group.matrices:
             w = m.weight()
             result = prune_matrix(
-                w, inverse, self.p.sparsity, n, mm, self.config.blocksize, scope, _old_pruned(self.old, m),
+                w, inverse, self.sparsity(m.block), n, mm, self.config.blocksize, scope, _old_pruned(self.old, m),
                 selection=self.config.sparsegpt_selection,
             )
             with torch.no_grad():
                 w.copy_(result.weight.to(w.dtype))
             self.commit(m, result.pruned)
 
+    def statistic(self, features: int, device: torch.device) -> Any:
+        """The method's statistic of one input group; with --refine, plus DSnoT's moments."""
+        primary = self.p.method.statistic(features, device) if self.p.method.statistic is not None else None
+        if self.config.refine is None:
+            return primary
+        return dsnot.WithMoments(primary, dsnot.MomentStat(features, device))
+
     def step(self, s: engine.BlockStep) -> None:
         groups = target_groups(self.model, s.index, self.keys)
         if not groups:
             return None
+        before = self.weights_before(groups) if self.config.refine is not None else {}
         s.status(f"block {s.index}: statistics")
         start = time.perf_counter()
-        with collecting(self.model, groups, self.p.method.statistic, s.device) as stats:
+        with collecting(self.model, groups, self.statistic, s.device) as stats:
             s.inputs.run(s.block, keep_outputs=False)
         _sync(s.device)
         middle = time.perf_counter()
         for group in stats:
             self.prune_group(group, s.status)
+            if before:
+                self.refine_group(group, before, s.status)
         _sync(s.device)
         self.block_seconds.append({"statistics": round(middle - start, 4), "prune": round(time.perf_counter() - middle, 4)})
         return None
+
+    # --- DSnoT
+
+    def weights_before(self, groups: list[list[Matrix]]) -> dict[str, torch.Tensor]:
+        """Each matrix's weights before this step prunes it (copies). With --method keep
+        the input is already pruned: its pruned weights get their dense values back (in
+        the block too, so that the statistics see the block as before its pruning)."""
+        out = {}
+        for group in groups:
+            for m in group:
+                w = m.weight()
+                if self.dense is not None:
+                    old = _old_pruned(self.old, m)
+                    if old is not None:
+                        with torch.no_grad():
+                            w.copy_(torch.where(old.to(w.device), self.dense[m.key].to(w.device, w.dtype), w))
+                out[m.key] = w.detach().clone()
+        return out
+
+    def skipped_by_refine(self, m: Matrix) -> bool:
+        """The reference's --skip_layer: `mlp` refines only the attention matrices."""
+        attention = arch.is_attention(m)
+        return (self.config.refine_skip == "mlp" and not attention) or (self.config.refine_skip == "attention" and attention)
+
+    def refine_group(self, group: Group, before: dict[str, torch.Tensor], status: Any) -> None:
+        if group.stat.tokens == 0:
+            return  # no calibration tokens: nothing to estimate the error from
+        moments = group.stat.moments
+        n, mm = (self.p.pattern.n, self.p.pattern.m) if self.p.pattern.structured else (0, 0)
+        keep_mode = self.p.method.name == "keep"
+        for m in group.matrices:
+            if self.skipped_by_refine(m):
+                continue  # the method's result stands (SparseGPT's updated weights included)
+            w = m.weight()
+            dense = before[m.key]
+            with torch.no_grad():
+                w.copy_(dense)  # DSnoT updates no weight: the refined mask applies to these values
+            status(f"block {m.block}: dsnot {m.key}")
+            frozen = None if keep_mode else _old_pruned(self.old, m)
+            pruned = self.pruned[m.key].to(w.device)
+            order = self.permutations.get(m.key)
+            if order is None and keep_mode and self.old is not None and m.expert is None:
+                order = self.old.permutations.get(m.name)  # refine in the input mask's own grouping
+            stat = moments
+            if order is not None:  # refine in the permuted grouping, map back
+                order = order.to(w.device)
+                dense, pruned = dense[:, order], pruned[:, order]
+                frozen = None if frozen is None else frozen[:, order]
+                stat = _permuted_moments(moments, order)
+            result = dsnot.refine(dense, pruned, stat, self.config.refine_iters, self.config.refine_threshold, n, mm, frozen)
+            new = result.pruned
+            if order is not None:
+                new = torch.empty_like(new).index_copy_(1, order, new)
+            self.refine_swaps[m.key] = result.swaps
+            self.commit(m, new)
 
     # --- assembling the result
 
     def mask_set(self) -> MaskSet:
         """Keep-masks in each parameter's layout; untouched input masks carried over."""
         old = self.old.masks if self.old is not None else {}
-        return MaskSet(self._assemble(old, self.matrices), self.p.pattern)
+        return MaskSet(self._assemble(old, self.matrices), self.p.pattern, self.permutation_set())
+
+    def permutation_set(self) -> dict[str, torch.Tensor]:
+        """--permute: each mask's input order (by parameter name), with the input's own."""
+        out = dict(self.old.permutations) if self.old is not None else {}
+        if self.p.method.name != "keep":  # a new mask is N:M in the original order unless permuted anew
+            for m in self.matrices:
+                out.pop(m.name, None)
+        by_key = {m.key: m for m in self.matrices}
+        out.update({by_key[k].name: order for k, order in self.permutations.items()})
+        return out
 
     def block_keep(self, index: int) -> dict[str, torch.Tensor]:
         """The final keep-masks of block `index`'s parameters, as `mask_set` would give
@@ -354,6 +526,13 @@ class _Pruner:
         return keep
 
 
+def _permuted_moments(stat: dsnot.MomentStat, order: torch.Tensor) -> dsnot.MomentStat:
+    out = dsnot.MomentStat(0, stat.sq.device)
+    out.sq, out.total, out.between = stat.sq[order], stat.total[order], stat.between[order]
+    out.tokens, out.sequences = stat.tokens, stat.sequences
+    return out
+
+
 def _sync(device: torch.device) -> None:
     """Wait for queued device work so per-block timings are real."""
     if device.type == "cuda":
@@ -371,6 +550,10 @@ def calibration_tokens(ckpt: Checkpoint, config: PruneConfig) -> tuple[torch.Ten
 def _setup(ckpt: Checkpoint, config: PruneConfig, stream: WeightStream | None) -> tuple[_Plan, "_Pruner", list[str]]:
     """Validate against the checkpoint, choose the matrices, build the run's state."""
     p = plan(config)
+    if p.method.name == "keep":
+        if ckpt.masks is None:
+            raise UsageError(f"--refine on {ckpt.source}: it has no masks.safetensors (prune it first, or pass a --method)")
+        p = _Plan(p.method, ckpt.masks.pattern, p.sparsity, str(ckpt.masks.pattern) if ckpt.masks.pattern.structured else p.scope)
     if ckpt.adapters is not None:
         raise UsageError(f"{ckpt.source} has unmerged adapters; run `perp merge` first, then prune the merged checkpoint")
     if stream is not None and p.scope == "global":
@@ -392,11 +575,24 @@ def _results(pruner: "_Pruner", stats: MaskStats, skipped: list[str], start: flo
     kept = sum(stats[n][1] for n in pruned_names)
     total = sum(stats[n][2] for n in pruned_names)
     kept_all, total_all = sum(v[1] for v in stats.values()), sum(v[2] for v in stats.values())
+    extensions: dict[str, Any] = {}
+    if pruner.block_sparsity:
+        extensions["allocation"] = {
+            "method": "owl", "m": config.owl_m, "lambda": config.owl_lambda,
+            "block_sparsity": {str(b): round(s, 6) for b, s in sorted(pruner.block_sparsity.items())},
+            "outlier_ratio": {str(b): round(r, 6) for b, r in sorted(pruner.outlier_ratios.items())},
+        }
+    if pruner.permutations:
+        extensions["permuted"] = sorted({m.name for m in pruner.matrices if m.key in pruner.permutations})
+    if config.refine is not None:
+        extensions["refine"] = {"method": config.refine, "iters": config.refine_iters, "threshold": config.refine_threshold,
+                                "skip": config.refine_skip, "swaps": dict(sorted(pruner.refine_swaps.items()))}
     return {
         "method": p.method.name,
         "pattern": str(p.pattern),
         "scope": p.scope,
         "sparsity_requested": p.sparsity,
+        **extensions,
         "sparsity_achieved": {
             "pruned_tensors": round(1 - kept / total, 6) if total else 0.0,
             "all_masked_tensors": round(1.0 - kept_all / total_all if total_all else 0.0, 6),
@@ -442,18 +638,72 @@ class BlockPruner:
         return _results(self.state, self.state.stats, self.skipped, self.start, self.device, activation_record or {})
 
 
+def owl_pass(pruner: "_Pruner", tokens: torch.Tensor, device: torch.device, placement: Any, progress: Any) -> None:
+    """OWL's statistics-only pass over the dense model: each block's outlier ratio from
+    Wanda scores, then the blocks' sparsities (`_Pruner.block_sparsity`). The engine
+    propagates through the unpruned blocks, as the reference's first pass does."""
+    config, model = pruner.config, pruner.model
+    counts: dict[int, int] = {}
+
+    def step(s: engine.BlockStep) -> None:
+        groups = target_groups(model, s.index, pruner.keys)
+        if not groups:
+            return None
+        s.status(f"block {s.index}: outlier ratio")
+        with collecting(model, groups, NormStat, s.device) as stats:
+            s.inputs.run(s.block, keep_outputs=False)
+        # Wanda scores with sqrt(mean x²) as the reference's scaler_row (a scale shared by
+        # the block's matrices for dense blocks; per expert for MoE, by its own tokens)
+        scores = [
+            m.weight().abs().float() * (g.stat.sq / g.stat.tokens).sqrt().float().to(m.weight().device).reshape(1, -1)
+            for g in stats if g.stat.tokens for m in g.matrices
+        ]
+        if scores:
+            pruner.outlier_ratios[s.index] = owl.outlier_ratio(scores, config.owl_m)
+            counts[s.index] = sum(int(x.numel()) for x in scores)
+        return None
+
+    engine.calibrate(model, tokens, step, device=device, batch_size=config.batch_size, offload=placement,
+                     progress=progress, description="owl statistics")
+    blocks = sorted(pruner.outlier_ratios)
+    allocated = owl.allocate([pruner.outlier_ratios[b] for b in blocks], [counts[b] for b in blocks], pruner.p.sparsity, config.owl_lambda)
+    pruner.block_sparsity = dict(zip(blocks, allocated))
+
+
+def dense_weights(model: nn.Module, matrices: list[Matrix]) -> dict[str, torch.Tensor]:
+    """The `[out, in]` weights of `matrices` (by key) in `model`, a dense checkpoint of the
+    same architecture (`--method keep --refine`: the values of the pruned weights)."""
+    by_key = {m.key: m for m in arch.matrices(model)}
+    out = {}
+    for m in matrices:
+        other = by_key.get(m.key)
+        if other is None or tuple(other.shape) != tuple(m.shape):
+            raise UsageError(f"the dense model has no matrix {m.key} of shape {tuple(m.shape)}")
+        out[m.key] = other.weight().detach().clone()
+    return out
+
+
 def prune(
-    ckpt: Checkpoint, config: PruneConfig, tokens: torch.Tensor | None = None, stream: WeightStream | None = None
+    ckpt: Checkpoint, config: PruneConfig, tokens: torch.Tensor | None = None, stream: WeightStream | None = None,
+    dense: nn.Module | None = None,
 ) -> PruneOutcome:
     """Prune `ckpt.model` in place and return its masks, results and calibration record.
 
     `tokens` (`[n, seqlen]`) replaces sampling from `config.calib` (tests, benchmarks).
     With `stream` (perp_cli.streaming) the model is a meta-device skeleton: each block is
     loaded before its turn and handed to `stream.release` with its keep-masks once done;
-    the returned `masks` is then None.
+    the returned `masks` is then None. `dense`: the dense model `--method keep --refine`
+    takes the pruned weights' values from (required then).
     """
     start = time.time()
     p, pruner, skipped = _setup(ckpt, config, stream)
+    if p.method.name == "keep":
+        if dense is None:
+            raise UsageError("--method keep --refine needs the dense model the checkpoint was pruned from (--dense)")
+        pruner.dense = dense_weights(dense, pruner.matrices)
+    calibrated = p.method.statistic is not None or config.refine is not None or config.allocation == "owl"
+    if stream is not None and calibrated and p.method.statistic is None:
+        raise UsageError("--allocation owl and --refine run in memory; use --streaming off")
     device = checkpoint.resolve_device(config.device)
     placement = activations.placement_for(device, config.offload_activations, config.max_memory, config.offload_dir)
     model = ckpt.model
@@ -466,11 +716,7 @@ def prune(
         )
 
     with make_progress(config.quiet) as progress:
-        if p.method.statistic is None and stream is None:
-            pruner.run_data_free(progress)
-        elif p.method.statistic is None:
-            engine.run_blocks(model, None, pruner.step_data_free, progress=progress, description=f"{p.method.name} blocks", residency=residency)
-        else:
+        if calibrated:
             # find the input groups (one probe forward) while the whole model sits on its home device
             arch.groups_probed(model)
             if tokens is None:
@@ -479,6 +725,14 @@ def prune(
                 data_record = {"source": "tokens given by the caller", "token_ids_sha256": sha256_tensor(tokens), "shape": list(tokens.shape)}
             if placement.ineffective:
                 pruner.note("activations", "--max-memory/--offload-activations change nothing on the CPU (the host is the device); --offload-dir DIR puts activations on disk")
+        if config.allocation == "owl":
+            owl_pass(pruner, tokens, device, placement, progress)
+        if not calibrated or (p.method.statistic is None and config.refine is None):
+            if stream is None:
+                pruner.run_data_free(progress)
+            else:
+                engine.run_blocks(model, None, pruner.step_data_free, progress=progress, description=f"{p.method.name} blocks", residency=residency)
+        else:
             final = engine.calibrate(
                 model, tokens, pruner.step, device=device, batch_size=config.batch_size,
                 offload=placement, progress=progress, description=f"{p.method.name} blocks",

@@ -466,11 +466,13 @@ class MaskReader:
     mask a shape and the right number of bytes.
     """
 
-    def __init__(self, file: Path, stored: dict[str, StoredTensor], shapes: dict[str, list[int]], pattern: Pattern) -> None:
+    def __init__(self, file: Path, stored: dict[str, StoredTensor], shapes: dict[str, list[int]], pattern: Pattern,
+                 permutations: dict[str, torch.Tensor] | None = None) -> None:
         self.file = file
         self.stored = stored
         self.shapes = shapes
         self.pattern = pattern
+        self.permutations = permutations or {}  # --permute: input order of some masks' N:M groups
 
     @classmethod
     def open(cls, directory: Path, manifest: dict[str, Any] | None, verify: bool = True) -> MaskReader | None:
@@ -501,7 +503,15 @@ class MaskReader:
             pattern = Pattern.parse(meta.get("pattern", "unstructured"))
         except UsageError as exc:
             raise CheckpointError(f"{file} records a bad pattern: {exc}") from exc
-        reader = cls(file, stored, shapes, pattern)
+        try:
+            orders = json.loads(meta.get("input_permutations", "{}"))
+            permutations = {str(n): torch.tensor([int(i) for i in order], dtype=torch.long) for n, order in orders.items()}
+            for n, order in permutations.items():
+                if n not in shapes or sorted(order.tolist()) != list(range(order.numel())):
+                    raise ValueError(f"{n} has no mask or its order is not a permutation")
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{file} cannot be read: bad input_permutations metadata ({exc})") from exc
+        reader = cls(file, stored, shapes, pattern, permutations)
         if verify and manifest:
             reader.verify(manifest)
         return reader
@@ -538,7 +548,7 @@ class MaskReader:
 
     def placeholders(self) -> MaskSet:
         """Every mask as a meta-device bool tensor of its shape (names sorted)."""
-        return MaskSet({n: torch.empty(self.shapes[n], dtype=torch.bool, device="meta") for n in sorted(self.stored)}, self.pattern)
+        return MaskSet({n: torch.empty(self.shapes[n], dtype=torch.bool, device="meta") for n in sorted(self.stored)}, self.pattern, dict(self.permutations))
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named masks, unpacked (bool, in the parameters' layout)."""

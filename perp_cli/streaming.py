@@ -145,7 +145,7 @@ def open_checkpoint(
     if lazy_masks:
         masks = mask_reader.placeholders() if mask_reader is not None else None
     else:
-        masks = MaskSet(mask_reader.read(sorted(mask_reader.stored)), mask_reader.pattern) if mask_reader else None
+        masks = MaskSet(mask_reader.read(sorted(mask_reader.stored)), mask_reader.pattern, dict(mask_reader.permutations)) if mask_reader else None
         mask_reader = None
     if masks is not None:
         _check_input_masks(model, masks, source)
@@ -241,11 +241,13 @@ class MaskSpool:
         self.entries[name] = (self.size, data.nbytes, list(keep.shape), hashlib.sha256(data).hexdigest())
         self.size += data.nbytes
 
-    def finish(self, pattern: Pattern) -> str:
-        """Write `masks.safetensors` (names sorted), drop the spool; return the file's sha256."""
+    def finish(self, pattern: Pattern, permutations: dict[str, torch.Tensor] | None = None) -> str:
+        """Write `masks.safetensors` (names sorted), drop the spool; return the file's sha256.
+        `permutations`: the input masks' N:M input orders, carried over."""
         names = sorted(self.entries)
         layout = {n: (torch.uint8, (self.entries[n][1],)) for n in names}
-        metadata = checkpoint.masks_metadata(pattern, {n: self.entries[n][2] for n in names})
+        kept = {n: o for n, o in (permutations or {}).items() if n in self.entries}
+        metadata = checkpoint.masks_metadata(pattern, {n: self.entries[n][2] for n in names}, kept)
         writer = ShardWriter(self.directory, layout, 1 << 62, metadata=metadata, single_name=checkpoint.MASKS_NAME)
         with open(self.path, "rb", buffering=0) as f:
             for n in names:
@@ -443,7 +445,7 @@ def streamed_output(
                 ckpt.tokenizer.save_pretrained(tmp)
             manifest = checkpoint.next_manifest(ckpt.manifest, step)
             if write_masks:
-                manifest["masks_sha256"] = stream.spool.finish(pattern)
+                manifest["masks_sha256"] = stream.spool.finish(pattern, ckpt.masks.permutations if ckpt.masks is not None else None)
                 manifest["pattern"] = str(pattern)
                 manifest["sparsity"] = stream.mask_summary()
             else:
@@ -703,6 +705,8 @@ def decide(
         problem = f"{source} has no safetensors weights"
     elif config is not None and pruner.plan(config).scope == "global":
         problem = "--scope global ranks the whole model at once"
+    elif config is not None and (config.allocation != "uniform" or config.refine is not None or config.permute):
+        problem = "--allocation owl, --refine and --permute run in memory"
     if mode == "on":
         if problem:
             raise UsageError(f"--streaming on: {problem}; use --streaming off")

@@ -83,11 +83,18 @@ def _render(report: Report, per_matrix: bool) -> None:
                 "-" if report.pattern in ("dense", "unstructured") else ("yes" if m.nm_violations == 0 else f"NO ({m.nm_violations})"),
             )
     else:
+        targets = report.block_targets()
         table.add_column("block", justify="right")
         table.add_column("sparsity", justify="right")
+        if targets:
+            table.add_column("target (owl)", justify="right")
         for block, s in report.per_block().items():
-            table.add_row(str(block), f"{s:.2%}")
+            table.add_row(str(block), f"{s:.2%}", *((f"{targets[block]:.2%}" if block in targets else "-",) if targets else ()))
     console.print(table)
+    if per_matrix and report.block_targets():
+        console.print("target sparsity per block (--allocation owl): " + ", ".join(f"{b}: {s:.2%}" for b, s in report.block_targets().items()))
+    if report.permuted:
+        console.print(f"{len(report.permuted)} masks are N:M in a permuted input order (perp prune --permute; stored with the masks)")
     verdict = "[green]consistent[/]" if report.consistent else "[red]INCONSISTENT[/]"
     console.print(f"weights vs masks: {verdict}")
     if report.history:

@@ -1,15 +1,16 @@
-"""`perp prune MODEL -o OUT`: magnitude, random, Wanda or SparseGPT; unstructured or N:M."""
+"""`perp prune MODEL -o OUT`: magnitude, random, Wanda, SparseGPT or RIA; unstructured or
+N:M; uniform or OWL sparsity per block; optional DSnoT mask refinement."""
 
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from perp_cli import activations, checkpoint, streaming
+from perp_cli import activations, checkpoint, reconstruction, streaming
 from perp_cli.cli.common import (
     ActivationDirOpt,
     AllowPickleOpt,
@@ -30,6 +31,7 @@ from perp_cli.cli.common import (
     check_activation_memory,
     emit_json,
 )
+from perp_cli.errors import UsageError
 from perp_cli.manifest import StepRecord
 from perp_cli.progress import console
 from perp_cli.pruner import PruneConfig, plan, prune
@@ -39,7 +41,7 @@ from perp_cli.shards import parse_size
 def prune_cmd(
     model: ModelArg,
     output: OutputOpt,
-    method: Annotated[str, typer.Option("--method", help="magnitude (|W|, no data), random (baseline, no data), wanda (|W|·‖X‖₂, calibration) or sparsegpt (OBS updates, calibration). Required.", show_default=False)],
+    method: Annotated[str, typer.Option("--method", help="magnitude (|W|, no data), random (baseline, no data), wanda (|W|·‖X‖₂, calibration), sparsegpt (OBS updates, calibration), ria (relative importance (|W|/Σrow|W| + |W|/Σcol|W|)·‖X‖₂^0.5, calibration) or keep (the input's masks unchanged: with --refine dsnot on an already pruned checkpoint). Required.", show_default=False)],
     sparsity: Annotated[float | None, typer.Option("--sparsity", help="Fraction of weights to prune, 0 <= S < 1. Default: 0.5 unstructured; for N:M it is 1 - N/M (an explicit value that disagrees is an error).", show_default=False)] = None,
     pattern: Annotated[str, typer.Option("--pattern", help="unstructured, or N:M (at most N kept in every M consecutive inputs, e.g. 2:4, 4:8).")] = "unstructured",
     scope: Annotated[str | None, typer.Option("--scope", help="Unstructured comparison group: row, matrix or global (all prunable weights). Default: row for wanda, matrix for magnitude/random; sparsegpt picks per 128-column block (matrix = all rows of the block, as published; row = each row).", show_default=False)] = None,
@@ -54,6 +56,15 @@ def prune_cmd(
     damp: Annotated[float, typer.Option("--damp", help="SparseGPT damping, as a fraction of the Hessian's mean diagonal (raised x10 and retried if the Cholesky fails).")] = 0.01,
     blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT column block size (mask chosen per block; lazy updates between blocks).")] = 128,
     sparsegpt_selection: Annotated[str, typer.Option("--sparsegpt-selection", help="SparseGPT's mask rule per column block (unstructured): reference = prune every weight whose score is <= the (k+1)-th smallest, k = floor(S·n), as IST-DASLab/sparsegpt does (k+1 per block, more on ties: a hair above S); exact = exactly k per block (S met exactly). N:M is the same under both.")] = "reference",
+    allocation: Annotated[str, typer.Option("--allocation", help="Sparsity per decoder block: uniform (S everywhere) or owl (Outlier Weighed Layerwise sparsity: blocks with more outlier Wanda scores are pruned less, each in [S-λ, S+λ], the parameter-weighted mean exactly S; a statistics pass over the dense model first). Unstructured only.")] = "uniform",
+    owl_m: Annotated[float, typer.Option("--owl-m", help="OWL: a weight is an outlier when its Wanda score exceeds M x the block's mean score.")] = 5.0,
+    owl_lambda: Annotated[float, typer.Option("--owl-lambda", help="OWL: the blocks' sparsities spread over [S-λ, S+λ]; 0 <= λ <= min(S, 1-S).")] = 0.08,
+    permute: Annotated[bool, typer.Option("--permute", help="N:M with magnitude/wanda/ria: RIA's channel reallocation. Each matrix's inputs are reordered so that important channels land in different groups of M before the mask is chosen; the weights stay in place (the model computes the same function) and the order is stored with the masks: the mask is N:M in that order, and an N:M kernel must permute the weight's columns and its inputs by it.")] = False,
+    refine: Annotated[str | None, typer.Option("--refine", help="dsnot: after the method (block by block), DSnoT's training-free prune-and-grow swaps within each output row reduce the expected reconstruction error; every row's count and N:M groups stay exact. With --method keep, refines the masks of an already pruned MODEL (needs --dense).", show_default=False)] = None,
+    refine_iters: Annotated[int, typer.Option("--refine-iters", help="DSnoT: most swap iterations per matrix, each one swap per row (the reference's --max_cycle_time, set for rows of thousands of inputs; on small models a few iterations: 50 can replace every kept weight of a 64-input row).")] = 50,
+    refine_threshold: Annotated[float, typer.Option("--refine-threshold", help="DSnoT: a row stops once its expected error |Σ pruned W·E[x]| is at most this (the reference's --update_threshold).")] = 0.1,
+    refine_skip: Annotated[str, typer.Option("--refine-skip", help="DSnoT: leave these matrices' masks as the method chose them: mlp (the reference's default: refine attention only), attention, or none.")] = "mlp",
+    dense: Annotated[str | None, typer.Option("--dense", help="With --method keep --refine: the dense model MODEL was pruned from (the grown weights take its values). Default: the source model recorded in MODEL's perp.json.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward micro-batch.")] = 8,
     offload_activations: OffloadActivationsOpt = False,
     max_memory: MaxMemoryOpt = None,
@@ -73,6 +84,10 @@ def prune_cmd(
 ) -> None:
     """Prune a checkpoint and write weights with exact zeros, masks and a manifest.
 
+    Examples: --method ria --sparsity 0.5; --method wanda --sparsity 0.7 --allocation owl;
+    --method ria --pattern 2:4 --permute; --method wanda --sparsity 0.6 --refine dsnot;
+    PRUNED --method keep --refine dsnot --dense DENSE.
+
     Weights an earlier step pruned stay pruned. Wanda and SparseGPT calibrate block by
     block: each block is pruned, then the calibration data goes through the pruned
     block to the next one; only the current block is on the device. With --streaming
@@ -86,11 +101,15 @@ def prune_cmd(
         nsamples=nsamples, seqlen=seqlen, calib_concat=calib_concat, seed=seed, device=device,
         batch_size=batch_size, offload_activations=offload_activations, max_memory=max_memory,
         offload_dir=None if offload_dir is None else str(offload_dir), quiet=quiet,
+        allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda, permute=permute, refine=refine,
+        refine_iters=refine_iters, refine_threshold=refine_threshold, refine_skip=refine_skip,
     )
+    if dense is not None and config.method != "keep":
+        raise UsageError("--dense is for --method keep --refine (the dense values of the pruned weights)")
     plan(config)  # usage errors before loading anything
     shard_bytes = parse_size(max_shard_size)
     overwrite = overwrite or overwrite_foreign
-    checkpoint.check_output(output, inputs=[model, calib, offload_dir], overwrite=overwrite, overwrite_foreign=overwrite_foreign)
+    checkpoint.check_output(output, inputs=[model, calib, offload_dir] + ([dense] if dense else []), overwrite=overwrite, overwrite_foreign=overwrite_foreign)
     activations.check_offload_dir(offload_dir, output, [model])
     decision = streaming.decide(streaming_mode, model, config, dtype)
     step = StepRecord("prune", args={**vars(config), "model": model, "output": str(output), "dtype": dtype,
@@ -99,15 +118,17 @@ def prune_cmd(
         if not quiet:
             console.print(escape(decision.reason), soft_wrap=True)
         ckpt = streaming.open_checkpoint(model, dtype=dtype, trust_remote_code=trust_remote_code, trust_inputs=trust_inputs)
-        if config.method in ("wanda", "sparsegpt"):
+        if config.method in ("wanda", "sparsegpt", "ria"):
             check_activation_memory(ckpt.model, nsamples, seqlen, 1, offload_dir, "calibration")
         _, results, data_record = streaming.prune(ckpt, output, config, step, overwrite=overwrite, max_shard_size=shard_bytes)
     else:
         ckpt = checkpoint.load(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
                                trust_remote_code=trust_remote_code, need_tokenizer=False, trust_inputs=trust_inputs)
-        if config.method in ("wanda", "sparsegpt"):
+        if config.method in ("wanda", "sparsegpt", "ria") or refine is not None or allocation == "owl":
             check_activation_memory(ckpt.model, nsamples, seqlen, 1, offload_dir, "calibration")
-        masks, results, data_record = prune(ckpt, config)
+        dense_model = _dense_model(ckpt, dense, dtype, trust_remote_code, trust_inputs) if config.method == "keep" else None
+        masks, results, data_record = prune(ckpt, config, dense=dense_model)
+        del dense_model
         step.data, step.results = data_record, results
         checkpoint.save(output, ckpt.model, ckpt.tokenizer, masks, manifest_in=ckpt.manifest, step=step,
                         overwrite=overwrite, max_shard_size=shard_bytes)
@@ -120,9 +141,21 @@ def prune_cmd(
             "per_tensor": achieved["per_tensor"], "skipped_indivisible": results["skipped_indivisible"],
             "notes": results["notes"], "pruning_time_s": results["pruning_time_s"], "peak_memory": results["peak_memory"],
             "calibration": data_record, "streaming": decision.stream,
+            **{k: results[k] for k in ("allocation", "permuted", "refine") if k in results},
         })
     if not quiet:
         _render(results, str(output))
+
+
+def _dense_model(ckpt: checkpoint.Checkpoint, dense: str | None, dtype: str, trust_remote_code: bool, trust_inputs: bool) -> Any:
+    """--method keep --refine: the dense model (--dense, else the recorded source)."""
+    if ckpt.masks is None:
+        raise UsageError(f"--refine on {ckpt.source}: it has no masks.safetensors (prune it first, or pass a --method)")
+    source = reconstruction.dense_source(ckpt, dense)
+    model = checkpoint.load(source, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code,
+                            need_tokenizer=False, trust_inputs=trust_inputs).model
+    reconstruction.check_compatible(ckpt.model, model)
+    return model
 
 
 def _render(results: dict, output: str) -> None:
@@ -133,11 +166,13 @@ def _render(results: dict, output: str) -> None:
         block = re.search(r"\.(\d+)\.", name)
         by_block.setdefault(block.group(1) if block else "-", []).append(s)
     scope = "" if ":" in results["pattern"] else f" · scope {results['scope']}"
+    targets = results.get("allocation", {}).get("block_sparsity", {})
     table = Table(title=f"{results['method']} · {results['pattern']}{scope}", title_justify="left")
-    for col in ("block", "tensors", "min sparsity", "max sparsity"):
+    for col in ("block", "tensors", "min sparsity", "max sparsity") + (("target",) if targets else ()):
         table.add_column(col, justify="right")
     for block, values in by_block.items():
-        table.add_row(block, str(len(values)), f"{min(values):.2%}", f"{max(values):.2%}")
+        target = (f"{targets[block]:.2%}" if block in targets else "-",) if targets else ()
+        table.add_row(block, str(len(values)), f"{min(values):.2%}", f"{max(values):.2%}", *target)
     console.print(table)
     for kind, lines in results["notes"].items():
         for line in lines:

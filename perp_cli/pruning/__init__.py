@@ -4,7 +4,13 @@
 * `magnitude`, `random`: scores from the weights alone, no calibration data;
 * `wanda`: scores |W|·‖X‖₂ from per-group input norms (`statistics.NormStat`);
 * `sparsegpt`: mask and OBS weight update from per-group Hessians
-  (`statistics.HessianStat`).
+  (`statistics.HessianStat`);
+* `ria`: relative importance times ‖X‖₂^0.5 (`ria`), from the same norms as Wanda;
+* `keep`: no new pruning, the input's masks as they are (for `--refine dsnot` on an
+  already pruned checkpoint).
+
+A score-based method has a `score(weight, stat)`; the pruner dispatches through it.
+Layer-wise sparsity (`owl`) and mask refinement (`dsnot`) work with any of them.
 
 Masks are chosen from scores by `selection`; the block-sequential pass is
 `perp_cli.engine`; the whole command is `perp_cli.pruner.prune`.
@@ -13,8 +19,16 @@ Masks are chosen from scores by `selection`; the block-sequential pass is
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
+import torch
+
+from perp_cli.pruning.magnitude import magnitude_scores
+from perp_cli.pruning.ria import ria_scores
 from perp_cli.pruning.statistics import HessianStat, NormStat
+from perp_cli.pruning.wanda import wanda_scores
+
+Score = Callable[[torch.Tensor, Any], torch.Tensor]  # (weight [out, in], the group's statistic) -> scores
 
 
 @dataclass(frozen=True)
@@ -27,11 +41,17 @@ class Method:
     default_scope: str
     scopes: tuple[str, ...]
     summary: str
+    score: Score | None = None  # None: the method has its own path (random, sparsegpt, keep)
 
 
 METHODS: dict[str, Method] = {
-    "magnitude": Method("magnitude", None, "matrix", ("row", "matrix", "global"), "|W|, no data"),
+    "magnitude": Method("magnitude", None, "matrix", ("row", "matrix", "global"), "|W|, no data",
+                        lambda w, stat: magnitude_scores(w)),
     "random": Method("random", None, "matrix", ("row", "matrix", "global"), "uniform random scores"),
-    "wanda": Method("wanda", NormStat, "row", ("row", "matrix", "global"), "|W|·‖X‖₂ from calibration"),
+    "wanda": Method("wanda", NormStat, "row", ("row", "matrix", "global"), "|W|·‖X‖₂ from calibration",
+                    lambda w, stat: wanda_scores(w, stat.norms())),
     "sparsegpt": Method("sparsegpt", HessianStat, "matrix", ("row", "matrix"), "OBS updates from the Hessian"),
+    "ria": Method("ria", NormStat, "matrix", ("row", "matrix", "global"), "(|W|/Σrow + |W|/Σcol)·‖X‖₂^0.5",
+                  lambda w, stat: ria_scores(w, stat.norms())),
+    "keep": Method("keep", None, "matrix", ("matrix",), "the input's masks unchanged (with --refine)"),
 }

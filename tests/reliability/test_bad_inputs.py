@@ -495,6 +495,20 @@ CASES += [
     ("weight-decay-nan", None, RETRAIN + ["--weight-decay", "nan"], 2, "finite"),
     ("alpha-nan", None, RETRAIN + ["--adapter", "masklora", "--alpha", "nan"], 2, "finite"),
     ("tokenizer-beyond-vocabulary", tokenizer_beyond_vocabulary, WANDA, 1, "tokenizer has"),
+    # 11. OWL, RIA permutation, DSnoT (issue 15)
+    ("owl-with-nm", None, ["prune", D, "-o", O, "--method", "wanda", "--pattern", "2:4", "--allocation", "owl", *CALIB], 2, "cannot be combined with --pattern 2:4"),
+    ("owl-lambda-above-s", None, ["prune", D, "-o", O, "--method", "wanda", "--sparsity", "0.1", "--allocation", "owl", "--owl-lambda", "0.2", *CALIB], 2, "--owl-lambda must be in [0, min(S, 1-S)]"),
+    ("owl-lambda-negative", None, ["prune", D, "-o", O, "--method", "wanda", "--sparsity", "0.5", "--allocation", "owl", "--owl-lambda", "-0.1", *CALIB], 2, "--owl-lambda"),
+    ("owl-lambda-without-owl", None, WANDA + ["--owl-lambda", "0.1"], 2, "apply to --allocation owl"),
+    ("allocation-unknown", None, WANDA + ["--allocation", "erk"], 2, "--allocation 'erk'"),
+    ("permute-unstructured", None, ["prune", D, "-o", O, "--method", "ria", "--sparsity", "0.5", "--permute", *CALIB], 2, "needs --pattern N:M"),
+    ("permute-sparsegpt", None, ["prune", D, "-o", O, "--method", "sparsegpt", "--pattern", "2:4", "--permute", *CALIB], 2, "not available for sparsegpt"),
+    ("refine-unknown", None, WANDA + ["--refine", "sparseswaps"], 2, "--refine 'sparseswaps'"),
+    ("refine-iters-zero", None, WANDA + ["--refine", "dsnot", "--refine-iters", "0"], 2, "--refine-iters"),
+    ("refine-on-dense", None, ["prune", D, "-o", O, "--method", "keep", "--refine", "dsnot", *CALIB], 2, "has no masks.safetensors"),
+    ("keep-without-refine", None, ["prune", P, "-o", O, "--method", "keep"], 2, "--method keep prunes nothing new"),
+    ("keep-with-sparsity", None, ["prune", P, "-o", O, "--method", "keep", "--refine", "dsnot", "--sparsity", "0.7", *CALIB], 2, "drop --sparsity"),
+    ("dense-without-keep", None, WANDA + ["--dense", D], 2, "--dense is for --method keep"),
     # 10. minor
     ("calibration-fifo", calibration_fifo, WANDA[:-7] + ["--calib", "{root}/fifo.txt"], 2, "regular file"),
 ]
