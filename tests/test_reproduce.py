@@ -116,3 +116,38 @@ def test_parse_args_quick_and_errors(reproduce, tmp_path: Path, calib_file: Path
         reproduce.parse_args(["--model", str(model), "--calib", str(calib_file), "--eval-data", str(calib_file), "--recoveries", "nope"])
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--model", str(tmp_path / "missing")])
+
+
+def test_methods_study_rows_skip_what_perp_lacks(reproduce, tmp_path: Path, calib_file: Path, capsys, monkeypatch) -> None:
+    # the row list: each row only at its own settings, the baselines' recoveries, no dense controls
+    grid, _ = reproduce.parse_args(["--study", "methods", "--model", str(tmp_path), "--calib", str(calib_file),
+                                    "--eval-data", str(calib_file)])
+    assert grid.study == "methods" and not grid.dense_controls and grid.recoveries == ["none", "biases+norms", "masklora"]
+    rows = {(meth, s) for _, meth, s, _ in grid.cells()}
+    assert ("ria+permute", "2:4") in rows and ("ria+permute", "0.5") not in rows
+    assert {s for meth, s in rows if meth == "owl-sparsegpt"} == {"0.6", "0.7", "0.8"}
+    assert {s for meth, s in rows if meth == "sparsegpt+rec-sublayer"} == {"0.6", "0.7"}
+    assert all(reproduce.variant(v.baseline) for v in reproduce.METHOD_VARIANTS.values() if v.baseline)
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--study", "methods", "--model", str(tmp_path), "--methods", "nope"])
+
+    # a row whose flag the installed perp does not accept is skipped with its reason and runs nothing
+    fake = reproduce.Variant("wanda+fake", "wanda", ("--no-such-flag",), settings=("0.5",), baseline="wanda")
+    monkeypatch.setitem(reproduce.METHOD_VARIANTS, fake.name, fake)
+    assert reproduce.unavailable(fake) == "the installed `perp prune` does not accept --no-such-flag"
+    assert reproduce.unavailable(reproduce.Variant("x", "no-such-method")).startswith("the installed perp has no")
+    assert reproduce.unavailable(reproduce.METHOD_VARIANTS["wanda"]) is None
+    model = save_tiny(tmp_path / "tiny-opt-random", "opt")
+    grid = _grid(reproduce, tmp_path, model, calib_file, methods=["wanda", fake.name], settings=["0.5"], recoveries=["none"],
+                 study="methods", dense_controls=False)
+    runner = reproduce.Runner()
+    rows, failures = reproduce.run_grid(grid, runner, quiet=True)
+    assert failures == [] and [c[0] for c in runner.commands] == ["eval", "prune", "eval"]
+    assert "skipping wanda+fake: the installed `perp prune` does not accept --no-such-flag" in capsys.readouterr().err
+    # a variant is its own pruned model: flags are part of the cache key
+    study = reproduce.Study(grid, runner)
+    assert study.pruned_path(model, "wanda", "0.5") != study.pruned_path(model, fake.name, "0.5")
+    written = reproduce.write_outputs(rows, grid, failures)
+    assert [p.name for p in written] == ["methods.csv", "methods.md"]  # no row has its baseline yet: no plot
+    md = (grid.out / "methods.md").read_text()
+    assert "| wanda | 50% |" in md and "## Not run" in md and "wanda+fake: the installed `perp prune` does not accept" in md
