@@ -93,3 +93,19 @@ def test_post_norm_block_is_refused() -> None:
     inputs = _block0_inputs(model)
     with pytest.raises(UsageError, match="not two sequential residual halves"):
         sublayers.split(model, 0, arch.blocks(model)[0], inputs.call, inputs.batch(0))
+
+
+def test_llama_halves_match_the_reference_wrappers_formula() -> None:
+    """The reference's AttnWrapperLlama / MLPWrapperLlama compute x + self_attn(input_layernorm(x))
+    and h + mlp(post_attention_layernorm(h)); written out here from the module tree."""
+    model = tiny.build_model("llama").eval()
+    inputs = _block0_inputs(model)
+    block = arch.blocks(model)[0]
+    x = inputs.batch(0)
+    halves = dict(sublayers.split(model, 0, block, inputs.call, x).halves(block))
+    attn_kwargs = {k: v for k, v in inputs.kwargs.items() if k in ("attention_mask", "position_embeddings", "position_ids")}
+    with torch.no_grad():
+        h = x + block.self_attn(hidden_states=block.input_layernorm(x), **attn_kwargs)[0]
+        y = h + block.mlp(block.post_attention_layernorm(h))
+        assert torch.allclose(inputs.call(halves["attention"], x), h, rtol=0, atol=1e-6)
+        assert torch.allclose(inputs.call(halves["mlp"], h), y, rtol=0, atol=1e-6)
