@@ -151,3 +151,24 @@ def test_methods_study_rows_skip_what_perp_lacks(reproduce, tmp_path: Path, cali
     assert [p.name for p in written] == ["methods.csv", "methods.md"]  # no row has its baseline yet: no plot
     md = (grid.out / "methods.md").read_text()
     assert "| wanda | 50% |" in md and "## Not run" in md and "wanda+fake: the installed `perp prune` does not accept" in md
+
+
+def test_methods_report_compares_each_row_with_its_baseline(reproduce, tmp_path: Path, calib_file: Path) -> None:
+    grid = reproduce.Grid(models=[tmp_path], calib=calib_file, train_data=calib_file, eval_data=calib_file, work=tmp_path / "w",
+                          out=tmp_path / "out", methods=["wanda", "owl-wanda"], settings=["0.6", "0.7"],
+                          recoveries=["none", "masklora"], study="methods", dense_controls=False)
+    ppl = {("wanda", "none"): 170.0, ("wanda", "masklora"): 150.0, ("owl-wanda", "none"): 168.0, ("owl-wanda", "masklora"): 151.0}
+    rows = [{"model": "m", "method": "dense", "setting": "0%", "recovery": "none", "perplexity": 137.0, "sparsity": 0.0,
+             "prune_s": 0.0, "recover_s": 0.0, "trainable_parameters": 0, "trainable_share": 0.0, "train_tokens": 0}]
+    rows += [{"model": "m", "method": m, "setting": s, "recovery": r, "perplexity": p + (10 if s == "70%" else 0), "sparsity": 0.6,
+              "prune_s": 1.0, "recover_s": 2.0, "eval_s": 0.5, "trainable_parameters": 1, "trainable_share": 0.1, "train_tokens": 1}
+             for (m, r), p in ppl.items() for s in ("60%", "70%")]
+    rows = reproduce.with_gaps(rows)
+    deltas = reproduce.baseline_deltas(rows, "m", grid)
+    assert {(d["setting"], d["recovery"]): d["delta"] for d in deltas} == {
+        ("60%", "none"): -2.0, ("60%", "masklora"): 1.0, ("70%", "none"): -2.0, ("70%", "masklora"): 1.0}
+    written = reproduce.write_outputs(rows, grid, [])
+    assert [p.name for p in written] == ["methods.csv", "methods.md", "methods_vs_baseline_m.png"]
+    md = (grid.out / "methods.md").read_text()
+    assert "| owl-wanda | 70% | 178.00 | 161.00 | -2.00 | +1.00 |" in md
+    assert "**owl-wanda** vs wanda (mean Δ over 60%, 70%): none -2.00, masklora +1.00." in md
