@@ -553,7 +553,7 @@ class Streamed:
 
     Both models are meta-device skeletons. `pruned` reads pruned block i (and its masks)
     before its step and writes it after the propagation; `dense` reads dense block i for
-    its targets only (and holds the dense embeddings while the dense stream's inputs are
+    block i's step only (and holds the dense embeddings while the dense stream's inputs are
     caught). `added_biases`: the biases `--add-biases` already put into the skeleton,
     before the output layout was planned.
     """
