@@ -753,8 +753,11 @@ def methods_markdown(rows: list[dict[str, Any]], grid: Grid, failures: list[str]
         cell = {(r["method"], r["setting"], r["recovery"]): r for r in mine}
         deltas = {(d["variant"], d["setting"], d["recovery"]): d["delta"] for d in baseline_deltas(rows, model, grid)}
         recs = grid.recoveries
-        lines += [f"## {model}", "", f"Dense perplexity: **{_fmt(dense['perplexity']) if dense else '-'}**.", "",
-                  "| row | sparsity | " + " | ".join(recs) + " | " + " | ".join(f"Δ {r}" for r in recs) + " |",
+        lines += [f"## {model}", "", f"Dense perplexity: **{_fmt(dense['perplexity']) if dense else '-'}**.", ""]
+        if not any(r["method"] != "dense" for r in mine):
+            lines += ["No finished cell yet.", ""]
+            continue
+        lines += ["| row | sparsity | " + " | ".join(recs) + " | " + " | ".join(f"Δ {r}" for r in recs) + " |",
                   "|---|---|" + "---:|" * (2 * len(recs))]
         for s in [setting_label(s) for s in grid.settings]:
             for name in grid.methods:
@@ -775,7 +778,8 @@ def methods_markdown(rows: list[dict[str, Any]], grid: Grid, failures: list[str]
                                + ", ".join(f"{rec} {sum(ds) / len(ds):+.2f}" for rec, ds in mine_d) + ".")
         if summary:
             lines += [""] + [f"- {line}" for line in summary]
-        lines += ["", f"![difference to the baseline](methods_vs_baseline_{_slug(model)}.png)", ""]
+        lines += ["", f"![difference to the baseline](methods_vs_baseline_{_slug(model)}.png)"] if deltas else []
+        lines.append("")
         timed = [r for r in mine if r["method"] != "dense"]
         if timed:
             lines += ["| recovery | cells | mean prune (+reconstruct) s | mean recovery s | mean eval s |", "|---|---:|---:|---:|---:|"]
