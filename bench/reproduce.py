@@ -770,12 +770,11 @@ def methods_markdown(rows: list[dict[str, Any]], grid: Grid, failures: list[str]
         summary = []
         for name in grid.methods:
             v = variant(name)
-            mine_d = [(rec, [d for (n, _, r), d in deltas.items() if n == name and r == rec]) for rec in recs]
+            mine_d = [(rec, {st: d for (n, st, r), d in deltas.items() if n == name and r == rec}) for rec in recs]
             mine_d = [(rec, ds) for rec, ds in mine_d if ds]
             if v.baseline and mine_d:
-                settings = sorted({s for (n, s, _) in deltas if n == name})
-                summary.append(f"**{name}** vs {v.baseline} (mean Δ over {', '.join(settings)}): "
-                               + ", ".join(f"{rec} {sum(ds) / len(ds):+.2f}" for rec, ds in mine_d) + ".")
+                summary.append(f"**{name}** vs {v.baseline}, mean Δ: " + "; ".join(
+                    f"{rec} {sum(ds.values()) / len(ds):+.2f} ({', '.join(ds)})" for rec, ds in mine_d) + ".")
         if summary:
             lines += [""] + [f"- {line}" for line in summary]
         lines += ["", f"![difference to the baseline](methods_vs_baseline_{_slug(model)}.png)"] if deltas else []

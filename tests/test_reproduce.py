@@ -171,4 +171,4 @@ def test_methods_report_compares_each_row_with_its_baseline(reproduce, tmp_path:
     assert [p.name for p in written] == ["methods.csv", "methods.md", "methods_vs_baseline_m.png"]
     md = (grid.out / "methods.md").read_text()
     assert "| owl-wanda | 70% | 178.00 | 161.00 | -2.00 | +1.00 |" in md
-    assert "**owl-wanda** vs wanda (mean Δ over 60%, 70%): none -2.00, masklora +1.00." in md
+    assert "**owl-wanda** vs wanda, mean Δ: none -2.00 (60%, 70%); masklora +1.00 (60%, 70%)." in md
