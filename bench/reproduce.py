@@ -93,6 +93,86 @@ RECOVERIES = {
 
 
 @dataclass(frozen=True)
+class Variant:
+    """How one row of the methods study makes its pruned model: `perp prune --method
+    METHOD` with extra flags, optionally followed by `perp reconstruct` (biases+norms+
+    MaskLoRA at the study's reconstruction budget) at a granularity. The recoveries then
+    run on that model. A plain method name is the variant with no extra flags."""
+
+    name: str
+    method: str
+    prune_args: tuple[str, ...] = ()
+    reconstruct: str | None = None  # None, "block" or "sublayer": `perp reconstruct --granularity`
+    settings: tuple[str, ...] = ()  # where the methods study runs it
+    baseline: str | None = None  # the variant it is compared with
+    what: str = ""
+
+    @property
+    def options(self) -> dict[str, list[str]]:
+        """The command-line options each perp command of this variant needs, by command."""
+        out = {"prune": [a for a in self.prune_args if a.startswith("--")]}
+        if self.reconstruct == "sublayer":
+            out["reconstruct"] = ["--granularity"]
+        return out
+
+
+# The methods study (issue 15): each row against its baseline, on both shared checkpoints.
+# RIA+permute only at 2:4: the permutation only decides which inputs share an N:M group.
+METHOD_VARIANTS = {
+    v.name: v
+    for v in [
+        Variant("wanda", "wanda", settings=("0.5", "0.6", "0.7", "0.8", "2:4"), what="uniform Wanda (baseline)"),
+        Variant("sparsegpt", "sparsegpt", settings=("0.6", "0.7", "0.8"), what="uniform SparseGPT (baseline)"),
+        Variant("owl-wanda", "wanda", ("--allocation", "owl"), settings=("0.6", "0.7", "0.8"), baseline="wanda",
+                what="OWL layer-wise sparsity (M 5, lambda 0.08), Wanda"),
+        Variant("owl-sparsegpt", "sparsegpt", ("--allocation", "owl"), settings=("0.6", "0.7", "0.8"), baseline="sparsegpt",
+                what="OWL layer-wise sparsity (M 5, lambda 0.08), SparseGPT"),
+        Variant("ria", "ria", settings=("0.5", "2:4"), baseline="wanda", what="RIA scores (a = 0.5)"),
+        Variant("ria+permute", "ria", ("--permute",), settings=("2:4",), baseline="wanda", what="RIA with channel permutation"),
+        Variant("dsnot-wanda", "wanda", ("--refine", "dsnot"), settings=("0.6", "0.7"), baseline="wanda",
+                what="Wanda, then DSnoT prune-and-grow"),
+        Variant("dsnot-sparsegpt", "sparsegpt", ("--refine", "dsnot"), settings=("0.6", "0.7"), baseline="sparsegpt",
+                what="SparseGPT, then DSnoT prune-and-grow"),
+        Variant("sparsegpt+rec-block", "sparsegpt", reconstruct="block", settings=("0.6", "0.7"), baseline="sparsegpt",
+                what="SparseGPT, then block-wise reconstruction"),
+        Variant("sparsegpt+rec-sublayer", "sparsegpt", reconstruct="sublayer", settings=("0.6", "0.7"), baseline="sparsegpt+rec-block",
+                what="SparseGPT, then sublayer (attention/MLP) reconstruction"),
+    ]
+}
+METHOD_SETTINGS = ["0.5", "0.6", "0.7", "0.8", "2:4"]
+METHOD_RECOVERIES = ["none", "biases+norms", "masklora"]
+STUDIES = ("results", "methods")
+
+
+def variant(name: str) -> Variant:
+    """The methods study's variant of that name, else the plain method."""
+    return METHOD_VARIANTS.get(name) or Variant(name, name)
+
+
+def perp_options(command: str) -> set[str]:
+    """Every option name the installed `perp COMMAND` accepts."""
+    import typer
+
+    from perp_cli.cli.app import app
+
+    group = typer.main.get_command(app)
+    return {o for p in group.commands[command].params for o in getattr(p, "opts", [])}
+
+
+def unavailable(v: Variant) -> str | None:
+    """Why the installed perp cannot run this variant (None: it can)."""
+    from perp_cli.pruning import METHODS as PRUNE_METHODS
+
+    if v.method not in PRUNE_METHODS:
+        return f"the installed perp has no `perp prune --method {v.method}`"
+    for command, options in v.options.items():
+        missing = [o for o in options if o not in perp_options(command)]
+        if missing:
+            return f"the installed `perp {command}` does not accept {missing[0]}"
+    return None
+
+
+@dataclass(frozen=True)
 class Budget:
     """Everything numeric that defines a cell (part of its cache key)."""
 
@@ -144,6 +224,7 @@ class Grid:
     keep_checkpoints: bool = False
     dense_controls: bool = True
     command: str = ""
+    study: str = "results"  # "results" (PERP's Figure 1) or "methods" (issue 15's methods against their baselines)
 
     def cells(self) -> list[tuple[Path, str, str, str]]:
         """(model, method, setting, recovery) in run order: per model, the dense controls
@@ -153,7 +234,8 @@ class Grid:
         for m in self.models:
             if self.dense_controls:
                 out += [(m, "dense", "0", r) for r in self.recoveries if RECOVERIES[r].kind == "retrain"]
-            out += [(m, meth, s, r) for s in self.settings for meth in self.methods for r in self.recoveries]
+            out += [(m, meth, s, r) for s in self.settings for meth in self.methods for r in self.recoveries
+                    if self.study != "methods" or s in variant(meth).settings]
         return out
 
 
@@ -256,10 +338,24 @@ class Study:
     def prune_key(self, model: Path, method: str, setting: str) -> dict[str, Any]:
         if method == "dense":
             return {"model": _file_id(model), "method": "dense"}
-        key = {"model": _file_id(model), "method": method, "setting": setting, "seed": self.b.seed}
-        if method in ("wanda", "sparsegpt"):
+        v = variant(method)
+        key = {"model": _file_id(model), "method": v.method, "setting": setting, "seed": self.b.seed}
+        if self.needs_calibration(v):
             key |= {"calib": _file_id(self.grid.calib), "nsamples": self.b.nsamples, "seqlen": self.b.seqlen}
+        if v.prune_args:
+            key["prune_args"] = list(v.prune_args)
+        if v.reconstruct:
+            key["reconstruct"] = {"granularity": v.reconstruct, **self.reconstruct_key()}
         return key
+
+    @staticmethod
+    def needs_calibration(v: Variant) -> bool:
+        return v.method not in ("magnitude", "random") or bool(v.prune_args)
+
+    def reconstruct_key(self) -> dict[str, Any]:
+        return {"calib": _file_id(self.grid.calib), "nsamples": self.b.nsamples, "seqlen": self.b.seqlen,
+                "rec_steps": self.b.rec_steps, "rec_batch": self.b.rec_batch, "rec_lr": self.b.rec_lr,
+                "rank": self.b.rank, "alpha": self.b.alpha}
 
     def cell_key(self, model: Path, method: str, setting: str, recovery: Recovery) -> dict[str, Any]:
         key = {"prune": self.prune_key(model, method, setting), "eval": self.eval_key(model), "recovery": asdict(recovery)}
@@ -321,14 +417,36 @@ class Study:
         if path.exists():
             shutil.rmtree(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        args = ["prune", model, "-o", path, "--method", method, *setting_args(setting), "--seed", self.b.seed, "--quiet", "--json"]
-        if method in ("wanda", "sparsegpt"):
+        v = variant(method)
+        first = path.with_name(path.name + ".pruned") if v.reconstruct else path
+        shutil.rmtree(first, ignore_errors=True)
+        args = ["prune", model, "-o", first, "--method", v.method, *setting_args(setting), *v.prune_args,
+                "--seed", self.b.seed, "--quiet", "--json"]
+        if self.needs_calibration(v):
             args += ["--calib", self.grid.calib, "--nsamples", self.b.nsamples, "--seqlen", self.b.seqlen]
         started = time.time()
         self.run(*args)
+        if v.reconstruct:  # the variant's model is the reconstructed one; the recoveries start from it
+            try:
+                self.run(*self.reconstruct_args(model, first, path, "biases,norms", "masklora", v.reconstruct))
+            finally:
+                shutil.rmtree(first, ignore_errors=True)
         prune_s = round(time.time() - started, 2)
         _write_json(sidecar, {"prune_s": prune_s, "key": self.prune_key(model, method, setting)})
         return path, prune_s
+
+    def reconstruct_args(self, model: Path, pruned: Path, out: Path, train: str, adapter: str, granularity: str = "block") -> list[Any]:
+        """`perp reconstruct` of `pruned` against `model` at the study's budget."""
+        b = self.b
+        args = ["reconstruct", pruned, "-o", out, "--dense", model, "--train", train, "--adapter", adapter,
+                "--rank", b.rank, "--alpha", b.alpha, "--calib", self.grid.calib, "--nsamples", b.nsamples,
+                "--seqlen", b.seqlen, "--steps-per-block", b.rec_steps, "--batch-size", b.rec_batch, "--lr", b.rec_lr,
+                "--seed", b.seed, "--overwrite", "--quiet", "--json"]
+        if granularity != "block":  # block is the default (and the only one before issue 15)
+            args += ["--granularity", granularity]
+        if "biases" in train.split(",") and self.needs_biases(pruned):
+            args.append("--add-biases")
+        return args
 
     def recover(self, model: Path, pruned: Path, recovery: Recovery, out: Path) -> dict[str, Any]:
         """Run one recovery into `out`; return what it trained and how long it took.
@@ -338,7 +456,7 @@ class Study:
         b = self.b
         dense = pruned == model
         adapter = "lora" if dense and recovery.adapter == "masklora" else recovery.adapter
-        add_biases = "biases" in recovery.train.split(",") and self.needs_biases(model)
+        add_biases = "biases" in recovery.train.split(",") and self.needs_biases(pruned)  # a reconstructed variant already has them
         started = time.time()
         if recovery.kind == "retrain":
             adapted = out.with_name(out.name + ".adapted") if recovery.adapter != "none" else out
@@ -357,16 +475,10 @@ class Study:
                 info["merge_max_abs_diff"] = merged.get("max_abs_diff")
                 shutil.rmtree(adapted, ignore_errors=True)
         elif recovery.kind == "reconstruct":
-            args = ["reconstruct", pruned, "-o", out, "--dense", model, "--train", recovery.train,
-                    "--adapter", recovery.adapter, "--rank", b.rank, "--alpha", b.alpha, "--calib", self.grid.calib,
-                    "--nsamples", b.nsamples, "--seqlen", b.seqlen, "--steps-per-block", b.rec_steps,
-                    "--batch-size", b.rec_batch, "--lr", b.rec_lr, "--seed", b.seed, "--overwrite", "--quiet", "--json"]
-            if add_biases:
-                args.append("--add-biases")
-            res = self.run(*args)
+            res = self.run(*self.reconstruct_args(model, pruned, out, recovery.train, recovery.adapter))
             info = {"trainable_parameters": res["trainable_parameters"],
                     "trainable_share": res["trainable_parameters"] / res["total_parameters"],
-                    "train_tokens": res["tokens_per_block"] * len(res["blocks"]),
+                    "train_tokens": sum(blk["tokens"] for blk in res["blocks"]),
                     "restored_blocks": len(res.get("restored_blocks") or [])}
         else:
             raise ValueError(recovery.kind)
@@ -413,7 +525,10 @@ def run_grid(grid: Grid, runner: Runner | None = None, quiet: bool = False, repo
     runner = runner or Runner()
     study = Study(grid, runner)
     rows, failures = [], []
-    cells = grid.cells()
+    skipped = skipped_variants(grid)
+    for name, why in skipped.items():
+        print(f"skipping {name}: {why}", file=sys.stderr)
+    cells = [c for c in grid.cells() if c[1] not in skipped]
     with make_progress(quiet) as progress:
         task = progress.add_task("grid", total=len(cells) + len(grid.models), status="")
         for model in grid.models:
@@ -444,6 +559,14 @@ def run_grid(grid: Grid, runner: Runner | None = None, quiet: bool = False, repo
                 progress.console.print(f"[red]failed[/] {failures[-1]}", highlight=False)
             progress.advance(task)
     return with_gaps(rows), failures
+
+
+def skipped_variants(grid: Grid) -> dict[str, str]:
+    """The methods study's rows the installed perp cannot run, with the reason (a flag of
+    issue 15 not merged yet); rerun the same command once it is, and only they run."""
+    if grid.study != "methods":
+        return {}
+    return {name: why for name in grid.methods if (why := unavailable(variant(name)))}
 
 
 def with_gaps(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -584,10 +707,111 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def baseline_deltas(rows: list[dict[str, Any]], model: str, grid: Grid) -> list[dict[str, Any]]:
+    """Each methods-study row against its baseline at the same setting and recovery:
+    {label, variant, baseline, setting, recovery, perplexity, baseline_perplexity, delta}."""
+    cell = {(r["method"], r["setting"], r["recovery"]): r for r in rows if r["model"] == model}
+    out = []
+    for name in grid.methods:
+        v = variant(name)
+        for s in [setting_label(s) for s in grid.settings]:
+            for rec in grid.recoveries:
+                mine, base = cell.get((name, s, rec)), cell.get((v.baseline, s, rec))
+                if v.baseline and mine and base:
+                    out.append({"label": f"{name} {s} vs {v.baseline}", "variant": name, "baseline": v.baseline, "setting": s,
+                                "recovery": rec, "perplexity": mine["perplexity"], "baseline_perplexity": base["perplexity"],
+                                "delta": mine["perplexity"] - base["perplexity"]})
+    return out
+
+
+def methods_markdown(rows: list[dict[str, Any]], grid: Grid, failures: list[str]) -> str:
+    """methods.md: every row of the methods study next to its baseline."""
+    b = grid.budget
+    skipped = skipped_variants(grid)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    lines = [
+        "# Methods study: OWL, RIA, DSnoT and sublayer reconstruction against their baselines", "",
+        f"Command: `{grid.command}`" if grid.command else "", "",
+        f"- Evaluation: WikiText-2 test (`{grid.eval_data.name}`), first {b.windows} windows of {b.eval_seqlen} tokens.",
+        f"- Calibration (every method, DSnoT, OWL's statistics, reconstruction): {b.nsamples} windows x {b.seqlen} tokens of "
+        f"`{grid.calib.name}`, seed {b.seed}.",
+        f"- Recoveries: {', '.join(grid.recoveries)}; retraining {b.steps} steps x {b.batch_size} x {b.seqlen} = {b.train_tokens:,} "
+        f"tokens of `{grid.train_data.name}` (peak lr " + ", ".join(f"{k} {v:g}" for k, v in b.lr.items() if k in grid.recoveries)
+        + f"); MaskLoRA rank {b.rank}, alpha {b.alpha:g}, merged before evaluation.",
+        f"- Reconstruction rows (`+rec-block`, `+rec-sublayer`): biases+norms+MaskLoRA, {b.rec_steps} steps x {b.rec_batch} x "
+        f"{b.seqlen} tokens per block (sublayer: per half), lr {b.rec_lr:g}, against the dense model; the recoveries then "
+        "retrain the reconstructed model.",
+        "- Δ = perplexity minus the baseline row's at the same sparsity and recovery (negative: the method helps).",
+        f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {_threads()}, float32.", "",
+        "| row | what | baseline |", "|---|---|---|",
+    ]
+    lines += [f"| {n} | {variant(n).what} | {variant(n).baseline or '-'} |" for n in grid.methods]
+    lines.append("")
+    for model in models:
+        mine = [r for r in rows if r["model"] == model]
+        dense = next((r for r in mine if r["method"] == "dense"), None)
+        cell = {(r["method"], r["setting"], r["recovery"]): r for r in mine}
+        deltas = {(d["variant"], d["setting"], d["recovery"]): d["delta"] for d in baseline_deltas(rows, model, grid)}
+        recs = grid.recoveries
+        lines += [f"## {model}", "", f"Dense perplexity: **{_fmt(dense['perplexity']) if dense else '-'}**.", ""]
+        if not any(r["method"] != "dense" for r in mine):
+            lines += ["No finished cell yet.", ""]
+            continue
+        lines += ["| row | sparsity | " + " | ".join(recs) + " | " + " | ".join(f"Δ {r}" for r in recs) + " |",
+                  "|---|---|" + "---:|" * (2 * len(recs))]
+        for s in [setting_label(s) for s in grid.settings]:
+            for name in grid.methods:
+                vals = [cell.get((name, s, r)) for r in recs]
+                if not any(vals):
+                    continue
+                ds = [deltas.get((name, s, r)) for r in recs]
+                lines.append(f"| {name} | {s} | " + " | ".join("-" if v is None else f"{v['perplexity']:.2f}" for v in vals)
+                             + " | " + " | ".join("-" if d is None else f"{d:+.2f}" for d in ds) + " |")
+        summary = []
+        for name in grid.methods:
+            v = variant(name)
+            mine_d = [(rec, {st: d for (n, st, r), d in deltas.items() if n == name and r == rec}) for rec in recs]
+            mine_d = [(rec, ds) for rec, ds in mine_d if ds]
+            if v.baseline and mine_d:
+                summary.append(f"**{name}** vs {v.baseline}, mean Δ: " + "; ".join(
+                    f"{rec} {sum(ds.values()) / len(ds):+.2f} ({', '.join(ds)})" for rec, ds in mine_d) + ".")
+        if summary:
+            lines += [""] + [f"- {line}" for line in summary]
+        lines += ["", f"![difference to the baseline](methods_vs_baseline_{_slug(model)}.png)"] if deltas else []
+        lines.append("")
+        timed = [r for r in mine if r["method"] != "dense"]
+        if timed:
+            lines += ["| recovery | cells | mean prune (+reconstruct) s | mean recovery s | mean eval s |", "|---|---:|---:|---:|---:|"]
+            for rec in recs:
+                sel = [r for r in timed if r["recovery"] == rec]
+                if sel:
+                    lines.append(f"| {rec} | {len(sel)} | {sum(r['prune_s'] for r in sel) / len(sel):.1f} | "
+                                 f"{sum(r['recover_s'] for r in sel) / len(sel):.1f} | {sum(r.get('eval_s') or 0 for r in sel) / len(sel):.1f} |")
+            lines.append("")
+    if skipped:
+        lines += ["## Not run", "", "Rows whose flags the installed perp does not accept; rerun the same command once they exist "
+                  "(finished cells are cached, only these run):", ""] + [f"- {n}: {why}" for n, why in skipped.items()] + [""]
+    if failures:
+        lines += ["## Failed cells", ""] + [f"- {f}" for f in failures] + [""]
+    return "\n".join(lines)
+
+
 def write_outputs(rows: list[dict[str, Any]], grid: Grid, failures: list[str]) -> list[Path]:
-    """results.csv, results.md and two plots per model in `grid.out`; returns the paths."""
+    """results.csv, results.md and two plots per model in `grid.out` (the methods study:
+    methods.csv, methods.md and one plot per model); returns the paths."""
     from perp_cli import plotting
 
+    if grid.study == "methods":
+        grid.out.mkdir(parents=True, exist_ok=True)
+        written = [grid.out / "methods.csv", grid.out / "methods.md"]
+        write_csv(rows, written[0])
+        written[1].write_text(methods_markdown(rows, grid, failures))
+        for model in dict.fromkeys(r["model"] for r in rows):
+            entries = baseline_deltas(rows, model, grid)
+            if entries:
+                written.append(plotting.baseline_deltas(entries, grid.out / f"methods_vs_baseline_{_slug(model)}.png",
+                                                        title=f"{model}: each method against its baseline", recoveries=grid.recoveries))
+        return written
     grid.out.mkdir(parents=True, exist_ok=True)
     written = [grid.out / "results.csv", grid.out / "results.md"]
     write_csv(rows, written[0])
@@ -626,9 +850,13 @@ def parse_args(argv: list[str] | None = None) -> tuple[Grid, argparse.Namespace]
     p.add_argument("--eval-data", type=Path, default=DEFAULT_EVAL, help="perplexity text (default: the shared wiki.test.raw)")
     p.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"cache of pruned checkpoints and finished cells (default: {DEFAULT_WORK})")
     p.add_argument("--out", type=Path, default=None, help="where results.csv/.md and the plots go (default: results/, --quick: results/quick/)")
+    p.add_argument("--study", choices=STUDIES, default="results", help="results: PERP's Figure 1 grid (results.md); methods: "
+                   "issue 15's rows (OWL, RIA, DSnoT, sublayer reconstruction) against their baselines (methods.md); rows whose "
+                   "flags the installed perp lacks are skipped with the reason")
     p.add_argument("--quick", action="store_true", help=f"quick mode: first model only, methods {','.join(QUICK_METHODS)}, sparsities "
                    f"{','.join(QUICK_SETTINGS)}, {QUICK_BUDGET.steps} steps, {QUICK_BUDGET.nsamples} calibration windows, {QUICK_BUDGET.windows} eval windows")
-    p.add_argument("--methods", type=_csv_list, default=None, help=f"pruning methods (default: {','.join(METHODS)})")
+    p.add_argument("--methods", type=_csv_list, default=None, help=f"pruning methods (default: {','.join(METHODS)}); "
+                   f"--study methods: its rows (default: {','.join(METHOD_VARIANTS)})")
     p.add_argument("--settings", type=_csv_list, default=None, help=f"sparsities and N:M patterns (default: {','.join(SETTINGS)})")
     p.add_argument("--recoveries", type=_csv_list, default=None, help=f"recoveries (default: {','.join(RECOVERIES)})")
     p.add_argument("--steps", type=int, default=None, help=f"retraining steps (default {Budget.steps}; quick {QUICK_BUDGET.steps})")
@@ -671,18 +899,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[Grid, argparse.Namespace]
         except ValueError:
             p.error(f"--lr {item}: {value!r} is not a number")
     budget = replace(budget, lr=lrs, **overrides)
-    recoveries = a.recoveries or list(RECOVERIES)
+    methods_study = a.study == "methods"
+    recoveries = a.recoveries or (METHOD_RECOVERIES if methods_study else list(RECOVERIES))
     unknown = [r for r in recoveries if r not in RECOVERIES]
     if unknown:
         p.error(f"unknown recovery {unknown[0]!r}; choose from {', '.join(RECOVERIES)}")
-    methods = a.methods or (QUICK_METHODS if a.quick else METHODS)
+    if methods_study:
+        methods = a.methods or list(METHOD_VARIANTS)
+        unknown = [m for m in methods if m not in METHOD_VARIANTS]
+        if unknown:
+            p.error(f"unknown row {unknown[0]!r} of --study methods; choose from {', '.join(METHOD_VARIANTS)}")
+        settings = a.settings or METHOD_SETTINGS
+    else:
+        methods = a.methods or (QUICK_METHODS if a.quick else METHODS)
+        settings = a.settings or (QUICK_SETTINGS if a.quick else SETTINGS)
     if "none" not in recoveries:
         recoveries = ["none"] + recoveries  # the pruned perplexity defines the gap
     grid = Grid(
         models=models, calib=a.calib, train_data=a.train_data or a.calib, eval_data=a.eval_data, work=a.work,
         out=a.out or (ROOT / "results" / ("quick" if a.quick else "")), methods=methods,
-        settings=a.settings or (QUICK_SETTINGS if a.quick else SETTINGS), recoveries=recoveries, budget=budget,
-        keep_checkpoints=a.keep_checkpoints, dense_controls=not (a.quick or a.no_dense_controls), command=" ".join(["python bench/reproduce.py", *(sys.argv[1:] if argv is None else argv)]),
+        settings=settings, recoveries=recoveries, budget=budget, study=a.study,
+        keep_checkpoints=a.keep_checkpoints, dense_controls=not (a.quick or a.no_dense_controls or methods_study), command=" ".join(["python bench/reproduce.py", *(sys.argv[1:] if argv is None else argv)]),
     )
     return grid, a
 

@@ -240,3 +240,34 @@ def share_scatter(
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, path)
+
+
+def baseline_deltas(
+    entries: list[dict[str, Any]],
+    path: str | Path,
+    title: str = "",
+    recoveries: list[str] | None = None,
+) -> Path:
+    """Horizontal bars: each row's perplexity minus its baseline's (negative: the method
+    helps), one bar per recovery. `entries`: dicts with `label` (row, e.g. "owl-wanda 70%
+    vs wanda"), `recovery` and `delta`."""
+    Figure = require_matplotlib()
+    labels = _order([e["label"] for e in entries], None)
+    recoveries = _order([e["recovery"] for e in entries], recoveries)
+    style = _style(recoveries)
+    height = 0.8 / max(len(recoveries), 1)
+    fig = Figure(figsize=(7.5, 1.2 + 0.32 * len(labels) * max(len(recoveries), 1) ** 0.5), layout="constrained")
+    ax = fig.subplots()
+    for j, recovery in enumerate(recoveries):
+        values = {e["label"]: e["delta"] for e in entries if e["recovery"] == recovery}
+        ys = [i + (j - (len(recoveries) - 1) / 2) * height for i, lab in enumerate(labels) if lab in values]
+        ax.barh(ys, [values[lab] for lab in labels if lab in values], height=height, color=style[recovery]["color"], label=recovery)
+    ax.axvline(0, color="black", linewidth=0.8)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("perplexity minus the baseline's (negative = better)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, frameon=False, loc="best")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)

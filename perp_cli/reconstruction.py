@@ -23,6 +23,18 @@ For block i, with the calibration windows flowing through the block-sequential e
   block's error on the calibration inputs got worse, its pre-training state is put back;
 * X_{i+1} = reconstructed block i applied to X_i.
 
+`granularity="sublayer"` (Wagner, Roux, Zimmer, Pokutta 2025, "A Free Lunch in LLM
+Compression", reference `block_size=-1`) fits the attention half of block i first and
+then its MLP half, each exactly as above with the half in place of the block
+(`perp_cli.sublayers` finds and checks the halves): the attention half's inputs are X_i,
+its target the dense attention half on X_i; the MLP half's inputs H_i are the
+reconstructed attention half's outputs, its target the dense MLP half on H_i (with
+`dense-stream`: the dense stream's own half outputs). Each half trains the `--train`
+parameters and adapters it owns, for `steps_per_block` steps, and is put back on its own
+if training made it worse. This is the reference's `propagate_sparse_activations_
+reconstruct=True` with dense targets (PERP's choice, and perp's `dense`); the reference's
+default feeds each half the dense model's activations instead, which perp does not offer.
+
 Only block i of the pruned model and block i of the dense model are on the device at a
 time; both models otherwise stay on the host (activations too with `offload`). Masks
 never change: every masked weight stays exactly 0 (checked after every block). With
@@ -49,7 +61,7 @@ import torch
 from torch import nn
 
 from perp_cli import adapters as adapters_mod
-from perp_cli import arch, checkpoint, engine
+from perp_cli import arch, checkpoint, engine, sublayers
 from perp_cli import trainable as trainable_mod
 from perp_cli.activations import ActivationStore, Placement, placement_for
 from perp_cli.errors import NumericalError, UsageError
@@ -96,6 +108,7 @@ class ReconstructConfig:
     max_memory: str | None = None  # activations and targets on the device (perp_cli.activations)
     offload_dir: str | None = None  # the rest of them in files here
     quiet: bool = True
+    granularity: str = "block"  # "block", or "sublayer": the attention and MLP halves fitted one after the other
 
     @property
     def adapter_kind(self) -> str | None:
@@ -125,6 +138,8 @@ class ReconstructConfig:
             raise UsageError("--train none with --adapter none trains nothing; choose a subset or an adapter")
         if self.target not in TARGETS:
             raise UsageError(f"--target {self.target!r} is not one of {', '.join(TARGETS)}")
+        if self.granularity not in sublayers.GRANULARITIES:
+            raise UsageError(f"--granularity {self.granularity!r} is not one of {', '.join(sublayers.GRANULARITIES)}")
         if self.adapter_targets:
             try:
                 re.compile(self.adapter_targets)
@@ -165,6 +180,7 @@ class BlockReport:
     loss_first: float | None
     loss_last: float | None
     time_s: float
+    part: str = "block"  # what was fitted: the whole block, or its "attention" or "mlp" half (--granularity sublayer)
 
     @property
     def reduction(self) -> float:
@@ -203,6 +219,7 @@ class ReconstructOutcome:
         largest = max((b.trainable_parameters for b in self.blocks), default=0)
         return {
             "target": self.config.target,
+            "granularity": self.config.granularity,
             "trained": self.trained,
             "adapter": self.adapter,
             "rank": self.config.rank if self.adapter != "none" else None,
@@ -371,42 +388,60 @@ class _Reconstructor:
         for m in wanted:
             self.adapter_keys.setdefault(m.block, []).append(m.key)
         self.reports: list[BlockReport] = []
+        self.split: sublayers.Split | None = None  # block i's halves (--granularity sublayer), found at its step
 
-    def targets(self, s: engine.BlockStep) -> ActivationStore:
-        """T_i: dense block i on X_i, or on the dense stream (which then advances)."""
+    def part_of(self, block: nn.Module, part: str) -> nn.Module:
+        """The module fitted as `part` of `block` (pruned or dense): the block itself, or one of its halves."""
+        return block if part == "block" else dict(self.split.halves(block))[part]
+
+    def targets(self, s: engine.BlockStep, inputs: engine.BlockInputs, part: str) -> ActivationStore:
+        """T: the dense block i's `part` on `inputs`, or on the dense stream (which then advances)."""
         dense_block = arch.blocks(self.dense)[s.index]
         home = next(dense_block.parameters()).device
         dense_block.to(s.device)
         try:
+            module = self.part_of(dense_block, part)
             if self.dense_inputs is None:
-                return s.inputs.run(dense_block)
-            outputs = self.dense_inputs.run(dense_block)
+                return inputs.run(module)
+            outputs = self.dense_inputs.run(module)
             self.dense_inputs = self.dense_inputs.replaced(outputs)
             return outputs
         finally:
             dense_block.to(home)
 
-    def attach(self, index: int) -> dict[str, adapters_mod.Adapter]:
-        keys = self.adapter_keys.get(index)
+    def owns(self, s: engine.BlockStep, part: str, name: str) -> bool:
+        """Whether parameter `name` (a model name) belongs to `part` of block `s.index`."""
+        if part == "block":
+            return True
+        prefix = f"{self.prefix}.{s.index}."
+        return name.startswith(prefix) and name[len(prefix):] in self.split.owned[part]
+
+    def attach(self, s: engine.BlockStep, part: str) -> dict[str, adapters_mod.Adapter]:
+        matrices = {m.key: m for m in arch.block_matrices(self.model, s.index)}
+        keys = [k for k in self.adapter_keys.get(s.index, []) if self.owns(s, part, matrices[k].name)]
         if not keys:
             return {}
         only_block = "^(?:" + "|".join(re.escape(k) for k in keys) + ")$"
         return adapters_mod.attach(self.model, self.kind, self.cfg.rank, self.cfg.alpha, only_block, self.masks)
 
-    def train(self, s: engine.BlockStep, targets: ActivationStore) -> tuple[int, int, float | None, float | None]:
-        """Train block `s.index` towards `targets`, merge its adapters; returns the
-        trainable parameter count, tokens seen, and the first and last training losses."""
-        cfg, model, inputs = self.cfg, self.model, s.inputs
-        params = trainable_mod.select_trainable(model, cfg.train, block=s.index)
+    def train(
+        self, s: engine.BlockStep, part: str, module: nn.Module, inputs: engine.BlockInputs, targets: ActivationStore, seed: int
+    ) -> tuple[int, int, float | None, float | None]:
+        """Train `module` (block `s.index` or one of its halves) towards `targets`, merge
+        its adapters; returns the trainable parameter count, tokens seen, and the first
+        and last training losses."""
+        cfg, model = self.cfg, self.model
+        params = {n: p for n, p in trainable_mod.select_trainable(model, cfg.train, block=s.index).items() if self.owns(s, part, n)}
         trainable_mod.set_trainable(model, params)
-        torch.manual_seed(_block_seed(cfg.seed, s.index))
-        adapters = self.attach(s.index)
+        torch.manual_seed(seed)
+        adapters = self.attach(s, part)
+        label = f"block {s.index}" + ("" if part == "block" else f" {part}")
         try:
             adapter_params = [p for a in adapters.values() for p in a.parameters()]
             if not params and not adapter_params:
                 return 0, 0, None, None
             keep = [(p, self.masks[name]) for name, p in params.items() if name in self.masks]
-            generator = torch.Generator().manual_seed(_block_seed(cfg.seed, s.index))
+            generator = torch.Generator().manual_seed(seed)
             order = batch_order(len(inputs), cfg.steps_per_block, generator, cfg.order)
             steps = cfg.steps_per_block
 
@@ -414,21 +449,21 @@ class _Reconstructor:
 
                 def loss_fn(step: int, micro: int) -> torch.Tensor:
                     if step % 10 == 0 or step + 1 == steps:
-                        s.status(f"block {s.index}: step {step + 1}/{steps}")
+                        s.status(f"{label}: step {step + 1}/{steps}")
                     k = order[step]
                     x = inputs.batch(k)
                     with amp():
-                        y = inputs.call(s.block, x)
+                        y = inputs.call(module, x)
                     return (y.float() - targets[k].to(y.device).float()).pow(2).mean()
 
                 with _training_mode(s.block, cfg.mode, adapters_mod.attached_matrices(model)):
                     try:
                         result = fit(
                             list(params.values()) + adapter_params, loss_fn, cfg.train_config(), keep_masks=keep,
-                            quiet=True, description=f"block {s.index}",
+                            quiet=True, description=label,
                         )
                     except NumericalError as exc:
-                        raise NumericalError(f"block {s.index}: {exc}") from exc
+                        raise NumericalError(f"{label}: {exc}") from exc
             with torch.no_grad():
                 for matrix, adapter in adapters_mod.attached_matrices(model).values():
                     adapter.merge(matrix)
@@ -439,35 +474,57 @@ class _Reconstructor:
             adapters_mod.detach(model)
             model.requires_grad_(False)
 
-    def prepare(self, s: engine.BlockStep) -> ActivationStore:
-        """What happens before block i trains: here, only its targets T_i."""
-        s.status(f"block {s.index}: dense targets")
-        return self.targets(s)
+    def prepare(self, s: engine.BlockStep, inputs: engine.BlockInputs, part: str) -> ActivationStore:
+        """What happens before a part of block i trains: here, only its targets."""
+        s.status(f"block {s.index}: dense targets" + ("" if part == "block" else f" ({part})"))
+        return self.targets(s, inputs, part)
 
     def step(self, s: engine.BlockStep) -> engine.BlockInputs | None:
+        if self.cfg.granularity == "block":
+            parts: list[tuple[str, nn.Module]] = [("block", s.block)]
+        else:
+            s.status(f"block {s.index}: finding its attention and MLP halves")
+            self.split = sublayers.split(self.model, s.index, s.block, s.inputs.call, s.inputs.batch(0))
+            parts = self.split.halves(s.block)
+        inputs = s.inputs
+        for n, (part, module) in enumerate(parts):
+            last = n + 1 == len(parts)
+            seed = _block_seed(self.cfg.seed, s.index) if n == 0 else _block_seed(self.cfg.seed + n, s.index)
+            outputs = self.fit(s, part, module, inputs, seed, keep_outputs=not last)
+            if last:  # None: the engine propagates through the block as it was put back
+                return None if outputs is None else inputs.replaced(outputs)
+            inputs = inputs.replaced(outputs)
+        return None
+
+    def fit(
+        self, s: engine.BlockStep, part: str, module: nn.Module, inputs: engine.BlockInputs, seed: int, keep_outputs: bool
+    ) -> ActivationStore | None:
+        """Fit one part of block i (the block, or a half) on `inputs`; its outputs (None
+        when it was put back and `keep_outputs` is off: the engine recomputes them)."""
         start = time.perf_counter()
-        targets = self.prepare(s)
-        s.status(f"block {s.index}: error before")
-        before, _ = block_error(s.inputs, s.block, targets)
+        label = f"block {s.index}" + ("" if part == "block" else f" {part}")
+        targets = self.prepare(s, inputs, part)
+        s.status(f"{label}: error before")
+        before, _ = block_error(inputs, module, targets)
         snapshot = {k: v.detach().to("cpu", copy=True) for k, v in s.block.state_dict().items()}  # host: one block on the device
-        count, tokens, loss_first, loss_last = self.train(s, targets)
-        s.status(f"block {s.index}: error after")
-        trained, outputs = block_error(s.inputs, s.block, targets, keep_outputs=True)
+        count, tokens, loss_first, loss_last = self.train(s, part, module, inputs, targets, seed)
+        s.status(f"{label}: error after")
+        trained, outputs = block_error(inputs, module, targets, keep_outputs=True)
         restored = self.cfg.restore and not trained <= before  # also catches NaN
         if not math.isfinite(trained):
-            raise NumericalError(f"block {s.index}: the reconstruction error is {trained} after training")
+            raise NumericalError(f"{label}: the reconstruction error is {trained} after training")
         if restored:
             s.block.load_state_dict(snapshot)
-            outputs = []
+            outputs = inputs.run(module) if keep_outputs else None
         problem = _mask_violations(self.model, self.masks, f"{self.prefix}.{s.index}.")
         if problem:  # cannot happen with masked merges and masked gradients; never let it reach disk
-            raise NumericalError(f"reconstructing block {s.index} broke the mask: {problem}")
+            raise NumericalError(f"reconstructing {label} broke the mask: {problem}")
         self.reports.append(BlockReport(
             block=s.index, mse_before=before, mse_trained=trained, mse_after=before if restored else trained,
             restored=restored, trainable_parameters=count, tokens=tokens, loss_first=loss_first, loss_last=loss_last,
-            time_s=time.perf_counter() - start,
+            time_s=time.perf_counter() - start, part=part,
         ))
-        return None if restored else s.inputs.replaced(outputs)
+        return outputs
 
 
 class _Interleaved(_Reconstructor):
@@ -480,9 +537,9 @@ class _Interleaved(_Reconstructor):
         super().__init__(model, None, masks, cfg, None)
         self.block_pruner = block_pruner
 
-    def prepare(self, s: engine.BlockStep) -> ActivationStore:
+    def prepare(self, s: engine.BlockStep, inputs: engine.BlockInputs, part: str) -> ActivationStore:
         s.status(f"block {s.index}: dense targets")
-        targets = s.inputs.run(s.block)  # block i is still dense here
+        targets = inputs.run(s.block)  # block i is still dense here
         self.masks.masks.update(self.block_pruner.prune_block(s))
         return targets
 
@@ -496,7 +553,7 @@ class Streamed:
 
     Both models are meta-device skeletons. `pruned` reads pruned block i (and its masks)
     before its step and writes it after the propagation; `dense` reads dense block i for
-    its targets only (and holds the dense embeddings while the dense stream's inputs are
+    block i's step only (and holds the dense embeddings while the dense stream's inputs are
     caught). `added_biases`: the biases `--add-biases` already put into the skeleton,
     before the output layout was planned.
     """
@@ -507,17 +564,17 @@ class Streamed:
 
 
 class _StreamedReconstructor(_Reconstructor):
-    """`_Reconstructor` whose dense block i is in memory only while its targets are computed."""
+    """`_Reconstructor` whose dense block i is in memory only during block i's step."""
 
     def __init__(self, *args: Any, dense_residency: engine.Residency) -> None:
         super().__init__(*args)
         self.dense_residency = dense_residency
 
-    def targets(self, s: engine.BlockStep) -> ActivationStore:
+    def step(self, s: engine.BlockStep) -> engine.BlockInputs | None:
         block = arch.blocks(self.dense)[s.index]
-        self.dense_residency.load(s.index, block)
+        self.dense_residency.load(s.index, block)  # once per step: both halves take their targets from it
         try:
-            return super().targets(s)
+            return super().step(s)
         finally:
             self.dense_residency.release(s.index, block)
 
@@ -563,6 +620,8 @@ def reconstruct(
             raise UsageError("pruning while reconstructing (--prune-method) does not stream yet; use --streaming off")
         if cfg.target != "dense":
             raise UsageError("--prune-method reconstructs each block against itself before pruning: --target dense only")
+        if cfg.granularity != "block":
+            raise UsageError("--prune-method prunes whole blocks while reconstructing them: --granularity block only")
         block_pruner = BlockPruner(pruned_ckpt, prune)
     else:
         check_pruned(pruned_ckpt)

@@ -110,6 +110,7 @@ def test_usage_errors(pruned_dir: Path, tiny_dir: Path, calib_file: Path, tmp_pa
         (["--train", "embeddings"], "outside the decoder blocks"),
         (["--target", "nope"], "--target"),
         (["--nsamples", "0"], "--nsamples"),
+        (["--granularity", "foo"], "--granularity 'foo' is not one of block, sublayer"),
     ]
     for extra, message in cases:
         result = run_cli("reconstruct", pruned_dir, "-o", tmp_path / "out", *_quick(calib_file), *extra)
@@ -122,6 +123,38 @@ def test_usage_errors(pruned_dir: Path, tiny_dir: Path, calib_file: Path, tmp_pa
     (tmp_path / "taken").mkdir()
     result = run_cli("reconstruct", pruned_dir, "-o", tmp_path / "taken", *_quick(calib_file))
     assert result.exit_code == 2 and "already exists" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_sublayer_granularity_end_to_end(pruned_dir: Path, calib_file: Path, tmp_path: Path) -> None:
+    result = run_cli("reconstruct", pruned_dir, "-o", tmp_path / "out", *_quick(calib_file), "--granularity", "sublayer")
+    assert result.exit_code == 0, result.stderr
+    assert "sublayer" in result.stderr and "0 attention" in result.stderr and "1 mlp" in result.stderr  # the table (console on stderr)
+    step = json.loads((tmp_path / "out" / "perp.json").read_text())["history"][-1]
+    assert step["args"]["granularity"] == step["results"]["granularity"] == "sublayer"
+    assert [(b["block"], b["part"]) for b in step["results"]["blocks"]] == [(0, "attention"), (0, "mlp"), (1, "attention"), (1, "mlp")]
+    rec, pruned = checkpoint.load(tmp_path / "out"), checkpoint.load(pruned_dir)  # verifies masks and exact zeros
+    assert all(torch.equal(rec.masks[n], pruned.masks[n]) for n in pruned.masks.names())
+    # interleaved pruning reconstructs whole blocks only
+    result = run_cli("reconstruct", pruned_dir, "-o", tmp_path / "x", *_quick(calib_file), "--granularity", "sublayer", "--prune-method", "wanda")
+    assert result.exit_code == 2 and "--granularity block only" in result.stderr
+
+
+def test_sublayer_refuses_parallel_blocks(calib_file: Path, tmp_path: Path) -> None:
+    import transformers as T
+
+    from perp_cli import tiny
+
+    dense = tmp_path / "gptj"
+    torch.manual_seed(0)
+    T.GPTJForCausalLM(T.GPTJConfig(vocab_size=tiny.VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=64, rotary_dim=8,
+                                   bos_token_id=1, eos_token_id=2)).save_pretrained(dense)
+    tiny.build_tokenizer().save_pretrained(dense)
+    result = run_cli("prune", dense, "-o", tmp_path / "pruned", "--method", "magnitude", "--sparsity", "0.5", "-q")
+    assert result.exit_code == 0, result.stderr
+    result = run_cli("reconstruct", tmp_path / "pruned", "-o", tmp_path / "out", *_quick(calib_file), "--granularity", "sublayer")
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "in parallel" in result.stderr and "--granularity block" in result.stderr
     assert not (tmp_path / "out").exists()
 
 

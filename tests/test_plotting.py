@@ -101,3 +101,16 @@ def test_eval_plot_bad_paths_fail_before_loading(two_checkpoints, calib_file: Pa
     result = run_cli("eval", dense, "-d", calib_file, "--plot", tmp_path / "x.png")
     assert result.exit_code == 1 and "pip install 'perp[plot]'" in result.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_baseline_deltas_one_bar_per_row_and_recovery(tmp_path: Path) -> None:
+    entries = [{"label": f"owl-wanda {s} vs wanda", "recovery": r, "delta": d}
+               for s, r, d in (("60%", "none", -2.5), ("60%", "masklora", 0.75), ("70%", "none", -11.0))]
+    import matplotlib
+
+    with matplotlib.rc_context({"svg.fonttype": "none"}):
+        path = plotting.baseline_deltas(entries, tmp_path / "deltas.svg", title="t", recoveries=["none", "masklora"])
+    svg = path.read_text()
+    for text in ("owl-wanda 60% vs wanda", "owl-wanda 70% vs wanda", "none", "masklora", "negative = better"):
+        assert text in svg
+    assert svg.count("<path") > 3  # three bars, an axis, a zero line

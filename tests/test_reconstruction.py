@@ -206,6 +206,7 @@ def test_offloaded_activations_give_the_same_result() -> None:
         ({"steps_per_block": 0}, "--steps-per-block"),
         ({"lr": -1.0}, "--lr"),
         ({"adapter_targets": "("}, "regular expression"),
+        ({"granularity": "foo"}, "--granularity 'foo' is not one of block, sublayer"),
     ],
 )
 def test_bad_options_are_usage_errors(kw: dict, message: str) -> None:
@@ -287,3 +288,55 @@ def test_interleaved_refusals() -> None:
         reconstruct(ckpt, None, _tokens(), _cfg(), prune=PruneConfig("wanda", scope="global"))
     with pytest.raises(UsageError, match="--target dense"):
         reconstruct(ckpt, None, _tokens(), _cfg(target="dense-stream"), prune=PruneConfig("wanda"))
+    with pytest.raises(UsageError, match="--granularity block only"):
+        reconstruct(ckpt, None, _tokens(), _cfg(granularity="sublayer"), prune=PruneConfig("wanda"))
+
+
+def _mid_stream(model: torch.nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:
+    """OPT: the residual stream between each block's halves (what enters its MLP's norm)."""
+    seen = []
+    handles = [b.final_layer_norm.register_forward_pre_hook(lambda m, a: seen.append(a[0])) for b in arch.blocks(model)]
+    with torch.no_grad():
+        model(input_ids=tokens, use_cache=False)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def _opt_mlp_half(block: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return h + block.fc2(block.activation_fn(block.fc1(block.final_layer_norm(h))))
+
+
+def test_sublayer_fits_each_half_against_the_dense_half() -> None:
+    """Each half's error falls; the targets are the dense model's same half on the
+    reconstructed stream (recomputed here from the models' own forwards and OPT's MLP
+    formula); masks and masked zeros never change; the halves split the block's
+    trainable parameters."""
+    ckpt, dense = _pruned()
+    original = copy.deepcopy(ckpt.model)
+    masks_before = {n: k.clone() for n, k in ckpt.masks.masks.items()}
+    tokens = _tokens()
+    out = reconstruct(ckpt, dense, tokens, _cfg(granularity="sublayer"))
+
+    assert [(b.block, b.part) for b in out.blocks] == [(0, "attention"), (0, "mlp"), (1, "attention"), (1, "mlp")]
+    for b in out.blocks:
+        assert b.mse_after < b.mse_before and not b.restored and b.tokens == 12 * 4 * 32
+    assert all(torch.equal(masks_before[n], k) for n, k in ckpt.masks.masks.items())
+    assert mask_problems(ckpt.model, ckpt.masks) == []
+    assert out.results()["granularity"] == "sublayer"
+
+    # block 0 attention: the untrained pruned half against the dense half, both on the embeddings
+    orig_mid, dense_mid, rec_mid = (_mid_stream(m, tokens) for m in (original, dense, ckpt.model))
+    expected = (orig_mid[0] - dense_mid[0]).double().pow(2).mean().item()
+    assert out.blocks[0].mse_before == pytest.approx(expected, rel=1e-5)
+    # block 0 MLP: its inputs are the reconstructed attention half's outputs, its target the dense MLP half on them
+    h = rec_mid[0]
+    expected = (_opt_mlp_half(arch.blocks(original)[0], h) - _opt_mlp_half(arch.blocks(dense)[0], h)).double().pow(2).mean().item()
+    assert out.blocks[1].mse_before == pytest.approx(expected, rel=1e-5)
+
+    # the same parameters train as with --granularity block, each in exactly one half
+    whole = reconstruct(_pruned()[0], dense, tokens, _cfg())
+    for i in (0, 1):
+        halves = [b.trainable_parameters for b in out.blocks if b.block == i]
+        assert sum(halves) == whole.blocks[i].trainable_parameters and min(halves) > 0

@@ -116,3 +116,59 @@ def test_parse_args_quick_and_errors(reproduce, tmp_path: Path, calib_file: Path
         reproduce.parse_args(["--model", str(model), "--calib", str(calib_file), "--eval-data", str(calib_file), "--recoveries", "nope"])
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--model", str(tmp_path / "missing")])
+
+
+def test_methods_study_rows_skip_what_perp_lacks(reproduce, tmp_path: Path, calib_file: Path, capsys, monkeypatch) -> None:
+    # the row list: each row only at its own settings, the baselines' recoveries, no dense controls
+    grid, _ = reproduce.parse_args(["--study", "methods", "--model", str(tmp_path), "--calib", str(calib_file),
+                                    "--eval-data", str(calib_file)])
+    assert grid.study == "methods" and not grid.dense_controls and grid.recoveries == ["none", "biases+norms", "masklora"]
+    rows = {(meth, s) for _, meth, s, _ in grid.cells()}
+    assert ("ria+permute", "2:4") in rows and ("ria+permute", "0.5") not in rows
+    assert {s for meth, s in rows if meth == "owl-sparsegpt"} == {"0.6", "0.7", "0.8"}
+    assert {s for meth, s in rows if meth == "sparsegpt+rec-sublayer"} == {"0.6", "0.7"}
+    assert all(reproduce.variant(v.baseline) for v in reproduce.METHOD_VARIANTS.values() if v.baseline)
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--study", "methods", "--model", str(tmp_path), "--methods", "nope"])
+
+    # a row whose flag the installed perp does not accept is skipped with its reason and runs nothing
+    fake = reproduce.Variant("wanda+fake", "wanda", ("--no-such-flag",), settings=("0.5",), baseline="wanda")
+    monkeypatch.setitem(reproduce.METHOD_VARIANTS, fake.name, fake)
+    assert reproduce.unavailable(fake) == "the installed `perp prune` does not accept --no-such-flag"
+    assert reproduce.unavailable(reproduce.Variant("x", "no-such-method")).startswith("the installed perp has no")
+    assert reproduce.unavailable(reproduce.METHOD_VARIANTS["wanda"]) is None
+    model = save_tiny(tmp_path / "tiny-opt-random", "opt")
+    grid = _grid(reproduce, tmp_path, model, calib_file, methods=["wanda", fake.name], settings=["0.5"], recoveries=["none"],
+                 study="methods", dense_controls=False)
+    runner = reproduce.Runner()
+    rows, failures = reproduce.run_grid(grid, runner, quiet=True)
+    assert failures == [] and [c[0] for c in runner.commands] == ["eval", "prune", "eval"]
+    assert "skipping wanda+fake: the installed `perp prune` does not accept --no-such-flag" in capsys.readouterr().err
+    # a variant is its own pruned model: flags are part of the cache key
+    study = reproduce.Study(grid, runner)
+    assert study.pruned_path(model, "wanda", "0.5") != study.pruned_path(model, fake.name, "0.5")
+    written = reproduce.write_outputs(rows, grid, failures)
+    assert [p.name for p in written] == ["methods.csv", "methods.md"]  # no row has its baseline yet: no plot
+    md = (grid.out / "methods.md").read_text()
+    assert "| wanda | 50% |" in md and "## Not run" in md and "wanda+fake: the installed `perp prune` does not accept" in md
+
+
+def test_methods_report_compares_each_row_with_its_baseline(reproduce, tmp_path: Path, calib_file: Path) -> None:
+    grid = reproduce.Grid(models=[tmp_path], calib=calib_file, train_data=calib_file, eval_data=calib_file, work=tmp_path / "w",
+                          out=tmp_path / "out", methods=["wanda", "owl-wanda"], settings=["0.6", "0.7"],
+                          recoveries=["none", "masklora"], study="methods", dense_controls=False)
+    ppl = {("wanda", "none"): 170.0, ("wanda", "masklora"): 150.0, ("owl-wanda", "none"): 168.0, ("owl-wanda", "masklora"): 151.0}
+    rows = [{"model": "m", "method": "dense", "setting": "0%", "recovery": "none", "perplexity": 137.0, "sparsity": 0.0,
+             "prune_s": 0.0, "recover_s": 0.0, "trainable_parameters": 0, "trainable_share": 0.0, "train_tokens": 0}]
+    rows += [{"model": "m", "method": m, "setting": s, "recovery": r, "perplexity": p + (10 if s == "70%" else 0), "sparsity": 0.6,
+              "prune_s": 1.0, "recover_s": 2.0, "eval_s": 0.5, "trainable_parameters": 1, "trainable_share": 0.1, "train_tokens": 1}
+             for (m, r), p in ppl.items() for s in ("60%", "70%")]
+    rows = reproduce.with_gaps(rows)
+    deltas = reproduce.baseline_deltas(rows, "m", grid)
+    assert {(d["setting"], d["recovery"]): d["delta"] for d in deltas} == {
+        ("60%", "none"): -2.0, ("60%", "masklora"): 1.0, ("70%", "none"): -2.0, ("70%", "masklora"): 1.0}
+    written = reproduce.write_outputs(rows, grid, [])
+    assert [p.name for p in written] == ["methods.csv", "methods.md", "methods_vs_baseline_m.png"]
+    md = (grid.out / "methods.md").read_text()
+    assert "| owl-wanda | 70% | 178.00 | 161.00 | -2.00 | +1.00 |" in md
+    assert "**owl-wanda** vs wanda, mean Δ: none -2.00 (60%, 70%); masklora +1.00 (60%, 70%)." in md

@@ -86,10 +86,14 @@ CASES = [
     # OPT: tied embeddings, biases and LayerNorm; the default biases,norms + masklora
     ("opt", [], "5GB"),
     ("opt", ["--target", "dense-stream", "--adapter", "scalelora"], "100KB"),
+    # sublayer granularity: the attention and MLP halves, dense block read once per step
+    ("llama", ["--add-biases", "--granularity", "sublayer", "--target", "dense-stream"], "40KB"),
+    ("opt", ["--granularity", "sublayer"], "100KB"),
 ]
 
 
-@pytest.mark.parametrize(("family", "extra", "shard"), CASES, ids=["llama-add-biases", "llama-dense-stream", "opt-default", "opt-dense-stream"])
+@pytest.mark.parametrize(("family", "extra", "shard"), CASES, ids=["llama-add-biases", "llama-dense-stream", "opt-default", "opt-dense-stream",
+                                                                   "llama-sublayer-dense-stream", "opt-sublayer"])
 def test_streamed_reconstruct_is_bit_identical_to_the_in_memory_one(
     family: str, extra: list[str], shard: str, pruned: dict, tmp_path: Path
 ) -> None:
@@ -98,6 +102,8 @@ def test_streamed_reconstruct_is_bit_identical_to_the_in_memory_one(
     _assert_same_checkpoint(src, memory, streamed, sum_a, sum_b)
     assert Path(sum_b["dense"]) == dense.resolve()
     assert any(b["mse_after"] < b["mse_before"] for b in sum_b["blocks"])  # it did train
+    if "sublayer" in extra:
+        assert [b["part"] for b in sum_b["blocks"]] == ["attention", "mlp"] * 2 and sum_b["granularity"] == "sublayer"
     sharded = (streamed / "model.safetensors.index.json").is_file()
     assert sharded == (shard != "5GB")
     if "--add-biases" in extra:

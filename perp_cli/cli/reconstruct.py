@@ -49,6 +49,7 @@ def reconstruct_cmd(
     output: OutputOpt,
     dense: Annotated[str | None, typer.Option("--dense", help="The dense reference model (directory or hub id). Default: the source model recorded in MODEL's perp.json (the root of its history); an error if none is recorded.", show_default=False)] = None,
     target: Annotated[str, typer.Option("--target", help="dense: the dense block i applied to the reconstructed stream's inputs X_i (PERP's choice). dense-stream: the dense model's own block-i output on its own activations (the dense model runs block by block in lockstep; later blocks also learn to undo earlier drift).")] = "dense",
+    granularity: Annotated[str, typer.Option("--granularity", help="What is fitted at a time: block (each decoder block against the dense block) or sublayer (each block's attention half, then its MLP half, each with its norm and residual add, against the dense model's same half; Free Lunch in LLM Compression, 2025). Each half trains --steps-per-block steps with the --train parameters and adapters it owns. Sequential blocks only: parallel attention+MLP blocks (GPT-J, Phi, Falcon) are refused.")] = "block",
     train: Annotated[str, typer.Option("--train", help="What trains in each block, as in `perp retrain`: a comma list of biases (projection biases), norms (LayerNorm weight+bias / RMSNorm weight), all (every block weight; pruned weights stay exactly 0 through masked gradients) or none (adapter only).")] = "biases,norms",
     add_biases: Annotated[bool, typer.Option("--add-biases", help="Add zero-initialised biases to the projections of models without them (LLaMA) and set the config flags so the output loads in plain transformers.")] = False,
     adapter: Annotated[str, typer.Option("--adapter", help="Adapter trained with each block and merged into it under its mask before the next block: masklora (W + s·(M⊙BA)), scalelora or multlora (W ⊙ BA), lora-prune (dense while training, masked at merge), or none. Plain lora is refused: its merge would fill pruned weights.")] = "masklora",
@@ -110,7 +111,7 @@ def reconstruct_cmd(
     settings = {k: RECIPES[recipe][k] if v is None else v for k, v in chosen.items()}
     config = ReconstructConfig(
         train=train, adapter=adapter, adapter_targets=adapter_targets, rank=rank, alpha=alpha, add_biases=add_biases,
-        target=target, warmup=warmup, weight_decay=weight_decay, seed=seed, device=device, offload=offload_activations,
+        target=target, granularity=granularity, warmup=warmup, weight_decay=weight_decay, seed=seed, device=device, offload=offload_activations,
         max_memory=max_memory, offload_dir=None if offload_dir is None else str(offload_dir), quiet=quiet, **settings,
     )
     config.validate()  # usage errors before loading anything
@@ -120,6 +121,8 @@ def reconstruct_cmd(
             raise UsageError("--prune-method prunes MODEL (the dense model) while reconstructing it; --dense is not used with it")
         if streaming_mode == "on":
             raise UsageError("--prune-method does not stream yet; use --streaming off (or auto)")
+        if granularity != "block":
+            raise UsageError("--prune-method prunes whole blocks while reconstructing them: --granularity block only")
         if scope is None and recipe == "paper" and prune_method == "wanda":
             scope = "matrix"  # PERP's code compares a Wanda score with the whole matrix, not per output row
         prune_config = PruneConfig(
@@ -173,7 +176,7 @@ def reconstruct_cmd(
     source = data.load_source(calib, split="train", text_field=text_field)
     tokens = data.sample_windows(ckpt.require_tokenizer(), source, nsamples, length, seed, calib_concat)
     args = {
-        "model": model, "output": str(output), "dense": dense_dir, "target": target, "train": train,
+        "model": model, "output": str(output), "dense": dense_dir, "target": target, "granularity": granularity, "train": train,
         "add_biases": add_biases, "adapter": config.adapter_kind or "none", "adapter_targets": adapter_targets,
         "rank": rank, "alpha": alpha, "calib": calib, "text_field": text_field, "nsamples": nsamples, "seqlen": length,
         "calib_concat": calib_concat, "recipe": recipe, **settings,
@@ -203,12 +206,14 @@ def reconstruct_cmd(
 
 def _render(results: dict, dense: str, output: str) -> None:
     what = ", ".join(results["trained"]) + (f" + {results['adapter']}" if results["adapter"] != "none" else "")
-    table = Table(title=f"reconstruct · {what} · target {results['target']}", title_justify="left")
+    granularity = results.get("granularity", "block")
+    table = Table(title=f"reconstruct · {what} · target {results['target']}" + ("" if granularity == "block" else f" · {granularity}"),
+                  title_justify="left")
     for col in ("block", "MSE before", "MSE after", "change", "trainable", "time (s)"):
         table.add_column(col, justify="right")
     for b in results["blocks"]:
         change = "restored (training made it worse)" if b["restored"] else f"{-b['reduction']:+.1%}"
-        table.add_row(str(b["block"]), f"{b['mse_before']:.4g}", f"{b['mse_after']:.4g}", change,
+        table.add_row(str(b["block"]) + ("" if b.get("part", "block") == "block" else f" {b['part']}"), f"{b['mse_before']:.4g}", f"{b['mse_after']:.4g}", change,
                       f"{b['trainable_parameters']:,}", f"{b['time_s']:.1f}")
     console.print(table)
     pruning = results.get("interleaved_pruning")
@@ -219,7 +224,7 @@ def _render(results: dict, dense: str, output: str) -> None:
             soft_wrap=True, highlight=False,
         )
     console.print(
-        f"{results['steps_per_block']} steps x {results['tokens_per_block'] // max(results['steps_per_block'], 1):,} tokens per block "
+        f"{results['steps_per_block']} steps x {results['tokens_per_block'] // max(results['steps_per_block'], 1):,} tokens per {'half' if granularity == 'sublayer' else 'block'} "
         f"in {results['reconstruction_time_s']:.1f}s against {escape(dense)} → {escape(output)}",
         soft_wrap=True, highlight=False,
     )

@@ -474,6 +474,9 @@ CASES += [
     ("rank-above-matrix", None, RETRAIN + ["--adapter", "masklora", "--rank", "100000"], 2, "min(out, in)"),
     ("steps-zero", None, RETRAIN[:-6] + ["--batch-size", "1", "--seqlen", "32", "--steps", "0"], 2, "--steps"),
     ("steps-per-block-negative", None, ["reconstruct", P, "-o", O, "--dense", D, *CALIB, "--steps-per-block", "-1"], 2, "--steps-per-block"),
+    ("granularity-unknown", None, RECONSTRUCT + ["--granularity", "foo"], 2, "--granularity 'foo' is not one of block, sublayer"),
+    ("granularity-sublayer-interleaved", None, ["reconstruct", D, "-o", O, *CALIB, "--prune-method", "wanda", "--granularity", "sublayer"],
+     2, "--granularity block only"),
     ("batch-size-zero", None, WANDA + ["--batch-size", "0"], 2, "--batch-size"),
     # 6. integrity
     ("swapped-adapters", swap_adapters, MERGE, 1, "adapters.safetensors does not match the sha256"),
