@@ -3,6 +3,7 @@
     python bench/prune_speed.py             # 12 blocks (125M parameters), 8 x 512 calibration tokens
     python bench/prune_speed.py --small     # 2 blocks: a quick look
     python bench/prune_speed.py --layers 4 --nsamples 16 --methods wanda,sparsegpt
+    python bench/prune_speed.py --methods forward,wanda,sparsegpt --threads 1,2 --repeats 3   # issue 17's figures
 
 Each method runs in its own process, so the peak memory reported (host RSS, and CUDA when
 present) is that method's alone; "model" is the RSS right after building the model, the
@@ -12,14 +13,24 @@ set the cost) and the calibration tokens are random ids.
 SparseGPT's compression step is compared with a float32 GEMM roofline of this machine:
 the step's floating-point operations (Cholesky factorisations and inverse of each
 group's Hessian, the in-block OBS updates and the lazy batch updates) divided by the
-rate `torch.mm` reaches on a large square product. The statistics pass (hooks + the
-block forward + Hessian accumulation) is reported separately.
+rate `torch.mm` reaches on a large square product, measured in the same process at the
+same thread count, before and after the run (the better of the two). The step's phases
+(Cholesky/inverse, mask choice, in-block column loop, lazy updates) and the statistics
+pass (hooks + the block forward + Hessian accumulation) are reported per block, one
+column per thread count.
+
+`forward` is one plain forward of the whole model (embeddings, blocks, head) over the same
+tokens in the same micro-batches, without pruning: every method's time is also shown as a
+ratio to it. Timings on shared cores vary with the load: use `--repeats` (medians) and
+read the load average printed at the start and end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -41,7 +52,7 @@ def build(layers: int, seed: int = 0) -> torch.nn.Module:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Prune once and print a JSON line (run in a fresh process per method)."""
+    """Prune once (or run one plain forward) and print a JSON line (a fresh process per run)."""
     from perp_cli.checkpoint import Checkpoint
     from perp_cli.manifest import peak_memory
     from perp_cli.pruner import PruneConfig, prune
@@ -49,12 +60,20 @@ def worker(args: argparse.Namespace) -> None:
     model = build(args.layers)
     before = peak_memory()["host_rss_mib"]
     tokens = torch.randint(0, OPT_125M["vocab_size"], (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
+    rate_before = gemm_rate()
     start = time.perf_counter()
-    _, results, _ = prune(Checkpoint(model, None, None, {}, "opt-125m-shaped"),
-                          PruneConfig(args.worker, sparsity=0.5, device=args.device), tokens=tokens)
+    if args.worker == "forward":  # what a user calls one calibration forward: the whole model, same tokens and micro-batches
+        with torch.no_grad():
+            for i in range(0, args.nsamples, args.batch_size):
+                model(input_ids=tokens[i : i + args.batch_size].to(args.device), use_cache=False)
+        results = {"peak_memory": peak_memory(), "block_seconds": []}
+    else:
+        _, results, _ = prune(Checkpoint(model, None, None, {}, "opt-125m-shaped"),
+                              PruneConfig(args.worker, sparsity=0.5, device=args.device, batch_size=args.batch_size), tokens=tokens)
     seconds = time.perf_counter() - start
+    rate = max(rate_before, gemm_rate())  # the better of before and after: the roofline is not flattered by a busy moment
     print(json.dumps({"seconds": seconds, "model_rss_mib": before, "peak": results["peak_memory"],
-                      "block_seconds": results["block_seconds"]}))
+                      "block_seconds": results["block_seconds"], "gemm_flops": rate}))
 
 
 def gemm_rate(n: int = 2048, repeats: int = 5) -> float:
@@ -89,48 +108,89 @@ def sparsegpt_block_flops(blocksize: int = 128) -> float:
     return flops
 
 
+PHASES = [  # (key in block_seconds, label); "statistics" includes "accumulate"
+    ("statistics", "statistics pass (block forward + accumulation)"),
+    ("accumulate", "  of which Hessian accumulation"),
+    ("inverse", "Cholesky / inverse"),
+    ("mask", "mask choice"),
+    ("columns", "in-block column loop"),
+    ("lazy", "lazy updates (GEMM)"),
+    ("prune", "compression step (all of the above but statistics)"),
+]
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=12, help="decoder blocks (12 = OPT-125m)")
     parser.add_argument("--small", action="store_true", help="2 blocks, 4 x 256 tokens: a quick look")
     parser.add_argument("--nsamples", type=int, default=8)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--methods", default="magnitude,random,wanda,sparsegpt")
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per micro-batch (perp prune's default)")
+    parser.add_argument("--methods", default="forward,magnitude,random,wanda,sparsegpt",
+                        help="comma-separated; 'forward' is one plain forward of the model over the same tokens")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--threads", default="0", help="torch threads, comma-separated to compare (e.g. 1,2); 0: torch's default")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each method; the tables show medians")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.small:
         args.layers, args.nsamples, args.seqlen = 2, 4, 256
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.worker:
+        if int(args.threads):
+            torch.set_num_threads(int(args.threads))
         worker(args)
         return
 
+    threads = [int(t) or torch.get_num_threads() for t in args.threads.split(",")]
+    methods = args.methods.split(",")
     params = sum(p.numel() for p in build(args.layers).parameters())
-    rate = gemm_rate()
+    load = os.getloadavg()
     print(f"OPT-125m shapes, {args.layers} blocks, {params / 1e6:.1f}M parameters; calibration {args.nsamples} x {args.seqlen} "
-          f"tokens; {torch.get_num_threads()} threads; float32 GEMM {rate / 1e9:.1f} GFLOP/s", file=sys.stderr)
-    rows = {}
-    for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--worker", method, "--layers", str(args.layers), "--nsamples", str(args.nsamples),
-               "--seqlen", str(args.seqlen), "--device", args.device, "--threads", str(torch.get_num_threads())]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        rows[method] = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"  {method}: {rows[method]['seconds']:.1f}s", file=sys.stderr)
+          f"tokens, micro-batches of {args.batch_size}; threads {threads}; {args.repeats} run(s) each, medians; "
+          f"load average at start {load[0]:.1f} on {os.cpu_count()} CPUs", file=sys.stderr)
+    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}  # idle OpenMP workers must not spin on shared cores
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for repeat in range(args.repeats):  # repeats outermost: a burst of load hits every row, not one
+        for t in threads:
+            for method in methods:
+                cmd = [sys.executable, __file__, "--worker", method, "--layers", str(args.layers), "--nsamples", str(args.nsamples),
+                       "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size), "--device", args.device, "--threads", str(t)]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                runs.setdefault((method, t), []).append(r)
+                print(f"  run {repeat + 1}, {t} thread(s), {method}: {r['seconds']:.1f}s (GEMM {r['gemm_flops'] / 1e9:.0f} GFLOP/s)", file=sys.stderr)
 
-    print("| method | time (s) | peak host RSS (MiB) | model alone (MiB) |\n|---|---:|---:|---:|")
-    for method, r in rows.items():
-        print(f"| {method} | {r['seconds']:.1f} | {r['peak']['host_rss_mib']:.0f} | {r['model_rss_mib']:.0f} |")
-    if "sparsegpt" in rows:
-        blocks = rows["sparsegpt"]["block_seconds"]
-        flops = sparsegpt_block_flops()
-        roof = flops / rate
-        prune_s = sum(b["prune"] for b in blocks) / len(blocks)
-        stats_s = sum(b["statistics"] for b in blocks) / len(blocks)
-        print(f"\nSparseGPT per block (mean of {len(blocks)}): compression {prune_s:.2f}s for {flops / 1e9:.1f} GFLOP; "
-              f"GEMM roofline {roof:.2f}s -> {roof / prune_s:.0%} of roofline; statistics pass {stats_s:.2f}s")
+    print(f"load average at end {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    print("| method | threads | time (s) | / forward | peak host RSS (MiB) | model alone (MiB) |\n|---|---:|---:|---:|---:|---:|")
+    for t in threads:
+        forward = median([r["seconds"] for r in runs[("forward", t)]]) if ("forward", t) in runs else None
+        for method in methods:
+            rs = runs[(method, t)]
+            seconds = median([r["seconds"] for r in rs])
+            ratio = f"{seconds / forward:.2f}" if forward else "-"
+            print(f"| {method} | {t} | {seconds:.1f} | {ratio} | {median([r['peak']['host_rss_mib'] for r in rs]):.0f} "
+                  f"| {median([r['model_rss_mib'] for r in rs]):.0f} |")
+    if "sparsegpt" not in methods:
+        return
+    flops = sparsegpt_block_flops()
+    print(f"\nSparseGPT per block (median over runs of the mean over {args.layers} blocks), {flops / 1e9:.1f} GFLOP per block")
+    print("| phase | " + " | ".join(f"{t} thread(s) (s)" for t in threads) + " |\n|---|" + "---:|" * len(threads))
+    per = {t: runs[("sparsegpt", t)] for t in threads}
+    for key, label in PHASES:
+        cells = [median([sum(b.get(key, 0.0) for b in r["block_seconds"]) / len(r["block_seconds"]) for r in per[t]]) for t in threads]
+        print(f"| {label} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
+    rates = [median([r["gemm_flops"] for r in per[t]]) for t in threads]
+    roofs = [flops / rate for rate in rates]
+    prunes = [median([sum(b["prune"] for b in r["block_seconds"]) / len(r["block_seconds"]) for r in per[t]]) for t in threads]
+    print("| measured GEMM rate (GFLOP/s) | " + " | ".join(f"{rate / 1e9:.1f}" for rate in rates) + " |")
+    print("| GEMM roofline of the step (s) | " + " | ".join(f"{roof:.3f}" for roof in roofs) + " |")
+    print("| **fraction of roofline** | " + " | ".join(f"**{roof / p:.2f}**" for roof, p in zip(roofs, prunes)) + " |")
+    if len(threads) > 1:
+        print(f"\ncompression step, {threads[-1]} threads / {threads[0]}: {prunes[-1] / prunes[0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,13 @@ class _Caught(Exception):
     """Raised by the pre-hook on block 0 to stop the model forward after the embeddings."""
 
 
+class StopBlock(Exception):
+    """Raised by a hook once a statistics pass has everything it needs from the current
+    micro-batch (`perp_cli.pruning.statistics.collecting`: every matrix input seen):
+    `BlockInputs.run(keep_outputs=False)` skips the rest of that block forward (for a
+    decoder block, its last matrix, whose output no statistic reads)."""
+
+
 def _to(value: Any, device: torch.device) -> Any:
     """Move tensors (also inside tuples/lists/dicts) to `device`."""
     if isinstance(value, torch.Tensor):
@@ -151,11 +158,17 @@ class BlockInputs:
         `keep_outputs`.
 
         With `keep_outputs=False` this is the statistics pass: forward hooks registered
-        on submodules see all calibration tokens, and nothing is kept.
+        on submodules see all calibration tokens, and nothing is kept; a hook may raise
+        `StopBlock` once it has what it needs from a micro-batch.
         """
         outputs = self.new_store()
         for x in self.batches():
-            y = self.call(module, x)
+            try:
+                y = self.call(module, x)
+            except StopBlock:
+                if keep_outputs:  # outputs were asked for: a hook must not cut the forward short
+                    raise
+                continue
             if keep_outputs:
                 outputs.append(y)
         return outputs

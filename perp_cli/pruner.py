@@ -64,7 +64,7 @@ from perp_cli.pruning.magnitude import magnitude_scores
 from perp_cli.pruning.random_ import random_scores
 from perp_cli.pruning.ria import channel_permutation
 from perp_cli.pruning.selection import global_prune_masks, nm_prune_mask, prune_mask
-from perp_cli.pruning.sparsegpt import SELECTIONS, inverse_hessian, prune_matrix
+from perp_cli.pruning.sparsegpt import SELECTIONS, PhaseClock, inverse_hessian, prune_matrix
 from perp_cli.pruning.statistics import Group, NormStat, collecting, target_groups
 
 
@@ -283,7 +283,8 @@ class _Pruner:
         self.pruned: dict[str, torch.Tensor] = {}
         self.global_scores: dict[str, torch.Tensor] = {}
         self.notes: dict[str, list[str]] = {}
-        self.block_seconds: list[dict[str, float]] = []  # per calibrated block: statistics pass, pruning
+        self.block_seconds: list[dict[str, float]] = []  # per calibrated block: statistics pass, pruning, their phases
+        self.clock = PhaseClock()  # SparseGPT's phases (inverse, mask, columns, lazy), summed over the run
         self.generator = torch.Generator().manual_seed(config.seed)
         self.stats: MaskStats = {}  # filled by block_keep (streaming)
         self.block_sparsity: dict[int, float] = {}  # --allocation owl: each block's target
@@ -387,7 +388,8 @@ class _Pruner:
             for m in group.matrices:
                 self.score_or_select(m, self.p.method.score(m.weight(), group.stat))
             return
-        inverse = inverse_hessian(group.stat.hessian(), self.config.damp, where=group.label)
+        with self.clock("inverse"):
+            inverse = inverse_hessian(group.stat.hessian(), self.config.damp, where=group.label)
         if inverse.retries:
             self.note("damping", f"{group.label}: Hessian not positive definite, damp raised to {inverse.damp:g} ({inverse.retries} retries)")
         n, mm = (self.p.pattern.n, self.p.pattern.m) if self.p.pattern.structured else (0, 0)
@@ -396,7 +398,7 @@ class _Pruner:
             w = m.weight()
             result = prune_matrix(
                 w, inverse, self.sparsity(m.block), n, mm, self.config.blocksize, scope, _old_pruned(self.old, m),
-                selection=self.config.sparsegpt_selection,
+                selection=self.config.sparsegpt_selection, clock=self.clock,
             )
             with torch.no_grad():
                 w.copy_(result.weight.to(w.dtype))
@@ -420,12 +422,16 @@ class _Pruner:
             s.inputs.run(s.block, keep_outputs=False)
         _sync(s.device)
         middle = time.perf_counter()
+        before = dict(self.clock.seconds)
         for group in stats:
             self.prune_group(group, s.status)
             if before:
                 self.refine_group(group, before, s.status)
         _sync(s.device)
-        self.block_seconds.append({"statistics": round(middle - start, 4), "prune": round(time.perf_counter() - middle, 4)})
+        record = {"statistics": middle - start, "prune": time.perf_counter() - middle,
+                  "accumulate": sum(g.stat.seconds for g in stats)}  # inside the statistics pass
+        record.update({phase: t - before.get(phase, 0.0) for phase, t in self.clock.seconds.items()})
+        self.block_seconds.append({k: round(v, 4) for k, v in record.items()})
         return None
 
     # --- DSnoT

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from perp_cli.pruning.selection import global_prune_masks, nm_prune_mask, prune_count, prune_mask
+from perp_cli.pruning.selection import global_prune_masks, kth_smallest, nm_prune_mask, prune_count, prune_mask
 
 
 def test_prune_count_is_floor_robust_to_float_representation() -> None:
@@ -81,3 +82,14 @@ def test_row_masks_equal_the_first_k_of_a_stable_sort(rows: int, cols: int, leve
     order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
     expected.scatter_(1, order, True)
     assert torch.equal(prune_mask(scores, sparsity, "row"), expected)
+
+
+@pytest.mark.parametrize("shape", [(6, 13), (1, 40), (3, 1), (2, 2)])
+@pytest.mark.parametrize("ties", [False, True])
+def test_kth_smallest_is_kthvalue(shape: tuple[int, int], ties: bool) -> None:
+    scores = torch.rand(shape, generator=torch.Generator().manual_seed(2))
+    if ties:
+        scores = (scores * 3).round()
+    scores[0, 0] = float("-inf")  # already-pruned weights are forced to -inf
+    for k in range(1, shape[1] + 1):
+        assert torch.equal(kth_smallest(scores, k), torch.kthvalue(scores, k, dim=-1, keepdim=True).values), k

@@ -188,3 +188,53 @@ def test_nan_hessian_is_a_numerical_error_not_nan_weights() -> None:
         inverse_hessian(h, where="layer 0 q,k,v")
     with pytest.raises(NumericalError, match="singular"):
         inverse_hessian(-torch.eye(3) * 1e12 + torch.ones(3, 3), damp=1e-9)
+
+
+def column_by_column_sparsegpt(w: torch.Tensor, upper: torch.Tensor, dead: torch.Tensor, sparsity: float, n: int, m: int,
+                               blocksize: int, selection: str, old: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """perp's kernel before issue 17, op for op (float32, the reference's rounding order):
+    per column, q = w masked, e = (w − q)/U_ii, then the rest of the block -= outer(e, U_i,i+1:);
+    lazy update of later columns once per block. The kernel now works on transposed,
+    preallocated operands with fewer ops per column; it must give the same bits."""
+    choose = threshold_prune_mask if selection == "reference" else prune_mask
+    w = w.clone().float()
+    w[:, dead] = 0
+    rows, cols = w.shape
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1, u1 = w[:, i1:i2].clone(), upper[i1:i2, i1:i2]
+        d1 = torch.diag(u1)
+        q1, err1 = torch.zeros_like(w1), torch.zeros_like(w1)
+        old1 = old[:, i1:i2] if old is not None else None
+        mask1 = choose(w1**2 / d1.reshape(1, -1) ** 2, sparsity, "matrix", old1) if n == 0 else torch.zeros_like(w1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if n and i % m == 0:
+                scores = w1[:, i : i + m] ** 2 / d1[i : i + m].reshape(1, -1) ** 2
+                mask1[:, i : i + m] = nm_prune_mask(scores, n, m, old1[:, i : i + m] if old1 is not None else None)
+            q1[:, i] = w1[:, i].masked_fill(mask1[:, i], 0)
+            err1[:, i] = torch.where(mask1[:, i], w1[:, i], 0) / u1[i, i]
+            w1[:, i + 1 :] -= torch.outer(err1[:, i], u1[i, i + 1 :])
+        w[:, i1:i2], mask[:, i1:i2] = q1, mask1
+        w[:, i2:] -= err1 @ upper[i1:i2, i2:]
+    w[mask] = 0
+    return w, mask
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("sparsity,n,m,blocksize,selection", [
+    (0.5, 0, 0, 32, "reference"), (0.6, 0, 0, 20, "exact"), (0.5, 2, 4, 32, "reference"), (0.5, 4, 8, 16, "reference"),
+])
+def test_kernel_gives_the_same_bits_as_the_column_by_column_loop(sparsity: float, n: int, m: int, blocksize: int,
+                                                                   selection: str, threads: int) -> None:
+    w, x = _layer(rows=40, cols=96, tokens=512, seed=3)
+    x[7] = 0  # a dead input
+    inverse = inverse_hessian(_hessian(x))
+    old = torch.rand(w.shape, generator=torch.Generator().manual_seed(4)) < 0.1
+    torch.set_num_threads(threads)  # the one_thread fixture restores the count
+    ours = prune_matrix(w, inverse, sparsity, n, m, blocksize, pruned=old, selection=selection)
+    assert torch.get_num_threads() == threads  # the column loop's single thread does not leak
+    torch.set_num_threads(1)
+    ref_w, ref_mask = column_by_column_sparsegpt(w, inverse.upper, inverse.dead, sparsity, n, m, blocksize, selection, old)
+    assert torch.equal(ours.pruned, ref_mask)
+    assert torch.equal(ours.weight.view(torch.int32), ref_w.view(torch.int32))  # bit for bit, signs of zeros too

@@ -142,11 +142,42 @@ def test_expert_statistics_are_the_rows_each_expert_really_sees(model_type: str,
     block = arch.blocks(model)[0]
     chosen = [m for m in arch.block_matrices(model, 0) if m.attr == which]
     with collecting(model, target_groups(model, 0, {m.key for m in chosen}), NormStat, torch.device("cpu")) as stats:
-        with _ExpertInputs(chosen[0].parameter) as seen:
-            inputs.run(block, keep_outputs=False)
+        inputs.run(block, keep_outputs=False)  # stops once the experts' inputs are seen
+    with _ExpertInputs(chosen[0].parameter) as seen:
+        inputs.run(block)  # the block's own forward, in full, on the same inputs
     assert len(stats) == len(chosen) and sum(g.stat.tokens for g in stats) > 0
     for group in stats:
         e = group.matrices[0].expert
         rows = torch.cat(seen.rows[e]) if e in seen.rows else torch.zeros(0, group.matrices[0].shape[1])
         assert group.stat.tokens == rows.shape[0]
         torch.testing.assert_close(group.stat.norms(), rows.double().pow(2).sum(0).sqrt().float(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("targets,runs", [(r"fc2", {"fc1": 2, "fc2": 0}), (r"k_proj", {"k_proj": 0, "fc1": 0}),
+                                          (r".*", {"fc1": 2, "fc2": 0})])
+def test_statistics_pass_stops_after_the_last_input_it_needs(targets: str, runs: dict[str, int]) -> None:
+    """Nothing after the last hooked input runs (engine.StopBlock), and the statistics
+    equal those of a full forward: here fc2's input, seen by a plain hook."""
+    model = tiny.build_model("opt")
+    inputs = _block0_inputs(model, _tokens(n=4))  # 2 micro-batches of 2
+    block = arch.blocks(model)[0]
+    calls = {name: 0 for name in runs}
+    handles = [block.get_submodule(name if name.startswith("fc") else f"self_attn.{name}")
+               .register_forward_hook(lambda m, a, y, name=name: calls.__setitem__(name, calls[name] + 1)) for name in runs]
+    full: list[torch.Tensor] = []
+    fc2 = block.fc2.register_forward_pre_hook(lambda m, a: full.append(a[0].reshape(-1, a[0].shape[-1])))
+    inputs.run(block)  # a full pass for the reference statistics
+    fc2.remove()
+    keys = {m.key for m in arch.matrices(model, targets=rf"layers\.0\.(.*\.)?({targets})")}
+    groups = target_groups(model, 0, keys)  # (may run a probe forward: count after it)
+    calls.update({name: 0 for name in runs})
+    with collecting(model, groups, NormStat, torch.device("cpu")) as stats:
+        inputs.run(block, keep_outputs=False)
+    for h in handles:
+        h.remove()
+    assert calls == runs
+    if "fc2" in targets or targets == ".*":
+        fc2_stat = next(g.stat for g in stats if "fc2" in g.label)
+        x = torch.cat(full).double()
+        assert fc2_stat.tokens == x.shape[0]
+        torch.testing.assert_close(fc2_stat.sq, x.pow(2).sum(0), rtol=1e-6, atol=1e-6)

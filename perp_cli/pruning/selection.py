@@ -45,15 +45,31 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= scores.shape[-1]:
         return torch.ones_like(scores, dtype=torch.bool)
-    kth = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    kth = kth_smallest(scores, k)
+    at_most = scores <= kth
+    if bool((at_most.sum(dim=-1, keepdim=True, dtype=torch.int32) == k).all()):
+        # no surplus ties (the usual case with continuous scores): every tie is taken, and
+        # the int64 cumsum below (8 bytes per weight, ~90 MiB for a 5632x2048 matrix) is skipped
+        return at_most
     below = scores < kth
     equal = scores == kth
     need = k - below.sum(dim=-1, keepdim=True)
-    if bool((equal.sum(dim=-1, keepdim=True) == need).all()):
-        # no surplus ties (the usual case with continuous scores): every tie is taken, and
-        # the int64 cumsum below (8 bytes per weight, ~90 MiB for a 5632x2048 matrix) is skipped
-        return below | equal
     return below | (equal & (equal.cumsum(dim=-1) <= need))
+
+
+def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th smallest value along the last dim (keepdim), 1 <= k <= n.
+
+    The same value as `torch.kthvalue`. For many rows (Wanda's per-row masks) it is
+    found as the largest of the k smallest (or the smallest of the n−k+1 largest, fewer
+    when k > n/2): on CPU `topk` is ~30% faster than `kthvalue` there; for one long row
+    (`matrix` scope) `kthvalue` is faster and is kept."""
+    n = scores.shape[-1]
+    if scores.numel() == n:
+        return torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    if k <= n // 2:
+        return torch.topk(scores, k, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
+    return torch.topk(scores, n - k + 1, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
 
 
 def prune_mask(
@@ -91,7 +107,7 @@ def threshold_prune_mask(
     if k >= groups.shape[1]:
         out = torch.ones_like(s, dtype=torch.bool)
     else:
-        kth = torch.kthvalue(groups, k + 1, dim=-1, keepdim=True).values
+        kth = kth_smallest(groups, k + 1)
         out = (groups <= kth).reshape(s.shape)
     return out if pruned is None else out | pruned.to(out.device)
 

@@ -17,28 +17,35 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from perp_cli import arch
+from perp_cli import arch, engine
 from perp_cli.arch import Matrix
 from perp_cli.errors import ArchitectureError
 
 
 class NormStat:
-    """Σ x_j² per input feature over all tokens (Wanda's ‖X_j‖₂², float64 accumulator)."""
+    """Σ x_j² per input feature over all tokens (Wanda's ‖X_j‖₂², float64 accumulator).
+
+    `seconds`: time spent accumulating (reported per block by the pruner).
+    """
 
     def __init__(self, features: int, device: torch.device) -> None:
         self.sq = torch.zeros(features, dtype=torch.float64, device=device)
         self.tokens = 0
+        self.seconds = 0.0
 
     def add(self, x: torch.Tensor) -> None:
+        start = time.perf_counter()
         x = x.reshape(-1, x.shape[-1])
         self.sq += x.float().pow(2).sum(dim=0).double()
         self.tokens += x.shape[0]
+        self.seconds += time.perf_counter() - start
 
     def norms(self) -> torch.Tensor:
         """‖X_j‖₂ as float32."""
@@ -62,8 +69,10 @@ class HessianStat:
         self.h = torch.zeros(features, features, dtype=torch.float32, device=device)
         self.sequences = 0
         self.tokens = 0
+        self.seconds = 0.0  # time spent accumulating
 
     def add(self, x: torch.Tensor) -> None:
+        start = time.perf_counter()
         seqs = x.reshape(-1, *x.shape[-2:]) if x.dim() >= 3 else x.unsqueeze(0)
         for seq in seqs:
             self.h *= self.sequences / (self.sequences + 1)
@@ -71,6 +80,7 @@ class HessianStat:
             scaled = seq.float() * math.sqrt(2 / self.sequences)
             self.h += scaled.t() @ scaled  # product, then sum: the reference's rounding (not addmm_)
             self.tokens += seq.shape[0]
+        self.seconds += time.perf_counter() - start
 
     def hessian(self) -> torch.Tensor:
         return self.h
@@ -162,9 +172,23 @@ def _as_sequences(x: torch.Tensor, window: list[torch.Size]) -> torch.Tensor:
 
 @contextlib.contextmanager
 def collecting(model: nn.Module, groups: list[list[Matrix]], factory: StatFactory, device: torch.device) -> Iterator[list[Group]]:
-    """Attach one statistics object per group while the block runs; yields the groups."""
+    """Attach one statistics object per group while the block runs; yields the groups.
+
+    Once every hook has seen the current micro-batch, the rest of the block forward is
+    skipped (`engine.StopBlock`): nothing after the last statistic's input is read
+    (for a decoder block, the last matrix and the residual add). This assumes each
+    hooked module runs once per block forward, as in every architecture of
+    `perp_cli.arch`; a second call of a module would not be seen.
+    """
     out = [Group(g, factory(g[0].shape[1], device)) for g in groups]
     handles = []
+    seen: set[int] = set()  # hooks fired in the current micro-batch (reset by the block's pre-hook)
+    expected = len({id(g.matrices[0].owner) if g.matrices[0].expert is not None else id(g) for g in out})
+
+    def fired(hook_id: int) -> None:
+        seen.add(hook_id)
+        if len(seen) == expected:
+            raise engine.StopBlock
     experts: dict[int, tuple[nn.Module, dict[tuple[str, int], Group], bool]] = {}
     for group in out:
         first = group.matrices[0]
@@ -175,6 +199,7 @@ def collecting(model: nn.Module, groups: list[list[Matrix]], factory: StatFactor
 
         def hook(module: nn.Module, args: tuple, group: Group = group) -> None:
             group.stat.add(_as_sequences(args[0], window))
+            fired(id(group))
 
         handles.append(first.owner.register_forward_pre_hook(hook))
     # the block's input shape [b, seqlen, hidden] of the current micro-batch: some blocks
@@ -185,11 +210,18 @@ def collecting(model: nn.Module, groups: list[list[Matrix]], factory: StatFactor
     def remember(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs.get("hidden_states")
         window[:] = [hidden.shape] if isinstance(hidden, torch.Tensor) and hidden.dim() == 3 else []
+        seen.clear()
 
     for index in sorted({g.matrices[0].block for g in out}):
         handles.insert(0, arch.blocks(model)[index].register_forward_pre_hook(remember, with_kwargs=True))
     for owner, table, transposed in experts.values():
-        handles.append(owner.register_forward_pre_hook(_expert_hook(owner, table, transposed), with_kwargs=True))
+        collect = _expert_hook(owner, table, transposed)
+
+        def expert_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any], collect: Callable = collect) -> None:
+            collect(module, args, kwargs)
+            fired(id(module))
+
+        handles.append(owner.register_forward_pre_hook(expert_hook, with_kwargs=True))
     try:
         yield out
     finally:
