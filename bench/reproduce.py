@@ -665,7 +665,7 @@ def markdown(rows: list[dict[str, Any]], grid: Grid, failures: list[str]) -> str
         "- trainable = share of all model parameters that receive gradients (reconstruction: summed over blocks).",
         "- dense (control) = the unpruned model after the same retraining (LoRA stands in for MaskLoRA: with no mask they "
         "are the same); it shows what the retraining text does on its own.",
-        f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {_threads()}, float32.", "",
+        f"- Machine: {_machine()}.", "",
     ]
     for model in models:
         mine = [r for r in rows if r["model"] == model]
@@ -707,6 +707,16 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
+def _machine() -> str:
+    """Where the cells ran: perp's steps use the GPU when there is one (`--device auto`)."""
+    import torch
+
+    where = f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {_threads()}, float32"
+    if torch.cuda.is_available():
+        where += f", steps on {torch.cuda.get_device_name(0)} (CUDA)"
+    return where
+
+
 def baseline_deltas(rows: list[dict[str, Any]], model: str, grid: Grid) -> list[dict[str, Any]]:
     """Each methods-study row against its baseline at the same setting and recovery:
     {label, variant, baseline, setting, recovery, perplexity, baseline_perplexity, delta}."""
@@ -742,7 +752,7 @@ def methods_markdown(rows: list[dict[str, Any]], grid: Grid, failures: list[str]
         f"{b.seqlen} tokens per block (sublayer: per half), lr {b.rec_lr:g}, against the dense model; the recoveries then "
         "retrain the reconstructed model.",
         "- Δ = perplexity minus the baseline row's at the same sparsity and recovery (negative: the method helps).",
-        f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch threads {_threads()}, float32.", "",
+        f"- Machine: {_machine()}.", "",
         "| row | what | baseline |", "|---|---|---|",
     ]
     lines += [f"| {n} | {variant(n).what} | {variant(n).baseline or '-'} |" for n in grid.methods]
