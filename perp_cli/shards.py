@@ -48,7 +48,7 @@ from perp_cli.manifest import (
     WEIGHTS_NAME,
     sha256_file,
 )
-from perp_cli.mask import MaskSet, Pattern, unpack_bits
+from perp_cli.mask import MaskSet, PackedMasks, Pattern, unpack_bits
 
 # safetensors dtype codes (the header's "dtype" field)
 DTYPE_CODES: dict[torch.dtype, str] = {
@@ -539,6 +539,17 @@ class MaskReader:
     def placeholders(self) -> MaskSet:
         """Every mask as a meta-device bool tensor of its shape (names sorted)."""
         return MaskSet({n: torch.empty(self.shapes[n], dtype=torch.bool, device="meta") for n in sorted(self.stored)}, self.pattern)
+
+    def read_packed(self, names: list[str]) -> PackedMasks:
+        """The named masks as stored: bit-packed, never unpacked here (`mask.PackedMasks`)."""
+        out = PackedMasks()
+        try:
+            with open(self.file, "rb", buffering=0) as f:
+                for name in names:
+                    out.set_packed(name, read_tensor(f, self.stored[name]), self.shapes[name])
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {self.file}: {exc.strerror or exc}") from exc
+        return out
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named masks, unpacked (bool, in the parameters' layout)."""

@@ -145,7 +145,7 @@ def open_checkpoint(
     if lazy_masks:
         masks = mask_reader.placeholders() if mask_reader is not None else None
     else:
-        masks = MaskSet(mask_reader.read(sorted(mask_reader.stored)), mask_reader.pattern) if mask_reader else None
+        masks = MaskSet(mask_reader.read_packed(sorted(mask_reader.stored)), mask_reader.pattern) if mask_reader else None
         mask_reader = None
     if masks is not None:
         _check_input_masks(model, masks, source)
