@@ -367,6 +367,7 @@ def load(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    memory.return_freed_memory()  # block-sized temporaries freed later go back to the OS (the peak stays ~1x the weights)
     source = str(source)
     path = Path(source).expanduser()
     local = os.path.lexists(path) or _looks_local(source)
@@ -578,8 +579,19 @@ def _read_adapters(
 def check_finite(model: nn.Module, where: str) -> None:
     for name, p in model.named_parameters():
         with resident(model, name, p) as values:
-            if not torch.isfinite(values).all():
-                raise NumericalError(f"{where}: parameter {name} contains NaN or inf")
+            check_tensor_finite(name, values, where)
+
+
+def check_tensor_finite(name: str, t: torch.Tensor, where: str, chunk: int = 1 << 22) -> None:
+    """NaN/inf check in chunks: `torch.isfinite` on a whole embedding matrix allocates
+    several temporaries of its size (an `abs` copy among them), more than one block of a
+    large model."""
+    if not t.is_floating_point():
+        return
+    flat = t.detach().reshape(-1)
+    for i in range(0, flat.numel(), chunk):
+        if not torch.isfinite(flat[i : i + chunk]).all():
+            raise NumericalError(f"{where}: parameter {name} contains NaN or inf")
 
 
 def mask_problems(model: nn.Module, masks: MaskSet) -> list[str]:

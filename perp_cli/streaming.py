@@ -76,23 +76,7 @@ AUTO_FRACTION = 0.5  # auto mode streams when the weights would take more than t
 # ----------------------------------------------------------------------------- memory
 
 
-def return_freed_memory(threshold: int = 1 << 20) -> bool:
-    """Make glibc serve allocations of `threshold` bytes and more with mmap, so freeing
-    them returns the memory to the OS at once.
-
-    A streamed run allocates and frees block-sized tensors (weights, scores, masks,
-    micro-batch temporaries) over and over. glibc's default threshold adapts upward to
-    the sizes it sees freed, after which such tensors come from the heap, which
-    fragments and never shrinks: on a 1.1B model the RSS crept up by ~40 MB per block and
-    doubled the peak. Call it before any large allocation (`open_checkpoint` does, before
-    building the skeleton): chunks carved out under the old threshold stay in the heap.
-    Process-wide and permanent (there is no way to read the old setting back); a no-op
-    where the C library has no `mallopt` (macOS; musl ignores it).
-    """
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
-    return False
+return_freed_memory = memory.return_freed_memory
 
 
 # ----------------------------------------------------------------------------- skeleton
@@ -208,15 +192,7 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
-def _check_finite(name: str, t: torch.Tensor, where: str, chunk: int = 1 << 22) -> None:
-    """NaN/inf check in chunks: `torch.isfinite` on a whole embedding matrix allocates
-    several float temporaries of its size, more than one block of a large model."""
-    if not t.is_floating_point():
-        return
-    flat = t.detach().reshape(-1)
-    for i in range(0, flat.numel(), chunk):
-        if not torch.isfinite(flat[i : i + chunk]).all():
-            raise NumericalError(f"{where}: parameter {name} contains NaN or inf")
+_check_finite = checkpoint.check_tensor_finite
 
 
 class MaskSpool:
