@@ -179,6 +179,15 @@ def test_at_most_one_block_is_in_memory_at_any_time(method: str, tmp_path: Path,
         real_write(self, name, tensor)
 
     monkeypatch.setattr(ShardWriter, "write", observed_write)
+    real_write_rows = ShardWriter.write_rows
+
+    def observed_write_rows(self, name, start, rows):  # the embeddings and head, a slice of rows at a time
+        assert not any(n.startswith(prefix + ".") for n in _materialised(model))
+        if start == 0:
+            writes.append(name)
+        real_write_rows(self, name, start, rows)
+
+    monkeypatch.setattr(ShardWriter, "write_rows", observed_write_rows)
     tokens = torch.randint(4, tiny.VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
     config = PruneConfig(method=method, device="cpu", quiet=True)
     streaming.prune(ckpt, tmp_path / "out", config, StepRecord("prune", {}, str(src)), tokens=tokens)
