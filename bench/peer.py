@@ -5,7 +5,7 @@
     python bench/peer.py                                                 # no peer given or found: says so, exits 0
 
 llm-compressor pins an older transformers than perp, so it lives in its own virtual
-environment (docs/performance.md, "Peer comparison", says how to install it); this script
+environment (docs/peer.md says how to install it); this script
 runs it there with that environment's interpreter (`--peer-python`, default
 `$PERP_PEER_PYTHON`). When the peer is not installed the script prints why and exits 0
 (it is optional).
@@ -205,7 +205,7 @@ def main() -> None:
     reason = peer_available(args.peer_python)
     if reason:
         print(f"peer comparison skipped: {reason}. Install llm-compressor in its own environment "
-              "(docs/performance.md, 'Peer comparison') and pass its interpreter with --peer-python.")
+              "(docs/peer.md) and pass its interpreter with --peer-python.")
         return
     for what, path in (("--model", args.model), ("--calib", args.calib), ("--eval-data", args.eval_data)):
         if not Path(path).exists():
@@ -229,6 +229,8 @@ def main() -> None:
                 raise SystemExit(f"{side} failed with exit code {code}")
             report = json.loads(stdout.strip().splitlines()[-1])
             rows[side] = {"prune_s": report["prune_s"], "process_s": seconds, "peak_mib": peak, "version": report["version"]}
+        for f in Path(args.model).glob("tokenizer*"):  # the peer's oneshot saves no tokenizer; the evaluator needs one
+            shutil.copy(f, work / "peer" / f.name)
         for side, out in (("perp", work / "perp"), ("llm-compressor", work / "peer")):
             print(f"evaluating {side} ...", file=sys.stderr, flush=True)
             rows[side]["ppl"] = perplexity(out, args.eval_data, args.eval_seqlen)

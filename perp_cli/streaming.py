@@ -249,7 +249,7 @@ TAIL_CHUNK_BYTES = 1 << 25  # rows copied at a time from an embedding or head: 3
 
 
 def copy_rows(model: nn.Module, reader: ShardReader, writer: ShardWriter, name: str, dtype: torch.dtype,
-              source: str, chunk_bytes: int = TAIL_CHUNK_BYTES) -> bool:
+              source: str, chunk_bytes: int | None = None) -> bool:
     """Copy model tensor `name` from the input shards to the output shards in slices of
     rows (about `chunk_bytes` each), converted to `dtype` and checked finite slice by
     slice. The bytes written are those of the whole tensor written at once. Returns False
@@ -263,7 +263,7 @@ def copy_rows(model: nn.Module, reader: ShardReader, writer: ShardWriter, name: 
         return False
     key = next(iter(out))
     rows = meta.shape[0]
-    step = max(1, chunk_bytes // max(1, shards.nbytes(dtype, meta.shape[1:])))
+    step = max(1, (chunk_bytes or TAIL_CHUNK_BYTES) // max(1, shards.nbytes(dtype, meta.shape[1:])))
     for start in range(0, rows, step):
         part = reader.read_rows(name, start, min(rows, start + step)).to(dtype)
         _check_finite(name, part, source)
