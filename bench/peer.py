@@ -22,8 +22,9 @@ One run, the same inputs for both:
    sparsity=0.5, dampening_frac=0.01, block_size=128, ignore=["lm_head"]),
    pipeline="sequential")` on a dataset holding those token ids, in a fresh child of the
    peer's interpreter, then `save_pretrained(save_compressed=False)`;
-4. both outputs are scored by the same evaluator (`perp eval`, WikiText-2 test,
-   `--eval-seqlen` windows) and their sparsity counted from the written weights.
+4. both outputs are scored by the same evaluator (`perp eval`, WikiText-2 test, the first
+   `--eval-windows` windows of `--eval-seqlen` tokens) and their sparsity counted from
+   the written weights.
 
 Each child reports its own wall time for the pruning call (model load to saved output,
 `prune s`) and the process's peak RSS (`ru_maxrss` from `os.wait4`); the table puts
@@ -142,11 +143,12 @@ def written_sparsity(directory: Path) -> float:
     return zeros / total if total else float("nan")
 
 
-def perplexity(directory: Path, wiki: str, seqlen: int) -> float:
+def perplexity(directory: Path, wiki: str, seqlen: int, windows: int | None) -> float:
     from perp_cli.cli.app import main as perp_main
 
     out = directory.parent / f"{directory.name}-eval.json"
-    code = perp_main(["eval", str(directory), "--dataset", wiki, "--seqlen", str(seqlen), "-o", str(out), "-q"])
+    limit = ["--max-windows", str(windows)] if windows else []
+    code = perp_main(["eval", str(directory), "--dataset", wiki, "--seqlen", str(seqlen), *limit, "-o", str(out), "-q"])
     if code:
         raise SystemExit(f"perp eval {directory} failed with exit code {code}")
     return _find_ppl(json.loads(out.read_text()))
@@ -197,6 +199,7 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
     parser.add_argument("--eval-seqlen", type=int, default=512, help="tokens per perplexity window")
+    parser.add_argument("--eval-windows", type=int, default=100, help="perplexity windows scored (0: all of WikiText-2 test)")
     parser.add_argument("--sparsity", type=float, default=0.5, help="unstructured sparsity")
     parser.add_argument("--workdir", type=Path, default=None, help="where outputs go (default: a temp dir, deleted)")
     parser.add_argument("--keep", action="store_true", help="keep the outputs")
@@ -233,15 +236,15 @@ def main() -> None:
             shutil.copy(f, work / "peer" / f.name)
         for side, out in (("perp", work / "perp"), ("llm-compressor", work / "peer")):
             print(f"evaluating {side} ...", file=sys.stderr, flush=True)
-            rows[side]["ppl"] = perplexity(out, args.eval_data, args.eval_seqlen)
+            rows[side]["ppl"] = perplexity(out, args.eval_data, args.eval_seqlen, args.eval_windows)
             rows[side]["sparsity"] = written_sparsity(out)
-        dense_ppl = perplexity(Path(args.model), args.eval_data, args.eval_seqlen) if (Path(args.model) / "config.json").exists() else float("nan")
+        dense_ppl = perplexity(Path(args.model), args.eval_data, args.eval_seqlen, args.eval_windows) if (Path(args.model) / "config.json").exists() else float("nan")
 
         perp, peer = rows["perp"], rows["llm-compressor"]
         print()
         print(f"model: {args.model}; SparseGPT {args.sparsity:.0%} unstructured, damp 0.01, blocks of 128 columns; "
               f"calibration {args.nsamples} x {args.seqlen} tokens (the same ids for both); "
-              f"WikiText-2 test, windows of {args.eval_seqlen}; dense perplexity {dense_ppl:.2f}")
+              f"WikiText-2 test, {args.eval_windows or 'all'} windows of {args.eval_seqlen}; dense perplexity {dense_ppl:.2f}")
         print(f"perp {perp['version']}; llm-compressor {peer['version']} (its own environment: {args.peer_python})")
         print()
         print("| | perp | llm-compressor | perp / llm-compressor |")
