@@ -81,3 +81,10 @@ def test_row_masks_equal_the_first_k_of_a_stable_sort(rows: int, cols: int, leve
     order = torch.sort(scores, dim=1, stable=True).indices[:, :k]
     expected.scatter_(1, order, True)
     assert torch.equal(prune_mask(scores, sparsity, "row"), expected)
+
+
+def test_rows_with_and_without_surplus_ties_in_one_matrix() -> None:
+    # the tie-breaking count runs on the tied rows only; the other rows keep their fast-path mask
+    scores = torch.tensor([[0.3, 0.1, 0.4, 0.2], [1.0, 1.0, 1.0, 1.0], [0.5, 0.5, 0.1, 0.9]])
+    expected = torch.tensor([[False, True, False, True], [True, True, False, False], [True, False, True, False]])
+    assert torch.equal(prune_mask(scores, 0.5, "row"), expected)
