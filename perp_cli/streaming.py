@@ -564,7 +564,7 @@ class ReconstructStream(BlockStream):
     def load(self, index: int, block: nn.Module) -> None:
         """Block i's masks, then its weights (checked against them by `BlockStream.load`)."""
         if self.mask_reader is not None:
-            self.old.masks.update(self.mask_reader.read(self.own_masks(index)))
+            self.old.masks.update(self.mask_reader.read_packed(self.own_masks(index)))
         super().load(index, block)
 
     def release_block(self, index: int, block: nn.Module) -> None:
