@@ -154,22 +154,12 @@ def perplexity(directory: Path, wiki: str, seqlen: int, windows: int | None) -> 
     return _find_ppl(json.loads(out.read_text()))
 
 
-def _find_ppl(value) -> float:
-    """The one perplexity number in `perp eval -o` JSON."""
-    if isinstance(value, dict):
-        for key, v in value.items():
-            if key == "perplexity" and isinstance(v, (int, float)):
-                return float(v)
-        for v in value.values():
-            found = _find_ppl(v)
-            if found == found:
-                return found
-    if isinstance(value, list):
-        for v in value:
-            found = _find_ppl(v)
-            if found == found:
-                return found
-    return float("nan")
+def _find_ppl(report: dict) -> float:
+    """The perplexity in `perp eval -o` JSON: results[0].perplexity.<dataset>.ppl."""
+    try:
+        return float(next(iter(report["results"][0]["perplexity"].values()))["ppl"])
+    except (KeyError, IndexError, StopIteration, TypeError, ValueError):
+        return float("nan")
 
 
 def peer_available(python: str | None) -> str | None:
