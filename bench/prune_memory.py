@@ -5,6 +5,8 @@
     python bench/prune_memory.py --layers 2 --hidden 512 --intermediate 1408 --nsamples 8 --seqlen 128   # a quick look
     python bench/prune_memory.py --runs stream,disk,memory   # also prune without streaming, for comparison
     python bench/prune_memory.py --runs disk        # only the streamed run with the activations on disk
+    python bench/prune_memory.py --runs memory --methods wanda,sparsegpt --nsamples 32 --seqlen 256   # in memory: goal <= 1.15x
+    python bench/prune_memory.py --runs stream --vocabs 32000,128256 --layers 4   # streamed peak against the vocabulary
 
 The model is a LLaMA built from a config and written to disk in float32, sharded
 (`--shard-size`), without ever holding the whole model: the tensor names and shapes come
@@ -24,6 +26,16 @@ hidden x 4 bytes, one copy) + micro-batch temporaries + the bit-packed masks; th
 shows these terms next to the measurement. A second streamed run adds `--offload-dir`
 (the activations wait on disk, one micro-batch in memory at a time), which removes the
 activation term. Everything is deleted afterwards unless `--keep`.
+
+In memory (`--runs memory`, `--streaming off`) the goal is a peak of at most 1.15 x the
+weights (in the working dtype) + the calibration activations (nsamples x seqlen x hidden
+x 4 bytes); the table shows peak / (weights + activations) for each `--methods` entry.
+
+`--vocabs 32000,128256` repeats every run with each vocabulary (same blocks; the model is
+rewritten for each) and adds a table of the streamed peaks side by side: the embeddings
+and an untied head are read and written a slice of rows at a time, and the embedding pass
+holds only the rows of the calibration tokens, so the streamed peak should not move with
+the vocabulary.
 """
 
 from __future__ import annotations
@@ -152,64 +164,92 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per window")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward micro-batch (perp's --batch-size)")
     parser.add_argument("--method", default="wanda", help="pruning method")
+    parser.add_argument("--methods", default=None, help="comma list of pruning methods, each measured in turn (default: --method)")
+    parser.add_argument("--vocabs", default=None, help="comma list of vocabulary sizes, each measured with the same blocks "
+                        "(e.g. 32000,128256; default: --vocab)")
     parser.add_argument("--shard-size", type=int, default=2 * 10**9, help="bytes per input shard (default 2 GB)")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the model (default: a temp dir in /tmp)")
     parser.add_argument("--runs", default="stream,disk", help="comma list of: stream (--streaming on), disk (--streaming on "
                         "--offload-dir: activations on disk), memory (--streaming off). Default: stream,disk")
-    parser.add_argument("--keep", action="store_true", help="keep the model and outputs")
+    parser.add_argument("--keep", action="store_true", help="keep the models and outputs")
     args = parser.parse_args()
 
+    known = {"stream": ("on", "memory"), "disk": ("on", "disk"), "memory": ("off", "memory")}
+    wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = [r for r in wanted if r not in known]
+    if unknown:
+        raise SystemExit(f"--runs: unknown run {unknown[0]!r} (choose from {', '.join(known)})")
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else [args.method]
+    vocabs = [int(v) for v in args.vocabs.split(",")] if args.vocabs else [args.vocab]
     work = Path(tempfile.mkdtemp(prefix="perp-prune-memory-", dir=args.workdir))
+    mib = 2**20
+    runs = []
     try:
-        model_dir = work / "model"
-        model_dir.mkdir()
-        print(f"writing the model to {model_dir}", file=sys.stderr)
-        start = time.perf_counter()
-        shape = {k: v for k, v in vars(args).items() if k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "shard_size")}
-        written = subprocess.run([sys.executable, __file__, "--write-model", str(model_dir), json.dumps(shape)],
-                                 stdout=subprocess.PIPE, text=True, check=True)
-        params, on_disk = (json.loads(written.stdout)[k] for k in ("params", "bytes"))
-        print(f"  {params / 1e9:.3f}B parameters, {on_disk / 1e9:.2f} GB in {time.perf_counter() - start:.0f}s", file=sys.stderr)
-        calib = ["--calib", str(C4)] if C4.is_file() else ["--calib", str(ROOT / "perp_cli" / "demo" / "corpus.txt"), "--calib-concat"]
-        base = ["perp", "prune", str(model_dir), "--method", args.method, "--sparsity", "0.5",
-                *calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
-                "--device", "cpu", "--json", "-q"]
         _, _, baseline, _, _ = run_child(["import"])
-        runs = []
-        spill = work / "activations"
-        known = {"stream": ("on", "memory", []), "disk": ("on", "disk", ["--offload-dir", str(spill)]), "memory": ("off", "memory", [])}
-        wanted = [r.strip() for r in args.runs.split(",") if r.strip()]
-        unknown = [r for r in wanted if r not in known]
-        if unknown:
-            raise SystemExit(f"--runs: unknown run {unknown[0]!r} (choose from {', '.join(known)})")
-        variants = [known[r] for r in wanted]
-        for mode, where, extra in variants:
-            out = work / f"pruned-{mode}-{where}"
-            print(f"pruning with --streaming {mode}, activations in {where} ...", file=sys.stderr, flush=True)
-            code, peak, hwm, seconds, stdout = run_child([*base, "-o", str(out), "--streaming", mode, *extra])
-            if code != 0:
-                raise SystemExit(f"perp prune --streaming {mode} {' '.join(extra)} failed with exit code {code}")
-            summary = json.loads(stdout)
-            runs.append((mode, where, peak, hwm, seconds, summary))
-            shutil.rmtree(out, ignore_errors=True)
+        for vocab in vocabs:
+            args.vocab = vocab
+            model_dir = work / f"model-{vocab}"
+            model_dir.mkdir()
+            print(f"writing the model (vocabulary {vocab}) to {model_dir}", file=sys.stderr)
+            start = time.perf_counter()
+            shape = {k: v for k, v in vars(args).items() if k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "shard_size")}
+            written = subprocess.run([sys.executable, __file__, "--write-model", str(model_dir), json.dumps(shape)],
+                                     stdout=subprocess.PIPE, text=True, check=True)
+            params, on_disk = (json.loads(written.stdout)[k] for k in ("params", "bytes"))
+            print(f"  {params / 1e9:.3f}B parameters, {on_disk / 1e9:.2f} GB in {time.perf_counter() - start:.0f}s", file=sys.stderr)
+            calib = ["--calib", str(C4)] if C4.is_file() else ["--calib", str(ROOT / "perp_cli" / "demo" / "corpus.txt"), "--calib-concat"]
+            spill = work / "activations"
+            for method in methods:
+                base = ["perp", "prune", str(model_dir), "--method", method, "--sparsity", "0.5",
+                        *calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
+                        "--device", "cpu", "--json", "-q"]
+                for run in wanted:
+                    mode, where = known[run]
+                    extra = ["--offload-dir", str(spill)] if run == "disk" else []
+                    out = work / f"pruned-{run}"
+                    print(f"{method}, vocabulary {vocab}: --streaming {mode}, activations in {where} ...", file=sys.stderr, flush=True)
+                    code, peak, hwm, seconds, stdout = run_child([*base, "-o", str(out), "--streaming", mode, *extra])
+                    if code != 0:
+                        raise SystemExit(f"perp prune --method {method} --streaming {mode} {' '.join(extra)} failed with exit code {code}")
+                    summary = json.loads(stdout)
+                    runs.append((vocab, params, on_disk, method, mode, where, peak, hwm, seconds, summary))
+                    shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(model_dir, ignore_errors=True)
 
         hidden, inter, kv = args.hidden, args.intermediate, args.hidden * args.kv_heads // args.heads
         block = (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden) * 4
         activations = args.nsamples * args.seqlen * hidden * 4
         masks = args.layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter) / 8
-        mib = 2**20
         print()
-        print(f"model: LLaMA {args.layers} x (hidden {hidden}, mlp {inter}), vocab {args.vocab}: "
-              f"{params / 1e9:.3f}B parameters, {on_disk / 1e9:.2f} GB float32 on disk ({on_disk / mib:.0f} MiB)")
-        print(f"calibration: {args.method}, {args.nsamples} x {args.seqlen} tokens, micro-batch {args.batch_size}")
+        print(f"model: LLaMA {args.layers} x (hidden {hidden}, mlp {inter}), vocabulary {', '.join(map(str, vocabs))}: "
+              + ", ".join(f"{p / 1e9:.3f}B parameters, {b / 1e9:.2f} GB float32 on disk ({b / mib:.0f} MiB)"
+                          for p, b in dict.fromkeys((r[1], r[2]) for r in runs)))
+        print(f"calibration: {', '.join(methods)}, {args.nsamples} x {args.seqlen} tokens, micro-batch {args.batch_size}")
         print(f"terms: baseline (imports) {baseline:.0f} MiB, one block {block / mib:.0f} MiB, "
               f"activations {activations / mib:.0f} MiB, packed masks {masks / mib:.0f} MiB")
         print()
-        print("| streaming | activations | peak RSS, ru_maxrss (MiB) | VmHWM (MiB) | peak / size on disk | goal < 0.25 | wall time (s) | sparsity |")
-        print("|---|---|---:|---:|---:|---|---:|---:|")
-        for mode, where, peak, hwm, seconds, summary in runs:
+        print("| vocabulary | method | streaming | activations | peak RSS, ru_maxrss (MiB) | VmHWM (MiB) | peak / size on disk | "
+              "peak / (weights + activations) | goal | wall time (s) | sparsity |")
+        print("|---:|---|---|---|---:|---:|---:|---:|---|---:|---:|")
+        for vocab, _, on_disk, method, mode, where, peak, hwm, seconds, summary in runs:
             ratio = peak * mib / on_disk
-            print(f"| {mode} | {where} | {peak:.0f} | {hwm:.0f} | {ratio:.3f} | {'met' if ratio < 0.25 else 'missed'} | {seconds:.0f} | {summary['sparsity']:.4f} |")
+            whole = peak * mib / (on_disk + activations)
+            goal = (f"< 0.25 x size: {'met' if ratio < 0.25 else 'missed'}" if mode == "on"
+                    else f"<= 1.15 x (w + a): {'met' if whole <= 1.15 else 'missed'}")
+            print(f"| {vocab} | {method} | {mode} | {where} | {peak:.0f} | {hwm or 0:.0f} | {ratio:.3f} | {whole:.3f} | {goal} | "
+                  f"{seconds:.0f} | {summary['sparsity']:.4f} |")
+        if len(vocabs) > 1:
+            print()
+            print("streamed peak RSS (MiB) against the vocabulary, same blocks:")
+            print()
+            print("| method | streaming | activations | " + " | ".join(f"vocabulary {v}" for v in vocabs) + f" | {vocabs[-1]} / {vocabs[0]} |")
+            print("|---|---|---|" + "---:|" * (len(vocabs) + 1))
+            for method in methods:
+                for run in wanted:
+                    mode, where = known[run]
+                    peaks = {r[0]: r[6] for r in runs if r[3] == method and r[4] == mode and r[5] == where}
+                    print(f"| {method} | {mode} | {where} | " + " | ".join(f"{peaks[v]:.0f}" for v in vocabs)
+                          + f" | {peaks[vocabs[-1]] / peaks[vocabs[0]]:.3f} |")
     finally:
         if args.keep:
             print(f"kept {work}", file=sys.stderr)

@@ -36,7 +36,7 @@ from torch import nn
 
 from perp_cli import arch
 from perp_cli.errors import CheckpointError, NumericalError, UsageError
-from perp_cli.mask import MaskSet
+from perp_cli.mask import MaskSet, pack_bits, unpack_bits
 
 KINDS = ("lora", "masklora", "scalelora", "lora-prune")
 ALIASES = {"multlora": "scalelora"}
@@ -84,9 +84,30 @@ class Adapter(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, dtype=torch.float32, device=device))
         if mask is not None and tuple(mask.shape) != (out_features, in_features):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the matrix {(out_features, in_features)}")
-        self.mask = None if mask is None else mask.to(device=device, dtype=torch.bool)
+        self._mask = None if mask is None else mask.to(device=device, dtype=torch.bool)
+        self._packed_mask: tuple[torch.Tensor, tuple[int, ...], torch.device] | None = None
         self.merged = False
         self.reset_parameters()
+
+    @property
+    def has_mask(self) -> bool:
+        return self._mask is not None or self._packed_mask is not None
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The `[out, in]` keep-mask (bool), or None; unpacked anew at each use when held packed."""
+        if self._packed_mask is not None:
+            packed, shape, device = self._packed_mask
+            return unpack_bits(packed, shape).to(device)
+        return self._mask
+
+    def pack_mask(self) -> None:
+        """Hold the mask bit-packed, 1 bit per weight (each use unpacks it): for a pass
+        that uses every mask once, such as `perp merge`, where bool masks for every matrix
+        would add a quarter of a float32 model to the peak. Training keeps them unpacked."""
+        if self._mask is not None:
+            self._packed_mask = (pack_bits(self._mask), tuple(self._mask.shape), self._mask.device)
+            self._mask = None
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -98,11 +119,11 @@ class Adapter(nn.Module):
                 nn.init.zeros_(self.lora_B)
 
     def extra_repr(self) -> str:
-        return f"{self.kind}, rank={self.rank}, alpha={self.alpha}, masked={self.mask is not None}"
+        return f"{self.kind}, rank={self.rank}, alpha={self.alpha}, masked={self.has_mask}"
 
     def masked(self, training: bool) -> bool:
         """Whether the update is restricted to M (lora-prune: only outside training)."""
-        return self.mask is not None and (self.kind == "masklora" or (self.kind == "lora-prune" and not training))
+        return self.has_mask and (self.kind == "masklora" or (self.kind == "lora-prune" and not training))
 
     def lowrank_path(self, training: bool) -> bool:
         """True when the update is a dense s·BA, computable as s·B(Ax) without the weight."""
@@ -154,8 +175,9 @@ class Adapter(nn.Module):
         new = self.effective_weight(w, training=False)
         if not torch.isfinite(new).all():
             raise NumericalError(f"merging the adapter into {matrix.key} gives NaN or inf; nothing was changed")
-        if self.mask is not None and not allow_densify:
-            outside = int(((new != 0) & ~self.mask).sum())
+        keep = self.mask
+        if keep is not None and not allow_densify:
+            outside = int(((new != 0) & ~keep).sum())
             if outside:
                 raise NumericalError(
                     f"merging the {self.kind} adapter into {matrix.key} would put {outside} nonzeros where the mask says pruned"

@@ -49,7 +49,7 @@ from perp_cli.manifest import (  # noqa: F401  (the file names are part of this 
     validate,
     weights_sha256,
 )
-from perp_cli.mask import MaskSet, Pattern, nm_violations, nonzeros_outside, pack_bits
+from perp_cli.mask import MaskSet, Pattern, nm_violations, nonzeros_outside
 
 TMP_MARKER = ".perp-tmp-"
 OLD_MARKER = ".perp-old-"
@@ -172,7 +172,7 @@ def read_masks(
     if reader is None:
         return None
     names = [n for n in sorted(reader.stored) if shapes is None or tuple(reader.shapes[n]) == tuple(shapes.get(n, ()))]
-    return MaskSet(reader.read(names), reader.pattern, {n: o for n, o in reader.permutations.items() if n in names})
+    return MaskSet(reader.read_packed(names), reader.pattern, {n: o for n, o in reader.permutations.items() if n in names})
 
 
 def open_masks(
@@ -367,6 +367,7 @@ def load(
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    memory.return_freed_memory()  # block-sized temporaries freed later go back to the OS (the peak stays ~1x the weights)
     source = str(source)
     path = Path(source).expanduser()
     local = os.path.lexists(path) or _looks_local(source)
@@ -400,7 +401,7 @@ def load(
         if mask_reader is not None:
             names = [n for n in sorted(mask_reader.stored) if mask_shapes is None
                      or tuple(mask_reader.shapes[n]) == tuple(mask_shapes.get(n, ()))]
-            masks = MaskSet(mask_reader.read(names), mask_reader.pattern, {n: o for n, o in mask_reader.permutations.items() if n in names})
+            masks = MaskSet(mask_reader.read_packed(names), mask_reader.pattern, {n: o for n, o in mask_reader.permutations.items() if n in names})
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(path) if local else source,
@@ -578,8 +579,19 @@ def _read_adapters(
 def check_finite(model: nn.Module, where: str) -> None:
     for name, p in model.named_parameters():
         with resident(model, name, p) as values:
-            if not torch.isfinite(values).all():
-                raise NumericalError(f"{where}: parameter {name} contains NaN or inf")
+            check_tensor_finite(name, values, where)
+
+
+def check_tensor_finite(name: str, t: torch.Tensor, where: str, chunk: int = 1 << 22) -> None:
+    """NaN/inf check in chunks: `torch.isfinite` on a whole embedding matrix allocates
+    several temporaries of its size (an `abs` copy among them), more than one block of a
+    large model."""
+    if not t.is_floating_point():
+        return
+    flat = t.detach().reshape(-1)
+    for i in range(0, flat.numel(), chunk):
+        if not torch.isfinite(flat[i : i + chunk]).all():
+            raise NumericalError(f"{where}: parameter {name} contains NaN or inf")
 
 
 def mask_problems(model: nn.Module, masks: MaskSet) -> list[str]:
@@ -843,10 +855,11 @@ def staging(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
 
 def write_masks(path: Path, masks: MaskSet) -> str:
     """Write `masks.safetensors` and return its sha256."""
-    # sorted names: the same masks always give the same bytes (and the same sha256)
-    packed = {name: pack_bits(masks.masks[name]) for name in sorted(masks.masks)}
+    # sorted names: the same masks always give the same bytes (and the same sha256);
+    # the masks are held packed, so they are written as they are (nothing unpacked)
+    packed = {name: masks.masks.packed(name) for name in sorted(masks.masks)}
     permutations = {n: o for n, o in masks.permutations.items() if n in masks.masks}
-    return write_packed_masks(path, packed, {name: list(keep.shape) for name, keep in masks.masks.items()}, masks.pattern, permutations)
+    return write_packed_masks(path, packed, {name: list(masks.masks.shape(name)) for name in masks.masks}, masks.pattern, permutations)
 
 
 def write_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict[str, list[int]], pattern: Pattern,
@@ -995,14 +1008,15 @@ def _write_failure(out: str | Path, exc: OSError) -> str:
 
 
 def _verify_written(path: Path, masks: MaskSet | None) -> None:
-    """Re-read what was written: masks round-trip and the manifest hash agrees."""
+    """Re-read what was written: masks round-trip (bit for bit, packed: one mask at a
+    time, nothing unpacked) and the manifest hash agrees."""
     manifest = read_manifest(path)
     if masks is not None:
         again = read_masks(path, manifest)
         if again is None or set(again.masks) != set(masks.masks):
             raise CheckpointError("written masks do not read back identically")
-        for name, keep in masks.masks.items():
-            if not torch.equal(again.masks[name], keep.cpu().bool()):
+        for name in masks.masks:
+            if again.masks.shape(name) != masks.masks.shape(name) or not torch.equal(again.masks.packed(name), masks.masks.packed(name)):
                 raise CheckpointError(f"written mask {name} does not read back identically")
 
 

@@ -5,13 +5,15 @@ Masks are data, stored beside the weights (`masks.safetensors`), never re-derive
 full retraining) would silently erase a mask inferred from zeros.
 
 A mask has its parameter's own name and layout (3-D for fused experts, `[in, out]` for
-GPT-2's Conv1D). On disk it is bit-packed, 1 bit per weight, so a 7B model's masks take
-about 800 MB.
+GPT-2's Conv1D). On disk and in memory it is bit-packed, 1 bit per weight, so a 7B
+model's masks take about 800 MB (as bool tensors they would take 7 GB, more than half of
+the bf16 weights): `PackedMasks` unpacks one mask at a time, when it is read.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
 
 import torch
@@ -40,6 +42,98 @@ def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...] | list[int]) -> tor
         raise ValueError(f"packed mask has {packed.numel()} bytes, shape {tuple(shape)} needs {(numel + 7) // 8}")
     bits = packed.reshape(-1, 1).bitwise_and(_BIT_WEIGHTS).ne(0)
     return bits.reshape(-1)[:numel].reshape(tuple(int(s) for s in shape))
+
+
+# set bits of every byte value: counts kept weights without unpacking
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
+
+
+def count_bits(packed: torch.Tensor, chunk: int = 1 << 24) -> int:
+    """Set bits of a `pack_bits` tensor (its padding bits are zero)."""
+    flat = packed.reshape(-1)
+    return sum(int(_POPCOUNT[flat[i:i + chunk].long()].sum()) for i in range(0, flat.numel(), chunk))
+
+
+class PackedMasks(MutableMapping[str, torch.Tensor]):
+    """Keep-masks by name, held bit-packed (1 bit per weight, as `masks.safetensors`
+    stores them). Setting a mask packs it; reading one unpacks a new bool tensor (so an
+    in-place change to what was read does not reach the stored mask: set it again).
+
+    Meta-device masks (shape-only placeholders of a streamed step) are kept as they are.
+    """
+
+    def __init__(self, masks: Mapping[str, torch.Tensor] | None = None) -> None:
+        # name -> (packed uint8, or the meta placeholder itself; shape)
+        self._entries: dict[str, tuple[torch.Tensor, tuple[int, ...]]] = {}
+        if masks is not None:
+            self.update(masks)
+
+    def __setitem__(self, name: str, keep: torch.Tensor) -> None:
+        shape = tuple(int(d) for d in keep.shape)
+        self._entries[name] = (keep if keep.is_meta else pack_bits(keep), shape)
+
+    def set_packed(self, name: str, packed: torch.Tensor, shape: tuple[int, ...] | list[int]) -> None:
+        """Store an already packed mask (`pack_bits` of a bool tensor of `shape`)."""
+        shape = tuple(int(d) for d in shape)
+        numel = 1
+        for d in shape:
+            numel *= d
+        if packed.dtype != torch.uint8 or packed.numel() != (numel + 7) // 8:
+            raise ValueError(f"packed mask {name}: {packed.numel()} bytes of {packed.dtype}, shape {shape} needs {(numel + 7) // 8} of uint8")
+        self._entries[name] = (packed.reshape(-1), shape)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        data, shape = self._entries[name]
+        return data if data.is_meta else unpack_bits(data, shape)
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def update(self, other: Mapping[str, torch.Tensor] = (), /, **kwargs: torch.Tensor) -> None:  # type: ignore[override]
+        """As dict.update; from another PackedMasks the packed bits are copied, never unpacked."""
+        if isinstance(other, PackedMasks):
+            self._entries.update(other._entries)
+            return
+        super().update(other, **kwargs)
+
+    def select(self, names: list[str]) -> "PackedMasks":
+        """A new PackedMasks with the named masks (their bits shared, not unpacked)."""
+        out = PackedMasks()
+        out._entries = {n: self._entries[n] for n in names}
+        return out
+
+    def packed(self, name: str) -> torch.Tensor:
+        """The stored bits of a (non-meta) mask, as `pack_bits` gives them."""
+        data, _ = self._entries[name]
+        if data.is_meta:
+            raise ValueError(f"mask {name} is a placeholder with no values")
+        return data
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entries[name][1]
+
+    def kept(self, name: str) -> int:
+        """Kept weights of mask `name`, counted on the packed bits."""
+        return count_bits(self.packed(name))
+
+    def numel(self, name: str) -> int:
+        n = 1
+        for d in self.shape(name):
+            n *= d
+        return n
+
+    def nbytes(self) -> int:
+        """Memory held by the packed masks."""
+        return sum(data.nbytes for data, _ in self._entries.values() if not data.is_meta)
 
 
 @dataclass(frozen=True)
@@ -85,9 +179,13 @@ class MaskSet:
     weight's input columns and its input activations by `order` first.
     """
 
-    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    masks: PackedMasks = field(default_factory=PackedMasks)
     pattern: Pattern = field(default_factory=Pattern)
     permutations: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.masks, PackedMasks):  # a plain dict of bool tensors: pack it
+            self.masks = PackedMasks(self.masks)
 
     def __contains__(self, name: str) -> bool:
         return name in self.masks
@@ -102,11 +200,12 @@ class MaskSet:
         return list(self.masks)
 
     def sparsity(self) -> dict[str, float]:
+        # the float mean, as `pruner.keep_stats` (and so a streamed run's manifest) computes it
         return {n: 1.0 - m.float().mean().item() for n, m in self.masks.items()}
 
     def total_sparsity(self) -> float:
-        total = sum(m.numel() for m in self.masks.values())
-        kept = sum(int(m.sum()) for m in self.masks.values())
+        total = sum(self.masks.numel(n) for n in self.masks)
+        kept = sum(self.masks.kept(n) for n in self.masks)
         return 1.0 - kept / total if total else 0.0
 
 

@@ -115,6 +115,7 @@ def _reference_outputs(w: torch.Tensor, adapter: adapters_mod.Adapter, x: torch.
     independently of `Adapter.effective_weight` and built a row chunk at a time (one
     float64 temporary of `_PROBE_CHUNK` elements: a streamed merge's peak is one block)."""
     a, b = adapter.lora_A.double(), adapter.lora_B.double()
+    keep = adapter.mask if adapter.masked(training=False) else None  # unpacked once (merge holds masks packed)
     rows = _row_chunks(w).step
     parts = []
     for r in _row_chunks(w):
@@ -123,8 +124,8 @@ def _reference_outputs(w: torch.Tensor, adapter: adapters_mod.Adapter, x: torch.
             effective.mul_(w[r : r + rows])  # W ⊙ BA
         else:
             effective.mul_(adapter.scale)
-            if adapter.masked(training=False):
-                effective.mul_(adapter.mask[r : r + rows])
+            if keep is not None:
+                effective.mul_(keep[r : r + rows])
             effective.add_(w[r : r + rows])  # W + s·(M ⊙ BA)
         parts.append(effective @ x)
     return torch.cat(parts)
@@ -215,7 +216,8 @@ def merge_checkpoint(ckpt: Any, allow_densify: bool = False, seed: int = PROBE_S
     """Re-attach `ckpt`'s saved adapters and merge them into `ckpt.model` (see module doc)."""
     if ckpt.adapters_config is None:
         raise UsageError(f"{ckpt.source} has no adapters.safetensors/adapters.json: nothing to merge")
-    adapters_mod.attach_from_checkpoint(ckpt)
+    for adapter in adapters_mod.attach_from_checkpoint(ckpt).values():
+        adapter.pack_mask()  # each mask is used a few times, one matrix at a time: no bool copy of every mask
     try:
         return merge_attached(ckpt.model, ckpt.masks, allow_densify, seed=seed)
     finally:

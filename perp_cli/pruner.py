@@ -280,7 +280,7 @@ class _Pruner:
         self.p = p
         self.matrices = matrices
         self.keys = {m.key for m in matrices}
-        self.pruned: dict[str, torch.Tensor] = {}
+        self.pruned = mask.PackedMasks()  # by matrix key, True = pruned; bit-packed until assembled
         self.global_scores: dict[str, torch.Tensor] = {}
         self.notes: dict[str, list[str]] = {}
         self.block_seconds: list[dict[str, float]] = []  # per calibrated block: statistics pass, pruning, their phases
@@ -493,7 +493,7 @@ class _Pruner:
 
     def mask_set(self) -> MaskSet:
         """Keep-masks in each parameter's layout; untouched input masks carried over."""
-        old = self.old.masks if self.old is not None else {}
+        old = self.old.masks if self.old is not None else mask.PackedMasks()
         return MaskSet(self._assemble(old, self.matrices), self.p.pattern, self.permutation_set())
 
     def permutation_set(self) -> dict[str, torch.Tensor]:
@@ -506,12 +506,12 @@ class _Pruner:
         out.update({by_key[k].name: order for k, order in self.permutations.items()})
         return out
 
-    def block_keep(self, index: int) -> dict[str, torch.Tensor]:
+    def block_keep(self, index: int) -> mask.PackedMasks:
         """The final keep-masks of block `index`'s parameters, as `mask_set` would give
         them; the block's pruned masks are dropped here, so a streamed run holds the
         masks of one block at a time. Records each mask's sparsity in `self.stats`."""
         prefix = f"{arch.spec_for(self.model).blocks}.{index}."
-        old = {n: k for n, k in (self.old.masks.items() if self.old is not None else ()) if n.startswith(prefix)}
+        old = self.old.masks.select([n for n in self.old.masks if n.startswith(prefix)]) if self.old is not None else mask.PackedMasks()
         matrices = [m for m in self.matrices if m.block == index]
         keep = self._assemble(old, matrices)
         for m in matrices:
@@ -519,16 +519,22 @@ class _Pruner:
         self.stats.update({n: keep_stats(k) for n, k in keep.items()})
         return keep
 
-    def _assemble(self, old: dict[str, torch.Tensor], matrices: list[Matrix]) -> dict[str, torch.Tensor]:
-        keep: dict[str, torch.Tensor] = {n: k.clone().bool() for n, k in old.items()}
+    def _assemble(self, old: mask.PackedMasks, matrices: list[Matrix]) -> mask.PackedMasks:
+        """Input masks `old` (carried over) updated with the new ones of `matrices`, packed;
+        one parameter's mask is unpacked at a time (all experts of a fused parameter together)."""
+        keep = mask.PackedMasks()
+        keep.update(old)
+        by_name: dict[str, list[Matrix]] = {}
         for m in matrices:
-            slice_keep = m.to_param_layout(~self.pruned[m.key])
-            if m.expert is None:
-                keep[m.name] = slice_keep.contiguous()
-            else:
-                if m.name not in keep:
-                    keep[m.name] = torch.ones(m.parameter.shape, dtype=torch.bool)
-                keep[m.name][m.expert] = slice_keep
+            by_name.setdefault(m.name, []).append(m)
+        for name, ms in by_name.items():
+            if ms[0].expert is None:
+                keep[name] = ms[0].to_param_layout(~self.pruned[ms[0].key]).contiguous()
+                continue
+            full = keep[name] if name in keep else torch.ones(ms[0].parameter.shape, dtype=torch.bool)
+            for m in ms:
+                full[m.expert] = m.to_param_layout(~self.pruned[m.key])
+            keep[name] = full
         return keep
 
 

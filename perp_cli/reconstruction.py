@@ -354,9 +354,9 @@ def _training_mode(block: nn.Module, mode: str, entries: dict[str, tuple[arch.Ma
 
 def _mask_violations(model: nn.Module, masks: MaskSet, prefix: str) -> str | None:
     params = dict(model.named_parameters())
-    for name, keep in masks.masks.items():
-        if name.startswith(prefix) and name in params:
-            outside = nonzeros_outside(params[name].detach(), keep.to(params[name].device))
+    for name in masks.masks:
+        if name.startswith(prefix) and name in params:  # only this block's masks are unpacked
+            outside = nonzeros_outside(params[name].detach(), masks.masks[name].to(params[name].device))
             if outside:
                 return f"{name} has {outside} nonzeros where the mask says pruned"
     return None
@@ -648,8 +648,8 @@ def reconstruct(
             dense_inputs = engine.capture_inputs(dense_model, tokens, device=device, batch_size=cfg.batch_size, offload=run_store)
     worker_args = (model, dense_model, pruned_ckpt.masks, cfg, dense_inputs)
     if block_pruner is not None:
-        old = pruned_ckpt.masks.masks if pruned_ckpt.masks is not None else {}
-        worker: _Reconstructor = _Interleaved(model, MaskSet(dict(old), block_pruner.p.pattern), cfg, block_pruner)
+        old = pruned_ckpt.masks.masks.select(list(pruned_ckpt.masks.masks)) if pruned_ckpt.masks is not None else {}  # a copy, still packed
+        worker: _Reconstructor = _Interleaved(model, MaskSet(old, block_pruner.p.pattern), cfg, block_pruner)
     elif streamed is None:
         worker = _Reconstructor(*worker_args)
     else:

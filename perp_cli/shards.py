@@ -48,7 +48,7 @@ from perp_cli.manifest import (
     WEIGHTS_NAME,
     sha256_file,
 )
-from perp_cli.mask import MaskSet, Pattern, unpack_bits
+from perp_cli.mask import MaskSet, PackedMasks, Pattern, unpack_bits
 
 # safetensors dtype codes (the header's "dtype" field)
 DTYPE_CODES: dict[torch.dtype, str] = {
@@ -277,11 +277,14 @@ class ShardReader:
         meta_names = dict.fromkeys(state, True)
         self.expected = set(expected)
         self.groups: dict[str, list[str]] = {}  # model name -> checkpoint keys converted into it
+        self.converted: set[str] = set()  # model names a converter (not a plain rename) builds
         unexpected, mismatched = [], []
         for key in self.stored:
             name, pattern = model_name_of(model, key, meta_names, renamings, converters)
             if name in self.expected:
                 self.groups.setdefault(name, []).append(key)
+                if pattern is not None:
+                    self.converted.add(name)
                 if pattern is None and tuple(self.stored[key].shape) != tuple(state[name].shape):
                     mismatched.append(f"{key} is {list(self.stored[key].shape)}, the config makes it {list(state[name].shape)}")
             elif name not in meta_names and not ignored_unexpected(model, name):
@@ -319,6 +322,25 @@ class ShardReader:
             except OSError as exc:
                 raise CheckpointError(f"cannot read {self.directory / file}: {exc.strerror or exc}") from exc
         return to_model_names(self.model, tensors)
+
+
+    def rows_readable(self, name: str) -> bool:
+        """Whether model tensor `name` is one stored tensor in the model's own layout, so
+        `read_rows` can read it a slice of rows at a time."""
+        keys = self.groups.get(name, [])
+        return len(keys) == 1 and name not in self.converted and len(self.stored[keys[0]].shape) >= 1
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` (first dimension) of model tensor `name`, in the checkpoint's
+        dtype, read from its file without the rest (see `rows_readable`)."""
+        t = self.stored[self.groups[name][0]]
+        row_bytes = nbytes(t.dtype, t.shape[1:])
+        part = StoredTensor(t.key, t.file, t.dtype, (stop - start, *t.shape[1:]), t.start + start * row_bytes, (stop - start) * row_bytes)
+        try:
+            with open(self.directory / t.file, "rb", buffering=0) as f:
+                return read_tensor(f, part)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {self.directory / t.file}: {exc.strerror or exc}") from exc
 
 
 def ignored_unexpected(model: nn.Module, key: str) -> bool:
@@ -427,6 +449,28 @@ class ShardWriter:
                 f.seek(slot.start)
                 f.write(memoryview(data.numpy()))
         self.written.add(name)
+
+    def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Put rows `start:start+len(rows)` of tensor `name` (checkpoint name) into its
+        place on disk; the tensor counts as written once its last row arrives (rows in
+        order, so a tensor larger than memory is copied a slice at a time)."""
+        slot = self.slots.get(name)
+        if slot is None:
+            raise CheckpointError(f"internal: {name} is not part of the planned output")
+        if name in self.written:
+            raise CheckpointError(f"internal: {name} written twice")
+        if rows.dtype != slot.dtype or tuple(rows.shape[1:]) != slot.shape[1:] or start + rows.shape[0] > slot.shape[0]:
+            raise CheckpointError(
+                f"internal: rows {start}:{start + rows.shape[0]} of {name} are {rows.dtype} {tuple(rows.shape)}, planned {slot.dtype} {slot.shape}"
+            )
+        row_bytes = nbytes(slot.dtype, slot.shape[1:])
+        data = rows.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        if data.numel():
+            with open(self.directory / slot.file, "r+b") as f:
+                f.seek(slot.start + start * row_bytes)
+                f.write(memoryview(data.numpy()))
+        if start + rows.shape[0] == slot.shape[0]:
+            self.written.add(name)
 
     def close(self) -> dict[str, str]:
         """Check that every planned tensor was written, write the index (sharded output)
@@ -549,6 +593,17 @@ class MaskReader:
     def placeholders(self) -> MaskSet:
         """Every mask as a meta-device bool tensor of its shape (names sorted)."""
         return MaskSet({n: torch.empty(self.shapes[n], dtype=torch.bool, device="meta") for n in sorted(self.stored)}, self.pattern, dict(self.permutations))
+
+    def read_packed(self, names: list[str]) -> PackedMasks:
+        """The named masks as stored: bit-packed, never unpacked here (`mask.PackedMasks`)."""
+        out = PackedMasks()
+        try:
+            with open(self.file, "rb", buffering=0) as f:
+                for name in names:
+                    out.set_packed(name, read_tensor(f, self.stored[name]), self.shapes[name])
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {self.file}: {exc.strerror or exc}") from exc
+        return out
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named masks, unpacked (bool, in the parameters' layout)."""

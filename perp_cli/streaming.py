@@ -76,23 +76,7 @@ AUTO_FRACTION = 0.5  # auto mode streams when the weights would take more than t
 # ----------------------------------------------------------------------------- memory
 
 
-def return_freed_memory(threshold: int = 1 << 20) -> bool:
-    """Make glibc serve allocations of `threshold` bytes and more with mmap, so freeing
-    them returns the memory to the OS at once.
-
-    A streamed run allocates and frees block-sized tensors (weights, scores, masks,
-    micro-batch temporaries) over and over. glibc's default threshold adapts upward to
-    the sizes it sees freed, after which such tensors come from the heap, which
-    fragments and never shrinks: on a 1.1B model the RSS crept up by ~40 MB per block and
-    doubled the peak. Call it before any large allocation (`open_checkpoint` does, before
-    building the skeleton): chunks carved out under the old threshold stay in the heap.
-    Process-wide and permanent (there is no way to read the old setting back); a no-op
-    where the C library has no `mallopt` (macOS; musl ignores it).
-    """
-    with contextlib.suppress(OSError, AttributeError, TypeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.mallopt(-3, threshold))  # M_MMAP_THRESHOLD
-    return False
+return_freed_memory = memory.return_freed_memory
 
 
 # ----------------------------------------------------------------------------- skeleton
@@ -145,7 +129,7 @@ def open_checkpoint(
     if lazy_masks:
         masks = mask_reader.placeholders() if mask_reader is not None else None
     else:
-        masks = MaskSet(mask_reader.read(sorted(mask_reader.stored)), mask_reader.pattern, dict(mask_reader.permutations)) if mask_reader else None
+        masks = MaskSet(mask_reader.read_packed(sorted(mask_reader.stored)), mask_reader.pattern, dict(mask_reader.permutations)) if mask_reader else None
         mask_reader = None
     if masks is not None:
         _check_input_masks(model, masks, source)
@@ -208,15 +192,7 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
-def _check_finite(name: str, t: torch.Tensor, where: str, chunk: int = 1 << 22) -> None:
-    """NaN/inf check in chunks: `torch.isfinite` on a whole embedding matrix allocates
-    several float temporaries of its size, more than one block of a large model."""
-    if not t.is_floating_point():
-        return
-    flat = t.detach().reshape(-1)
-    for i in range(0, flat.numel(), chunk):
-        if not torch.isfinite(flat[i : i + chunk]).all():
-            raise NumericalError(f"{where}: parameter {name} contains NaN or inf")
+_check_finite = checkpoint.check_tensor_finite
 
 
 class MaskSpool:
@@ -271,6 +247,77 @@ class MaskSpool:
                     raise CheckpointError(f"written mask {name} does not read back identically")
 
 
+TAIL_CHUNK_BYTES = 1 << 25  # rows copied at a time from an embedding or head: 32 MiB, whatever the vocabulary
+
+
+def copy_rows(model: nn.Module, reader: ShardReader, writer: ShardWriter, name: str, dtype: torch.dtype,
+              source: str, chunk_bytes: int | None = None) -> bool:
+    """Copy model tensor `name` from the input shards to the output shards in slices of
+    rows (about `chunk_bytes` each), converted to `dtype` and checked finite slice by
+    slice. The bytes written are those of the whole tensor written at once. Returns False
+    (nothing done) when the tensor is not stored as one plain tensor in the model's
+    layout, or is written under another layout: the caller copies it whole."""
+    if not reader.rows_readable(name):
+        return False
+    meta = torch.empty(reader.stored[reader.groups[name][0]].shape, dtype=dtype, device="meta")
+    out = to_checkpoint_names(model, {name: meta})
+    if len(out) != 1 or tuple(next(iter(out.values())).shape) != tuple(meta.shape):
+        return False
+    key = next(iter(out))
+    rows = meta.shape[0]
+    step = max(1, (chunk_bytes or TAIL_CHUNK_BYTES) // max(1, shards.nbytes(dtype, meta.shape[1:])))
+    for start in range(0, rows, step):
+        part = reader.read_rows(name, start, min(rows, start + step)).to(dtype)
+        _check_finite(name, part, source)
+        writer.write_rows(key, start, part)
+    if rows == 0:
+        writer.write(key, torch.empty(meta.shape, dtype=dtype))
+    return True
+
+
+@contextlib.contextmanager
+def gathered_rows(model: nn.Module, reader: ShardReader, dtypes: dict[str, torch.dtype], source: str,
+                  skip: set[str] = frozenset()) -> Iterator[set[str]]:
+    """While the embedding pass runs, give the token embedding only the rows its forward
+    looks up: a pre-hook reads the rows of the unique token ids of each call from the
+    input shards, installs them as the weight and renumbers the ids into them. The output
+    is the same lookup; the memory is rows-in-the-batch, not vocabulary x hidden. Yields
+    the names handled this way (none when the embedding is not a plain `nn.Embedding`
+    stored as one tensor: the caller then reads it whole)."""
+    embedding = model.get_input_embeddings()
+    weight_names = [n for n, p in model.named_parameters(remove_duplicate=False) if p is embedding.weight] if embedding is not None else []
+    readable = [n for n in weight_names if reader.rows_readable(n)]  # a tied head shares the weight: one name is stored
+    if not isinstance(embedding, nn.Embedding) or embedding.max_norm is not None or not readable or skip & set(weight_names):
+        yield set()
+        return
+    name = readable[0]
+    meta = embedding.weight
+
+    def gather(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        ids = args[0] if args else kwargs["input"]
+        unique, inverse = torch.unique(ids.cpu(), sorted=True, return_inverse=True)
+        ids_list = unique.tolist()
+        parts, run_start = [], 0
+        for i in range(1, len(ids_list) + 1):  # one read per run of consecutive ids
+            if i == len(ids_list) or ids_list[i] != ids_list[i - 1] + 1:
+                parts.append(reader.read_rows(name, ids_list[run_start], ids_list[i - 1] + 1))
+                run_start = i
+        rows = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(dtypes[name])
+        _check_finite(name, rows, source)
+        module.weight = nn.Parameter(rows.to(ids.device), requires_grad=False)
+        inverse = inverse.reshape(ids.shape).to(ids.device)
+        return ((inverse, *args[1:]), kwargs) if args else (args, {**kwargs, "input": inverse})
+
+    handle = embedding.register_forward_pre_hook(gather, with_kwargs=True)
+    # a real (empty) weight until the first lookup: models move the ids to `weight.device` before calling
+    embedding.weight = nn.Parameter(torch.empty((0, *meta.shape[1:]), dtype=dtypes[name]), requires_grad=False)
+    try:
+        yield set(weight_names)
+    finally:
+        handle.remove()
+        embedding.weight = meta
+
+
 class BlockStream:
     """The `pruner.WeightStream` of one streamed run: reads blocks from `reader`,
     writes finished ones to `writer`, spools their masks and keeps their statistics."""
@@ -312,14 +359,16 @@ class BlockStream:
 
     @contextlib.contextmanager
     def outside(self) -> Iterator[None]:
-        """Embeddings (and positions) present while block 0's inputs are caught."""
-        for name, t in self._read(set(self.embedding_names)).items():
-            _set_tensor(self.model, name, t)
-        try:
-            yield
-        finally:
-            for name in self.embedding_names:
-                _set_tensor(self.model, name, self.names[name])  # the skeleton's meta tensor again
+        """Embeddings (and positions) present while block 0's inputs are caught; the token
+        embedding holds only the rows of the tokens each forward looks up (`gathered_rows`)."""
+        with gathered_rows(self.model, self.reader, self.dtypes, self.source, set(getattr(self, "created", ()))) as gathered:
+            for name, t in self._read(set(self.embedding_names) - gathered).items():
+                _set_tensor(self.model, name, t)
+            try:
+                yield
+            finally:
+                for name in self.embedding_names:
+                    _set_tensor(self.model, name, self.names[name])  # the skeleton's meta tensor again
 
     def block_names(self, index: int) -> list[str]:
         prefix = f"{self.prefix}{index}."
@@ -330,7 +379,7 @@ class BlockStream:
         for name, t in self._read(set(self.block_names(index))).items():
             _set_tensor(self.model, name, t)
         if self.old is not None:
-            own = {n: k for n, k in self.old.masks.items() if n.startswith(f"{self.prefix}{index}.")}
+            own = self.old.masks.select([n for n in self.old.masks if n.startswith(f"{self.prefix}{index}.")])
             problems = checkpoint.mask_problems(self.model, MaskSet(own, self.old.pattern)) if own else []
             if problems:
                 raise CheckpointError(f"{self.source}: weights and masks disagree: {problems[0]} (run `perp inspect` for all)")
@@ -361,10 +410,13 @@ class BlockStream:
             self.writer.write(name, t)
 
     def copy_tail(self) -> None:
-        """Every tensor outside the blocks, one at a time: the embeddings again (they were
-        freed after the embedding pass), the final norm, an untied head."""
+        """Every tensor outside the blocks: the embeddings (only gathered rows were read for
+        the embedding pass), the final norm, an untied head. Each is copied a slice of rows
+        at a time (`copy_rows`), so a 128k-vocabulary head costs no more memory than a 32k one."""
+        created = set(getattr(self, "created", ()))
         for name in self.embedding_names + self.tail_names:
-            self._write(self._read({name}))
+            if name in created or not copy_rows(self.model, self.reader, self.writer, name, self.dtypes[name], self.source):
+                self._write(self._read({name}))
 
     def mask_summary(self) -> dict[str, Any]:
         total = sum(v[2] for v in self.stats.values())
@@ -514,7 +566,7 @@ class ReconstructStream(BlockStream):
     def load(self, index: int, block: nn.Module) -> None:
         """Block i's masks, then its weights (checked against them by `BlockStream.load`)."""
         if self.mask_reader is not None:
-            self.old.masks.update(self.mask_reader.read(self.own_masks(index)))
+            self.old.masks.update(self.mask_reader.read_packed(self.own_masks(index)))
         super().load(index, block)
 
     def release_block(self, index: int, block: nn.Module) -> None:
@@ -577,11 +629,13 @@ class ReferenceBlocks:
 
     @contextlib.contextmanager
     def outside(self) -> Iterator[None]:
-        self._install(self.embedding_names)
-        try:
-            yield
-        finally:
-            self._uninstall(self.embedding_names)
+        dtypes = {n: t.dtype for n, t in self.names.items()}
+        with gathered_rows(self.model, self.reader, dtypes, self.source) as gathered:
+            self._install([n for n in self.embedding_names if n not in gathered])
+            try:
+                yield
+            finally:
+                self._uninstall(self.embedding_names)
 
     def load(self, index: int, block: nn.Module) -> None:
         self._install(self.block_names(index))

@@ -54,3 +54,36 @@ def test_apply_zeroes_exactly_and_counts() -> None:
     assert nonzeros_outside(m.parameter.detach(), keep) == 0
     assert (m.parameter.detach()[~keep] == 0).all()
     assert abs(masks.total_sparsity() - (1 - keep.float().mean().item())) < 1e-9
+
+
+def test_packed_masks_hold_one_bit_per_weight_and_read_back_exactly() -> None:
+    from perp_cli.mask import PackedMasks, count_bits
+
+    g = torch.Generator().manual_seed(0)
+    keeps = {"a": torch.rand(37, 19, generator=g) > 0.5, "b": torch.rand(2, 5, 8, generator=g) > 0.3}
+    held = PackedMasks(keeps)
+    assert list(held) == ["a", "b"] and len(held) == 2 and "a" in held
+    for name, keep in keeps.items():
+        assert torch.equal(held[name], keep) and held[name].dtype == torch.bool
+        assert held.packed(name).numel() == (keep.numel() + 7) // 8  # 1 bit per weight
+        assert held.kept(name) == count_bits(held.packed(name)) == int(keep.sum())
+    assert held.nbytes() == sum((k.numel() + 7) // 8 for k in keeps.values())
+    read = held["a"]
+    read[0, 0] = ~read[0, 0]  # a read is a copy: the held mask does not change
+    assert torch.equal(held["a"], keeps["a"])
+    part = held.select(["b"])
+    assert list(part) == ["b"] and part.packed("b") is held.packed("b")  # bits shared, never unpacked
+    held["a"] = torch.zeros(3, 3, dtype=torch.bool)  # setting packs the new mask
+    assert held.shape("a") == (3, 3) and held.kept("a") == 0
+    placeholder = torch.empty(4, 4, dtype=torch.bool, device="meta")
+    held["m"] = placeholder  # streamed placeholders stay as they are
+    assert held["m"] is placeholder
+    with pytest.raises(ValueError):
+        held.set_packed("x", torch.zeros(3, dtype=torch.uint8), (5, 5))  # 25 weights need 4 bytes
+
+
+def test_mask_set_counts_sparsity_from_the_packed_bits() -> None:
+    keep = torch.tensor([[True, False, False, True], [False, False, False, True]])
+    masks = MaskSet({"w": keep})
+    assert masks.total_sparsity() == 1 - 3 / 8
+    assert masks.sparsity() == {"w": 1 - keep.float().mean().item()}

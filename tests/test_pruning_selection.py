@@ -93,3 +93,10 @@ def test_kth_smallest_is_kthvalue(shape: tuple[int, int], ties: bool) -> None:
     scores[0, 0] = float("-inf")  # already-pruned weights are forced to -inf
     for k in range(1, shape[1] + 1):
         assert torch.equal(kth_smallest(scores, k), torch.kthvalue(scores, k, dim=-1, keepdim=True).values), k
+
+
+def test_rows_with_and_without_surplus_ties_in_one_matrix() -> None:
+    # the tie-breaking count runs on the tied rows only; the other rows keep their fast-path mask
+    scores = torch.tensor([[0.3, 0.1, 0.4, 0.2], [1.0, 1.0, 1.0, 1.0], [0.5, 0.5, 0.1, 0.9]])
+    expected = torch.tensor([[False, True, False, True], [True, True, False, False], [True, False, True, False]])
+    assert torch.equal(prune_mask(scores, 0.5, "row"), expected)

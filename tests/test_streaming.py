@@ -179,6 +179,15 @@ def test_at_most_one_block_is_in_memory_at_any_time(method: str, tmp_path: Path,
         real_write(self, name, tensor)
 
     monkeypatch.setattr(ShardWriter, "write", observed_write)
+    real_write_rows = ShardWriter.write_rows
+
+    def observed_write_rows(self, name, start, rows):  # the embeddings and head, a slice of rows at a time
+        assert not any(n.startswith(prefix + ".") for n in _materialised(model))
+        if start == 0:
+            writes.append(name)
+        real_write_rows(self, name, start, rows)
+
+    monkeypatch.setattr(ShardWriter, "write_rows", observed_write_rows)
     tokens = torch.randint(4, tiny.VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
     config = PruneConfig(method=method, device="cpu", quiet=True)
     streaming.prune(ckpt, tmp_path / "out", config, StepRecord("prune", {}, str(src)), tokens=tokens)
@@ -304,3 +313,37 @@ def test_real_checkpoints_stream_bit_identically(model: str, method: str, calib:
     _assert_same_checkpoint(memory, streamed, sum_a, sum_b)
     plain = AutoModelForCausalLM.from_pretrained(streamed)  # both tie lm_head to the embeddings
     assert plain.lm_head.weight is plain.get_input_embeddings().weight
+
+
+def test_embeddings_and_head_are_copied_in_row_slices_with_the_bytes_of_a_whole_copy(tmp_path: Path, calib_file: Path, monkeypatch) -> None:
+    """A large vocabulary (untied head) streams a slice of rows at a time: no read of the
+    embedding or the head is larger than the slice, the embedding pass reads only the
+    rows of the calibration tokens, and the output is byte for byte the in-memory one."""
+    from perp_cli.shards import ShardReader
+
+    vocab, hidden = 4096, tiny.build_config("llama").hidden_size
+    src = save_tiny(tmp_path / "in", "llama", vocab_size=vocab, tie_word_embeddings=False)
+    row_bytes = hidden * 4
+    monkeypatch.setattr(streaming, "TAIL_CHUNK_BYTES", 100 * row_bytes)  # 41 slices of <= 100 rows
+    largest: dict[str, int] = {}
+    real_read, real_rows = ShardReader.read, ShardReader.read_rows
+
+    def read(self, wanted):
+        out = real_read(self, wanted)
+        for name, t in out.items():
+            largest[name] = max(largest.get(name, 0), t.nbytes)
+        return out
+
+    def read_rows(self, name, start, stop):
+        t = real_rows(self, name, start, stop)
+        largest[name] = max(largest.get(name, 0), t.nbytes)
+        return t
+
+    monkeypatch.setattr(ShardReader, "read", read)
+    monkeypatch.setattr(ShardReader, "read_rows", read_rows)
+    memory, streamed, sum_a, sum_b = _prune_both(src, tmp_path, ["--method", "wanda", *_calib(calib_file, 2, 32)], shard="5GB")
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert 0 < largest[name] <= 100 * row_bytes < vocab * row_bytes, (name, largest[name])
+    # one file each: the same bytes as save_pretrained of the in-memory model
+    assert (memory / "model.safetensors").read_bytes() == (streamed / "model.safetensors").read_bytes()
+    assert sum_a["per_tensor"] == sum_b["per_tensor"]

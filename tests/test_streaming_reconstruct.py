@@ -179,6 +179,15 @@ def test_one_pruned_and_one_dense_block_in_memory_at_a_time(pruned: dict, tmp_pa
         real_write(self, name, tensor)
 
     monkeypatch.setattr(ShardWriter, "write", observed_write)
+    real_write_rows = ShardWriter.write_rows
+
+    def observed_write_rows(self, name, start, rows):  # the embeddings and head, a slice of rows at a time
+        assert not _live(dense_model) and not any(n.startswith(prefix) for n in _live(model))
+        if start == 0:
+            writes.append(name)
+        real_write_rows(self, name, start, rows)
+
+    monkeypatch.setattr(ShardWriter, "write_rows", observed_write_rows)
     tokens = torch.randint(4, tiny.VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
     config = ReconstructConfig(train="norms", target="dense-stream", steps_per_block=3, batch_size=2, device="cpu")
     outcome = streaming.reconstruct(ckpt, reference, tmp_path / "out", config, tokens, StepRecord("reconstruct", {}, str(src)))

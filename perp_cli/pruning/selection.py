@@ -49,12 +49,20 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     at_most = scores <= kth
     if bool((at_most.sum(dim=-1, keepdim=True, dtype=torch.int32) == k).all()):
         # no surplus ties (the usual case with continuous scores): every tie is taken, and
-        # the int64 cumsum below (8 bytes per weight, ~90 MiB for a 5632x2048 matrix) is skipped
+        # the tie count below is skipped
         return at_most
     below = scores < kth
     equal = scores == kth
     need = k - below.sum(dim=-1, keepdim=True)
-    return below | (equal & (equal.cumsum(dim=-1) <= need))
+    surplus = (equal.sum(dim=-1, keepdim=True) != need).reshape(-1)
+    out = below | equal
+    # only the rows with surplus ties take the first ties by position; the running count
+    # is over those rows alone (int32: a row has fewer than 2^31 entries), not the int64
+    # cumsum of the whole matrix (8 bytes per weight, ~90 MiB for a 5632x2048 matrix)
+    rows = surplus.nonzero().reshape(-1)
+    ties = equal[rows]
+    out[rows] = below[rows] | (ties & (ties.cumsum(dim=-1, dtype=torch.int32) <= need[rows]))
+    return out
 
 
 def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
