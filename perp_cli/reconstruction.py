@@ -54,7 +54,7 @@ from perp_cli import trainable as trainable_mod
 from perp_cli.activations import ActivationStore, Placement, placement_for
 from perp_cli.errors import NumericalError, UsageError
 from perp_cli.manifest import peak_memory
-from perp_cli.mask import MaskSet, nonzeros_outside
+from perp_cli.mask import MaskSet, Pattern, nonzeros_outside
 from perp_cli.progress import make_progress
 from perp_cli.pruner import BlockPruner, PruneConfig
 from perp_cli.training import TrainConfig, fit, mixed_precision
@@ -96,6 +96,10 @@ class ReconstructConfig:
     max_memory: str | None = None  # activations and targets on the device (perp_cli.activations)
     offload_dir: str | None = None  # the rest of them in files here
     quiet: bool = True
+    # a `perp shrink` output (a smaller dense model, no masks): plain LoRA merges freely, and
+    # block i's target is the dense blocks it stands for (`shrinking.source_blocks`; None: block i)
+    maskless: bool = False
+    teacher_blocks: list[list[int]] | None = None
 
     @property
     def adapter_kind(self) -> str | None:
@@ -116,7 +120,7 @@ class ReconstructConfig:
         if outside:
             raise UsageError(f"--train {outside[0]} lives outside the decoder blocks; reconstruction trains biases, norms, all or none")
         kind = self.adapter_kind
-        if kind == "lora":
+        if kind == "lora" and not self.maskless:
             raise UsageError(
                 "--adapter lora would fill the pruned weights when merged into the block; "
                 "use masklora, scalelora or lora-prune (they keep the mask), or none"
@@ -361,7 +365,7 @@ class _Reconstructor:
     ) -> None:
         self.model = model
         self.dense = dense
-        self.masks = masks
+        self.masks = masks if masks is not None else MaskSet({}, Pattern())  # a shrunk model has none
         self.cfg = cfg
         self.kind = cfg.adapter_kind
         self.dense_inputs = dense_inputs
@@ -373,18 +377,23 @@ class _Reconstructor:
         self.reports: list[BlockReport] = []
 
     def targets(self, s: engine.BlockStep) -> ActivationStore:
-        """T_i: dense block i on X_i, or on the dense stream (which then advances)."""
-        dense_block = arch.blocks(self.dense)[s.index]
-        home = next(dense_block.parameters()).device
-        dense_block.to(s.device)
-        try:
-            if self.dense_inputs is None:
-                return s.inputs.run(dense_block)
-            outputs = self.dense_inputs.run(dense_block)
-            self.dense_inputs = self.dense_inputs.replaced(outputs)
-            return outputs
-        finally:
-            dense_block.to(home)
+        """T_i: dense block i on X_i, or on the dense stream (which then advances). A
+        depth-shrunk block stands for several dense blocks (`cfg.teacher_blocks`): they
+        run in order."""
+        indices = self.cfg.teacher_blocks[s.index] if self.cfg.teacher_blocks else [s.index]
+        stream = s.inputs if self.dense_inputs is None else self.dense_inputs
+        for i in indices:
+            dense_block = arch.blocks(self.dense)[i]
+            home = next(dense_block.parameters()).device
+            dense_block.to(s.device)
+            try:
+                outputs = stream.run(dense_block)
+            finally:
+                dense_block.to(home)
+            stream = stream.replaced(outputs)
+        if self.dense_inputs is not None:
+            self.dense_inputs = stream
+        return outputs
 
     def attach(self, index: int) -> dict[str, adapters_mod.Adapter]:
         keys = self.adapter_keys.get(index)
@@ -525,11 +534,12 @@ class _StreamedReconstructor(_Reconstructor):
 # ----------------------------------------------------------------------------- the recipe
 
 
-def check_pruned(pruned_ckpt: checkpoint.Checkpoint) -> None:
-    """Usage errors about the input itself: merged adapters and masks are required."""
+def check_pruned(pruned_ckpt: checkpoint.Checkpoint, maskless: bool = False) -> None:
+    """Usage errors about the input itself: merged adapters and masks are required (no
+    masks only for a shrunk model, `maskless`)."""
     if pruned_ckpt.adapters_config is not None:
         raise UsageError(f"{pruned_ckpt.source} has unmerged adapters; run `perp merge` on it first")
-    if pruned_ckpt.masks is None or len(pruned_ckpt.masks) == 0:
+    if not maskless and (pruned_ckpt.masks is None or len(pruned_ckpt.masks) == 0):
         raise UsageError(f"{pruned_ckpt.source} has no masks.safetensors: nothing was pruned, so there is nothing to reconstruct")
 
 
@@ -565,13 +575,17 @@ def reconstruct(
             raise UsageError("--prune-method reconstructs each block against itself before pruning: --target dense only")
         block_pruner = BlockPruner(pruned_ckpt, prune)
     else:
-        check_pruned(pruned_ckpt)
+        check_pruned(pruned_ckpt, cfg.maskless)
     if tokens.dim() != 2 or tokens.shape[0] < 1:
         raise UsageError(f"calibration tokens must be [n, seqlen] with n >= 1, got {list(tokens.shape)}")
     if streamed is not None:  # checked by the caller before it added the biases (they are in the output layout)
         added = list(streamed.added_biases)
     else:
-        if dense_model is not None:
+        if dense_model is not None and cfg.maskless:
+            from perp_cli.shrinking import check_teacher
+
+            check_teacher(model, dense_model, cfg.teacher_blocks)
+        elif dense_model is not None:
             check_compatible(model, dense_model)
         added = trainable_mod.add_biases(model) if cfg.add_biases else []
     trainable_mod.select_trainable(model, cfg.train, block=0)  # e.g. `biases` on LLaMA: the error names --add-biases
@@ -614,6 +628,6 @@ def reconstruct(
         device=str(device),
         peak_memory=peak_memory(),
         activations=activation_record,
-        masks=worker.masks,
+        masks=None if cfg.maskless else worker.masks,
         pruning=block_pruner.results(activation_record) if block_pruner is not None else None,
     )
