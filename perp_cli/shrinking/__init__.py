@@ -174,8 +174,9 @@ def calibration_tokens(ckpt: Checkpoint, cfg: ShrinkConfig) -> tuple[torch.Tenso
     return tokens, {**data.describe_tokens(source, tokens), "seqlen": seqlen, "concat": cfg.calib_concat}
 
 
-def shrink(ckpt: Checkpoint, cfg: ShrinkConfig) -> ShrinkOutcome:
-    """Score, choose and cut; `ckpt.model` is modified (zeroed parts) and must not be saved."""
+def shrink(ckpt: Checkpoint, cfg: ShrinkConfig, tokens: torch.Tensor | None = None) -> ShrinkOutcome:
+    """Score, choose and cut; `ckpt.model` is modified (zeroed parts) and must not be saved.
+    `tokens` `[n, seqlen]`: calibration windows to use instead of sampling `cfg.calib`."""
     start = time.perf_counter()
     validate(cfg)
     if ckpt.adapters is not None:
@@ -186,7 +187,10 @@ def shrink(ckpt: Checkpoint, cfg: ShrinkConfig) -> ShrinkOutcome:
         )
     model = ckpt.model
     plan, remove = check(model, cfg)
-    tokens, data_record = calibration_tokens(ckpt, cfg)
+    if tokens is None:
+        tokens, data_record = calibration_tokens(ckpt, cfg)
+    else:
+        data_record = {"source": "given tokens", "shape": list(tokens.shape)}
     device = checkpoint.resolve_device(cfg.device)
     placement = activations.Placement.of(device, cfg.offload_activations)
     before = surgery.parameter_count(model)

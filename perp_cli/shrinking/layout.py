@@ -4,8 +4,8 @@
 pruning removes, by shape and by the attention/MLP split of the module tree (never by
 family name):
 
-* **MLP channels** (width): the block's output projection of the MLP is the non-attention
-  matrix writing the hidden size from a wider input (`down_proj`, OPT `fc2`, GPT-2's MLP
+* **MLP channels** (width): the block's output projection of the MLP is the last
+  non-attention matrix writing the hidden size (`down_proj`, OPT `fc2`, GPT-2's MLP
   `c_proj`); its input width is the intermediate size I. The matrices reading the hidden
   state and writing I (`gate_proj`, `up_proj`, `fc1`, `c_fc`) or 2I (a fused `gate_up_proj`:
   gate half then up half) produce the channels. Channel c is row c of each producer (and
@@ -62,13 +62,10 @@ def channels(model: nn.Module, index: int) -> Channels | None:
     """Block `index`'s dense MLP, or None when it has none (an MoE block)."""
     hidden = arch.hidden_size(model)
     dense = [m for m in arch.block_matrices(model, index) if m.expert is None and not _in_attention(m.local)]
-    consumers = [m for m in dense if m.shape[0] == hidden and m.shape[1] != hidden]
+    consumers = [m for m in dense if m.shape[0] == hidden]
     if not consumers:
         return None
-    if len(consumers) > 1:
-        names = ", ".join(m.local for m in consumers)
-        raise ArchitectureError(f"block {index} has several MLP output projections ({names}); width pruning needs one")
-    consumer = consumers[0]
+    consumer = consumers[-1]  # the MLP's output projection is its last matrix (the width may equal the hidden size)
     size = consumer.shape[1]
     producers = tuple(m for m in dense if m is not consumer and m.shape[1] == hidden and m.shape[0] in (size, 2 * size))
     if not producers:
