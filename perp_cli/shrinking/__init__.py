@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from perp_cli import activations, arch, checkpoint, data, engine
+from perp_cli import activations, arch, checkpoint, data, engine, memory
 from perp_cli.checkpoint import Checkpoint
 from perp_cli.errors import UsageError
 from perp_cli.manifest import peak_memory
@@ -187,6 +187,9 @@ def shrink(ckpt: Checkpoint, cfg: ShrinkConfig, tokens: torch.Tensor | None = No
         )
     model = ckpt.model
     plan, remove = check(model, cfg)
+    # the smaller model is built next to the loaded one (at most as large): checked before any work
+    memory.require(sum(p.numel() * p.element_size() for p in model.parameters()), "building the smaller model next to the loaded one",
+                   "shrink on a machine with room for two copies of the model")
     if tokens is None:
         tokens, data_record = calibration_tokens(ckpt, cfg)
     else:
