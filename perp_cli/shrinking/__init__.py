@@ -220,7 +220,8 @@ def shrink(ckpt: Checkpoint, cfg: ShrinkConfig, tokens: torch.Tensor | None = No
     elif cfg.structure == "width":
         cut = width_mod.surgery(model, plan, worker.removed)
         removed = {"channels_per_block": remove, "channels": {str(i): v for i, v in worker.removed.items()}}
-        scores = {str(i): [round(float(v), 6) for v in s] for i, s in worker.scores.items()}
+        # one number per channel would make perp.json huge on real models: the margin per block
+        scores = {str(i): _margin(s, worker.removed[i]) for i, s in worker.scores.items()}
         size = next(iter(plan.values())).size
         sizes = {layout.intermediate_key(model, size): [size, size - remove]}
     elif cfg.structure == "heads":
@@ -254,6 +255,13 @@ def shrink(ckpt: Checkpoint, cfg: ShrinkConfig, tokens: torch.Tensor | None = No
         "peak_memory": peak_memory(),
     }
     return ShrinkOutcome(smaller, results, data_record)
+
+
+def _margin(scores: torch.Tensor, removed: list[int]) -> dict[str, float]:
+    """The highest score removed and the lowest kept (removed_max <= kept_min)."""
+    gone = torch.zeros(scores.numel(), dtype=torch.bool)
+    gone[removed] = True
+    return {"removed_max": round(float(scores[gone].max()), 6), "kept_min": round(float(scores[~gone].min()), 6)}
 
 
 SCORES = {
