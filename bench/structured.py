@@ -125,7 +125,9 @@ def evaluate(a: argparse.Namespace, directory: Path) -> float:
     return next(iter(res["results"][0]["perplexity"].values()))["ppl"]
 
 
-def recover(a: argparse.Namespace, model: Path, source: Path, recovery: str, out: Path) -> dict[str, Any]:
+def recover(a: argparse.Namespace, model: Path, source: Path, recovery: str, out: Path, adapter: str = "lora") -> dict[str, Any]:
+    """`adapter`: lora for dense inputs (shrunk or the dense control), masklora for the
+    unstructured reference (plain LoRA would fill its pruned weights)."""
     biases = ["--add-biases"] if needs_biases(model) else []
     started = time.time()
     if recovery in ("biases+norms", "lora"):
@@ -133,14 +135,14 @@ def recover(a: argparse.Namespace, model: Path, source: Path, recovery: str, out
         args = ["retrain", source, "-o", adapted, "--train", "biases,norms", "--data", a.calib, "--seqlen", 256,
                 "--batch-size", 4, "--steps", a.steps, "--lr", 2e-3, "--device", "cpu", "--overwrite", "--quiet", "--json", *biases]
         if recovery == "lora":
-            args += ["--adapter", "lora", "--rank", 16, "--alpha", 32]
+            args += ["--adapter", adapter, "--rank", 16, "--alpha", 32]
         res = perp(*args)
         info = {"trainable_parameters": res["trainable_parameters"], "tokens": res["tokens_seen"]}
         if recovery == "lora":
             perp("merge", adapted, "-o", out, "--overwrite", "--quiet", "--json")  # no --allow-densify: there is no mask
             shutil.rmtree(adapted, ignore_errors=True)
     else:
-        res = perp("reconstruct", source, "-o", out, "--dense", model, "--train", "biases,norms", "--adapter", "lora",
+        res = perp("reconstruct", source, "-o", out, "--dense", model, "--train", "biases,norms", "--adapter", adapter,
                    "--rank", 16, "--alpha", 32, "--calib", a.calib, "--nsamples", a.nsamples, "--seqlen", 256,
                    "--steps-per-block", a.rec_steps, "--batch-size", 4, "--device", "cpu", "--overwrite", "--quiet", "--json", *biases)
         info = {"trainable_parameters": res["trainable_parameters"], "tokens": res["tokens_per_block"] * len(res["blocks"])}
@@ -153,6 +155,36 @@ def quality(a: argparse.Namespace) -> list[dict[str, Any]]:
     for model in a.models:
         dense = _cached(a.work / model.name / "dense.json", lambda: {"ppl": evaluate(a, model)})
         rows.append({"model": model.name, "structure": "dense", "ratio": "0", "recovery": "none", "ppl": dense["ppl"]})
+        for recovery in [r for r in a.recoveries if r in ("biases+norms", "lora")]:  # the control: the same retraining, dense
+            def control(recovery=recovery) -> dict[str, Any]:
+                out = a.work / model.name / f"dense-{recovery}"
+                info = recover(a, model, model, recovery, out)
+                info["ppl"] = evaluate(a, out)
+                shutil.rmtree(out, ignore_errors=True)
+                return info
+            print(f"[quality] {model.name} dense (control) {recovery}", file=sys.stderr, flush=True)
+            key = f"dense-{recovery}-s{a.steps}-w{a.windows}.json"
+            rows.append({"model": model.name, "structure": "dense", "ratio": "0", "recovery": recovery,
+                         **_cached(a.work / model.name / key, control)})
+        if a.unstructured:  # the reference: SparseGPT 50% unstructured, same protocol, MaskLoRA for LoRA
+            pruned = a.work / model.name / "sparsegpt-0.5"
+            if not (pruned / "perp.json").exists():
+                shutil.rmtree(pruned, ignore_errors=True)
+                perp("prune", model, "-o", pruned, "--method", "sparsegpt", "--sparsity", 0.5, "--calib", a.calib,
+                     "--nsamples", a.nsamples, "--seqlen", 256, "--device", "cpu", "--quiet", "--json")
+            for recovery in a.recoveries:
+                def reference(recovery=recovery) -> dict[str, Any]:
+                    if recovery == "none":
+                        return {"ppl": evaluate(a, pruned)}
+                    out = a.work / model.name / f"sparsegpt-0.5-{recovery}"
+                    info = recover(a, model, pruned, recovery, out, adapter="masklora")
+                    info["ppl"] = evaluate(a, out)
+                    shutil.rmtree(out, ignore_errors=True)
+                    return info
+                print(f"[quality] {model.name} sparsegpt 50% {recovery}", file=sys.stderr, flush=True)
+                key = f"sparsegpt-0.5-{recovery}-s{a.steps}-r{a.rec_steps}-w{a.windows}.json"
+                rows.append({"model": model.name, "structure": "unstructured", "ratio": "0.5", "recovery": recovery,
+                             **_cached(a.work / model.name / key, reference)})
         for structure in a.structures:
             for ratio in a.ratios:
                 shrunk = shrink_cell(a, model, structure, ratio)
@@ -333,9 +365,16 @@ def report(a: argparse.Namespace, speed_rows: list[dict[str, Any]], quality_rows
     lines += ["", "## Perplexity after shrinking and after recovery", ""]
     for model in dict.fromkeys(r["model"] for r in quality_rows):
         rows = [r for r in quality_rows if r["model"] == model]
-        dense = next(r["ppl"] for r in rows if r["structure"] == "dense")
+        dense = next(r["ppl"] for r in rows if r["structure"] == "dense" and r["recovery"] == "none")
         lines += [f"### {model}", "", f"Dense perplexity: **{dense:.2f}**.", "",
                   "| shape | parameters kept | " + " | ".join(a.recoveries) + " |", "|---|---:|" + "---:|" * len(a.recoveries)]
+        control = {r["recovery"]: r["ppl"] for r in rows if r["structure"] == "dense"}
+        lines.append("| dense (control: the same retraining) | 100% | " + " | ".join(
+            f"{control[k]:.2f}" if k in control else "-" for k in a.recoveries) + " |")
+        reference = {r["recovery"]: r["ppl"] for r in rows if r["structure"] == "unstructured"}
+        if reference:
+            lines.append("| SparseGPT 50% unstructured (reference; LoRA = MaskLoRA; same size and speed as dense) | 100% stored, 50% of block weights zero | "
+                         + " | ".join(f"{reference[k]:.2f}" if k in reference else "-" for k in a.recoveries) + " |")
         for structure in a.structures:
             for ratio in a.ratios:
                 cells = {r["recovery"]: r for r in rows if r["structure"] == structure and r["ratio"] == ratio}
@@ -366,8 +405,8 @@ def plot(a: argparse.Namespace, speed_rows: list[dict[str, Any]], quality_rows: 
     fig, axes = plt.subplots(1, len(models) + 1, figsize=(5 * (len(models) + 1), 4))
     markers = {"none": "o", "biases+norms": "s", "lora": "^", "reconstruct": "D"}
     for ax, model in zip(axes, models):
-        rows = [r for r in quality_rows if r["model"] == model and "ppl" in r]
-        dense = next(r["ppl"] for r in rows if r["structure"] == "dense")
+        rows = [r for r in quality_rows if r["model"] == model and "ppl" in r and r["structure"] != "unstructured"]
+        dense = next(r["ppl"] for r in rows if r["structure"] == "dense" and r["recovery"] == "none")
         ax.axhline(dense, color="black", lw=1, ls="--", label="dense")
         for recovery in a.recoveries:
             pts = sorted((r["params_after"] / r["params_before"], r["ppl"]) for r in rows
@@ -412,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlen", type=int, default=256, help="latency window length for the shared checkpoints")
     p.add_argument("--seqlen-1b", type=int, default=32, help="latency window length for the 1B model")
     p.add_argument("--no-1b", dest="one_b", action="store_false", help="skip the 1B-shaped model")
+    p.add_argument("--no-unstructured", dest="unstructured", action="store_false", help="skip the SparseGPT 50%% reference")
     p.add_argument("--work", type=Path, default=WORK)
     p.add_argument("--out", type=Path, default=ROOT / "results")
     p.add_argument("--worker", help=argparse.SUPPRESS)
