@@ -417,6 +417,9 @@ def plot(a: argparse.Namespace, speed_rows: list[dict[str, Any]], quality_rows: 
                          if r.get("recovery") == recovery and r["structure"] != "dense")
             if pts:
                 ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=markers.get(recovery, "o"), label=recovery)
+        ref = [r for r in quality_rows if r["model"] == model and r["structure"] == "unstructured" and "ppl" in r]
+        if ref:  # unstructured keeps every parameter stored: plotted at 1.0
+            ax.scatter([1.0] * len(ref), [r["ppl"] for r in ref], marker="x", color="gray", label="SparseGPT 50% (all recoveries)")
         ax.set_yscale("log")
         ax.set_xlabel("parameters kept (share of dense)")
         ax.set_ylabel("WikiText-2 perplexity")
