@@ -338,7 +338,8 @@ def report(a: argparse.Namespace, speed_rows: list[dict[str, Any]], quality_rows
     lines = [
         "# Structured pruning (`perp shrink`): size, speed, memory and perplexity",
         "",
-        f"Command: `flock /tmp/perp-heavy.lock python bench/structured.py` ({' '.join(sys.argv[1:]) or 'defaults'})",
+        f"Command: `python bench/structured.py {' '.join(sys.argv[1:])}` (cells cached under --work; the cells were computed "
+        "by runs with the same settings, `--part quality` then `--part speed`)",
         "",
         f"- Machine: {platform.machine()}, {os.cpu_count()} CPUs shared with other jobs, torch threads {a.threads}, float32.",
         f"- Latency: best of {a.repeats} forward passes after one warm-up (the median is in the csv), `use_cache=False`, windows of {a.seqlen} tokens "
