@@ -84,9 +84,14 @@ def perp(*args: Any) -> dict[str, Any]:
     return json.loads(text) if text else {}
 
 
-def _cached(path: Path, compute) -> dict[str, Any]:
+CACHED_ONLY = [False]  # --cached-only: report what the cache holds, compute nothing
+
+
+def _cached(path: Path, compute) -> dict[str, Any] | None:
     if path.exists():
         return json.loads(path.read_text())
+    if CACHED_ONLY[0]:
+        return None
     value = compute()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=1))
@@ -304,7 +309,9 @@ def speed(a: argparse.Namespace) -> list[dict[str, Any]]:
                 path = shrunk_dir(a, model, structure, ratio)
             key = a.work / model.name / f"speed-{structure}-{ratio}-t{a.threads}-n{a.repeats}-s{a.seqlen}.json"
             print(f"[speed] {model.name} {structure} {ratio}", file=sys.stderr, flush=True)
-            rows.append({"model": model.name, "structure": structure, "ratio": ratio, **_cached(key, lambda: run_worker(a, str(path)))})
+            cell = _cached(key, lambda: run_worker(a, str(path)))
+            if cell is not None:
+                rows.append({"model": model.name, "structure": structure, "ratio": ratio, **cell})
     if a.one_b:
         for structure, ratio in shapes:
             if structure != "dense":
@@ -315,8 +322,9 @@ def speed(a: argparse.Namespace) -> list[dict[str, Any]]:
                     continue
             key = a.work / "llama-1b" / f"speed-{structure}-{ratio}-t{a.threads}-n{a.repeats}-s{a.seqlen_1b}.json"
             print(f"[speed] llama-1b {structure} {ratio}", file=sys.stderr, flush=True)
-            rows.append({"model": "llama-1b (random)", "structure": structure, "ratio": ratio,
-                         **_cached(key, lambda: run_worker(a, f"llama-1b:{structure}:{ratio}"))})
+            cell = _cached(key, lambda: run_worker(a, f"llama-1b:{structure}:{ratio}"))
+            if cell is not None:
+                rows.append({"model": "llama-1b (random)", "structure": structure, "ratio": ratio, **cell})
     return rows
 
 
@@ -407,7 +415,8 @@ def plot(a: argparse.Namespace, speed_rows: list[dict[str, Any]], quality_rows: 
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in quality_rows))
-    fig, axes = plt.subplots(1, len(models) + 1, figsize=(5 * (len(models) + 1), 4))
+    fig, axes = plt.subplots(1, len(models) + 1, figsize=(5 * (len(models) + 1), 4), squeeze=False)
+    axes = list(axes[0])
     markers = {"none": "o", "biases+norms": "s", "lora": "^", "reconstruct": "D"}
     for ax, model in zip(axes, models):
         rows = [r for r in quality_rows if r["model"] == model and "ppl" in r and r["structure"] != "unstructured"]
@@ -462,6 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-unstructured", dest="unstructured", action="store_false", help="skip the SparseGPT 50%% reference")
     p.add_argument("--work", type=Path, default=WORK)
     p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--cached-only", action="store_true", help="report the cached cells only; compute nothing")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
@@ -470,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    CACHED_ONLY[0] = a.cached_only
     quality_rows = quality(a) if a.part in ("quality", "both") else []
     speed_rows = speed(a) if a.part in ("speed", "both") else []
     report(a, speed_rows, quality_rows)
