@@ -66,7 +66,7 @@ from perp_cli import trainable as trainable_mod
 from perp_cli.activations import ActivationStore, Placement, placement_for
 from perp_cli.errors import NumericalError, UsageError
 from perp_cli.manifest import peak_memory
-from perp_cli.mask import MaskSet, nonzeros_outside
+from perp_cli.mask import MaskSet, Pattern, nonzeros_outside
 from perp_cli.progress import make_progress
 from perp_cli.pruner import BlockPruner, PruneConfig
 from perp_cli.training import TrainConfig, fit, mixed_precision
@@ -109,6 +109,10 @@ class ReconstructConfig:
     offload_dir: str | None = None  # the rest of them in files here
     quiet: bool = True
     granularity: str = "block"  # "block", or "sublayer": the attention and MLP halves fitted one after the other
+    # a `perp shrink` output (a smaller dense model, no masks): plain LoRA merges freely, and
+    # block i's target is the dense blocks it stands for (`shrinking.source_blocks`; None: block i)
+    maskless: bool = False
+    teacher_blocks: list[list[int]] | None = None
 
     @property
     def adapter_kind(self) -> str | None:
@@ -129,7 +133,7 @@ class ReconstructConfig:
         if outside:
             raise UsageError(f"--train {outside[0]} lives outside the decoder blocks; reconstruction trains biases, norms, all or none")
         kind = self.adapter_kind
-        if kind == "lora":
+        if kind == "lora" and not self.maskless:
             raise UsageError(
                 "--adapter lora would fill the pruned weights when merged into the block; "
                 "use masklora, scalelora or lora-prune (they keep the mask), or none"
@@ -378,7 +382,7 @@ class _Reconstructor:
     ) -> None:
         self.model = model
         self.dense = dense
-        self.masks = masks
+        self.masks = masks if masks is not None else MaskSet({}, Pattern())  # a shrunk model has none
         self.cfg = cfg
         self.kind = cfg.adapter_kind
         self.dense_inputs = dense_inputs
@@ -395,19 +399,23 @@ class _Reconstructor:
         return block if part == "block" else dict(self.split.halves(block))[part]
 
     def targets(self, s: engine.BlockStep, inputs: engine.BlockInputs, part: str) -> ActivationStore:
-        """T: the dense block i's `part` on `inputs`, or on the dense stream (which then advances)."""
-        dense_block = arch.blocks(self.dense)[s.index]
-        home = next(dense_block.parameters()).device
-        dense_block.to(s.device)
-        try:
-            module = self.part_of(dense_block, part)
-            if self.dense_inputs is None:
-                return inputs.run(module)
-            outputs = self.dense_inputs.run(module)
-            self.dense_inputs = self.dense_inputs.replaced(outputs)
-            return outputs
-        finally:
-            dense_block.to(home)
+        """T: the dense block i's `part` on `inputs`, or on the dense stream (which then
+        advances). A depth-shrunk block stands for several dense blocks
+        (`cfg.teacher_blocks`, whole blocks only): they run in order."""
+        indices = self.cfg.teacher_blocks[s.index] if self.cfg.teacher_blocks else [s.index]
+        stream = inputs if self.dense_inputs is None else self.dense_inputs
+        for i in indices:
+            dense_block = arch.blocks(self.dense)[i]
+            home = next(dense_block.parameters()).device
+            dense_block.to(s.device)
+            try:
+                outputs = stream.run(self.part_of(dense_block, part))
+            finally:
+                dense_block.to(home)
+            stream = stream.replaced(outputs)
+        if self.dense_inputs is not None:
+            self.dense_inputs = stream
+        return outputs
 
     def owns(self, s: engine.BlockStep, part: str, name: str) -> bool:
         """Whether parameter `name` (a model name) belongs to `part` of block `s.index`."""
@@ -582,11 +590,12 @@ class _StreamedReconstructor(_Reconstructor):
 # ----------------------------------------------------------------------------- the recipe
 
 
-def check_pruned(pruned_ckpt: checkpoint.Checkpoint) -> None:
-    """Usage errors about the input itself: merged adapters and masks are required."""
+def check_pruned(pruned_ckpt: checkpoint.Checkpoint, maskless: bool = False) -> None:
+    """Usage errors about the input itself: merged adapters and masks are required (no
+    masks only for a shrunk model, `maskless`)."""
     if pruned_ckpt.adapters_config is not None:
         raise UsageError(f"{pruned_ckpt.source} has unmerged adapters; run `perp merge` on it first")
-    if pruned_ckpt.masks is None or len(pruned_ckpt.masks) == 0:
+    if not maskless and (pruned_ckpt.masks is None or len(pruned_ckpt.masks) == 0):
         raise UsageError(f"{pruned_ckpt.source} has no masks.safetensors: nothing was pruned, so there is nothing to reconstruct")
 
 
@@ -624,13 +633,20 @@ def reconstruct(
             raise UsageError("--prune-method prunes whole blocks while reconstructing them: --granularity block only")
         block_pruner = BlockPruner(pruned_ckpt, prune)
     else:
-        check_pruned(pruned_ckpt)
+        check_pruned(pruned_ckpt, cfg.maskless)
     if tokens.dim() != 2 or tokens.shape[0] < 1:
         raise UsageError(f"calibration tokens must be [n, seqlen] with n >= 1, got {list(tokens.shape)}")
     if streamed is not None:  # checked by the caller before it added the biases (they are in the output layout)
         added = list(streamed.added_biases)
     else:
-        if dense_model is not None:
+        if dense_model is not None and cfg.maskless:
+            from perp_cli.shrinking import check_teacher
+
+            check_teacher(model, dense_model, cfg.teacher_blocks)
+            if cfg.granularity != "block" and any(len(t) > 1 for t in cfg.teacher_blocks or []):
+                raise UsageError("a depth-shrunk block stands for several dense blocks, so it has no dense halves: "
+                                 "--granularity block only")
+        elif dense_model is not None:
             check_compatible(model, dense_model)
         added = trainable_mod.add_biases(model) if cfg.add_biases else []
     trainable_mod.select_trainable(model, cfg.train, block=0)  # e.g. `biases` on LLaMA: the error names --add-biases
@@ -673,6 +689,6 @@ def reconstruct(
         device=str(device),
         peak_memory=peak_memory(),
         activations=activation_record,
-        masks=worker.masks,
+        masks=None if cfg.maskless else worker.masks,
         pruning=block_pruner.results(activation_record) if block_pruner is not None else None,
     )

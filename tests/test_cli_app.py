@@ -11,7 +11,7 @@ from conftest import run_cli
 def test_help_lists_every_subcommand() -> None:
     result = run_cli("--help")
     assert result.exit_code == 0
-    for command in ("inspect", "prune", "retrain", "merge", "reconstruct", "eval"):
+    for command in ("inspect", "prune", "shrink", "retrain", "merge", "reconstruct", "eval"):
         assert command in result.stdout, command
 
 

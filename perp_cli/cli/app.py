@@ -31,6 +31,7 @@ from perp_cli.cli import prune as prune_cmd
 from perp_cli.cli import merge as merge_cmd
 from perp_cli.cli import retrain as retrain_cmd
 from perp_cli.cli import reconstruct as reconstruct_cmd
+from perp_cli.cli import shrink as shrink_cmd
 from perp_cli.cli import _on_sigint, _on_sigterm, last_signal
 from perp_cli.cli.common import validated
 from perp_cli.errors import PerpError
@@ -71,6 +72,7 @@ def _root(
 app.command("inspect")(validated(inspect_cmd.inspect))
 app.command("eval")(validated(eval_cmd.eval_cmd))
 app.command("prune")(validated(prune_cmd.prune_cmd))
+app.command("shrink")(validated(shrink_cmd.shrink_cmd))
 app.command("retrain")(validated(retrain_cmd.retrain_cmd))
 app.command("reconstruct")(validated(reconstruct_cmd.reconstruct_cmd))
 app.command("merge")(validated(merge_cmd.merge_cmd))

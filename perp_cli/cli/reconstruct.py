@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from perp_cli import activations, checkpoint, data, streaming
+from perp_cli import activations, checkpoint, data, shrinking, streaming
 from perp_cli.cli.common import (
     ActivationDirOpt,
     AllowPickleOpt,
@@ -114,6 +114,14 @@ def reconstruct_cmd(
         target=target, granularity=granularity, warmup=warmup, weight_decay=weight_decay, seed=seed, device=device, offload=offload_activations,
         max_memory=max_memory, offload_dir=None if offload_dir is None else str(offload_dir), quiet=quiet, **settings,
     )
+    shrunk = shrinking.shrunk_manifest(model)  # a smaller dense model from `perp shrink`
+    if shrunk is not None:
+        config.maskless, config.teacher_blocks = True, shrinking.source_blocks(shrunk)
+        if prune_method is not None:
+            raise UsageError(f"{model} is a `perp shrink` output; --prune-method prunes a dense model while reconstructing it, use `perp prune` first")
+        if streaming_mode == "on":
+            raise UsageError("reconstructing a `perp shrink` output does not stream yet; use --streaming off (or auto)")
+        streaming_mode = "off"
     config.validate()  # usage errors before loading anything
     prune_config = None
     if prune_method is not None:
@@ -163,7 +171,11 @@ def reconstruct_cmd(
         reference = checkpoint.load(dense_dir, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
                                     trust_remote_code=trust_remote_code, need_tokenizer=False,
                                     trust_inputs=trust_inputs)
-    if reference is not None:
+    if reference is not None and shrunk is not None:
+        shrinking.check_teacher(ckpt.model, reference.model, config.teacher_blocks)
+        if not trust_inputs:
+            checkpoint.check_source_weights(ckpt, dense_dir)
+    elif reference is not None:
         check_compatible(ckpt.model, reference.model)
         if not trust_inputs:
             checkpoint.check_source_weights(ckpt, dense_dir)

@@ -1,0 +1,118 @@
+"""`perp shrink MODEL -o OUT --structure depth|width|heads|experts`: structured pruning
+to a smaller dense model."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from perp_cli import checkpoint
+from perp_cli.cli.common import (
+    AllowPickleOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    MaxShardSizeOpt,
+    ModelArg,
+    OffloadActivationsOpt,
+    OutputOpt,
+    OverwriteForeignOpt,
+    OverwriteOpt,
+    QuietOpt,
+    SeedOpt,
+    TrustInputsOpt,
+    TrustRemoteCodeOpt,
+    check_activation_memory,
+    emit_json,
+)
+from perp_cli.manifest import StepRecord
+from perp_cli.progress import console
+from perp_cli.shards import parse_size
+from perp_cli.shrinking import ShrinkConfig, shrink, validate
+
+
+def shrink_cmd(
+    model: ModelArg,
+    output: OutputOpt,
+    structure: Annotated[str, typer.Option("--structure", help="What to remove: depth (whole blocks, by block influence), width (MLP intermediate channels), heads (attention key-value groups with their query heads) or experts (routed experts of MoE blocks). Required.", show_default=False)],
+    remove_ratio: Annotated[float | None, typer.Option("--remove-ratio", help="Fraction to remove, 0 < R < 1, rounded to the nearest whole unit: of the blocks (depth), of each block's MLP channels (width), of each block's key-value groups (heads), of each MoE block's experts (experts).", show_default=False)] = None,
+    remove_blocks: Annotated[int | None, typer.Option("--remove-blocks", help="depth: remove this many blocks.", show_default=False)] = None,
+    keep_ratio: Annotated[float | None, typer.Option("--keep-ratio", help="depth: keep this fraction of the blocks (0 < R < 1).", show_default=False)] = None,
+    remove_channels: Annotated[int | None, typer.Option("--remove-channels", help="width: remove this many MLP channels from every block (intermediate_size stays one number).", show_default=False)] = None,
+    remove_heads: Annotated[int | None, typer.Option("--remove-heads", help="heads: remove this many attention heads from every block; a multiple of heads / key-value heads (whole groups go).", show_default=False)] = None,
+    remove_experts: Annotated[int | None, typer.Option("--remove-experts", help="experts: remove this many experts from every MoE block (at least num_experts_per_tok stay).", show_default=False)] = None,
+    multiple_of: Annotated[int, typer.Option("--multiple-of", help="width: round the kept MLP width down to a multiple of this (e.g. 64 for fast kernels); more channels go.")] = 1,
+    calib: Annotated[str, typer.Option("--calib", help="Calibration text: c4 or wikitext2 (hub, needs network), or a local .txt/.raw/.jsonl/.parquet file or datasets directory.")] = "c4",
+    text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl/.parquet/datasets calibration data.")] = "text",
+    nsamples: Annotated[int, typer.Option("--nsamples", help="Number of calibration windows.")] = 128,
+    seqlen: Annotated[int | None, typer.Option("--seqlen", help="Tokens per calibration window. Default: min(2048, the model's max positions).", show_default=False)] = None,
+    calib_concat: Annotated[bool, typer.Option("--calib-concat", help="Draw windows from all documents joined together (when too few documents are longer than --seqlen).")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward micro-batch.")] = 8,
+    offload_activations: OffloadActivationsOpt = False,
+    max_shard_size: MaxShardSizeOpt = "5GB",
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    overwrite_foreign: OverwriteForeignOpt = False,
+    trust_inputs: TrustInputsOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+) -> None:
+    """Remove whole blocks, MLP channels, attention heads or experts and write a SMALLER
+    dense model: a plain Hugging Face directory (no masks) that loads and runs faster in
+    any runtime.
+
+    The parts to remove are scored on calibration windows, block by block on the shared
+    engine (docs/cli-shrink.md gives each score); the config is updated (num_hidden_layers
+    and per-layer lists, intermediate_size, num_attention_heads/num_key_value_heads,
+    num_experts) and perp.json records what was removed and the parameter counts before
+    and after. Recover the result with `perp retrain` (biases,norms or LoRA, which merges
+    without --allow-densify since there is no mask) or `perp reconstruct --adapter lora`.
+
+    Examples: perp shrink MODEL -o OUT --structure depth --remove-blocks 2 --calib c4;
+    perp shrink MODEL -o OUT --structure width --remove-ratio 0.25 --multiple-of 64.
+    """
+    counts = {"depth": remove_blocks, "width": remove_channels, "heads": remove_heads, "experts": remove_experts}
+    wrong = [flag for s, flag, v in (("depth", "--remove-blocks", remove_blocks), ("width", "--remove-channels", remove_channels),
+                                     ("heads", "--remove-heads", remove_heads), ("experts", "--remove-experts", remove_experts))
+             if v is not None and s != structure]
+    if wrong and structure in counts:
+        from perp_cli.errors import UsageError
+
+        raise UsageError(f"{wrong[0]} does not apply to --structure {structure}")
+    config = ShrinkConfig(
+        structure=structure, remove_ratio=remove_ratio, remove_count=counts.get(structure), keep_ratio=keep_ratio,
+        multiple_of=multiple_of, calib=calib, text_field=text_field, nsamples=nsamples, seqlen=seqlen,
+        calib_concat=calib_concat, seed=seed, device=device, batch_size=batch_size,
+        offload_activations=offload_activations, quiet=quiet,
+    )
+    validate(config)  # usage errors before loading anything
+    shard_bytes = parse_size(max_shard_size)
+    overwrite = overwrite or overwrite_foreign
+    checkpoint.check_output(output, inputs=[model, calib], overwrite=overwrite, overwrite_foreign=overwrite_foreign)
+    ckpt = checkpoint.load(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                           need_tokenizer=True, trust_inputs=trust_inputs)
+    check_activation_memory(ckpt.model, nsamples, seqlen, 1, None, "calibration")
+    step = StepRecord("shrink", args={**vars(config), "model": model, "output": str(output), "dtype": dtype,
+                                      "max_shard_size": max_shard_size}, input=model, seed=seed)
+    outcome = shrink(ckpt, config)
+    step.data, step.results = outcome.data, outcome.results
+    checkpoint.save(output, outcome.model, ckpt.tokenizer, None, manifest_in=ckpt.manifest, step=step,
+                    overwrite=overwrite, max_shard_size=shard_bytes)
+    results = outcome.results
+    if json_out:
+        emit_json({"output": str(output), **{k: results[k] for k in ("structure", "removed", "sizes", "parameters", "shrink_time_s")},
+                   "calibration": outcome.data})
+    if not quiet:
+        p = results["parameters"]
+        sizes = ", ".join(f"{k} {a} → {b}" for k, (a, b) in results["sizes"].items() if a != b)
+        console.print(
+            f"{structure}: {sizes}; parameters {p['before']:,} → {p['after']:,} (−{p['removed_fraction']:.1%}) "
+            f"in {results['shrink_time_s']:.1f}s → {escape(str(output))}",
+            soft_wrap=True,
+        )
