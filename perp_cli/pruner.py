@@ -422,7 +422,7 @@ class _Pruner:
             s.inputs.run(s.block, keep_outputs=False)
         _sync(s.device)
         middle = time.perf_counter()
-        before = dict(self.clock.seconds)
+        clock_before = dict(self.clock.seconds)
         for group in stats:
             self.prune_group(group, s.status)
             if before:
@@ -430,7 +430,7 @@ class _Pruner:
         _sync(s.device)
         record = {"statistics": middle - start, "prune": time.perf_counter() - middle,
                   "accumulate": sum(g.stat.seconds for g in stats)}  # inside the statistics pass
-        record.update({phase: t - before.get(phase, 0.0) for phase, t in self.clock.seconds.items()})
+        record.update({phase: t - clock_before.get(phase, 0.0) for phase, t in self.clock.seconds.items()})
         self.block_seconds.append({k: round(v, 4) for k, v in record.items()})
         return None
 

@@ -4,7 +4,7 @@
 #     bash scripts/check_device.sh            # the chain on the embedded demo model
 #     PERP_STUDY=1 bash scripts/check_device.sh   # and `bench/reproduce.py --study methods`
 #
-# Every command goes through the CLI exactly as a user types it, on --device cuda, in
+# Every command goes through the CLI exactly as a user types it, on --device "$DEVICE", in
 # bfloat16 and float32: prune (Wanda, SparseGPT 2:4, RIA 2:4 + permute, OWL + DSnoT),
 # retrain (biases, norms, MaskLoRA), merge, reconstruct (sublayer), shrink (width, depth),
 # inspect (the sparsity and pattern promised) and eval. Prints one PASS/FAIL line per
@@ -17,6 +17,7 @@ OUT=${OUT:-$(mktemp -d)}
 WORK=$(mktemp -d)
 MODEL=perp_cli/demo/model
 TEXT=perp_cli/demo/corpus.txt
+DEVICE=${PERP_DEVICE:-cuda}  # PERP_DEVICE=cpu tries the script here first
 failed=0
 
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
@@ -42,9 +43,9 @@ if [ "${PERP_STUDY:-0}" = 1 ]; then
     done
 fi
 
-for dtype in bfloat16 float32; do
+for dtype in ${PERP_DTYPES:-bfloat16 float32}; do
     d=$WORK/$dtype
-    on=(--device cuda --dtype "$dtype" --quiet)
+    on=(--device "$DEVICE" --dtype "$dtype" --quiet)
     calib=(--calib "$TEXT" --nsamples 16 --seqlen 128)
     step "$dtype-prune-wanda" prune "$MODEL" -o "$d/wanda" --method wanda --sparsity 0.5 "${calib[@]}" "${on[@]}"
     step "$dtype-prune-sparsegpt" prune "$MODEL" -o "$d/sgpt" --method sparsegpt --pattern 2:4 "${calib[@]}" "${on[@]}"
@@ -52,13 +53,13 @@ for dtype in bfloat16 float32; do
     step "$dtype-prune-owl-dsnot" prune "$MODEL" -o "$d/owl" --method wanda --sparsity 0.6 --allocation owl --refine dsnot "${calib[@]}" "${on[@]}"
     step "$dtype-inspect-ria" inspect "$d/ria" --expect-pattern 2:4
     step "$dtype-retrain" retrain "$d/sgpt" -o "$d/retrained" --train biases,norms --adapter masklora --data "$TEXT" --seqlen 128 --steps 20 "${on[@]}"
-    step "$dtype-merge" merge "$d/retrained" -o "$d/merged" --device cuda --quiet
+    step "$dtype-merge" merge "$d/retrained" -o "$d/merged" --device "$DEVICE" --quiet
     step "$dtype-inspect-merged" inspect "$d/merged" --expect-pattern 2:4
-    step "$dtype-reconstruct-sublayer" reconstruct "$d/wanda" -o "$d/rec" --dense "$MODEL" --granularity sublayer "${calib[@]}" --steps-per-block 10 "${on[@]}"
+    step "$dtype-reconstruct-sublayer" reconstruct "$d/wanda" -o "$d/rec" --dense "$MODEL" --granularity sublayer --train norms "${calib[@]}" --steps-per-block 10 "${on[@]}"
     step "$dtype-inspect-reconstructed" inspect "$d/rec" --expect-sparsity 0.5
     step "$dtype-shrink-width" shrink "$MODEL" -o "$d/width" --structure width --remove-ratio 0.25 "${calib[@]}" "${on[@]}"
     step "$dtype-shrink-depth" shrink "$MODEL" -o "$d/depth" --structure depth --remove-blocks 1 "${calib[@]}" "${on[@]}"
-    step "$dtype-eval" eval "$MODEL" "$d/merged" "$d/rec" "$d/width" --dataset "$TEXT" --seqlen 128 --max-windows 8 --device cuda --dtype "$dtype" --json
+    step "$dtype-eval" eval "$MODEL" "$d/merged" "$d/rec" "$d/width" --dataset "$TEXT" --seqlen 128 --max-windows 8 --device "$DEVICE" --dtype "$dtype" --json
     cp "$WORK/$dtype-eval.log" "$OUT/eval-$dtype.json" 2>/dev/null
 done
 

@@ -40,6 +40,8 @@ reference's SparseGPT-initialised DSnoT).
 
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 
 import torch
@@ -97,11 +99,14 @@ class WithMoments:
     def __init__(self, primary: object | None, moments: MomentStat) -> None:
         self.primary = primary
         self.moments = moments
+        self.seconds = 0.0  # time spent accumulating both (reported per block by the pruner)
 
     def add(self, x: torch.Tensor) -> None:
+        start = time.perf_counter()
         if self.primary is not None:
             self.primary.add(x)
         self.moments.add(x)
+        self.seconds += time.perf_counter() - start
 
     @property
     def tokens(self) -> int:
