@@ -6,7 +6,7 @@
 #
 # Every command goes through the CLI exactly as a user types it, on --device "$DEVICE", in
 # bfloat16 and float32: prune (Wanda, SparseGPT 2:4, RIA 2:4 + permute, OWL + DSnoT),
-# retrain (biases, norms, MaskLoRA), merge, reconstruct (sublayer), shrink (width, depth),
+# retrain (norms, MaskLoRA), merge, reconstruct (sublayer), shrink (width, depth),
 # inspect (the sparsity and pattern promised) and eval. Prints one PASS/FAIL line per
 # step and exits 1 if any failed. Needs no network: the demo model and texts ship with
 # the package; the study needs ../shared (or $PERP_SHARED).
@@ -52,7 +52,7 @@ for dtype in ${PERP_DTYPES:-bfloat16 float32}; do
     step "$dtype-prune-ria-permute" prune "$MODEL" -o "$d/ria" --method ria --pattern 2:4 --permute "${calib[@]}" "${on[@]}"
     step "$dtype-prune-owl-dsnot" prune "$MODEL" -o "$d/owl" --method wanda --sparsity 0.6 --allocation owl --refine dsnot "${calib[@]}" "${on[@]}"
     step "$dtype-inspect-ria" inspect "$d/ria" --expect-pattern 2:4
-    step "$dtype-retrain" retrain "$d/sgpt" -o "$d/retrained" --train biases,norms --adapter masklora --data "$TEXT" --seqlen 128 --steps 20 "${on[@]}"
+    step "$dtype-retrain" retrain "$d/sgpt" -o "$d/retrained" --train norms --adapter masklora --data "$TEXT" --seqlen 128 --steps 20 "${on[@]}"
     step "$dtype-merge" merge "$d/retrained" -o "$d/merged" --device "$DEVICE" --quiet
     step "$dtype-inspect-merged" inspect "$d/merged" --expect-pattern 2:4
     step "$dtype-reconstruct-sublayer" reconstruct "$d/wanda" -o "$d/rec" --dense "$MODEL" --granularity sublayer --train norms "${calib[@]}" --steps-per-block 10 "${on[@]}"
