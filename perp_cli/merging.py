@@ -148,7 +148,8 @@ def merge_matrix(matrix: arch.Matrix, adapter: adapters_mod.Adapter, allow_densi
     or mask, or precision lost beyond the weight dtype's rounding (`TOLERANCE`).
     """
     w = matrix.weight()
-    x = torch.randn(w.shape[1], PROBE_VECTORS, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    # drawn on the CPU (the same vectors on every device), then moved to the weight's device
+    x = torch.randn(w.shape[1], PROBE_VECTORS, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(w.device)
     expected = _reference_outputs(w, adapter, x)
     adapter.merge(matrix, allow_densify=allow_densify)
     got = _outputs(matrix.weight(), x)
