@@ -100,3 +100,12 @@ def test_rows_with_and_without_surplus_ties_in_one_matrix() -> None:
     scores = torch.tensor([[0.3, 0.1, 0.4, 0.2], [1.0, 1.0, 1.0, 1.0], [0.5, 0.5, 0.1, 0.9]])
     expected = torch.tensor([[False, True, False, True], [True, True, False, False], [True, False, True, False]])
     assert torch.equal(prune_mask(scores, 0.5, "row"), expected)
+
+
+def test_nm_groups_with_surplus_ties_take_the_lowest_positions_first() -> None:
+    # [rows, groups, m] scores with ties in some groups only (the path that counts ties per group)
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 0.5, 2.0, 3.0, 4.0], [3.0, 3.0, 0.1, 3.0, 9.0, 8.0, 7.0, 6.0]])
+    pruned = nm_prune_mask(scores, 2, 4)
+    order = torch.sort(scores.reshape(2, 2, 4), dim=-1, stable=True).indices[..., :2]
+    expected = torch.zeros(2, 2, 4, dtype=torch.bool).scatter_(-1, order, True).reshape(2, 8)
+    assert torch.equal(pruned, expected)

@@ -51,18 +51,18 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
         # no surplus ties (the usual case with continuous scores): every tie is taken, and
         # the tie count below is skipped
         return at_most
-    below = scores < kth
-    equal = scores == kth
-    need = k - below.sum(dim=-1, keepdim=True)
-    surplus = (equal.sum(dim=-1, keepdim=True) != need).reshape(-1)
-    out = below | equal
     # only the rows with surplus ties take the first ties by position; the running count
     # is over those rows alone (int32: a row has fewer than 2^31 entries), not the int64
-    # cumsum of the whole matrix (8 bytes per weight, ~90 MiB for a 5632x2048 matrix)
-    rows = surplus.nonzero().reshape(-1)
+    # cumsum of the whole matrix (8 bytes per weight, ~90 MiB for a 5632x2048 matrix).
+    # N:M scores come as [rows, groups, m]: every group is a row here.
+    below = (scores < kth).reshape(-1, scores.shape[-1])
+    equal = (scores == kth).reshape(-1, scores.shape[-1])
+    need = k - below.sum(dim=-1, keepdim=True)
+    rows = (equal.sum(dim=-1, keepdim=True) != need).reshape(-1).nonzero().reshape(-1)
+    out = below | equal
     ties = equal[rows]
     out[rows] = below[rows] | (ties & (ties.cumsum(dim=-1, dtype=torch.int32) <= need[rows]))
-    return out
+    return out.reshape(scores.shape)
 
 
 def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
