@@ -152,8 +152,8 @@ def test_only_one_block_of_weights_masks_and_adapters_is_in_memory(tmp_path: Pat
     def block_of(name: str) -> str:
         return name[len(prefix) :].split(".")[0]
 
-    def watch(cls, what: str):
-        real = cls.read
+    def watch(cls, what: str, method: str = "read"):
+        real = getattr(cls, method)
 
         def read(self, names):
             live = {block_of(n) for n in _live(model)}
@@ -164,15 +164,16 @@ def test_only_one_block_of_weights_masks_and_adapters_is_in_memory(tmp_path: Pat
             reads.extend((what, n) for n in names)
             return real(self, names)
 
-        monkeypatch.setattr(cls, "read", read)
+        monkeypatch.setattr(cls, method, read)
 
     watch(streaming.AdapterReader, "adapters")
-    watch(streaming.MaskReader, "masks")
+    watch(streaming.MaskReader, "masks")  # unpacked (the densify check)
+    watch(streaming.MaskReader, "masks", "read_packed")  # held packed (the block's own masks)
     merging.merge_streamed(ckpt, tmp_path / "out", StepRecord("merge", {}, str(src)))
     assert not _live(model)  # every block went back to the meta device
     cfg = json.loads((src / "adapters.json").read_text())
     assert sorted(n for w, n in reads if w == "adapters") == sorted(f"{k}.lora_{ab}" for k in cfg["matrices"] for ab in "AB")
-    assert sorted(n for w, n in reads if w == "masks") == sorted(load_file(src / "masks.safetensors"))
+    assert sorted(n for w, n in reads if w == "masks") == sorted(load_file(src / "masks.safetensors"))  # each once
 
 
 # ----------------------------------------------------------------------------- refusals
