@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 python bench/architectures.py                  # all types -> docs/architectures.md
     OMP_NUM_THREADS=1 python bench/architectures.py --types qwen3,gpt_oss --out -   # a few, table on stdout
+    OMP_NUM_THREADS=1 python bench/architectures.py --jobs 14    # a process per type, 14 at a time
 
 For each type in `MODEL_FOR_CAUSAL_LM_MAPPING_NAMES` a tiny random checkpoint is built
 from the type's own config class (`perp_cli.tiny.shrunk_config`: hidden 64, 2 layers, 4
@@ -227,28 +228,53 @@ def table(outcomes: list[Outcome]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--types", help="comma list of model types (default: every causal-LM type)")
-    parser.add_argument("--out", default=str(ROOT / "docs" / "architectures.md"), help="the table's file, or - for stdout")
-    args = parser.parse_args()
+def _quiet_worker() -> None:
+    """One thread, no warnings, no transformers chatter (the sweep's own lines say enough)."""
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def _run_one(model_type: str, tmp: str) -> Outcome:
+    import shutil
+
+    try:
+        return run_guarded(model_type, Path(tmp))
+    finally:
+        shutil.rmtree(Path(tmp) / model_type, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--types", help="comma list of model types (default: every causal-LM type)")
+    parser.add_argument("--jobs", type=int, default=1, help="model types run at once, each in its own one-thread process (default 1)")
+    parser.add_argument("--out", default=str(ROOT / "docs" / "architectures.md"), help="the table's file, or - for stdout")
+    args = parser.parse_args()
+    _quiet_worker()
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
     types = args.types.split(",") if args.types else sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
     outcomes = []
-    with tempfile.TemporaryDirectory(prefix="perp-architectures-") as tmp:
-        for model_type in types:
-            o = run_guarded(model_type, Path(tmp))
-            outcomes.append(o)
-            print(f"{o.model_type:28s} {o.status:15s} {o.seconds:6.1f}s {o.detail}", file=sys.stderr, flush=True)
-            import shutil
 
-            shutil.rmtree(Path(tmp) / model_type, ignore_errors=True)
+    def report(o: Outcome) -> None:
+        outcomes.append(o)
+        print(f"{o.model_type:28s} {o.status:15s} {o.seconds:6.1f}s {o.detail}", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="perp-architectures-") as tmp:
+        if args.jobs <= 1:
+            for model_type in types:
+                report(_run_one(model_type, tmp))
+        else:  # a fresh process per type: a type that breaks global state cannot touch the next
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_quiet_worker, max_tasks_per_child=1) as pool:
+                for future in as_completed([pool.submit(_run_one, t, tmp) for t in types]):
+                    report(future.result())
     text = table(outcomes)
     if args.out == "-":
         sys.stdout.write(text)
