@@ -409,7 +409,8 @@ class _Reconstructor:
             home = next(dense_block.parameters()).device
             dense_block.to(s.device)
             try:
-                outputs = stream.run(self.part_of(dense_block, part))
+                own = stream if self.dense_inputs is None else stream.at(i)  # the dense stream: dense block i's own arguments
+                outputs = own.run(self.part_of(dense_block, part))
             finally:
                 dense_block.to(home)
             stream = stream.replaced(outputs)
