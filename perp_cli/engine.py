@@ -4,11 +4,12 @@ Wanda, SparseGPT and layer-wise reconstruction all need the activations entering
 decoder block. Following the SparseGPT/Wanda references, the engine
 
 1. runs the embeddings on the calibration windows and catches the inputs of block 0
-   (hidden states plus the keyword arguments transformers 5 passes to a decoder layer:
-   rotary `position_embeddings`, `attention_mask`, `position_ids`, ...; `use_cache` off),
-2. for each block in order: moves the block to the device, hands it and its inputs to a
-   callback (which may hook the block and run it, modify it, or run other modules on the
-   same inputs), then
+   (hidden states), and the arguments the model passes to *each* decoder block besides
+   them (what transformers 5 passes to a decoder layer: rotary `position_embeddings`,
+   `attention_mask`, `position_ids`, ...; `use_cache` off),
+2. for each block in order: moves the block to the device, hands it and its inputs
+   (bound to that block's own arguments) to a callback (which may hook the block and run
+   it, modify it, or run other modules on the same inputs), then
 3. feeds the inputs through the block *as the callback left it* (the pruned block) to
    get the next block's inputs, and moves the block back to the host.
 
@@ -19,9 +20,21 @@ time to the device (slower, but device memory then holds only one block and one
 micro-batch); `offload=Placement(...)` caps the device share and can spill to disk
 (`--max-memory`, `--offload-dir`).
 
-The keyword arguments are caught once from a batch of one window, so their tensors
-(causal mask, rotary tables, position ids) broadcast over any micro-batch size; all
-calibration windows have the same length and no padding, which makes this exact.
+The arguments differ per block in many models: sliding-window vs full attention layers
+get different masks (Gemma 2/3, gpt-oss, Cohere 2, Qwen2/3 with mixed `layer_types`),
+chunked vs full (Llama 4), local vs global rotary tables (Gemma 3). They are caught by
+one forward of a one-window batch in which every block's forward is replaced by a
+stand-in that records its call and passes its hidden input on (no block runs, so no
+block weight is needed: this works on a streamed skeleton). Tensors equal across blocks
+are kept once (most blocks share one mask and one rotary table). Being caught from one
+window, they broadcast over any micro-batch size (all calibration windows have the same
+length and no padding, which makes this exact); where they do not (BLOOM folds the
+batch into its ALiBi bias), each micro-batch size gets its own (`BlockCall.by_size`).
+`run_blocks` hands block i's step `inputs.at(i)`: its hidden states with block i's
+arguments, so `s.inputs.call/run/propagate` call the block as the model would. (An
+argument a model computed from the previous block's *output* would be caught from
+unchanged hidden states instead; the per-layer masks and rotary tables do not depend on
+them.)
 
 Example (what `perp reconstruct` needs: hook a block, run a dense copy on the same
 inputs, change the block, let the engine propagate through the changed block)::
@@ -49,9 +62,9 @@ may return them as a `BlockInputs` (`s.inputs.replaced(outputs)`) to skip the ex
 
 Models larger than memory (`perp_cli.streaming`) pass a `Residency`: the model is a
 skeleton on the meta device, `outside()` materialises the embeddings while block 0's
-inputs are caught, `load(i, block)` reads block i from the shards just before its step
-and `release(i, block)` writes and frees it right after the propagation, so one block's
-weights are in memory at a time. `in_place=True` replaces each micro-batch of inputs by
+inputs and every block's arguments are caught, `load(i, block)` reads block i from the
+shards just before its step and `release(i, block)` writes and frees it right after the
+propagation, so one block's weights are in memory at a time. `in_place=True` replaces each micro-batch of inputs by
 the block's output as soon as it is computed (one copy of the activations instead of
 two), for callbacks that do not keep `s.inputs`. `run_blocks(model, None, step)` is the
 data-free pass: each block in turn, no activations.
@@ -381,6 +394,25 @@ def capture_inputs(
     """
     device = torch.device(device)
     hidden = offload.empty_like() if isinstance(offload, ActivationStore) else ActivationStore(Placement.of(device, offload))
+    calls = _capture(model, tokens, device, batch_size, hidden)
+    return BlockInputs(hidden, calls[0].args, calls[0].kwargs, device, calls[0].by_size, calls, 0)
+
+
+@torch.no_grad()
+def capture_calls(
+    model: nn.Module, tokens: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 8
+) -> tuple[BlockCall, ...]:
+    """Every block's call arguments for `tokens` in micro-batches of `batch_size`, as
+    `capture_inputs` catches them, without the activations (for running another model's
+    blocks on these inputs: `dataclasses.replace(inputs, calls=...).at(i)`)."""
+    return _capture(model, tokens, torch.device(device), batch_size, None)
+
+
+def _capture(
+    model: nn.Module, tokens: torch.Tensor, device: torch.device, batch_size: int, hidden: ActivationStore | None
+) -> tuple[BlockCall, ...]:
+    """`capture_inputs`' work: every block's `BlockCall`, and block 0's inputs appended
+    to `hidden` (None: only the calls, one forward per micro-batch size)."""
     blocks = list(arch.blocks(model))
 
     def forward(batch: torch.Tensor, form: str, stop_after: int) -> list[dict[str, Any] | None]:
@@ -435,16 +467,17 @@ def capture_inputs(
         for i in range(0, tokens.shape[0], batch_size):
             batch = tokens[i : i + batch_size]
             if batch.shape[0] in checked:
-                hidden.append(forward(batch, form, 1)[0]["hidden"])
+                if hidden is not None:
+                    hidden.append(forward(batch, form, 1)[0]["hidden"])
                 continue
             checked.add(batch.shape[0])
             this, _ = every_block(batch, form)
-            hidden.append(this[0]["hidden"])
+            if hidden is not None:
+                hidden.append(this[0]["hidden"])
             for b, call, mine, theirs in zip(blocks, calls, one, this):
                 if not _broadcasts(mine, theirs):
                     call.by_size[batch.shape[0]] = call_arguments(b, theirs)
-    first = calls[0]
-    return BlockInputs(hidden, first.args, first.kwargs, device, first.by_size, tuple(calls), 0)
+    return tuple(calls)
 
 
 def _accepts(module: nn.Module, name: str) -> bool:

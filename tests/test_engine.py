@@ -322,3 +322,25 @@ def test_streamed_prune_of_a_mixed_attention_model_matches_the_in_memory_one(tmp
         assert result.exit_code == 0, result.stderr
     assert_same_tensors(read_weights(outputs["off"]), read_weights(outputs["on"]))
     assert (outputs["off"] / "masks.safetensors").read_bytes() == (outputs["on"] / "masks.safetensors").read_bytes()
+
+
+def test_a_shrunk_blocks_dense_teachers_get_their_own_arguments() -> None:
+    """Reconstructing a depth-shrunk model: kept block 0 stands for dense blocks 0 and 1
+    (sliding, full); its target runs both on its inputs, each with the dense model's
+    arguments for it, and is what the dense model's own forward gives after block 1."""
+    import copy
+
+    from perp_cli import reconstruction
+
+    dense = mixed_model("gemma3_text")
+    shrunk = copy.deepcopy(dense)
+    del shrunk.model.layers[1]
+    shrunk.config.num_hidden_layers, shrunk.config.layer_types = 3, [SLIDING, SLIDING, SLIDING]
+    tokens = _tokens(n=3, seqlen=16)
+    cfg = reconstruction.ReconstructConfig(train="norms", device="cpu", batch_size=2, teacher_blocks=[[0, 1], [2], [3]], maskless=True)
+    worker = reconstruction._Reconstructor(shrunk, dense, None, cfg, None)
+    worker.teacher_calls = engine.capture_calls(dense, tokens, batch_size=2)
+    inputs = engine.capture_inputs(shrunk, tokens, batch_size=2)
+    step = engine.BlockStep(0, arch.blocks(shrunk)[0], inputs.at(0), torch.device("cpu"), lambda text: None)
+    targets = torch.cat(list(worker.targets(step, step.inputs, "block")))
+    torch.testing.assert_close(targets, _own_hidden_states(dense, tokens)[2], rtol=1e-6, atol=1e-6)
