@@ -64,9 +64,9 @@ Models larger than memory (`perp_cli.streaming`) pass a `Residency`: the model i
 skeleton on the meta device, `outside()` materialises the embeddings while block 0's
 inputs and every block's arguments are caught, `load(i, block)` reads block i from the
 shards just before its step and `release(i, block)` writes and frees it right after the
-propagation, so one block's weights are in memory at a time. `in_place=True` replaces each micro-batch of inputs by
-the block's output as soon as it is computed (one copy of the activations instead of
-two), for callbacks that do not keep `s.inputs`. `run_blocks(model, None, step)` is the
+propagation, so one block's weights are in memory at a time. `in_place=True` replaces
+each micro-batch of inputs by the block's output as soon as it is computed (one copy of
+the activations instead of two), for callbacks that do not keep `s.inputs`. `run_blocks(model, None, step)` is the
 data-free pass: each block in turn, no activations.
 """
 
@@ -428,7 +428,9 @@ def _capture(
     def consistent(calls: list[dict[str, Any] | None]) -> bool:
         """Every block called, each with a hidden input shaped like block 0's."""
         shape = calls[0]["hidden"].shape if isinstance(calls[0]["hidden"], torch.Tensor) else None
-        return shape is not None and all(c is not None and isinstance(c["hidden"], torch.Tensor) and c["hidden"].shape == shape for c in calls)
+        return shape is not None and all(
+            c is not None and isinstance(c["hidden"], torch.Tensor) and c["hidden"].shape == shape for c in calls
+        )
 
     def every_block(batch: torch.Tensor, form: str | None) -> tuple[list[dict[str, Any]], str]:
         """Each block's call on `batch`, with the stand-in output form the model expects
