@@ -4,11 +4,12 @@ Wanda, SparseGPT and layer-wise reconstruction all need the activations entering
 decoder block. Following the SparseGPT/Wanda references, the engine
 
 1. runs the embeddings on the calibration windows and catches the inputs of block 0
-   (hidden states plus the keyword arguments transformers 5 passes to a decoder layer:
-   rotary `position_embeddings`, `attention_mask`, `position_ids`, ...; `use_cache` off),
-2. for each block in order: moves the block to the device, hands it and its inputs to a
-   callback (which may hook the block and run it, modify it, or run other modules on the
-   same inputs), then
+   (hidden states), and the arguments the model passes to *each* decoder block besides
+   them (what transformers 5 passes to a decoder layer: rotary `position_embeddings`,
+   `attention_mask`, `position_ids`, ...; `use_cache` off),
+2. for each block in order: moves the block to the device, hands it and its inputs
+   (bound to that block's own arguments) to a callback (which may hook the block and run
+   it, modify it, or run other modules on the same inputs), then
 3. feeds the inputs through the block *as the callback left it* (the pruned block) to
    get the next block's inputs, and moves the block back to the host.
 
@@ -19,9 +20,21 @@ time to the device (slower, but device memory then holds only one block and one
 micro-batch); `offload=Placement(...)` caps the device share and can spill to disk
 (`--max-memory`, `--offload-dir`).
 
-The keyword arguments are caught once from a batch of one window, so their tensors
-(causal mask, rotary tables, position ids) broadcast over any micro-batch size; all
-calibration windows have the same length and no padding, which makes this exact.
+The arguments differ per block in many models: sliding-window vs full attention layers
+get different masks (Gemma 2/3, gpt-oss, Cohere 2, Qwen2/3 with mixed `layer_types`),
+chunked vs full (Llama 4), local vs global rotary tables (Gemma 3). They are caught by
+one forward of a one-window batch in which every block's forward is replaced by a
+stand-in that records its call and passes its hidden input on (no block runs, so no
+block weight is needed: this works on a streamed skeleton). Tensors equal across blocks
+are kept once (most blocks share one mask and one rotary table). Being caught from one
+window, they broadcast over any micro-batch size (all calibration windows have the same
+length and no padding, which makes this exact); where they do not (BLOOM folds the
+batch into its ALiBi bias), each micro-batch size gets its own (`BlockCall.by_size`).
+`run_blocks` hands block i's step `inputs.at(i)`: its hidden states with block i's
+arguments, so `s.inputs.call/run/propagate` call the block as the model would. (An
+argument a model computed from the previous block's *output* would be caught from
+unchanged hidden states instead; the per-layer masks and rotary tables do not depend on
+them.)
 
 Example (what `perp reconstruct` needs: hook a block, run a dense copy on the same
 inputs, change the block, let the engine propagate through the changed block)::
@@ -49,11 +62,11 @@ may return them as a `BlockInputs` (`s.inputs.replaced(outputs)`) to skip the ex
 
 Models larger than memory (`perp_cli.streaming`) pass a `Residency`: the model is a
 skeleton on the meta device, `outside()` materialises the embeddings while block 0's
-inputs are caught, `load(i, block)` reads block i from the shards just before its step
-and `release(i, block)` writes and frees it right after the propagation, so one block's
-weights are in memory at a time. `in_place=True` replaces each micro-batch of inputs by
-the block's output as soon as it is computed (one copy of the activations instead of
-two), for callbacks that do not keep `s.inputs`. `run_blocks(model, None, step)` is the
+inputs and every block's arguments are caught, `load(i, block)` reads block i from the
+shards just before its step and `release(i, block)` writes and frees it right after the
+propagation, so one block's weights are in memory at a time. `in_place=True` replaces
+each micro-batch of inputs by the block's output as soon as it is computed (one copy of
+the activations instead of two), for callbacks that do not keep `s.inputs`. `run_blocks(model, None, step)` is the
 data-free pass: each block in turn, no activations.
 """
 
@@ -72,7 +85,7 @@ from perp_cli.activations import ActivationStore, Placement
 
 
 class _Caught(Exception):
-    """Raised by the pre-hook on block 0 to stop the model forward after the embeddings."""
+    """Raised by a stand-in block to stop the model forward once the wanted calls are caught."""
 
 
 class StopBlock(Exception):
@@ -101,12 +114,25 @@ def _hidden(output: Any) -> torch.Tensor:
 
 
 @dataclass
+class BlockCall:
+    """The extra arguments the model's own forward passes to one decoder block (besides
+    its hidden states), kept on the compute device: caught from a one-window batch, and
+    `by_size[b]` for micro-batches of b windows where those do not broadcast."""
+
+    args: tuple
+    kwargs: dict[str, Any]
+    by_size: dict[int, tuple[tuple, dict[str, Any]]] = field(default_factory=dict)
+
+
+@dataclass
 class BlockInputs:
     """Calibration activations entering one block, in micro-batches.
 
     `hidden` holds the `[b, seqlen, hidden]` micro-batches wherever the run's placement
-    put them (device, host or disk); `args`/`kwargs` are the extra arguments every block
-    is called with, kept on `device`.
+    put them (device, host or disk); `args`/`kwargs` are the extra arguments block
+    `index` is called with, kept on `device`. `calls` holds every block's own arguments
+    (sliding and full attention layers get different masks); `at(i)` binds block i's,
+    and `run_blocks` binds each step's block before calling the step.
     """
 
     hidden: ActivationStore
@@ -116,6 +142,15 @@ class BlockInputs:
     # (args, kwargs) for micro-batches of b windows where the one-window ones do not
     # broadcast (BLOOM folds the batch into its ALiBi bias, `[b * heads, 1, seqlen]`)
     by_size: dict[int, tuple[tuple, dict[str, Any]]] = field(default_factory=dict)
+    calls: tuple[BlockCall, ...] = ()  # per block of the model; empty: `args`/`kwargs` for every block
+    index: int = 0  # the block whose arguments `args`/`kwargs`/`by_size` are
+
+    def at(self, index: int) -> "BlockInputs":
+        """The same hidden states with block `index`'s call arguments."""
+        if not self.calls:
+            return self
+        call = self.calls[index]
+        return BlockInputs(self.hidden, call.args, call.kwargs, self.device, call.by_size, self.calls, index)
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -174,8 +209,11 @@ class BlockInputs:
         return outputs
 
     def replaced(self, hidden: "ActivationStore | list[torch.Tensor]") -> "BlockInputs":
-        """The same call arguments with new hidden states (the next block's inputs)."""
-        return BlockInputs(ActivationStore.of(hidden, like=self.hidden), self.args, self.kwargs, self.device, self.by_size)
+        """The same call arguments (still block `index`'s) with new hidden states (the
+        next block's inputs: `run_blocks` binds the next block's arguments)."""
+        return BlockInputs(
+            ActivationStore.of(hidden, like=self.hidden), self.args, self.kwargs, self.device, self.by_size, self.calls, self.index
+        )
 
     def propagate(self, module: nn.Module) -> "BlockInputs":
         """The inputs of the next block: `module` applied to these inputs."""
@@ -248,6 +286,91 @@ def _outside_blocks_on(model: nn.Module, device: torch.device) -> Iterator[None]
             t.data = t.data.to(home)
 
 
+# What a stand-in block returns. Transformers 5 decoder layers return the hidden states;
+# some still return a tuple whose first item they are (BLOOM, Falcon, GPT-Neo, MPT in
+# transformers 5.24; older remote code). The model's forward then indexes `[0]`, which on
+# a tensor silently takes a slice, so each form is tried until every block sees a hidden
+# input of the same shape.
+_OUTPUT_FORMS = ("tensor", "1-tuple", "2-tuple", "3-tuple")
+
+
+def _block_output(hidden: Any, form: str) -> Any:
+    if form == "tensor":
+        return hidden
+    return (hidden,) + (None,) * (int(form[0]) - 1)
+
+
+@contextlib.contextmanager
+def _stand_ins(blocks: list[nn.Module], form: str, stop_after: int) -> Iterator[list[dict[str, Any] | None]]:
+    """Replace each block's forward by a stand-in that records its call (hidden states,
+    args, kwargs) and returns its hidden input unchanged; the model forward is stopped
+    (`_Caught`) once `stop_after` blocks were called. No block weight is read, so this
+    runs on a streamed skeleton whose blocks are still on the meta device."""
+    calls: list[dict[str, Any] | None] = [None] * len(blocks)
+
+    def stand_in(i: int) -> Callable[..., Any]:
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if args:
+                hidden, rest = args[0], args[1:]
+            else:
+                hidden, rest = kwargs.pop("hidden_states", None), ()
+            if calls[i] is None:
+                calls[i] = {"hidden": hidden, "args": rest, "kwargs": dict(kwargs)}
+            if sum(c is not None for c in calls) >= stop_after:
+                raise _Caught
+            return _block_output(hidden, form)
+        return forward
+
+    saved = [vars(b).get("forward") for b in blocks]  # an instance-level forward (accelerate hooks) comes back
+    for i, b in enumerate(blocks):
+        b.forward = stand_in(i)
+    try:
+        yield calls
+    finally:
+        for b, forward in zip(blocks, saved):
+            if forward is None:
+                del b.forward
+            else:
+                b.forward = forward
+
+
+class _Shared:
+    """Moves call arguments to the device once per distinct tensor: blocks given the same
+    mask or rotary table (the same object, or equal values) share one copy, so the
+    per-block arguments do not grow with depth (most blocks share one mask and one table)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.moved: dict[int, torch.Tensor] = {}
+        self.distinct: list[tuple[torch.Tensor, torch.Tensor]] = []  # (original, on the device)
+        self.alive: list[torch.Tensor] = []  # every original seen: no id is reused while capturing
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in self.moved:
+            same = (
+                m for o, m in self.distinct
+                if not t.is_meta and o.shape == t.shape and o.dtype == t.dtype and o.device == t.device and torch.equal(o, t)
+            )
+            moved = next(same, None)
+            if moved is None:
+                moved = t.to(self.device)
+                self.distinct.append((t, moved))
+            self.moved[id(t)] = moved
+            self.alive.append(t)
+        return self.moved[id(t)]
+
+    def __call__(self, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return self.tensor(value)
+        if isinstance(value, tuple):
+            return tuple(self(v) for v in value)
+        if isinstance(value, list):
+            return [self(v) for v in value]
+        if isinstance(value, dict):
+            return {k: self(v) for k, v in value.items()}
+        return value
+
+
 @torch.no_grad()
 def capture_inputs(
     model: nn.Module,
@@ -256,59 +379,107 @@ def capture_inputs(
     batch_size: int = 8,
     offload: "bool | Placement | ActivationStore" = False,
 ) -> BlockInputs:
-    """The inputs of block 0 for every calibration window of `tokens` `[n, seqlen]`.
+    """The inputs of block 0 for every calibration window of `tokens` `[n, seqlen]`, and
+    the call arguments of every block (bound to block 0; `BlockInputs.at(i)`).
 
-    A forward pre-hook on block 0 records its arguments and aborts the forward, so only
-    the embeddings run. The call arguments are taken from a one-window batch so that
-    they broadcast over micro-batches of any size. `offload`: see the module docstring;
-    a (typically empty) `ActivationStore` means "placed like this store, sharing its
-    device budget" (two activation streams of one run, as in reconstruction).
+    Each block's forward is replaced by a stand-in (`_stand_ins`) that records how the
+    model calls it and passes its hidden input on, so one forward of a one-window batch
+    gives every block's own arguments (sliding vs full attention masks, local vs global
+    rotary tables) without running any block; they broadcast over micro-batches of any
+    size, except where a block's do not (`BlockCall.by_size`). For the micro-batches
+    themselves the forward stops at block 0, so only the embeddings run. `offload`: see
+    the module docstring; a (typically empty) `ActivationStore` means "placed like this
+    store, sharing its device budget" (two activation streams of one run, as in
+    reconstruction).
     """
     device = torch.device(device)
     hidden = offload.empty_like() if isinstance(offload, ActivationStore) else ActivationStore(Placement.of(device, offload))
-    first = arch.blocks(model)[0]
-    caught: dict[str, Any] = {}
+    calls = _capture(model, tokens, device, batch_size, hidden)
+    return BlockInputs(hidden, calls[0].args, calls[0].kwargs, device, calls[0].by_size, calls, 0)
 
-    def catch(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        if args:
-            caught["hidden"], caught["args"] = args[0], args[1:]
-        else:
-            caught["hidden"], caught["args"] = kwargs.pop("hidden_states"), ()
-        caught["kwargs"] = dict(kwargs)
-        raise _Caught
 
-    def embed(batch: torch.Tensor) -> dict[str, Any]:
-        caught.clear()
-        try:
-            model(input_ids=batch.to(device), use_cache=False)
-        except _Caught:
-            pass
-        if "hidden" not in caught:
+@torch.no_grad()
+def capture_calls(
+    model: nn.Module, tokens: torch.Tensor, device: torch.device | str = "cpu", batch_size: int = 8
+) -> tuple[BlockCall, ...]:
+    """Every block's call arguments for `tokens` in micro-batches of `batch_size`, as
+    `capture_inputs` catches them, without the activations (for running another model's
+    blocks on these inputs: `dataclasses.replace(inputs, calls=...).at(i)`)."""
+    return _capture(model, tokens, torch.device(device), batch_size, None)
+
+
+def _capture(
+    model: nn.Module, tokens: torch.Tensor, device: torch.device, batch_size: int, hidden: ActivationStore | None
+) -> tuple[BlockCall, ...]:
+    """`capture_inputs`' work: every block's `BlockCall`, and block 0's inputs appended
+    to `hidden` (None: only the calls, one forward per micro-batch size)."""
+    blocks = list(arch.blocks(model))
+
+    def forward(batch: torch.Tensor, form: str, stop_after: int) -> list[dict[str, Any] | None]:
+        with _stand_ins(blocks, form, stop_after) as calls:
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _Caught:
+                pass
+        if calls[0] is None:
             raise RuntimeError("the model forward never reached its first decoder block")
-        return dict(caught)
+        return calls
 
-    def call_arguments(caught_call: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    def consistent(calls: list[dict[str, Any] | None]) -> bool:
+        """Every block called, each with a hidden input shaped like block 0's."""
+        shape = calls[0]["hidden"].shape if isinstance(calls[0]["hidden"], torch.Tensor) else None
+        return shape is not None and all(
+            c is not None and isinstance(c["hidden"], torch.Tensor) and c["hidden"].shape == shape for c in calls
+        )
+
+    def every_block(batch: torch.Tensor, form: str | None) -> tuple[list[dict[str, Any]], str]:
+        """Each block's call on `batch`, with the stand-in output form the model expects
+        (found on the first batch: the first form under which every block is reached
+        with a hidden input of the right shape)."""
+        failures: list[BaseException] = []
+        for candidate in _OUTPUT_FORMS if form is None else (form,):
+            try:
+                calls = forward(batch, candidate, len(blocks))
+            except Exception as exc:  # a wrong form can break the model's code between blocks
+                failures.append(exc)
+                continue
+            if consistent(calls):
+                return calls, candidate  # type: ignore[return-value]
+        if failures:
+            raise failures[0]
+        missing = [i for i, c in enumerate(calls) if c is None]
+        raise RuntimeError(
+            f"could not catch the call arguments of every decoder block (never called: {missing})" if missing
+            else "could not catch the call arguments of every decoder block: their hidden inputs differ in shape"
+        )
+
+    share = _Shared(device)
+
+    def call_arguments(block: nn.Module, caught_call: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
         kwargs = {k: v for k, v in caught_call["kwargs"].items() if k not in ("cache", "past_key_values", "past_key_value")}
-        if _accepts(first, "use_cache"):  # GPT-1's Block takes no such argument
+        if _accepts(block, "use_cache"):  # GPT-1's Block takes no such argument
             kwargs["use_cache"] = False
         args = tuple(None if isinstance(a, torch.nn.Module) or type(a).__name__.endswith("Cache") else a for a in caught_call["args"])
-        return _to(args, device), _to(kwargs, device)
+        return share(args), share(kwargs)
 
-    by_size: dict[int, tuple[tuple, dict[str, Any]]] = {}
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        with _outside_blocks_on(model, device):
-            one = embed(tokens[:1])
-            for i in range(0, tokens.shape[0], batch_size):
-                this = embed(tokens[i : i + batch_size])
-                hidden.append(this["hidden"])
-                b = this["hidden"].shape[0]
-                if b not in by_size and not _broadcasts(one, this):
-                    by_size[b] = call_arguments(this)
-    finally:
-        handle.remove()
-    args, kwargs = call_arguments(one)
-    return BlockInputs(hidden, args, kwargs, device, by_size)
+    checked = {1}  # micro-batch sizes whose every-block arguments were compared with the one-window ones
+    with _outside_blocks_on(model, device):
+        one, form = every_block(tokens[:1], None)
+        calls = [BlockCall(*call_arguments(b, c)) for b, c in zip(blocks, one)]
+        for i in range(0, tokens.shape[0], batch_size):
+            batch = tokens[i : i + batch_size]
+            if batch.shape[0] in checked:
+                if hidden is not None:
+                    hidden.append(forward(batch, form, 1)[0]["hidden"])
+                continue
+            checked.add(batch.shape[0])
+            this, _ = every_block(batch, form)
+            if hidden is not None:
+                hidden.append(this[0]["hidden"])
+            for b, call, mine, theirs in zip(blocks, calls, one, this):
+                if not _broadcasts(mine, theirs):
+                    call.by_size[batch.shape[0]] = call_arguments(b, theirs)
+    return tuple(calls)
 
 
 def _accepts(module: nn.Module, name: str) -> bool:
@@ -366,6 +537,8 @@ def run_blocks(
             residency.load(index, block)
         home = next(block.parameters()).device
         device = inputs.device if inputs is not None else home
+        if inputs is not None:
+            inputs = inputs.at(index)  # block i is called with its own arguments (its mask, its rotary table)
         block.to(device)
         try:
             status(f"block {index}")

@@ -53,7 +53,7 @@ import math
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -393,6 +393,7 @@ class _Reconstructor:
             self.adapter_keys.setdefault(m.block, []).append(m.key)
         self.reports: list[BlockReport] = []
         self.split: sublayers.Split | None = None  # block i's halves (--granularity sublayer), found at its step
+        self.teacher_calls: tuple[engine.BlockCall, ...] = ()  # the dense model's per-block arguments (a depth-shrunk model)
 
     def part_of(self, block: nn.Module, part: str) -> nn.Module:
         """The module fitted as `part` of `block` (pruned or dense): the block itself, or one of its halves."""
@@ -409,7 +410,13 @@ class _Reconstructor:
             home = next(dense_block.parameters()).device
             dense_block.to(s.device)
             try:
-                outputs = stream.run(self.part_of(dense_block, part))
+                if self.dense_inputs is not None:  # the dense stream: dense block i's own arguments
+                    own = stream.at(i)
+                elif self.teacher_calls:  # the shrunk stream through the dense blocks block s.index stands for
+                    own = replace(stream, calls=self.teacher_calls).at(i)
+                else:
+                    own = stream
+                outputs = own.run(self.part_of(dense_block, part))
             finally:
                 dense_block.to(home)
             stream = stream.replaced(outputs)
@@ -662,6 +669,10 @@ def reconstruct(
     if cfg.target == "dense-stream":
         with streamed.dense.outside() if streamed is not None else contextlib.nullcontext():
             dense_inputs = engine.capture_inputs(dense_model, tokens, device=device, batch_size=cfg.batch_size, offload=run_store)
+    teacher_calls: tuple[engine.BlockCall, ...] = ()
+    if dense_inputs is None and cfg.teacher_blocks:  # a shrunk block's dense blocks may take other masks (sliding/full)
+        with streamed.dense.outside() if streamed is not None else contextlib.nullcontext():
+            teacher_calls = engine.capture_calls(dense_model, tokens, device=device, batch_size=cfg.batch_size)
     worker_args = (model, dense_model, pruned_ckpt.masks, cfg, dense_inputs)
     if block_pruner is not None:
         old = pruned_ckpt.masks.masks.select(list(pruned_ckpt.masks.masks)) if pruned_ckpt.masks is not None else {}  # a copy, still packed
@@ -670,6 +681,7 @@ def reconstruct(
         worker = _Reconstructor(*worker_args)
     else:
         worker = _StreamedReconstructor(*worker_args, dense_residency=streamed.dense)
+    worker.teacher_calls = teacher_calls
     with make_progress(cfg.quiet) as progress:
         engine.calibrate(
             model, tokens, worker.step, device=device, batch_size=cfg.batch_size, offload=run_store,

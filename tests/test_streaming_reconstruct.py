@@ -148,8 +148,8 @@ def test_one_pruned_and_one_dense_block_in_memory_at_a_time(pruned: dict, tmp_pa
     def on_pruned(index: int):
         def hook(module, args, kwargs):
             pruned_live, dense_live = _live(model), _live(dense_model)
-            if not any(n.startswith(prefix) for n in pruned_live):  # the engine catching block 0's inputs
-                assert index == 0 and not dense_live
+            if not any(n.startswith(prefix) for n in pruned_live):  # the engine catching the blocks' inputs
+                assert not dense_live
                 return
             assert only_block(pruned_live, index) and only_block(dense_live, index), (pruned_live, dense_live)
             assert real_masks() and only_block(real_masks(), index)
@@ -160,7 +160,7 @@ def test_one_pruned_and_one_dense_block_in_memory_at_a_time(pruned: dict, tmp_pa
         def hook(module, args, kwargs):
             dense_live = _live(dense_model)
             if not any(n.startswith(prefix) for n in dense_live):  # catching the dense stream's inputs
-                assert index == 0 and not _live(model)
+                assert not _live(model)
                 return
             assert only_block(dense_live, index) and only_block(_live(model), index)
             seen.append(f"dense {index}")
