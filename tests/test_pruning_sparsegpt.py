@@ -190,7 +190,7 @@ def test_nan_hessian_is_a_numerical_error_not_nan_weights() -> None:
         inverse_hessian(-torch.eye(3) * 1e12 + torch.ones(3, 3), damp=1e-9)
 
 
-def previous_inverse_hessian(hessian: torch.Tensor, damp: float = 0.01) -> InverseHessian:
+def previous_inverse_hessian(hessian: torch.Tensor, damp: float = 0.01, where: str = "layer") -> InverseHessian:
     """perp's factorisation before issue 17's second round, as the reference code does it:
     LAPACK Cholesky of H, inverse from the factor, upper Cholesky of the inverse (4/3·d³)."""
     h = hessian.clone().float()

@@ -205,22 +205,22 @@ def _one_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _column_block(wt: torch.Tensor, prunedt: torch.Tensor, scaled: torch.Tensor, diag: torch.Tensor, n: int, m: int,
+def _column_block(wt: torch.Tensor, prunedt: torch.Tensor, upper: torch.Tensor, diag: torch.Tensor, n: int, m: int,
                   old: torch.Tensor | None, errt: torch.Tensor, subblock: int) -> None:
     """The OBS updates inside one column block, in place, on TRANSPOSED operands.
 
     `wt` `[count, rows]` is the block's weights with each column as a contiguous row,
-    `prunedt` its mask (filled here every M columns for N:M), `scaled` `[count, count]`
-    the block of U with each row divided by its diagonal (`diag`, the block's U_ii);
-    `errt` receives ε_i = w_i − q_i per column. Column i must give every later column j
-    of the block w_j ← w_j − ε_i·U_ij/U_ii before j is reached. Two levels, as the
-    reference's lazy batches one level down: within a sub-block of `subblock` columns
-    the updates are rank-1, column after column (two ops per column); the rest of the
-    block gets the sub-block's updates at once, one GEMM [later, sub]·[sub, rows]. The
-    same sums as column after column, in another order (docs/fidelity.md).
+    `prunedt` its mask (filled here every M columns for N:M), `upper` `[count, count]`
+    the block of U and `diag` its diagonal; `errt` receives e_i = (w_i − q_i)/U_ii per
+    column. Column i must give every later column j of the block w_j ← w_j − e_i·U_ij
+    before j is reached. Two levels, as the reference's lazy batches one level down:
+    within a sub-block of `subblock` columns the updates are rank-1, column after column
+    (three ops per column); the rest of the block gets the sub-block's updates at once,
+    one GEMM [later, sub]·[sub, rows]. The same sums as column after column, in another
+    order (docs/fidelity.md).
     """
     count = wt.shape[0]
-    rows_w, rows_pruned, rows_err = wt.unbind(0), prunedt.unbind(0), errt.unbind(0)
+    rows_w, rows_pruned, rows_err, diags = wt.unbind(0), prunedt.unbind(0), errt.unbind(0), diag.unbind(0)
     zero = torch.zeros((), dtype=wt.dtype, device=wt.device)
     if n != 0:  # an N:M group is chosen from weights that have seen every earlier column: never split it
         subblock = -(-subblock // m) * m
@@ -230,11 +230,11 @@ def _column_block(wt: torch.Tensor, prunedt: torch.Tensor, scaled: torch.Tensor,
             if n != 0 and i % m == 0:
                 scores = wt[i : i + m].t() ** 2 / diag[i : i + m].reshape(1, -1) ** 2
                 prunedt[i : i + m] = nm_prune_mask(scores, n, m, old[:, i : i + m] if old is not None else None).t()
-            err = torch.where(rows_pruned[i], rows_w[i], zero, out=rows_err[i])
+            err = torch.where(rows_pruned[i], rows_w[i], zero, out=rows_err[i]).div_(diags[i])  # 0-dim: no host round trip
             if i + 1 < j2:
-                wt[i + 1 : j2].addr_(scaled[i, i + 1 : j2], err, alpha=-1)
+                wt[i + 1 : j2].addr_(upper[i, i + 1 : j2], err, alpha=-1)
         if j2 < count:
-            wt[j2:].addmm_(scaled[j1:j2, j2:].t(), errt[j1:j2], alpha=-1)
+            wt[j2:].addmm_(upper[j1:j2, j2:].t(), errt[j1:j2], alpha=-1)
 
 
 def prune_matrix(
@@ -290,13 +290,12 @@ def prune_matrix(
                 else:  # ties are broken by position in [rows, count] order
                     prunedt.copy_(choose(scores.t(), sparsity, scope, old1).t())
         with clock("columns"), _one_thread():
-            scaled = hinv[i1:i2, i1:] / diag.reshape(-1, 1)  # U_ij/U_ii: the update per unit of w_i − q_i
-            _column_block(wt, prunedt, scaled[:, :count], diag, n, m, old1, errt1, subblock)
+            _column_block(wt, prunedt, hinv[i1:i2, i1:i2], diag, n, m, old1, errt1, subblock)
             wt.masked_fill_(prunedt, 0)  # q: the weight kept, or 0; a column is final once the block has passed it
-            loss += (errt1 / diag.reshape(-1, 1)).pow(2).sum() / 2  # (w − q)² / [U]_ii² summed
+            loss += errt1.pow(2).sum() / 2  # (w − q)² / [U]_ii² summed
         with clock("lazy"):
             if i2 < cols:
-                wt_all[i2:].addmm_(scaled[:, count:].t(), errt1, alpha=-1)  # lazy batch update of later columns
+                wt_all[i2:].addmm_(hinv[i1:i2, i2:].t(), errt1, alpha=-1)  # lazy batch update of later columns
 
     if not torch.isfinite(wt_all).all():
         raise NumericalError("SparseGPT produced non-finite weights; raise --damp or use more calibration samples")
