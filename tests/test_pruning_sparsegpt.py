@@ -12,7 +12,7 @@ import torch
 from perp_cli.errors import NumericalError
 from perp_cli.pruning.magnitude import magnitude_scores
 from perp_cli.pruning.selection import nm_prune_mask, prune_count, prune_mask, threshold_prune_mask
-from perp_cli.pruning.sparsegpt import inverse_hessian, prune_matrix
+from perp_cli.pruning.sparsegpt import InverseHessian, SparseGPTResult, inverse_hessian, prune_matrix
 from perp_cli.pruning.statistics import HessianStat
 
 
@@ -190,12 +190,33 @@ def test_nan_hessian_is_a_numerical_error_not_nan_weights() -> None:
         inverse_hessian(-torch.eye(3) * 1e12 + torch.ones(3, 3), damp=1e-9)
 
 
+def previous_inverse_hessian(hessian: torch.Tensor, damp: float = 0.01, where: str = "layer") -> InverseHessian:
+    """perp's factorisation before issue 17's second round, as the reference code does it:
+    LAPACK Cholesky of H, inverse from the factor, upper Cholesky of the inverse (4/3·d³)."""
+    h = hessian.clone().float()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    mean_diag = torch.mean(torch.diag(h))
+    diag = torch.arange(h.shape[0])
+    for retry in range(7):
+        damped = h.clone()
+        damped[diag, diag] += damp * 10**retry * mean_diag
+        lower, info = torch.linalg.cholesky_ex(damped)
+        if int(info) == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if int(info) == 0:
+                return InverseHessian(upper, dead, damp * 10**retry, retry)
+    raise AssertionError("singular")
+
+
 def column_by_column_sparsegpt(w: torch.Tensor, upper: torch.Tensor, dead: torch.Tensor, sparsity: float, n: int, m: int,
-                               blocksize: int, selection: str, old: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                               blocksize: int, selection: str, old: torch.Tensor | None,
+                               scope: str = "matrix") -> tuple[torch.Tensor, torch.Tensor]:
     """perp's kernel before issue 17, op for op (float32, the reference's rounding order):
     per column, q = w masked, e = (w − q)/U_ii, then the rest of the block -= outer(e, U_i,i+1:);
-    lazy update of later columns once per block. The kernel now works on transposed,
-    preallocated operands with fewer ops per column; it must give the same bits."""
+    lazy update of later columns once per block. The reference code's arithmetic, float
+    for float; the kernel now sums the same terms in another order (sub-block GEMMs, U
+    from one Cholesky of the reversed H), so it is compared within a tolerance."""
     choose = threshold_prune_mask if selection == "reference" else prune_mask
     w = w.clone().float()
     w[:, dead] = 0
@@ -207,7 +228,7 @@ def column_by_column_sparsegpt(w: torch.Tensor, upper: torch.Tensor, dead: torch
         d1 = torch.diag(u1)
         q1, err1 = torch.zeros_like(w1), torch.zeros_like(w1)
         old1 = old[:, i1:i2] if old is not None else None
-        mask1 = choose(w1**2 / d1.reshape(1, -1) ** 2, sparsity, "matrix", old1) if n == 0 else torch.zeros_like(w1, dtype=torch.bool)
+        mask1 = choose(w1**2 / d1.reshape(1, -1) ** 2, sparsity, scope, old1) if n == 0 else torch.zeros_like(w1, dtype=torch.bool)
         for i in range(i2 - i1):
             if n and i % m == 0:
                 scores = w1[:, i : i + m] ** 2 / d1[i : i + m].reshape(1, -1) ** 2
@@ -221,20 +242,83 @@ def column_by_column_sparsegpt(w: torch.Tensor, upper: torch.Tensor, dead: torch
     return w, mask
 
 
+def previous_prune_matrix(weight: torch.Tensor, inverse: InverseHessian, sparsity: float, n: int = 0, m: int = 0,
+                          blocksize: int = 128, scope: str = "matrix", pruned: torch.Tensor | None = None,
+                          selection: str = "reference", clock: object = None) -> SparseGPTResult:
+    """`prune_matrix`'s signature over the previous kernel (tests/test_sparsegpt_fidelity.py
+    runs whole models through it)."""
+    w, mask = column_by_column_sparsegpt(weight, inverse.upper, inverse.dead, sparsity, n, m, blocksize, selection, pruned, scope)
+    return SparseGPTResult(w, mask, 0.0)
+
+
+def _relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((ours.double() - ref.double()).abs().max() / ref.double().abs().max())
+
+
+@pytest.mark.parametrize("d", [7, 130, 300, 600])
+def test_upper_factor_of_the_inverse_is_the_lapack_one_within_float32_noise(d: int) -> None:
+    """U from one Cholesky of the reversed H and a GEMM-blocked triangular inverse: the
+    reference's U (Cholesky, inverse, Cholesky in LAPACK) up to float32 rounding: as far
+    from the float64 U as the reference's own float32 U, within 2x (measured: 1.7e-7 to
+    2.5e-6 relative for the new, 1.5e-7 to 2.0e-6 for the previous, 3e-7 to 2.7e-6
+    between the two, d = 7 to 600)."""
+    w, x = _layer(rows=4, cols=d, tokens=SEQLEN * max(d // 8, 8), seed=d)
+    h = _hessian(x, per_batch=8)
+    ours, previous = inverse_hessian(h), previous_inverse_hessian(h)
+    damped = h.double() + 0.01 * torch.mean(torch.diag(h)).double() * torch.eye(d, dtype=torch.float64)
+    exact = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    assert torch.equal(ours.upper, ours.upper.triu()) and bool((torch.diagonal(ours.upper) > 0).all())
+    assert _relative_error(ours.upper, exact) <= max(2 * _relative_error(previous.upper, exact), 1e-6)
+    assert _relative_error(ours.upper, previous.upper) < 1e-5
+
+
+# Tolerances of the kernel against the previous one (float32, 40 x 96, 512 tokens, a dead
+# input and 10% old mask): over these cases and 1-2 threads the masks were identical and the
+# weights agreed to <= 1e-6 of the largest weight. The bounds leave
+# room for other BLAS builds: at most 0.1% of the mask entries may flip (a near-tie at a
+# block's threshold flips under any change of rounding, and a flip changes the compensation
+# of its row), and rows with identical masks agree to 1e-4 of the largest weight.
+MASK_AGREEMENT = 0.999
+WEIGHT_RTOL = 1e-4
+
+
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("sparsity,n,m,blocksize,selection", [
-    (0.5, 0, 0, 32, "reference"), (0.6, 0, 0, 20, "exact"), (0.5, 2, 4, 32, "reference"), (0.5, 4, 8, 16, "reference"),
+@pytest.mark.parametrize("sparsity,n,m,blocksize,selection,scope", [
+    (0.5, 0, 0, 32, "reference", "matrix"), (0.6, 0, 0, 20, "exact", "matrix"), (0.5, 0, 0, 32, "reference", "row"),
+    (0.5, 2, 4, 32, "reference", "matrix"), (0.5, 4, 8, 16, "reference", "matrix"), (0.5, 16, 32, 64, "reference", "matrix"),
 ])
-def test_kernel_gives_the_same_bits_as_the_column_by_column_loop(sparsity: float, n: int, m: int, blocksize: int,
-                                                                   selection: str, threads: int) -> None:
-    w, x = _layer(rows=40, cols=96, tokens=512, seed=3)
+def test_kernel_agrees_with_the_column_by_column_loop_within_float_noise(sparsity: float, n: int, m: int, blocksize: int,
+                                                                        selection: str, scope: str, threads: int) -> None:
+    """Was a bit-identity test against the previous loop; since the sub-block GEMMs and the
+    reversed-Cholesky U change the rounding order it is a tolerance test (docs/fidelity.md)."""
+    w, x = _layer(rows=40, cols=96 if blocksize != 20 else 100, tokens=512, seed=3)
     x[7] = 0  # a dead input
-    inverse = inverse_hessian(_hessian(x))
+    h = _hessian(x)
     old = torch.rand(w.shape, generator=torch.Generator().manual_seed(4)) < 0.1
     torch.set_num_threads(threads)  # the one_thread fixture restores the count
-    ours = prune_matrix(w, inverse, sparsity, n, m, blocksize, pruned=old, selection=selection)
+    ours = prune_matrix(w, inverse_hessian(h), sparsity, n, m, blocksize, scope, pruned=old, selection=selection)
     assert torch.get_num_threads() == threads  # the column loop's single thread does not leak
     torch.set_num_threads(1)
-    ref_w, ref_mask = column_by_column_sparsegpt(w, inverse.upper, inverse.dead, sparsity, n, m, blocksize, selection, old)
-    assert torch.equal(ours.pruned, ref_mask)
-    assert torch.equal(ours.weight.view(torch.int32), ref_w.view(torch.int32))  # bit for bit, signs of zeros too
+    previous = previous_inverse_hessian(h)
+    ref_w, ref_mask = column_by_column_sparsegpt(w, previous.upper, previous.dead, sparsity, n, m, blocksize, selection, old, scope)
+    assert float((ours.pruned == ref_mask).float().mean()) >= MASK_AGREEMENT
+    same_rows = (ours.pruned == ref_mask).all(dim=1)
+    assert int(same_rows.sum()) >= w.shape[0] - 1
+    assert _relative_error(ours.weight[same_rows], ref_w[same_rows]) <= WEIGHT_RTOL
+    assert ours.pruned[old].all() and float(ours.weight[ours.pruned].abs().sum()) == 0.0
+    if n:  # N kept per group at most (fewer where the old mask already pruned more)
+        assert ((~ours.pruned).reshape(w.shape[0], -1, m).sum(-1) <= n).all()
+
+
+@pytest.mark.parametrize("subblock", [1, 5, 16, 128])
+def test_sub_block_size_changes_only_the_rounding(subblock: int) -> None:
+    """Sub-blocks of 1 (every update rank-1) to the whole block (no inner GEMM) are the same
+    algorithm: same masks, weights equal to float noise."""
+    w, x = _layer(rows=24, cols=128, tokens=1024, seed=5)
+    inverse = inverse_hessian(_hessian(x))
+    base = prune_matrix(w, inverse, 0.5, blocksize=64)
+    for pattern in ((0, 0), (2, 4)):
+        ours = prune_matrix(w, inverse, 0.5, *pattern, blocksize=64, subblock=subblock)
+        ref = prune_matrix(w, inverse, 0.5, *pattern, blocksize=64, subblock=16) if pattern[0] else base
+        assert torch.equal(ours.pruned, ref.pruned)
+        assert _relative_error(ours.weight, ref.weight) <= WEIGHT_RTOL

@@ -18,11 +18,13 @@ Masks are then compared entry by entry with `perp prune`. Float rounding differs
 any two implementations (summation order, batching, lazy vs immediate updates), and
 through the OBS cascade a few near-tie entries flip: the tolerance is the reference
 semantics against themselves with the windows in reverse order (same maths, other
-rounding), measured in the same test, x2 (issue 16's target) plus 0.01% of the entries.
-Measured with these 16 x 128 windows: 50% 1,176 entries differ (floor 642), 2:4 31,976
-(floor 17,080), 50% with the exact rule 1,044 (floor 9,466), of 3,145,728; the per-token
+rounding), and with U computed perp's way (issue 17: one Cholesky of the reversed H, same
+maths, other rounding), the larger of the two, measured in the same test, x2 (issue 16's
+target) plus 0.01% of the entries. Measured with these 16 x 128 windows and issue 17's
+kernel: 50% 1,842 entries differ (floor 1,278 by U, 642 by the window order), 2:4 37,650
+(37,992 / 17,080), 50% with the exact rule 9,494 (9,482 / 9,466), of 3,145,728; the per-token
 Hessian perp used before fails (32,426 / 101,172 / 32,468). Against the reference code
-itself (128 x 512 windows) perp's masks are bit-identical: docs/fidelity.md.
+itself (128 x 512 windows) the previous kernel's masks were bit-identical: docs/fidelity.md.
 """
 
 from __future__ import annotations
@@ -35,8 +37,12 @@ import torch
 from torch import nn
 
 from conftest import shared_path
-from perp_cli import arch, checkpoint, data
+from test_pruning_sparsegpt import previous_inverse_hessian, previous_prune_matrix
+
+from perp_cli import arch, checkpoint, data, pruner
+from perp_cli.perplexity import eval_token_ids, perplexity
 from perp_cli.pruner import PruneConfig, prune
+from perp_cli.pruning.sparsegpt import inverse_hessian
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,15 +65,17 @@ class RunningHessian:
 
 
 def reference_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float, n: int, m: int, rule: str,
-                    blocksize: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pruned weight and mask (True = pruned); `n` = weights PRUNED per group of `m`."""
+                    blocksize: int = 128, damp: float = 0.01, perp_factor: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pruned weight and mask (True = pruned); `n` = weights PRUNED per group of `m`.
+    `perp_factor`: U from perp's factorisation (the same U, other float32 rounding)."""
     w = w.detach().float().clone()
+    perp_upper = inverse_hessian(h, damp).upper if perp_factor else None
     h = h.clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
     h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0])
-    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True) if perp_upper is None else perp_upper
     d = torch.diag(u)
     rows, cols = w.shape
     pruned = torch.zeros(rows, cols, dtype=torch.bool)
@@ -94,7 +102,8 @@ def reference_prune(w: torch.Tensor, h: torch.Tensor, sparsity: float, n: int, m
 
 
 @torch.no_grad()
-def reference_run(model: nn.Module, tokens: torch.Tensor, sparsity: float, n: int, m: int, rule: str) -> dict[str, torch.Tensor]:
+def reference_run(model: nn.Module, tokens: torch.Tensor, sparsity: float, n: int, m: int, rule: str,
+                  perp_factor: bool = False) -> dict[str, torch.Tensor]:
     """The reference's loop over blocks on `model` (modified in place); masks by weight name."""
     blocks = arch.blocks(model)
     caught: list[tuple[torch.Tensor, dict]] = []
@@ -123,7 +132,7 @@ def reference_run(model: nn.Module, tokens: torch.Tensor, sparsity: float, n: in
         for hd in handles:
             hd.remove()
         for name, mod in linears.items():
-            pruned_w, pruned = reference_prune(mod.weight, stats[name].h, sparsity, n, m, rule)
+            pruned_w, pruned = reference_prune(mod.weight, stats[name].h, sparsity, n, m, rule, perp_factor=perp_factor)
             mod.weight.copy_(pruned_w.to(mod.weight.dtype))
             masks[f"{prefix}.{i}.{name}.weight"] = pruned
         inputs = [block(x, **kwargs) for x in inputs]
@@ -164,6 +173,9 @@ def test_masks_agree_with_the_reference_semantics_within_float_noise(tiny_opt, p
     ours = _perp_masks(base, tokens, pattern, rule)
     total = sum(v.numel() for v in ref.values())
     floor = _differ(ref, ref_reversed)
+    # perp computes U another way (same maths, other rounding): that is float noise too, and
+    # for N:M it flips more than the window order (2:4: 37,992 against 17,080)
+    floor = max(floor, _differ(ref, reference_run(copy.deepcopy(base.model), tokens, 0.5, n, m, rule, perp_factor=True)))
     differ = _differ(ours, ref)
     # the float-noise floor measured right here; a 0.01% allowance keeps a floor of 0 from
     # demanding bit-equality of two differently ordered float32 computations
@@ -172,3 +184,34 @@ def test_masks_agree_with_the_reference_semantics_within_float_noise(tiny_opt, p
         assert sum(int(v.sum()) for v in ours.values()) > total // 2
     if rule == "exact":
         assert sum(int(v.sum()) for v in ours.values()) == total // 2
+
+
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_kernel_agrees_with_the_previous_kernel_on_a_real_model(tiny_opt, monkeypatch: pytest.MonkeyPatch, pattern: str) -> None:
+    """Issue 17: the kernel sums the OBS updates in another order (sub-block GEMMs) from a U
+    computed another way (one Cholesky of the reversed H). On tiny-opt with real calibration
+    the whole pruned model stays within float noise of the previous kernel (the column-by-
+    column loop with LAPACK's U, kept in tests/test_pruning_sparsegpt.py): unstructured masks
+    agree in >= 99.9% of the entries, 2:4 masks (chaotic under any rounding change: the
+    reference itself flips 1.2% of them with perp's U, test above) in >= 98.5%; the
+    perplexity on WikiText-2 is within 0.1% unstructured and 0.5% at 2:4 (measured 0.02%
+    and 0.21%: docs/fidelity.md)."""
+    base, tokens = tiny_opt
+    wiki = shared_path("data", "wikitext-2-raw", "wiki.test.raw")
+    config = PruneConfig(method="sparsegpt", pattern=pattern, batch_size=4)
+    ours = copy.deepcopy(base)
+    ours_masks, _, _ = prune(ours, config, tokens=tokens)
+    with monkeypatch.context() as patch:
+        patch.setattr(pruner, "inverse_hessian", previous_inverse_hessian)
+        patch.setattr(pruner, "prune_matrix", previous_prune_matrix)
+        previous = copy.deepcopy(base)
+        previous_masks, _, _ = prune(previous, config, tokens=tokens)
+    a, b = ours_masks.masks, previous_masks.masks
+    total = sum(v.numel() for v in a.values())
+    differ = _differ({k: ~v.bool() for k, v in a.items()}, {k: ~v.bool() for k, v in b.items()})
+    limit = total // 1000 if pattern == "unstructured" else total * 15 // 1000
+    assert differ <= limit, f"{differ} of {total} mask entries differ from the previous kernel"
+    ids = eval_token_ids(base.tokenizer, data.load_source(str(wiki)), 256)
+    ppl = [perplexity(ckpt.model, ids, 256, batch_size=8, max_windows=24).ppl for ckpt in (ours, previous)]
+    print(f"{pattern}: {differ} of {total} mask entries differ; perplexity {ppl[0]:.4f} vs {ppl[1]:.4f} (previous kernel)")
+    assert abs(ppl[0] / ppl[1] - 1) <= (1e-3 if pattern == "unstructured" else 5e-3)
