@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from perp_cli import arch, checkpoint, engine, streaming, tiny
+from perp_cli import arch, checkpoint, engine, pruner, streaming, tiny
 from perp_cli.manifest import StepRecord
 from perp_cli.pruner import PruneConfig
 from perp_cli.shards import ShardWriter
@@ -141,7 +141,7 @@ def _materialised(model: torch.nn.Module) -> set[str]:
 def test_at_most_one_block_is_in_memory_at_any_time(method: str, tmp_path: Path, monkeypatch) -> None:
     family = "llama"
     src = save_tiny(tmp_path / "in", family)
-    ckpt = streaming.open_checkpoint(src)
+    ckpt = checkpoint.open(src, streamed=True)
     model = ckpt.model
     prefix = arch.spec_for(model).blocks
     assert not _materialised(model)  # the skeleton holds no weights
@@ -190,7 +190,8 @@ def test_at_most_one_block_is_in_memory_at_any_time(method: str, tmp_path: Path,
     monkeypatch.setattr(ShardWriter, "write_rows", observed_write_rows)
     tokens = torch.randint(4, tiny.VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
     config = PruneConfig(method=method, device="cpu", quiet=True)
-    streaming.prune(ckpt, tmp_path / "out", config, StepRecord("prune", {}, str(src)), tokens=tokens)
+    with checkpoint.writing(ckpt, tmp_path / "out", StepRecord("prune", {}, str(src))) as sink:
+        sink.finish(pruner.prune(ckpt, config, tokens=tokens, blocks=sink.blocks).masks)
     n_blocks = len(arch.blocks(model))
     if method == "wanda":  # each block runs twice per micro-batch: statistics, propagation
         assert [s for s, _ in seen if s.startswith("block")] == [f"block {i}" for i in range(n_blocks) for _ in range(2)]
@@ -264,12 +265,12 @@ def test_auto_streams_only_when_the_weights_would_not_fit(tiny_dir: Path, monkey
     assert size == sum(t.numel() * t.element_size() for t in load_file(tiny_dir / "model.safetensors").values())
     assert streaming.weights_bytes(tiny_dir, "bfloat16") == size // 2
     monkeypatch.setattr(streaming, "available_memory", lambda: 100 * size)
-    assert not streaming.decide("auto", tiny_dir, config).stream
+    assert not streaming.decide("auto", tiny_dir, refusal=pruner.streaming_refusal(config)).stream
     monkeypatch.setattr(streaming, "available_memory", lambda: size)
-    assert streaming.decide("auto", tiny_dir, config).stream
-    assert not streaming.decide("auto", tiny_dir, PruneConfig(method="wanda", scope="global")).stream
-    assert not streaming.decide("auto", "org/hub-id", config).stream
-    assert not streaming.decide("off", tiny_dir, config).stream
+    assert streaming.decide("auto", tiny_dir, refusal=pruner.streaming_refusal(config)).stream
+    assert not streaming.decide("auto", tiny_dir, refusal=pruner.streaming_refusal(PruneConfig(method="wanda", scope="global"))).stream
+    assert not streaming.decide("auto", "org/hub-id", refusal=pruner.streaming_refusal(config)).stream
+    assert not streaming.decide("off", tiny_dir, refusal=pruner.streaming_refusal(config)).stream
 
 
 # ----------------------------------------------------------------------------- engine hooks

@@ -13,7 +13,7 @@ from conftest import assert_same_tensors, read_weights, run_cli, shared_path
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from perp_cli import adapters, arch, checkpoint, mask, merging, streaming, tiny
+from perp_cli import adapters, arch, checkpoint, mask, merging, shards, streaming, tiny
 from perp_cli.manifest import StepRecord, empty_manifest
 from perp_cli.mask import MaskSet
 
@@ -143,7 +143,7 @@ def _live(model: torch.nn.Module) -> set[str]:
 
 def test_only_one_block_of_weights_masks_and_adapters_is_in_memory(tmp_path: Path, monkeypatch) -> None:
     src = adapted(tmp_path / "in", "llama", "masklora")
-    ckpt = streaming.open_checkpoint(src, lazy_masks=True, lazy_adapters=True)
+    ckpt = checkpoint.open(src, lazy_masks=True, lazy_adapters=True, streamed=True)
     model, prefix = ckpt.model, arch.spec_for(ckpt.model).blocks + "."
     assert ckpt.adapters is None and ckpt.adapters_config is not None  # adapters.safetensors not loaded
     assert all(k.is_meta for k in ckpt.masks.masks.values())  # masks not unpacked
@@ -166,10 +166,12 @@ def test_only_one_block_of_weights_masks_and_adapters_is_in_memory(tmp_path: Pat
 
         monkeypatch.setattr(cls, method, read)
 
-    watch(streaming.AdapterReader, "adapters")
-    watch(streaming.MaskReader, "masks")  # unpacked (the densify check)
-    watch(streaming.MaskReader, "masks", "read_packed")  # held packed (the block's own masks)
-    merging.merge_streamed(ckpt, tmp_path / "out", StepRecord("merge", {}, str(src)))
+    watch(shards.AdapterReader, "adapters")
+    watch(shards.MaskReader, "masks")  # unpacked (the densify check)
+    watch(shards.MaskReader, "masks", "read_packed")  # held packed (the block's own masks)
+    with checkpoint.writing(ckpt, tmp_path / "out", StepRecord("merge", {}, str(src))) as sink:
+        merging.merge(ckpt, blocks=sink.blocks)
+        sink.finish()
     assert not _live(model)  # every block went back to the meta device
     cfg = json.loads((src / "adapters.json").read_text())
     assert sorted(n for w, n in reads if w == "adapters") == sorted(f"{k}.lora_{ab}" for k in cfg["matrices"] for ab in "AB")

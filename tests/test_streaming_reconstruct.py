@@ -13,7 +13,7 @@ import torch
 from conftest import assert_same_tensors, read_weights, run_cli, save_tiny, shared_path
 from safetensors.torch import load_file, save_file
 
-from perp_cli import arch, checkpoint, streaming, tiny
+from perp_cli import arch, checkpoint, reconstruction, shards, streaming, tiny
 from perp_cli.manifest import StepRecord
 from perp_cli.reconstruction import ReconstructConfig
 from perp_cli.shards import ShardWriter
@@ -131,8 +131,8 @@ def _live(model: torch.nn.Module) -> set[str]:
 
 def test_one_pruned_and_one_dense_block_in_memory_at_a_time(pruned: dict, tmp_path: Path, monkeypatch) -> None:
     src, dense = pruned["llama"]
-    ckpt = streaming.open_checkpoint(src, lazy_masks=True)
-    reference = streaming.open_checkpoint(dense, lazy_masks=True)
+    ckpt = checkpoint.open(src, lazy_masks=True, streamed=True)
+    reference = checkpoint.open(dense, lazy_masks=True, streamed=True)
     model, dense_model = ckpt.model, reference.model
     prefix = arch.spec_for(model).blocks + "."
     assert not _live(model) and not _live(dense_model)
@@ -190,7 +190,10 @@ def test_one_pruned_and_one_dense_block_in_memory_at_a_time(pruned: dict, tmp_pa
     monkeypatch.setattr(ShardWriter, "write_rows", observed_write_rows)
     tokens = torch.randint(4, tiny.VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
     config = ReconstructConfig(train="norms", target="dense-stream", steps_per_block=3, batch_size=2, device="cpu")
-    outcome = streaming.reconstruct(ckpt, reference, tmp_path / "out", config, tokens, StepRecord("reconstruct", {}, str(src)))
+    reconstruction.prepare(ckpt, reference.model, config)
+    with checkpoint.writing(ckpt, tmp_path / "out", StepRecord("reconstruct", {}, str(src))) as sink:
+        outcome = reconstruction.reconstruct(ckpt, reference, tokens, config, blocks=sink.blocks)
+        sink.finish(outcome.masks)
     assert [b.block for b in outcome.blocks] == list(range(n_blocks))
     for i in range(n_blocks):
         assert f"pruned {i}" in seen and f"dense {i}" in seen
@@ -278,7 +281,7 @@ def test_auto_counts_both_models(pruned: dict, monkeypatch) -> None:
 
 def test_mask_reader_reads_one_block_of_masks(pruned: dict) -> None:
     src, _ = pruned["llama"]
-    reader = streaming.MaskReader.open(src, checkpoint.read_manifest(src))
+    reader = shards.MaskReader.open(src, checkpoint.read_manifest(src))
     full = checkpoint.read_masks(src, checkpoint.read_manifest(src))
     names = [n for n in sorted(full.names()) if n.startswith("model.layers.1.")]
     got = reader.read(names)
