@@ -111,14 +111,17 @@ class Matrix:
 
     def weight(self) -> torch.Tensor:
         """The weight as an `[out, in]` view sharing storage with the parameter."""
-        w = self.parameter.data
-        if self.expert is not None:
-            w = w[self.expert]
-        return w.t() if self.transposed else w
+        return self.out_in(self.parameter.data)
 
     def to_param_layout(self, matrix_mask: torch.Tensor) -> torch.Tensor:
         """Turn an `[out, in]` tensor back into this slice's stored layout."""
         return matrix_mask.t() if self.transposed else matrix_mask
+
+    def out_in(self, param_tensor: torch.Tensor) -> torch.Tensor:
+        """The `[out, in]` view of this slice of a tensor shaped like the whole parameter
+        (its mask): the expert's slice of a fused one, transposed for `[in, out]` storage."""
+        t = param_tensor if self.expert is None else param_tensor[self.expert]
+        return self.to_param_layout(t)
 
     @property
     def shape(self) -> tuple[int, int]:

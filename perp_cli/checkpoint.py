@@ -13,6 +13,7 @@ one left behind by SIGKILL is cleaned up by the next write to the same target.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import json
@@ -368,17 +369,16 @@ def open(  # noqa: A001  (the checkpoint module's opener; `checkpoint.open`)
         shapes = layout.parameter_shapes() if layout else None
         mask_reader = open_masks(path, manifest, shapes, verify, trust_inputs, problems)
         adapter_reader = shards.AdapterReader.open(path, manifest, verify=not trust_inputs)
+        # the masks that fit the model (with verify=False the others are problems, never read)
+        names = [n for n in sorted(mask_reader.stored) if shapes is None or tuple(mask_reader.shapes[n]) == tuple(shapes.get(n, ()))] if mask_reader else []
         if layout is not None and device_map is None and not streamed:
-            needed = layout.loaded_bytes()
-            if mask_reader is not None:
-                needed += sum(shards.nbytes(torch.bool, mask_reader.shapes[n]) for n in mask_reader.stored)
+            needed = layout.loaded_bytes() + sum(shards.nbytes(torch.bool, mask_reader.shapes[n]) for n in names)
             if adapter_reader is not None:
                 needed += sum(t.nbytes for t in adapter_reader.stored.values())
             memory.require(needed, f"loading {source}", "a step that streams needs one block: --streaming on, where offered")
         if mask_reader is not None and lazy_masks and streamed:
             masks = mask_reader.placeholders()
         elif mask_reader is not None:
-            names = [n for n in sorted(mask_reader.stored) if shapes is None or tuple(mask_reader.shapes[n]) == tuple(shapes.get(n, ()))]
             masks = MaskSet(mask_reader.read_packed(names), mask_reader.pattern, {n: o for n, o in mask_reader.permutations.items() if n in names})
             mask_reader = None
     if streamed:
@@ -1059,7 +1059,7 @@ def write_json_file(target: str | Path, value: Any) -> None:
     target = Path(target).expanduser()
     tmp = target.with_name(f".{target.name}{TMP_MARKER}{scratch_suffix()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with builtins.open(tmp, "w", encoding="utf-8") as f:  # `open` here is the checkpoint opener
             f.write(json.dumps(value, indent=2, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -243,11 +243,7 @@ def _old_pruned(masks: MaskSet | None, m: Matrix) -> torch.Tensor | None:
     """Weights of `m` an earlier step pruned, `[out, in]` (True = pruned), or None."""
     if masks is None or m.name not in masks:
         return None
-    keep = masks[m.name]
-    if m.expert is not None:
-        keep = keep[m.expert]
-    keep = keep.t() if m.transposed else keep
-    return ~keep.bool()
+    return ~m.out_in(masks[m.name]).bool()
 
 
 def _check_carried_masks(model: nn.Module, old: MaskSet | None, names: set[str], pattern: Pattern) -> None:

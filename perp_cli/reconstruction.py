@@ -358,10 +358,10 @@ def _training_mode(block: nn.Module, mode: str, entries: dict[str, tuple[arch.Ma
         block.eval()
 
 
-def _mask_violations(model: nn.Module, masks: MaskSet, prefix: str) -> str | None:
+def _mask_violations(model: nn.Module, masks: MaskSet, index: int) -> str | None:
     params = dict(model.named_parameters())
-    for name in masks.masks:
-        if name.startswith(prefix) and name in params:  # only this block's masks are unpacked
+    for name in arch.block_names(model, masks.masks, index):  # only this block's masks are unpacked
+        if name in params:
             outside = nonzeros_outside(params[name].detach(), masks.masks[name].to(params[name].device))
             if outside:
                 return f"{name} has {outside} nonzeros where the mask says pruned"
@@ -390,7 +390,6 @@ class _Reconstructor:
         self.cfg = cfg
         self.kind = cfg.adapter_kind
         self.dense_inputs = dense_inputs
-        self.prefix = arch.spec_for(model).blocks
         wanted = adapters_mod.match_targets(model, cfg.adapter_targets) if self.kind else []
         self.adapter_keys: dict[int, list[str]] = {}
         for m in wanted:
@@ -425,7 +424,7 @@ class _Reconstructor:
         """Whether parameter `name` (a model name) belongs to `part` of block `s.index`."""
         if part == "block":
             return True
-        prefix = f"{self.prefix}.{s.index}."
+        prefix = arch.block_prefix(self.model, s.index)
         return name.startswith(prefix) and name[len(prefix):] in self.split.owned[part]
 
     def attach(self, s: engine.BlockStep, part: str) -> dict[str, adapters_mod.Adapter]:
@@ -539,7 +538,7 @@ class _Reconstructor:
         if restored:
             s.block.load_state_dict(snapshot)
             outputs = inputs.run(module) if keep_outputs else None
-        problem = _mask_violations(self.model, self.masks, f"{self.prefix}.{s.index}.")
+        problem = _mask_violations(self.model, self.masks, s.index)
         if problem:  # cannot happen with masked merges and masked gradients; never let it reach disk
             raise NumericalError(f"reconstructing {label} broke the mask: {problem}")
         self.reports.append(BlockReport(
