@@ -6,6 +6,7 @@ the choice between residencies, and the engine hooks it relies on."""
 
 from __future__ import annotations
 
+import functools
 import json
 from importlib.resources import files
 from pathlib import Path
@@ -93,14 +94,17 @@ def _metadata(file: Path) -> dict[str, str]:
         return f.metadata()
 
 
-def _prune_both(src: Path, tmp_path: Path, args: list[str], shard: str = "40KB") -> tuple[Path, Path, dict, dict]:
-    """Prune `src` in memory and streamed; return both outputs and their JSON summaries."""
+def _both(command: str, src: Path, tmp_path: Path, args: list[str], shard: str = "40KB") -> tuple[Path, Path, dict, dict]:
+    """Run `command` on `src` in memory and streamed; return both outputs and their JSON summaries."""
     memory, streamed = tmp_path / "memory", tmp_path / "streamed"
-    a = run_cli("prune", src, "-o", memory, *args, "--streaming", "off", "--json", "-q")
+    a = run_cli(command, src, "-o", memory, *args, "--streaming", "off", "--json", "-q")
     assert a.exit_code == 0, a.stderr
-    b = run_cli("prune", src, "-o", streamed, *args, "--streaming", "on", "--max-shard-size", shard, "--json", "-q")
+    b = run_cli(command, src, "-o", streamed, *args, "--streaming", "on", "--max-shard-size", shard, "--json", "-q")
     assert b.exit_code == 0, b.stderr
     return memory, streamed, a.json(), b.json()
+
+
+_prune_both, _reconstruct_both, _merge_both = (functools.partial(_both, c) for c in ("prune", "reconstruct", "merge"))
 
 
 def _assert_same_pruned(memory: Path, streamed: Path, sum_a: dict, sum_b: dict) -> None:
@@ -430,15 +434,6 @@ def _blocks(summary: dict) -> list[dict]:
     return [{k: v for k, v in b.items() if k != "time_s"} for b in summary["blocks"]]
 
 
-def _reconstruct_both(src: Path, tmp_path: Path, args: list[str], shard: str) -> tuple[Path, Path, dict, dict]:
-    memory, streamed = tmp_path / "memory", tmp_path / "streamed"
-    a = run_cli("reconstruct", src, "-o", memory, *args, "--streaming", "off", "--json", "-q")
-    assert a.exit_code == 0, a.stderr
-    b = run_cli("reconstruct", src, "-o", streamed, *args, "--streaming", "on", "--max-shard-size", shard, "--json", "-q")
-    assert b.exit_code == 0, b.stderr
-    return memory, streamed, a.json(), b.json()
-
-
 def _assert_same_reconstruction(src: Path, memory: Path, streamed: Path, sum_a: dict, sum_b: dict) -> None:
     assert_same_tensors(read_weights(memory), read_weights(streamed))
     masks = memory / "masks.safetensors"
@@ -718,15 +713,6 @@ def adapted(path: Path, family: str, kind: str, shard: str = "60KB", pruned: boo
                     step=StepRecord("retrain", {"adapter": kind}, f"tiny-{family}"), adapters=adapters.state_dict(ads),
                     adapters_config=adapters.config(ads, None), max_shard_size=shard)
     return path
-
-
-def _merge_both(src: Path, tmp_path: Path, extra: list[str], shard: str = "40KB") -> tuple[Path, Path, dict, dict]:
-    memory, streamed = tmp_path / "memory", tmp_path / "streamed"
-    a = run_cli("merge", src, "-o", memory, *extra, "--streaming", "off", "--json", "-q")
-    assert a.exit_code == 0, a.stderr
-    b = run_cli("merge", src, "-o", streamed, *extra, "--streaming", "on", "--max-shard-size", shard, "--json", "-q")
-    assert b.exit_code == 0, b.stderr
-    return memory, streamed, a.json(), b.json()
 
 
 MERGE_CASES = [
