@@ -190,9 +190,8 @@ def merge_attached(model: nn.Module, masks: MaskSet | None, allow_densify: bool 
     model.eval()
     ids = probe_batch(model, seed=seed)
     before = _logits(model, ids)
-    matrix_rel = 0.0
-    for matrix, adapter in entries.values():
-        matrix_rel = max(matrix_rel, merge_matrix(matrix, adapter, allow_densify=bool(dense_keys), seed=seed))
+    totals = merge_blocks(model, lambda index: [e for e in entries.values() if e[0].block == index], bool(dense_keys), seed)
+    matrix_rel = totals["rel"]
     adapters_mod.detach(model)
     after = _logits(model, ids)
     diff = float((after - before).abs().max())
@@ -216,6 +215,31 @@ def merge_attached(model: nn.Module, masks: MaskSet | None, allow_densify: bool 
         density = sum(int((w != 0).sum()) for w in ws) / sum(w.numel() for w in ws)
     checks = ("finite",) + (("masks",) if masks_kept else ()) + ("matrix_probe", "logits_probe")
     return MergeReport(kind, len(entries), diff, scale, rel, tol, masks_kept, density, matrix_rel, checks)
+
+
+def merge_blocks(model: nn.Module, adapters_of: Any, densify: bool, seed: int = PROBE_SEED,
+                 residency: Any = None, progress: Any = None) -> dict[str, Any]:
+    """The one merge loop, block by block through the engine (data-free): block i's
+    (matrix, adapter) pairs (`adapters_of(i)`) merged by `merge_matrix`. Returns how many
+    were merged, the largest per-matrix probe difference and, with `densify`, the merged
+    matrices' nonzero and total counts."""
+    from perp_cli import engine
+
+    totals = {"merged": 0, "rel": 0.0, "nonzero": 0, "numel": 0}
+
+    def step(s: Any) -> None:
+        pairs = adapters_of(s.index)
+        s.status(f"block {s.index}: merging {len(pairs)} adapters")
+        for m, adapter in pairs:
+            totals["rel"] = max(totals["rel"], merge_matrix(m, adapter, allow_densify=densify, seed=seed))
+            totals["merged"] += 1
+            if densify:
+                w = m.weight()
+                totals["nonzero"] += int((w != 0).sum())
+                totals["numel"] += w.numel()
+
+    engine.run_blocks(model, None, step, progress=progress, description="merging blocks", residency=residency)
+    return totals
 
 
 def merge_checkpoint(ckpt: Any, allow_densify: bool = False, seed: int = PROBE_SEED) -> MergeReport:
@@ -296,8 +320,6 @@ def merge_streamed(ckpt: Any, blocks: Any, allow_densify: bool = False, seed: in
     needs the whole model); `report.checks_skipped` says so. Errors are the in-memory
     merge's, raised before anything is written.
     """
-    from perp_cli import engine
-
     reader = ckpt.adapter_reader
     if ckpt.adapters_config is None or reader is None:
         raise UsageError(f"{ckpt.source} has no adapters.safetensors/adapters.json: nothing to merge")
@@ -312,12 +334,12 @@ def merge_streamed(ckpt: Any, blocks: Any, allow_densify: bool = False, seed: in
     if not masks_kept:
         blocks.masks_of = lambda index: {}  # the masks no longer hold: blocks are written without any
     tol = TOLERANCE.get(model.dtype, 1e-4)
-    totals = {"merged": 0, "rel": 0.0, "nonzero": 0, "numel": 0}
 
-    def merge_block(s: Any) -> None:
-        mine = [m for m in arch.block_matrices(model, s.index) if m.key in chosen]
-        s.status(f"block {s.index}: merging {len(mine)} adapters")
+    def saved_adapters(index: int) -> list[tuple[arch.Matrix, adapters_mod.Adapter]]:
+        """Block `index`'s adapters, read and built as `merge_checkpoint` attaches them."""
+        mine = [m for m in arch.block_matrices(model, index) if m.key in chosen]
         tensors = reader.read([f"{m.key}.lora_{ab}" for m in mine for ab in "AB"])
+        pairs = []
         for m in mine:
             out_f, in_f = m.shape
             adapter = adapters_mod.Adapter(
@@ -326,14 +348,10 @@ def merge_streamed(ckpt: Any, blocks: Any, allow_densify: bool = False, seed: in
             with torch.no_grad():
                 adapter.lora_A.copy_(tensors.pop(f"{m.key}.lora_A"))
                 adapter.lora_B.copy_(tensors.pop(f"{m.key}.lora_B"))
-            totals["rel"] = max(totals["rel"], merge_matrix(m, adapter, allow_densify=bool(dense_keys), seed=seed))
-            totals["merged"] += 1
-            if dense_keys:
-                w = m.weight()
-                totals["nonzero"] += int((w != 0).sum())
-                totals["numel"] += w.numel()
+            pairs.append((m, adapter))
+        return pairs
 
-    engine.run_blocks(model, None, merge_block, progress=progress, description="merging blocks", residency=blocks)
+    totals = merge_blocks(model, saved_adapters, bool(dense_keys), seed, residency=blocks, progress=progress)
     if totals["merged"] != len(chosen):
         raise CheckpointError(f"internal: merged {totals['merged']} of {len(chosen)} adapters")
     density = totals["nonzero"] / totals["numel"] if dense_keys else None
