@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -110,14 +111,17 @@ class Matrix:
 
     def weight(self) -> torch.Tensor:
         """The weight as an `[out, in]` view sharing storage with the parameter."""
-        w = self.parameter.data
-        if self.expert is not None:
-            w = w[self.expert]
-        return w.t() if self.transposed else w
+        return self.out_in(self.parameter.data)
 
     def to_param_layout(self, matrix_mask: torch.Tensor) -> torch.Tensor:
         """Turn an `[out, in]` tensor back into this slice's stored layout."""
         return matrix_mask.t() if self.transposed else matrix_mask
+
+    def out_in(self, param_tensor: torch.Tensor) -> torch.Tensor:
+        """The `[out, in]` view of this slice of a tensor shaped like the whole parameter
+        (its mask): the expert's slice of a fused one, transposed for `[in, out]` storage."""
+        t = param_tensor if self.expert is None else param_tensor[self.expert]
+        return self.to_param_layout(t)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -339,6 +343,33 @@ def spec_for(model: nn.Module) -> ArchSpec:
 def blocks(model: nn.Module) -> nn.ModuleList:
     """The ordered decoder blocks."""
     return model.get_submodule(spec_for(model).blocks)
+
+
+def block_prefix(model: nn.Module, index: int | None = None) -> str:
+    """The name prefix of block `index`'s tensors (`model.layers.3.`), or of every
+    block's (`model.layers.`) when `index` is None."""
+    blocks_path = spec_for(model).blocks
+    return f"{blocks_path}." if index is None else f"{blocks_path}.{index}."
+
+
+def block_names(model: nn.Module, names: Iterable[str], index: int | None = None) -> list[str]:
+    """Those of `names` inside block `index` (inside any block when None), in order."""
+    prefix = block_prefix(model, index)
+    return [n for n in names if n.startswith(prefix)]
+
+
+def outside_blocks(model: nn.Module, names: Iterable[str]) -> tuple[list[str], list[str]]:
+    """Those of `names` outside the blocks, split as a forward runs them: what runs
+    before block 0 (embeddings, positions) and what runs after the last block (the
+    final norm and an untied head; a tied head is the embedding)."""
+    spec = spec_for(model)
+    tail = set() if spec.final_norm is None else {f"{spec.final_norm}.{n}" for n, _ in model.get_submodule(spec.final_norm).named_parameters()}
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is not embedding.weight:
+        tail |= {n for n, p in model.named_parameters(remove_duplicate=False) if p is head.weight}
+    prefix = block_prefix(model)
+    outside = [n for n in names if not n.startswith(prefix)]
+    return [n for n in outside if n not in tail], [n for n in outside if n in tail]
 
 
 def transposed_names(model: nn.Module) -> set[str]:

@@ -13,6 +13,7 @@ one left behind by SIGKILL is cleaned up by the next write to the same target.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import errno
 import json
@@ -31,6 +32,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from perp_cli import arch, memory, shards
+from perp_cli.streaming import StreamedBlocks, build_skeleton, output_names, parameters_on_meta, tied_parameter_names  # noqa: F401
 from perp_cli.errors import CheckpointError, NumericalError, UsageError, raise_if_signalled
 from perp_cli.manifest import (  # noqa: F401  (the file names are part of this module's interface)
     ADAPTERS_CONFIG_NAME,
@@ -49,7 +51,8 @@ from perp_cli.manifest import (  # noqa: F401  (the file names are part of this 
     validate,
     weights_sha256,
 )
-from perp_cli.mask import MaskSet, Pattern, nm_violations, nonzeros_outside
+from perp_cli.mask import MaskSet, Pattern, mask_problems, resident, sparsity_summary  # noqa: F401  (checked by every reader)
+from perp_cli.shards import DTYPES, check_tensor_finite, masks_metadata, resolve_dtype  # noqa: F401
 
 TMP_MARKER = ".perp-tmp-"
 OLD_MARKER = ".perp-old-"
@@ -66,13 +69,20 @@ PEFT_FILES = {"adapter_config.json", "adapter_model.safetensors"}  # what --expo
 # vLLM refuses directories that carry these; perp never writes them.
 FORBIDDEN_CONFIG_KEYS = ("sparsity_config", "quantization_config")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: model, tokenizer (may be None), masks, manifest, adapters."""
+    """An opened checkpoint (`open`): model, tokenizer (may be None), masks, manifest,
+    adapters, and its residency, chosen at open time.
+
+    In memory (`streamed=False`), `model` holds every weight. Streamed, `model` is a
+    meta-device skeleton whose blocks come and go through `streaming.StreamedBlocks`:
+    `weights` reads them from the shards; `mask_reader` (lazy masks: `masks` holds
+    placeholders, block i's real masks are read for block i's step) and `adapter_reader`
+    (lazy adapters: `adapters` is None) do the same for masks and adapters.
+    """
 
     model: nn.Module
     tokenizer: Any
@@ -82,7 +92,12 @@ class Checkpoint:
     adapters: dict[str, torch.Tensor] | None = None
     adapters_config: dict[str, Any] | None = None
     local_dir: Path | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    streamed: bool = False
+    weights: shards.ShardReader | None = None
+    mask_reader: shards.MaskReader | None = None
+    adapter_reader: shards.AdapterReader | None = None
+    created: list[str] = field(default_factory=list)  # tensors a step put in the skeleton (--add-biases), not in the shards
+    problems: list[str] = field(default_factory=list)  # `open(verify=False)` (inspect): what was not loaded, and why
 
     def require_tokenizer(self) -> Any:
         if self.tokenizer is None:
@@ -104,14 +119,6 @@ def resolve_device(device: str) -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {device} asked for CUDA, but no CUDA device is available")
     return dev
-
-
-def resolve_dtype(dtype: str) -> torch.dtype | str:
-    if dtype == "auto":
-        return "auto"
-    if dtype not in DTYPES:
-        raise UsageError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def _looks_local(source: str) -> bool:
@@ -203,29 +210,6 @@ def _first_line(exc: BaseException) -> str:
 # ----------------------------------------------------------------------------- skeleton
 
 
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Build modules with every parameter on the meta device and every buffer real.
-
-    Parameters are moved to meta as they are registered (one uninitialised tensor at a
-    time, never the whole model); buffers (rotary `inv_freq`, ...) keep the values the
-    module computed from its config. A parameter registered twice (tied embeddings) stays
-    the same object, so ties survive.
-    """
-    original = nn.Module.register_parameter
-
-    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        original(module, name, param)
-        if param is not None and not param.is_meta:
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
 def read_config(path: Path, trust_remote_code: bool = False) -> Any:
     """The `config.json` of a local directory (one line on failure)."""
     from transformers import AutoConfig
@@ -248,25 +232,6 @@ def resolve_load_dtype(config: Any, dtype: str, stored_dtype: torch.dtype | None
     if isinstance(declared, torch.dtype):
         return declared
     return stored_dtype or torch.float32
-
-
-def build_skeleton(config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
-    """The model of `config` with meta parameters (see `parameters_on_meta`)."""
-    from transformers import AutoModelForCausalLM
-
-    try:
-        with parameters_on_meta():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, OverflowError) as exc:
-        raise CheckpointError(f"cannot build a causal LM from this config.json: {_first_line(exc)}") from exc
-    return model.eval()
-
-
-def output_names(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What `save_pretrained` writes, in model names: the persistent state without the
-    tied aliases (a tied `lm_head.weight` is the embedding and is not stored twice)."""
-    tied = tied_parameter_names(model)
-    return {n: t for n, t in model.state_dict(keep_vars=True).items() if n not in tied}
 
 
 def _check_declared_layers(config: Any, stored: dict[str, shards.StoredTensor], path: Path) -> None:
@@ -334,7 +299,7 @@ def _hub_unreachable(source: str) -> str | None:
     return None
 
 
-def load(
+def open(  # noqa: A001  (the checkpoint module's opener; `checkpoint.open`)
     source: str | Path,
     dtype: str = "auto",
     device: str = "cpu",
@@ -345,17 +310,27 @@ def load(
     device_map: str | dict[str, Any] | None = None,
     offload_dir: str | Path | None = None,
     trust_inputs: bool = False,
+    streamed: bool = False,
+    lazy_masks: bool = False,
+    lazy_adapters: bool = False,
 ) -> Checkpoint:
-    """Load a local directory (perp's or any HF one) or a hub id, with masks and manifest.
+    """Open a local directory (perp's or any HF one) or a hub id, with masks and manifest,
+    in memory or `streamed` (the residency; `streaming.decide` chooses it).
 
     Everything is checked here, once, for every command. Before any weight is read:
     the manifest's shape, every header against its file and the config (`plan_local`),
-    the masks' names and shapes, `adapters.json`, and the memory it all needs against
-    what the process may use (`memory.process_limit`). After: nothing missing,
-    unexpected or mis-shaped in transformers' own loading report, all weights finite,
-    masked weights exactly zero, and (unless `trust_inputs`) the hashes and sparsity the
-    manifest records. Only `inspect` passes `verify=False`, because reporting
-    disagreement is its job (`ckpt.extra["problems"]` then lists what it did not load).
+    the masks' names and shapes, `adapters.json`, and (in memory) the memory it all
+    needs against what the process may use (`memory.process_limit`). In memory, after:
+    nothing missing, unexpected or mis-shaped in transformers' own loading report, all
+    weights finite, masked weights exactly zero. Unless `trust_inputs`: the hashes and
+    sparsity the manifest records. Only `inspect` passes `verify=False`, because
+    reporting disagreement is its job (`ckpt.problems` then lists what it did not load).
+
+    Streamed: a local safetensors directory only; the model is a meta-device skeleton and
+    its weights are checked as each block is read (`streaming.StreamedBlocks`).
+    `lazy_masks`: the masks are placeholders too, block i's read for its step (steps that
+    keep every input mask: unpacked, they would take a quarter of a float32 model);
+    `lazy_adapters`: `adapters.safetensors` is read a block at a time (a streamed merge).
 
     `device_map="auto"` (or a dict, as in `from_pretrained`) lets Accelerate spread the
     blocks over every visible GPU, then CPU RAM, then `offload_dir` on disk, instead of
@@ -363,7 +338,7 @@ def load(
     weights sit on the meta device between forward passes; the checks bring them to the
     CPU one module at a time (`resident`).
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, GenerationConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -371,6 +346,11 @@ def load(
     source = str(source)
     path = Path(source).expanduser()
     local = os.path.lexists(path) or _looks_local(source)
+    safetensors = (path / WEIGHTS_NAME).is_file() or (path / WEIGHTS_INDEX_NAME).is_file()
+    if streamed and not path.is_dir():
+        raise UsageError(f"streaming reads a local directory; {source} is not one (download hub models first)")
+    if streamed and not safetensors:
+        raise UsageError(f"{source} has no safetensors weights; streaming reads model.safetensors or its sharded index only")
     if local:
         if not path.exists():
             kind = "a broken symlink or a symlink loop" if os.path.lexists(path) else "no such directory"
@@ -383,27 +363,82 @@ def load(
     manifest = read_manifest(path) if local else None
     placement = device_map_kwargs(device_map, offload_dir)
     problems: list[str] = []
-    masks = mask_shapes = adapter_reader = None
+    masks = layout = mask_reader = adapter_reader = None
     if local:
-        safetensors = (path / WEIGHTS_NAME).is_file() or (path / WEIGHTS_INDEX_NAME).is_file()
         layout = plan_local(path, dtype, trust_remote_code) if safetensors else None
-        mask_reader = open_masks(path, manifest, layout.parameter_shapes() if layout else None, verify, trust_inputs, problems)
+        shapes = layout.parameter_shapes() if layout else None
+        mask_reader = open_masks(path, manifest, shapes, verify, trust_inputs, problems)
         adapter_reader = shards.AdapterReader.open(path, manifest, verify=not trust_inputs)
-        if layout is not None:
-            mask_shapes = layout.parameter_shapes()
-            needed = layout.loaded_bytes()
-            if mask_reader is not None:
-                needed += sum(shards.nbytes(torch.bool, mask_reader.shapes[n]) for n in mask_reader.stored)
+        # the masks that fit the model (with verify=False the others are problems, never read)
+        names = [n for n in sorted(mask_reader.stored) if shapes is None or tuple(mask_reader.shapes[n]) == tuple(shapes.get(n, ()))] if mask_reader else []
+        if layout is not None and device_map is None and not streamed:
+            needed = layout.loaded_bytes() + sum(shards.nbytes(torch.bool, mask_reader.shapes[n]) for n in names)
             if adapter_reader is not None:
                 needed += sum(t.nbytes for t in adapter_reader.stored.values())
-            if device_map is None:
-                memory.require(needed, f"loading {source}", "a step that streams needs one block: --streaming on, where offered")
-        if mask_reader is not None:
-            names = [n for n in sorted(mask_reader.stored) if mask_shapes is None
-                     or tuple(mask_reader.shapes[n]) == tuple(mask_shapes.get(n, ()))]
+            memory.require(needed, f"loading {source}", "a step that streams needs one block: --streaming on, where offered")
+        if mask_reader is not None and lazy_masks and streamed:
+            masks = mask_reader.placeholders()
+        elif mask_reader is not None:
             masks = MaskSet(mask_reader.read_packed(names), mask_reader.pattern, {n: o for n, o in mask_reader.permutations.items() if n in names})
+            mask_reader = None
+    if streamed:
+        model = layout.skeleton
+        if (path / "generation_config.json").is_file():
+            with contextlib.suppress(Exception):
+                model.generation_config = GenerationConfig.from_pretrained(str(path))
+        if masks is not None:
+            _check_block_masks(model, masks, source)
+    else:
+        model = _from_pretrained(AutoModelForCausalLM, source, path, local, dtype, allow_pickle, trust_remote_code, placement)
+        if device_map is None:
+            model.to(resolve_device(device))
+        arch.spec_for(model)  # fail early and clearly for an unmapped architecture
+    tokenizer = _load_tokenizer(str(path) if local else source, trust_remote_code, need_tokenizer)
+    if not streamed:
+        _check_vocabulary(source, model, tokenizer)
+    adapters, adapters_config = None, adapter_reader.config if adapter_reader is not None else None
+    if adapter_reader is not None and not (lazy_adapters and streamed):
+        adapters, adapter_reader = adapter_reader.read(sorted(adapter_reader.stored)), None
+    ckpt = Checkpoint(
+        model=model,
+        tokenizer=tokenizer,
+        masks=masks,
+        manifest=manifest or empty_manifest(source if not local else str(path.resolve())),
+        source=source,
+        adapters=adapters,
+        adapters_config=adapters_config,
+        local_dir=path.resolve() if local else None,
+        streamed=streamed,
+        weights=layout.reader if streamed else None,
+        mask_reader=mask_reader,
+        adapter_reader=adapter_reader,
+        problems=problems,
+    )
+    if verify and not streamed:
+        check_finite(model, source)
+        if masks is not None:
+            wrong = mask_problems(model, masks)
+            if wrong:
+                raise CheckpointError(f"{source}: weights and masks disagree: {wrong[0]} (run `perp inspect` for all)")
+    if local and manifest and not trust_inputs:
+        recorded = manifest.get("weights_sha256")
+        if recorded and weights_sha256(path) != recorded:
+            message = (f"the weights of {source} do not match the weights_sha256 recorded in {MANIFEST_NAME} "
+                       "(edited or replaced since perp wrote them; --trust-inputs to use them anyway)")
+            if verify:
+                raise CheckpointError(message)
+            problems.append(message)
+    return ckpt
+
+
+load = open  # the in-memory residency, as most steps open their input
+
+
+def _from_pretrained(auto: Any, source: str, path: Path, local: bool, dtype: str, allow_pickle: bool,
+                     trust_remote_code: bool, placement: dict[str, Any]) -> nn.Module:
+    """`from_pretrained`, its failures as one line, its loading report checked."""
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
+        model, info = auto.from_pretrained(
             str(path) if local else source,
             dtype=resolve_dtype(dtype),
             use_safetensors=None if allow_pickle else True,
@@ -421,39 +456,22 @@ def load(
             f"(hub ids need network access): {_first_line(exc)}"
         ) from exc
     _check_loading_info(source, model, info)
-    model.eval()
-    if device_map is None:
-        model.to(resolve_device(device))
-    arch.spec_for(model)  # fail early and clearly for an unmapped architecture
-    tokenizer = _load_tokenizer(str(path) if local else source, trust_remote_code, need_tokenizer)
-    _check_vocabulary(source, model, tokenizer)
-    adapters, adapters_config = (adapter_reader.read(sorted(adapter_reader.stored)), adapter_reader.config) if adapter_reader else (None, None)
-    ckpt = Checkpoint(
-        model=model,
-        tokenizer=tokenizer,
-        masks=masks,
-        manifest=manifest or empty_manifest(source if not local else str(path.resolve())),
-        source=source,
-        adapters=adapters,
-        adapters_config=adapters_config,
-        local_dir=path.resolve() if local else None,
-        extra={"problems": problems},
-    )
-    if verify:
-        check_finite(model, source)
-        if masks is not None:
-            wrong = mask_problems(model, masks)
-            if wrong:
-                raise CheckpointError(f"{source}: weights and masks disagree: {wrong[0]} (run `perp inspect` for all)")
-    if local and manifest and not trust_inputs:
-        recorded = manifest.get("weights_sha256")
-        if recorded and weights_sha256(path) != recorded:
-            message = (f"the weights of {source} do not match the weights_sha256 recorded in {MANIFEST_NAME} "
-                       "(edited or replaced since perp wrote them; --trust-inputs to use them anyway)")
-            if verify:
-                raise CheckpointError(message)
-            problems.append(message)
-    return ckpt
+    return model.eval()
+
+
+def _check_block_masks(model: nn.Module, masks: MaskSet, source: str | Path) -> None:
+    """A streamed checkpoint's masks: names and shapes of parameters, inside the blocks."""
+    params = dict(model.named_parameters())
+    inside = set(arch.block_names(model, masks.masks))
+    for name, keep in masks.masks.items():
+        if name not in params:
+            raise CheckpointError(f"{source}: weights and masks disagree: mask {name} names no parameter of this model")
+        if tuple(params[name].shape) != tuple(keep.shape):
+            raise CheckpointError(
+                f"{source}: weights and masks disagree: mask {name} has shape {tuple(keep.shape)}, the weight {tuple(params[name].shape)}"
+            )
+        if name not in inside:
+            raise UsageError(f"{source} has a mask on {name}, outside the decoder blocks; streaming handles block masks only (use --streaming off)")
 
 
 def check_source_weights(ckpt: Checkpoint, dense: str | Path) -> None:
@@ -531,24 +549,6 @@ def offloaded_parameters(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if p.is_meta]
 
 
-@contextlib.contextmanager
-def resident(model: nn.Module, name: str, param: torch.Tensor) -> Iterator[torch.Tensor]:
-    """The values of parameter `name`: `param` itself, or, for a weight a device map
-    offloaded, its module's weights brought to the CPU for the duration (one module at a
-    time, so checking a model larger than memory stays possible)."""
-    if not param.is_meta:
-        yield param
-        return
-    owner_name, _, attr = name.rpartition(".")
-    owner = model.get_submodule(owner_name)
-    from accelerate.utils import align_module_device, has_offloaded_params
-
-    if not has_offloaded_params(owner):
-        raise CheckpointError(f"parameter {name} has no values (meta device) and no offload to read them from")
-    with align_module_device(owner, torch.device("cpu")):
-        yield getattr(owner, attr)
-
-
 def _load_tokenizer(where: str, trust_remote_code: bool, required: bool) -> Any:
     from transformers import AutoTokenizer
 
@@ -567,66 +567,10 @@ def _load_tokenizer(where: str, trust_remote_code: bool, required: bool) -> Any:
     return tokenizer
 
 
-def _read_adapters(
-    path: Path, manifest: dict[str, Any] | None = None, trust_inputs: bool = False
-) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any] | None]:
-    reader = shards.AdapterReader.open(path, manifest, verify=not trust_inputs)
-    if reader is None:
-        return None, None
-    return reader.read(sorted(reader.stored)), reader.config
-
-
 def check_finite(model: nn.Module, where: str) -> None:
     for name, p in model.named_parameters():
         with resident(model, name, p) as values:
             check_tensor_finite(name, values, where)
-
-
-def check_tensor_finite(name: str, t: torch.Tensor, where: str, chunk: int = 1 << 22) -> None:
-    """NaN/inf check in chunks: `torch.isfinite` on a whole embedding matrix allocates
-    several temporaries of its size (an `abs` copy among them), more than one block of a
-    large model."""
-    if not t.is_floating_point():
-        return
-    flat = t.detach().reshape(-1)
-    for i in range(0, flat.numel(), chunk):
-        if not torch.isfinite(flat[i : i + chunk]).all():
-            raise NumericalError(f"{where}: parameter {name} contains NaN or inf")
-
-
-def mask_problems(model: nn.Module, masks: MaskSet) -> list[str]:
-    """Everything wrong between a model and its masks, as readable lines."""
-    params = dict(model.named_parameters())
-    transposed = arch.transposed_names(model)
-    problems = []
-    for name, keep in masks.masks.items():
-        if name not in params:
-            problems.append(f"mask {name} names no parameter of this model")
-            continue
-        p = params[name]
-        if tuple(p.shape) != tuple(keep.shape):
-            problems.append(f"mask {name} has shape {tuple(keep.shape)}, the weight {tuple(p.shape)}")
-            continue
-        with resident(model, name, p) as values:
-            outside = nonzeros_outside(values.detach(), keep)
-        if outside:
-            problems.append(f"{name} has {outside} nonzero weights where the mask says pruned")
-        bad = nm_violations(keep, masks.pattern, transposed=name in transposed, permutation=masks.permutations.get(name))
-        if bad:
-            problems.append(f"{name} breaks the {masks.pattern} pattern in {bad if bad > 0 else 'all'} groups")
-    return problems
-
-
-def tied_parameter_names(model: nn.Module) -> dict[str, str]:
-    """Parameters that share storage with an earlier one (tied lm_head), alias -> owner."""
-    seen: dict[int, str] = {}
-    tied = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied[name] = seen[id(p)]
-        else:
-            seen[id(p)] = name
-    return tied
 
 
 # ----------------------------------------------------------------------------- writing
@@ -878,20 +822,6 @@ def write_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict
     return sha256_file(path / MASKS_NAME)
 
 
-def masks_metadata(pattern: Pattern, shapes: dict[str, list[int]], permutations: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
-    """The `__metadata__` of `masks.safetensors` (docs/format.md): also the header of the
-    masks a streamed run spools to disk block by block. `input_permutations` only when
-    some mask's N:M groups run in a permuted input order (`perp prune --permute`)."""
-    meta = {
-        "format_version": str(FORMAT_VERSION),
-        "pattern": str(pattern),
-        "shapes": json.dumps(shapes, sort_keys=True),
-    }
-    if permutations:
-        meta["input_permutations"] = json.dumps({n: [int(i) for i in o] for n, o in permutations.items()}, sort_keys=True)
-    return meta
-
-
 def _strip_forbidden_config(path: Path) -> None:
     """Drop what an output config must not carry: keys vLLM refuses, and an `auto_map`
     pointing at code the directory does not hold (perp never copies code; such a config
@@ -942,6 +872,105 @@ def write_manifest(directory: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
+class Output:
+    """The one sink of a step (`writing`): the output checkpoint being staged.
+
+    In memory, `finish` writes the model at the end. Streamed, `blocks` is the
+    `streaming.StreamedBlocks` to hand the engine as its residency: each block is
+    written as it is released, and `finish` copies the tensors outside the blocks.
+    Everything else (config, tokenizer, masks with their hash and sparsity, adapters,
+    the manifest, the read-back check) is the same sequence for both.
+    """
+
+    def __init__(self, ckpt: Checkpoint, directory: Path, step: StepRecord, max_shard_size: int,
+                 writer: shards.ShardWriter | None) -> None:
+        self.ckpt, self.directory, self.step, self.max_shard_size = ckpt, directory, step, max_shard_size
+        self.writer = writer
+        self.blocks: StreamedBlocks | None = StreamedBlocks(ckpt, writer) if writer is not None else None
+        self.manifest: dict[str, Any] | None = None
+
+    def finish(self, masks: MaskSet | None = None, adapters: dict[str, torch.Tensor] | None = None,
+               adapters_config: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write everything but what the blocks already wrote; return the manifest.
+
+        `masks`: in memory, the masks to write (None: none). Streamed, the masks are those
+        the blocks were released with (none when no block had any); `masks` is not used.
+        Before anything of the model is written in memory, the invariants are verified:
+        all weights finite, masked weights exactly zero, N:M groups valid."""
+        model, tmp, step = self.ckpt.model, self.directory, self.step
+        if self.blocks is None:
+            check_finite(model, "refusing to write")
+            problems = mask_problems(model, masks) if masks is not None else []
+            if problems:
+                raise CheckpointError(f"refusing to write: {problems[0]}")
+            for name, t in (adapters or {}).items():
+                if not torch.isfinite(t).all():
+                    raise NumericalError(f"refusing to write: adapter tensor {name} contains NaN or inf")
+            model.save_pretrained(tmp, max_shard_size=self.max_shard_size)
+        else:
+            self.blocks.copy_tail()
+            self.writer.close()
+            step.results["streaming"] = {"max_shard_size": self.max_shard_size, "shards": len(self.writer.files),
+                                         "bytes_written": self.writer.total_size}
+            _write_config(model, tmp)
+        _strip_forbidden_config(tmp)
+        if self.ckpt.tokenizer is not None:
+            self.ckpt.tokenizer.save_pretrained(tmp)
+        manifest = next_manifest(self.ckpt.manifest, step)
+        spooled = self.blocks is not None and bool(self.blocks.spool.entries)
+        if masks is not None and self.blocks is None:
+            manifest["masks_sha256"] = write_masks(tmp, masks)
+            manifest["pattern"], stats = str(masks.pattern), masks.stats()
+        elif spooled:
+            old = self.ckpt.masks.permutations if self.ckpt.masks is not None else None
+            manifest["masks_sha256"] = self.blocks.spool.finish(self.blocks.pattern, old)
+            manifest["pattern"], stats = str(self.blocks.pattern), self.blocks.stats
+        elif self.blocks is not None:
+            self.blocks.spool.path.unlink()
+        if "masks_sha256" in manifest:
+            manifest["sparsity"] = sparsity_summary(stats)
+        if adapters is not None:
+            save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, str(tmp / ADAPTERS_NAME))
+            (tmp / ADAPTERS_CONFIG_NAME).write_text(json.dumps(adapters_config or {}, indent=2) + "\n")
+            manifest["adapters"] = {"sha256": sha256_file(tmp / ADAPTERS_NAME), **(adapters_config or {})}
+        write_manifest(tmp, manifest)
+        if spooled:
+            self.blocks.spool.verify(manifest["masks_sha256"])
+        elif self.blocks is None:
+            _verify_written(tmp, masks)
+        self.manifest = manifest
+        return manifest
+
+
+@contextlib.contextmanager
+def writing(ckpt: Checkpoint, out: str | Path, step: StepRecord, overwrite: bool = False,
+            max_shard_size: str | int = "5GB") -> Iterator[Output]:
+    """Write a step's output checkpoint atomically, whatever `ckpt`'s residency.
+
+    Yields the `Output`: the caller runs its step (streamed: with `output.blocks` as the
+    engine's residency), then calls `output.finish(...)`. All of it happens inside
+    `staging`: any exception or interrupt, or no `finish`, leaves no output."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    limit = shards.parse_size(max_shard_size)
+    out_path = Path(out).expanduser().resolve()
+    layout = None
+    if ckpt.streamed:
+        memory.return_freed_memory()
+        layout = _output_layout(ckpt.model)
+        _check_space(out_path, sum(shards.nbytes(d, s) for d, s in layout.values()))
+    try:
+        with staging(out_path, overwrite=overwrite) as tmp:
+            writer = shards.ShardWriter(tmp, layout, limit, total_parameters=ckpt.model.num_parameters()) if layout else None
+            output = Output(ckpt, tmp, step, limit, writer)
+            yield output
+            if output.manifest is None:
+                raise CheckpointError(f"internal: the step ended without finishing {out}")
+    except OSError as exc:
+        raise CheckpointError(_write_failure(out, exc)) from exc
+
+
 def save(
     out: str | Path,
     model: nn.Module,
@@ -954,49 +983,35 @@ def save(
     adapters_config: dict[str, Any] | None = None,
     max_shard_size: str | int = "5GB",
 ) -> dict[str, Any]:
-    """Write a checkpoint atomically and return its manifest.
+    """Write an in-memory model atomically (`writing` + `Output.finish`); return its manifest."""
+    ckpt = Checkpoint(model=model, tokenizer=tokenizer, masks=None, manifest=manifest_in, source=str(out))
+    with writing(ckpt, out, step, overwrite=overwrite, max_shard_size=max_shard_size) as output:
+        output.finish(masks, adapters, adapters_config)
+    return output.manifest
 
-    Before the rename, the invariants are verified on the model being written: masked
-    weights exactly zero, N:M groups valid, all weights finite. A violation aborts the
-    write and leaves nothing behind.
-    """
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    check_finite(model, "refusing to write")
-    if masks is not None:
-        problems = mask_problems(model, masks)
-        if problems:
-            raise CheckpointError(f"refusing to write: {problems[0]}")
-    if adapters is not None:
-        for name, t in adapters.items():
-            if not torch.isfinite(t).all():
-                raise NumericalError(f"refusing to write: adapter tensor {name} contains NaN or inf")
+def _output_layout(model: nn.Module) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """Name, dtype and shape of every tensor `save_pretrained` would write for `model`."""
+    metas = {n: torch.empty_like(t, device="meta") for n, t in output_names(model).items()}
+    return {n: (t.dtype, tuple(t.shape)) for n, t in shards.to_checkpoint_names(model, metas).items()}
 
-    manifest = next_manifest(manifest_in, step)
 
-    try:
-        with staging(out, overwrite=overwrite) as tmp:
-            model.save_pretrained(tmp, max_shard_size=max_shard_size)
-            _strip_forbidden_config(tmp)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(tmp)
-            if masks is not None:
-                manifest["masks_sha256"] = write_masks(tmp, masks)
-                manifest["pattern"] = str(masks.pattern)
-                manifest["sparsity"] = {
-                    "total": round(masks.total_sparsity(), 6),
-                    "per_tensor": {n: round(s, 6) for n, s in masks.sparsity().items()},
-                }
-            if adapters is not None:
-                save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, str(tmp / ADAPTERS_NAME))
-                (tmp / ADAPTERS_CONFIG_NAME).write_text(json.dumps(adapters_config or {}, indent=2) + "\n")
-                manifest["adapters"] = {"sha256": sha256_file(tmp / ADAPTERS_NAME), **(adapters_config or {})}
-            write_manifest(tmp, manifest)
-            _verify_written(tmp, masks)
-    except OSError as exc:
-        raise CheckpointError(_write_failure(out, exc)) from exc
-    return manifest
+def _write_config(model: nn.Module, tmp: Path) -> None:
+    """config.json and generation_config.json as `save_pretrained` writes them."""
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(tmp)
+    if model.can_generate() and model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+
+
+def _check_space(out: Path, needed: int) -> None:
+    probe = out.parent
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise CheckpointError(f"writing {out} needs about {needed / 1e9:.2f} GB, only {free / 1e9:.2f} GB is free; nothing was written")
 
 
 def _write_failure(out: str | Path, exc: OSError) -> str:
@@ -1044,7 +1059,7 @@ def write_json_file(target: str | Path, value: Any) -> None:
     target = Path(target).expanduser()
     tmp = target.with_name(f".{target.name}{TMP_MARKER}{scratch_suffix()}")
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
+        with builtins.open(tmp, "w", encoding="utf-8") as f:  # `open` here is the checkpoint opener
             f.write(json.dumps(value, indent=2, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -12,14 +12,17 @@ the bf16 weights): `PackedMasks` unpacks one mask at a time, when it is read.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from perp_cli.errors import UsageError
+from perp_cli import arch
+from perp_cli.errors import CheckpointError, UsageError
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -208,6 +211,27 @@ class MaskSet:
         kept = sum(self.masks.kept(n) for n in self.masks)
         return 1.0 - kept / total if total else 0.0
 
+    def stats(self) -> "MaskStats":
+        """`keep_stats` of every mask (one unpacked at a time)."""
+        return {n: keep_stats(m) for n, m in self.masks.items()}
+
+
+MaskStats = dict[str, tuple[float, int, int]]  # name -> (sparsity, kept, numel)
+
+
+def keep_stats(keep: torch.Tensor) -> tuple[float, int, int]:
+    """A mask's sparsity (the float mean, as `MaskSet.sparsity`) and its exact counts."""
+    return 1.0 - keep.float().mean().item(), int(keep.sum()), keep.numel()
+
+
+def sparsity_summary(stats: MaskStats) -> dict[str, Any]:
+    """The manifest's `sparsity` (and a prune's per-tensor record) from masks' `keep_stats`:
+    the one way perp summarises sparsity, whether the masks are in memory or were
+    released block by block."""
+    total = sum(v[2] for v in stats.values())
+    kept = sum(v[1] for v in stats.values())
+    return {"total": round(1.0 - kept / total if total else 0.0, 6), "per_tensor": {n: round(v[0], 6) for n, v in stats.items()}}
+
 
 def apply(model: nn.Module, masks: MaskSet) -> None:
     """Zero every masked weight in place (exact zeros, any dtype)."""
@@ -241,3 +265,44 @@ def nm_violations(keep: torch.Tensor, pattern: Pattern, transposed: bool = False
         return -1
     groups = k.reshape(-1, pattern.m).sum(dim=1)
     return int((groups > pattern.n).sum())
+
+
+@contextlib.contextmanager
+def resident(model: nn.Module, name: str, param: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The values of parameter `name`: `param` itself, or, for a weight a device map
+    offloaded, its module's weights brought to the CPU for the duration (one module at a
+    time, so checking a model larger than memory stays possible)."""
+    if not param.is_meta:
+        yield param
+        return
+    owner_name, _, attr = name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    from accelerate.utils import align_module_device, has_offloaded_params
+
+    if not has_offloaded_params(owner):
+        raise CheckpointError(f"parameter {name} has no values (meta device) and no offload to read them from")
+    with align_module_device(owner, torch.device("cpu")):
+        yield getattr(owner, attr)
+
+
+def mask_problems(model: nn.Module, masks: MaskSet) -> list[str]:
+    """Everything wrong between a model and its masks, as readable lines."""
+    params = dict(model.named_parameters())
+    transposed = arch.transposed_names(model)
+    problems = []
+    for name, keep in masks.masks.items():
+        if name not in params:
+            problems.append(f"mask {name} names no parameter of this model")
+            continue
+        p = params[name]
+        if tuple(p.shape) != tuple(keep.shape):
+            problems.append(f"mask {name} has shape {tuple(keep.shape)}, the weight {tuple(p.shape)}")
+            continue
+        with resident(model, name, p) as values:
+            outside = nonzeros_outside(values.detach(), keep)
+        if outside:
+            problems.append(f"{name} has {outside} nonzero weights where the mask says pruned")
+        bad = nm_violations(keep, masks.pattern, transposed=name in transposed, permutation=masks.permutations.get(name))
+        if bad:
+            problems.append(f"{name} breaks the {masks.pattern} pattern in {bad if bad > 0 else 'all'} groups")
+    return problems

@@ -185,7 +185,7 @@ def return_freed_memory(threshold: int = 1 << 20) -> bool:
     upward to the sizes it sees freed, after which such tensors come from the heap, which
     fragments and never shrinks: on a 1.1B model the streamed RSS crept up by ~40 MB per
     block and doubled the peak. Call it before any large allocation
-    (`streaming.open_checkpoint` and `checkpoint.load` do, before building the model):
+    (`checkpoint.open` does, in either residency, before building the model):
     chunks carved out under the old threshold stay in the heap.
     Process-wide and permanent (there is no way to read the old setting back); a no-op
     where the C library has no `mallopt` (macOS; musl ignores it).

@@ -15,7 +15,7 @@ logits on a fixed probe batch match the unmerged model's (adapters attached) to 
 tolerance. A merge that changes the function or the sparsity is a bug, and a bug must
 not reach disk.
 
-`merge_streamed` does the same merge one decoder block at a time (`perp merge
+`merge_streamed` (`merge` with a streamed checkpoint's blocks) does the same merge one decoder block at a time (`perp merge
 --streaming`): block i's weights, masks and adapters are read from the input for its
 turn only, merged by the same arithmetic (the output is bit for bit the in-memory one),
 checked and written at once. The logits probe needs the whole model, so a streamed merge
@@ -26,7 +26,7 @@ manifest says which checks ran and which did not (`checks`, `checks_skipped`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -68,6 +68,7 @@ class MergeReport:
     densified_density: float | None
     matrix_relative_diff: float = 0.0
     checks: tuple[str, ...] = ()
+    checks_skipped: dict[str, str] = field(default_factory=dict)  # check -> why it could not run
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -82,6 +83,10 @@ class MergeReport:
             "matrix_probe_max_relative_diff": self.matrix_relative_diff,
             "checks": list(self.checks),
         }
+
+    def results(self) -> dict[str, Any]:
+        """The step's `results` in the manifest."""
+        return {**self.to_json(), "checks_skipped": self.checks_skipped} if self.checks_skipped else self.to_json()
 
 
 def probe_batch(model: nn.Module, batch: int = 2, seqlen: int = 64, seed: int = PROBE_SEED) -> torch.Tensor:
@@ -185,9 +190,8 @@ def merge_attached(model: nn.Module, masks: MaskSet | None, allow_densify: bool 
     model.eval()
     ids = probe_batch(model, seed=seed)
     before = _logits(model, ids)
-    matrix_rel = 0.0
-    for matrix, adapter in entries.values():
-        matrix_rel = max(matrix_rel, merge_matrix(matrix, adapter, allow_densify=bool(dense_keys), seed=seed))
+    totals = merge_blocks(model, lambda index: [e for e in entries.values() if e[0].block == index], bool(dense_keys), seed)
+    matrix_rel = totals["rel"]
     adapters_mod.detach(model)
     after = _logits(model, ids)
     diff = float((after - before).abs().max())
@@ -211,6 +215,31 @@ def merge_attached(model: nn.Module, masks: MaskSet | None, allow_densify: bool 
         density = sum(int((w != 0).sum()) for w in ws) / sum(w.numel() for w in ws)
     checks = ("finite",) + (("masks",) if masks_kept else ()) + ("matrix_probe", "logits_probe")
     return MergeReport(kind, len(entries), diff, scale, rel, tol, masks_kept, density, matrix_rel, checks)
+
+
+def merge_blocks(model: nn.Module, adapters_of: Any, densify: bool, seed: int = PROBE_SEED,
+                 residency: Any = None, progress: Any = None) -> dict[str, Any]:
+    """The one merge loop, block by block through the engine (data-free): block i's
+    (matrix, adapter) pairs (`adapters_of(i)`) merged by `merge_matrix`. Returns how many
+    were merged, the largest per-matrix probe difference and, with `densify`, the merged
+    matrices' nonzero and total counts."""
+    from perp_cli import engine
+
+    totals = {"merged": 0, "rel": 0.0, "nonzero": 0, "numel": 0}
+
+    def step(s: Any) -> None:
+        pairs = adapters_of(s.index)
+        s.status(f"block {s.index}: merging {len(pairs)} adapters")
+        for m, adapter in pairs:
+            totals["rel"] = max(totals["rel"], merge_matrix(m, adapter, allow_densify=densify, seed=seed))
+            totals["merged"] += 1
+            if densify:
+                w = m.weight()
+                totals["nonzero"] += int((w != 0).sum())
+                totals["numel"] += w.numel()
+
+    engine.run_blocks(model, None, step, progress=progress, description="merging blocks", residency=residency)
+    return totals
 
 
 def merge_checkpoint(ckpt: Any, allow_densify: bool = False, seed: int = PROBE_SEED) -> MergeReport:
@@ -268,78 +297,64 @@ def _streamed_densifying_keys(kind: str, chosen: dict[str, arch.Matrix], mask_re
     return out
 
 
-def merge_streamed(
-    ckpt: Any,
-    out: Any,
-    step: Any,
-    allow_densify: bool = False,
-    overwrite: bool = False,
-    max_shard_size: str | int = "5GB",
-    seed: int = PROBE_SEED,
-    progress: Any = None,
-) -> MergeReport:
-    """Merge the adapters of the streamed checkpoint `ckpt` into `out`, one block at a time.
+def merge(ckpt: Any, allow_densify: bool = False, seed: int = PROBE_SEED, blocks: Any = None,
+          progress: Any = None) -> MergeReport:
+    """Merge `ckpt`'s saved adapters, in memory (`merge_checkpoint`) or, with `blocks` (the
+    output's `streaming.StreamedBlocks` of a streamed `ckpt`), one block at a time
+    (`merge_streamed`). The masks to write are `ckpt.masks` if `report.masks_kept`."""
+    if blocks is None:
+        return merge_checkpoint(ckpt, allow_densify=allow_densify, seed=seed)
+    return merge_streamed(ckpt, blocks, allow_densify=allow_densify, seed=seed, progress=progress)
 
-    `ckpt` comes from `streaming.open_checkpoint(source, lazy_masks=True,
+
+def merge_streamed(ckpt: Any, blocks: Any, allow_densify: bool = False, seed: int = PROBE_SEED,
+                   progress: Any = None) -> MergeReport:
+    """Merge the adapters of the streamed checkpoint `ckpt` one block at a time, each block
+    written by `blocks` (the output's residency) as soon as it is merged.
+
+    `ckpt` comes from `checkpoint.open(source, streamed=True, lazy_masks=True,
     lazy_adapters=True)`. Block i's weights, masks and adapters are read just before its
     turn, each adapter is built and merged exactly as `merge_checkpoint` does it
     (`Adapter.merge` via `merge_matrix`: the same tensors, bit for bit), the block is
     verified (finite, masks) and written, then freed. The logits probe cannot run (it
-    needs the whole model); `step.results` says so (`checks`, `checks_skipped`).
-    Errors are the in-memory merge's, raised before anything is written.
+    needs the whole model); `report.checks_skipped` says so. Errors are the in-memory
+    merge's, raised before anything is written.
     """
-    from perp_cli import engine, streaming
-
-    reader = ckpt.extra.get("adapters")
+    reader = ckpt.adapter_reader
     if ckpt.adapters_config is None or reader is None:
         raise UsageError(f"{ckpt.source} has no adapters.safetensors/adapters.json: nothing to merge")
     model = ckpt.model
-    mask_reader = ckpt.extra.get("masks")
     kind, rank, alpha, chosen = _saved_matrices(model, ckpt.adapters_config, reader, ckpt.masks is not None)
     if not chosen:
         raise UsageError("the model has no adapters to merge")
-    dense_keys = _streamed_densifying_keys(kind, chosen, mask_reader)
+    dense_keys = _streamed_densifying_keys(kind, chosen, ckpt.mask_reader)
     if dense_keys and not allow_densify:
         raise _refuse_densify(dense_keys)
     masks_kept = ckpt.masks is not None and not dense_keys
-    pattern = ckpt.masks.pattern if ckpt.masks is not None else Pattern()
+    if not masks_kept:
+        blocks.masks_of = lambda index: {}  # the masks no longer hold: blocks are written without any
     tol = TOLERANCE.get(model.dtype, 1e-4)
-    totals = {"merged": 0, "rel": 0.0, "nonzero": 0, "numel": 0}
 
-    with streaming.streamed_output(
-        ckpt, out, step, pattern, overwrite=overwrite, max_shard_size=max_shard_size,
-        stream_type=streaming.MergeStream, write_masks=masks_kept,
-    ) as stream:
-        stream.keep_masks = masks_kept
+    def saved_adapters(index: int) -> list[tuple[arch.Matrix, adapters_mod.Adapter]]:
+        """Block `index`'s adapters, read and built as `merge_checkpoint` attaches them."""
+        mine = [m for m in arch.block_matrices(model, index) if m.key in chosen]
+        tensors = reader.read([f"{m.key}.lora_{ab}" for m in mine for ab in "AB"])
+        pairs = []
+        for m in mine:
+            out_f, in_f = m.shape
+            adapter = adapters_mod.Adapter(
+                kind, out_f, in_f, rank, alpha, mask=adapters_mod.matrix_mask(m, ckpt.masks), device=m.parameter.device
+            )
+            with torch.no_grad():
+                adapter.lora_A.copy_(tensors.pop(f"{m.key}.lora_A"))
+                adapter.lora_B.copy_(tensors.pop(f"{m.key}.lora_B"))
+            pairs.append((m, adapter))
+        return pairs
 
-        def merge_block(s: Any) -> None:
-            mine = [m for m in arch.block_matrices(model, s.index) if m.key in chosen]
-            s.status(f"block {s.index}: merging {len(mine)} adapters")
-            tensors = reader.read([f"{m.key}.lora_{ab}" for m in mine for ab in "AB"])
-            for m in mine:
-                out_f, in_f = m.shape
-                adapter = adapters_mod.Adapter(
-                    kind, out_f, in_f, rank, alpha, mask=adapters_mod.matrix_mask(m, stream.old), device=m.parameter.device
-                )
-                with torch.no_grad():
-                    adapter.lora_A.copy_(tensors.pop(f"{m.key}.lora_A"))
-                    adapter.lora_B.copy_(tensors.pop(f"{m.key}.lora_B"))
-                totals["rel"] = max(totals["rel"], merge_matrix(m, adapter, allow_densify=bool(dense_keys), seed=seed))
-                totals["merged"] += 1
-                if dense_keys:
-                    w = m.weight()
-                    totals["nonzero"] += int((w != 0).sum())
-                    totals["numel"] += w.numel()
-
-        residency = engine.Residency(load=stream.load, release=stream.release_block)
-        engine.run_blocks(model, None, merge_block, progress=progress, description="merging blocks", residency=residency)
-        if totals["merged"] != len(chosen):
-            raise CheckpointError(f"internal: merged {totals['merged']} of {len(chosen)} adapters")
-        density = totals["nonzero"] / totals["numel"] if dense_keys else None
-        checks = ("finite",) + (("masks",) if masks_kept else ()) + ("matrix_probe",)
-        report = MergeReport(kind, totals["merged"], None, None, None, tol, masks_kept, density, totals["rel"], checks)
-        step.results = {
-            **report.to_json(),
-            "checks_skipped": {"logits_probe": "streaming holds one block at a time; the whole-model forward cannot run"},
-        }
-    return report
+    totals = merge_blocks(model, saved_adapters, bool(dense_keys), seed, residency=blocks, progress=progress)
+    if totals["merged"] != len(chosen):
+        raise CheckpointError(f"internal: merged {totals['merged']} of {len(chosen)} adapters")
+    density = totals["nonzero"] / totals["numel"] if dense_keys else None
+    checks = ("finite",) + (("masks",) if masks_kept else ()) + ("matrix_probe",)
+    return MergeReport(kind, totals["merged"], None, None, None, tol, masks_kept, density, totals["rel"], checks,
+                       {"logits_probe": "streaming holds one block at a time; the whole-model forward cannot run"})

@@ -29,12 +29,13 @@ masks instead of choosing new ones (the pruned weights' values come from the den
 `--permute` (RIA's channel reallocation, N:M) chooses each matrix's N:M mask in a
 permuted input order and records the permutation with the masks (`MaskSet.permutations`).
 
-Streaming (`stream=`, from perp_cli.streaming): the model is a skeleton on the meta
-device; the engine loads each block before its step and, once the block is pruned and
-propagated, hands it with its final keep-masks (`_Pruner.block_keep`) to the stream,
-which writes and frees it. Data-free methods then also go block by block through the
-engine. Same numbers as in memory; `--scope global` cannot stream (it ranks the whole
-model at once).
+Every method goes block by block through the engine, the data-free ones with no
+activations (`engine.run_blocks(model, None, ...)`). A streamed checkpoint
+(`checkpoint.open(..., streamed=True)`) is a skeleton on the meta device: `blocks` (the
+output's `streaming.StreamedBlocks`) is then the engine's residency, which loads each block
+before its step and, once the block is pruned and propagated, writes it with its final
+keep-masks (`_Pruner.block_keep`) and frees it. Same numbers as in memory; `--scope
+global` cannot stream (it ranks the whole model at once).
 
 Interleaved (`BlockPruner`, for `perp reconstruct --prune-method`): another step's engine
 pass asks for each block to be pruned in turn, with the same statistics and selection
@@ -47,7 +48,7 @@ from __future__ import annotations
 import re
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, ContextManager, NamedTuple, Protocol
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -57,7 +58,7 @@ from perp_cli.arch import Matrix
 from perp_cli.checkpoint import Checkpoint
 from perp_cli.errors import ArchitectureError, UsageError
 from perp_cli.manifest import peak_memory, sha256_tensor
-from perp_cli.mask import MaskSet, Pattern
+from perp_cli.mask import MaskSet, MaskStats, Pattern, keep_stats
 from perp_cli.progress import make_progress
 from perp_cli.pruning import METHODS, Method, dsnot, owl
 from perp_cli.pruning.magnitude import magnitude_scores
@@ -114,24 +115,6 @@ class PruneOutcome(NamedTuple):
     data: dict[str, Any]  # calibration source and token hash ({} for data-free methods)
 
 
-class WeightStream(Protocol):
-    """Where a meta-device model's weights come from and go to (perp_cli.streaming)."""
-
-    def outside(self) -> ContextManager[None]: ...
-
-    def load(self, index: int, block: nn.Module) -> None: ...
-
-    def release(self, index: int, block: nn.Module, keep: dict[str, torch.Tensor]) -> None: ...
-
-
-MaskStats = dict[str, tuple[float, int, int]]  # name -> (sparsity, kept, numel)
-
-
-def keep_stats(keep: torch.Tensor) -> tuple[float, int, int]:
-    """Sparsity as `MaskSet.sparsity` computes it, and the exact counts."""
-    return 1.0 - keep.float().mean().item(), int(keep.sum()), keep.numel()
-
-
 @dataclass(frozen=True)
 class _Plan:
     method: Method
@@ -182,6 +165,15 @@ def plan(config: PruneConfig) -> _Plan:
             except re.error as exc:
                 raise UsageError(f"{flag} {regex!r} is not a valid regular expression: {exc}") from exc
     return _Plan(method, pattern, sparsity, scope)
+
+
+def streaming_refusal(config: PruneConfig) -> str | None:
+    """Why these options cannot stream (`streaming.decide`), or None."""
+    if plan(config).scope == "global":
+        return "--scope global ranks the whole model at once"
+    if config.allocation != "uniform" or config.refine is not None or config.permute:
+        return "--allocation owl, --refine and --permute run in memory"
+    return None
 
 
 def _plan_extensions(config: PruneConfig, method: Method, pattern: Pattern, sparsity: float, scope: str) -> None:
@@ -251,11 +243,7 @@ def _old_pruned(masks: MaskSet | None, m: Matrix) -> torch.Tensor | None:
     """Weights of `m` an earlier step pruned, `[out, in]` (True = pruned), or None."""
     if masks is None or m.name not in masks:
         return None
-    keep = masks[m.name]
-    if m.expert is not None:
-        keep = keep[m.expert]
-    keep = keep.t() if m.transposed else keep
-    return ~keep.bool()
+    return ~m.out_in(masks[m.name]).bool()
 
 
 def _check_carried_masks(model: nn.Module, old: MaskSet | None, names: set[str], pattern: Pattern) -> None:
@@ -343,14 +331,6 @@ class _Pruner:
 
     # --- data-free methods
 
-    def run_data_free(self, progress: Any) -> None:
-        task = progress.add_task("matrices", total=len(self.matrices), status="")
-        for m in self.matrices:
-            progress.update(task, status=m.key)
-            self.prune_data_free(m)
-            progress.advance(task)
-        self.finish_global()
-
     def prune_data_free(self, m: Matrix) -> None:
         if self.p.method.name == "keep":
             old = _old_pruned(self.old, m)
@@ -363,8 +343,8 @@ class _Pruner:
         self.score_or_select(m, scores)
 
     def step_data_free(self, s: engine.BlockStep) -> None:
-        """The data-free methods one block at a time (streaming; same matrix order, so
-        the random generator gives the same scores as `run_data_free`)."""
+        """The data-free methods on block `s.index` (in the matrices' order: the random
+        generator draws the same scores in memory and streamed)."""
         for m in self.matrices:
             if m.block == s.index:
                 s.status(f"block {s.index}: {m.key}")
@@ -510,8 +490,7 @@ class _Pruner:
         """The final keep-masks of block `index`'s parameters, as `mask_set` would give
         them; the block's pruned masks are dropped here, so a streamed run holds the
         masks of one block at a time. Records each mask's sparsity in `self.stats`."""
-        prefix = f"{arch.spec_for(self.model).blocks}.{index}."
-        old = self.old.masks.select([n for n in self.old.masks if n.startswith(prefix)]) if self.old is not None else mask.PackedMasks()
+        old = self.old.masks.select(arch.block_names(self.model, self.old.masks, index)) if self.old is not None else mask.PackedMasks()
         matrices = [m for m in self.matrices if m.block == index]
         keep = self._assemble(old, matrices)
         for m in matrices:
@@ -559,7 +538,7 @@ def calibration_tokens(ckpt: Checkpoint, config: PruneConfig) -> tuple[torch.Ten
     return tokens, {**data.describe_tokens(source, tokens), "seqlen": seqlen, "concat": config.calib_concat}
 
 
-def _setup(ckpt: Checkpoint, config: PruneConfig, stream: WeightStream | None) -> tuple[_Plan, "_Pruner", list[str]]:
+def _setup(ckpt: Checkpoint, config: PruneConfig, streamed: bool) -> tuple[_Plan, "_Pruner", list[str]]:
     """Validate against the checkpoint, choose the matrices, build the run's state."""
     p = plan(config)
     if p.method.name == "keep":
@@ -568,7 +547,7 @@ def _setup(ckpt: Checkpoint, config: PruneConfig, stream: WeightStream | None) -
         p = _Plan(p.method, ckpt.masks.pattern, p.sparsity, str(ckpt.masks.pattern) if ckpt.masks.pattern.structured else p.scope)
     if ckpt.adapters is not None:
         raise UsageError(f"{ckpt.source} has unmerged adapters; run `perp merge` first, then prune the merged checkpoint")
-    if stream is not None and p.scope == "global":
+    if streamed and p.scope == "global":
         raise UsageError("--scope global ranks every weight of the model at once, so it cannot stream; use --scope row/matrix, or --streaming off")
     torch.manual_seed(config.seed)
     try:
@@ -634,7 +613,7 @@ class BlockPruner:
 
     def __init__(self, ckpt: Checkpoint, config: PruneConfig) -> None:
         self.start = time.time()
-        self.p, self.state, self.skipped = _setup(ckpt, config, None)
+        self.p, self.state, self.skipped = _setup(ckpt, config, False)
         if self.p.scope == "global":
             raise UsageError("--scope global ranks every weight of the model before pruning any block, so it cannot interleave with reconstruction; use row or matrix")
         self.device = checkpoint.resolve_device(config.device)
@@ -696,36 +675,34 @@ def dense_weights(model: nn.Module, matrices: list[Matrix]) -> dict[str, torch.T
 
 
 def prune(
-    ckpt: Checkpoint, config: PruneConfig, tokens: torch.Tensor | None = None, stream: WeightStream | None = None,
-    dense: nn.Module | None = None,
+    ckpt: Checkpoint, config: PruneConfig, tokens: torch.Tensor | None = None, dense: nn.Module | None = None,
+    blocks: Any = None,
 ) -> PruneOutcome:
     """Prune `ckpt.model` in place and return its masks, results and calibration record.
 
     `tokens` (`[n, seqlen]`) replaces sampling from `config.calib` (tests, benchmarks).
-    With `stream` (perp_cli.streaming) the model is a meta-device skeleton: each block is
-    loaded before its turn and handed to `stream.release` with its keep-masks once done;
-    the returned `masks` is then None. `dense`: the dense model `--method keep --refine`
-    takes the pruned weights' values from (required then).
+    `blocks`: the engine's residency when `ckpt` is streamed (`checkpoint.writing`'s
+    `output.blocks`): each block is loaded before its turn and written with its final
+    keep-masks once done; the returned `masks` is then None (they are on disk, packed).
+    `dense`: the dense model `--method keep --refine` takes the pruned weights' values
+    from (required then).
     """
     start = time.time()
-    p, pruner, skipped = _setup(ckpt, config, stream)
+    p, pruner, skipped = _setup(ckpt, config, blocks is not None)
     if p.method.name == "keep":
         if dense is None:
             raise UsageError("--method keep --refine needs the dense model the checkpoint was pruned from (--dense)")
         pruner.dense = dense_weights(dense, pruner.matrices)
     calibrated = p.method.statistic is not None or config.refine is not None or config.allocation == "owl"
-    if stream is not None and calibrated and p.method.statistic is None:
+    if blocks is not None and calibrated and p.method.statistic is None:
         raise UsageError("--allocation owl and --refine run in memory; use --streaming off")
     device = checkpoint.resolve_device(config.device)
     placement = activations.placement_for(device, config.offload_activations, config.max_memory, config.offload_dir)
     model = ckpt.model
     data_record: dict[str, Any] = {}
     activation_record: dict[str, Any] = {}
-    residency = None
-    if stream is not None:
-        residency = engine.Residency(
-            load=stream.load, release=lambda i, block: stream.release(i, block, pruner.block_keep(i)), outside=stream.outside
-        )
+    if blocks is not None:  # the streamed blocks are written with the masks this run chooses
+        blocks.masks_of, blocks.pattern = pruner.block_keep, p.pattern
 
     with make_progress(config.quiet) as progress:
         if calibrated:
@@ -740,24 +717,21 @@ def prune(
         if config.allocation == "owl":
             owl_pass(pruner, tokens, device, placement, progress)
         if not calibrated or (p.method.statistic is None and config.refine is None):
-            if stream is None:
-                pruner.run_data_free(progress)
-            else:
-                engine.run_blocks(model, None, pruner.step_data_free, progress=progress, description=f"{p.method.name} blocks", residency=residency)
+            engine.run_blocks(model, None, pruner.step_data_free, progress=progress, description=f"{p.method.name} blocks", residency=blocks)
         else:
             final = engine.calibrate(
                 model, tokens, pruner.step, device=device, batch_size=config.batch_size,
                 offload=placement, progress=progress, description=f"{p.method.name} blocks",
-                residency=residency, in_place=stream is not None,
+                residency=blocks, in_place=blocks is not None,
             )
             activation_record = {"placement": placement.describe(), "peak_device_bytes": final.hidden.peak_device_bytes}
             del final
-            pruner.finish_global()
+        pruner.finish_global()
 
-    if stream is None:
+    if blocks is None:
         masks: MaskSet | None = pruner.mask_set()
         mask.apply(model, masks)
-        stats = {n: keep_stats(k) for n, k in masks.masks.items()}
+        stats = masks.stats()
     else:
         masks, stats = None, pruner.stats
     return PruneOutcome(masks, _results(pruner, stats, skipped, start, device, activation_record), data_record)

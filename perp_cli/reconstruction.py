@@ -37,9 +37,11 @@ default feeds each half the dense model's activations instead, which perp does n
 
 Only block i of the pruned model and block i of the dense model are on the device at a
 time; both models otherwise stay on the host (activations too with `offload`). Masks
-never change: every masked weight stays exactly 0 (checked after every block). With
-`streamed` (`perp_cli.streaming.reconstruct`) both models are meta-device skeletons and
-only those two blocks are in host memory at all; the numbers are the same.
+never change: every masked weight stays exactly 0 (checked after every block). Streamed
+(`checkpoint.open(..., streamed=True)` for both models), both are meta-device skeletons
+whose blocks come and go through their `streaming.StreamedBlocks` (the pruned one writes
+each reconstructed block to the output); only those two blocks are in host memory at
+all, and the numbers are the same.
 
 The block runs in eval mode (no dropout: reconstruction is a regression onto fixed
 targets); only the modules carrying adapters see training mode, so `lora-prune` trains
@@ -61,7 +63,7 @@ import torch
 from torch import nn
 
 from perp_cli import adapters as adapters_mod
-from perp_cli import arch, checkpoint, engine, sublayers
+from perp_cli import arch, checkpoint, engine, streaming, sublayers
 from perp_cli import trainable as trainable_mod
 from perp_cli.activations import ActivationStore, Placement, placement_for
 from perp_cli.errors import NumericalError, UsageError
@@ -356,10 +358,10 @@ def _training_mode(block: nn.Module, mode: str, entries: dict[str, tuple[arch.Ma
         block.eval()
 
 
-def _mask_violations(model: nn.Module, masks: MaskSet, prefix: str) -> str | None:
+def _mask_violations(model: nn.Module, masks: MaskSet, index: int) -> str | None:
     params = dict(model.named_parameters())
-    for name in masks.masks:
-        if name.startswith(prefix) and name in params:  # only this block's masks are unpacked
+    for name in arch.block_names(model, masks.masks, index):  # only this block's masks are unpacked
+        if name in params:
             outside = nonzeros_outside(params[name].detach(), masks.masks[name].to(params[name].device))
             if outside:
                 return f"{name} has {outside} nonzeros where the mask says pruned"
@@ -379,14 +381,15 @@ class _Reconstructor:
         masks: MaskSet,
         cfg: ReconstructConfig,
         dense_inputs: engine.BlockInputs | None,
+        dense_blocks: engine.Residency | None = None,
     ) -> None:
         self.model = model
         self.dense = dense
+        self.dense_blocks = dense_blocks  # a streamed dense model: block i in memory for block i's step only
         self.masks = masks if masks is not None else MaskSet({}, Pattern())  # a shrunk model has none
         self.cfg = cfg
         self.kind = cfg.adapter_kind
         self.dense_inputs = dense_inputs
-        self.prefix = arch.spec_for(model).blocks
         wanted = adapters_mod.match_targets(model, cfg.adapter_targets) if self.kind else []
         self.adapter_keys: dict[int, list[str]] = {}
         for m in wanted:
@@ -428,7 +431,7 @@ class _Reconstructor:
         """Whether parameter `name` (a model name) belongs to `part` of block `s.index`."""
         if part == "block":
             return True
-        prefix = f"{self.prefix}.{s.index}."
+        prefix = arch.block_prefix(self.model, s.index)
         return name.startswith(prefix) and name[len(prefix):] in self.split.owned[part]
 
     def attach(self, s: engine.BlockStep, part: str) -> dict[str, adapters_mod.Adapter]:
@@ -495,6 +498,17 @@ class _Reconstructor:
         return self.targets(s, inputs, part)
 
     def step(self, s: engine.BlockStep) -> engine.BlockInputs | None:
+        if self.dense_blocks is None:
+            return self.fit_parts(s)
+        block = arch.blocks(self.dense)[s.index]
+        self.dense_blocks.load(s.index, block)  # once per step: both halves take their targets from it
+        try:
+            return self.fit_parts(s)
+        finally:
+            self.dense_blocks.release(s.index, block)
+
+    def fit_parts(self, s: engine.BlockStep) -> engine.BlockInputs | None:
+        """Fit block `s.index` whole or half by half; the next inputs, or None."""
         if self.cfg.granularity == "block":
             parts: list[tuple[str, nn.Module]] = [("block", s.block)]
         else:
@@ -531,7 +545,7 @@ class _Reconstructor:
         if restored:
             s.block.load_state_dict(snapshot)
             outputs = inputs.run(module) if keep_outputs else None
-        problem = _mask_violations(self.model, self.masks, f"{self.prefix}.{s.index}.")
+        problem = _mask_violations(self.model, self.masks, s.index)
         if problem:  # cannot happen with masked merges and masked gradients; never let it reach disk
             raise NumericalError(f"reconstructing {label} broke the mask: {problem}")
         self.reports.append(BlockReport(
@@ -559,41 +573,6 @@ class _Interleaved(_Reconstructor):
         return targets
 
 
-# ----------------------------------------------------------------------------- streaming
-
-
-@dataclass
-class Streamed:
-    """How the weights of a streamed run come and go (built by `perp_cli.streaming.reconstruct`).
-
-    Both models are meta-device skeletons. `pruned` reads pruned block i (and its masks)
-    before its step and writes it after the propagation; `dense` reads dense block i for
-    block i's step only (and holds the dense embeddings while the dense stream's inputs are
-    caught). `added_biases`: the biases `--add-biases` already put into the skeleton,
-    before the output layout was planned.
-    """
-
-    pruned: engine.Residency
-    dense: engine.Residency
-    added_biases: list[str] = field(default_factory=list)
-
-
-class _StreamedReconstructor(_Reconstructor):
-    """`_Reconstructor` whose dense block i is in memory only during block i's step."""
-
-    def __init__(self, *args: Any, dense_residency: engine.Residency) -> None:
-        super().__init__(*args)
-        self.dense_residency = dense_residency
-
-    def step(self, s: engine.BlockStep) -> engine.BlockInputs | None:
-        block = arch.blocks(self.dense)[s.index]
-        self.dense_residency.load(s.index, block)  # once per step: both halves take their targets from it
-        try:
-            return super().step(s)
-        finally:
-            self.dense_residency.release(s.index, block)
-
-
 # ----------------------------------------------------------------------------- the recipe
 
 
@@ -607,32 +586,52 @@ def check_pruned(pruned_ckpt: checkpoint.Checkpoint, maskless: bool = False) -> 
 
 
 
+def prepare(pruned_ckpt: checkpoint.Checkpoint, dense_model: nn.Module | None, cfg: ReconstructConfig) -> None:
+    """Check the two models against each other and add `--add-biases`' zero biases to
+    the pruned one (recorded in `pruned_ckpt.created`): before the output is planned,
+    since the biases are part of it. `reconstruct` does it when the caller did not."""
+    model = pruned_ckpt.model
+    if dense_model is not None and cfg.maskless:
+        from perp_cli.shrinking import check_teacher
+
+        check_teacher(model, dense_model, cfg.teacher_blocks)
+        if cfg.granularity != "block" and any(len(t) > 1 for t in cfg.teacher_blocks or []):
+            raise UsageError("a depth-shrunk block stands for several dense blocks, so it has no dense halves: "
+                             "--granularity block only")
+    elif dense_model is not None:
+        check_compatible(model, dense_model)
+    pruned_ckpt.created += trainable_mod.add_biases(model) if cfg.add_biases else []
+
+
 def reconstruct(
     pruned_ckpt: checkpoint.Checkpoint,
-    dense_model: nn.Module | None,
+    dense: checkpoint.Checkpoint | nn.Module | None,
     tokens: torch.Tensor,
     cfg: ReconstructConfig,
-    streamed: Streamed | None = None,
     prune: PruneConfig | None = None,
+    blocks: engine.Residency | None = None,
 ) -> ReconstructOutcome:
-    """Reconstruct `pruned_ckpt.model` block by block in place against `dense_model`.
+    """Reconstruct `pruned_ckpt.model` block by block in place against `dense` (a model,
+    or a checkpoint in either residency).
 
     `tokens` are the calibration windows `[n, seqlen]`. The dense model is only read;
     it stays on the host except for the block being reconstructed. The masks are not
     changed; the adapters are merged into the weights (nothing to save separately).
-    `streamed`: both models are skeletons whose blocks come and go through these
-    residencies (`perp_cli.streaming.reconstruct`); the numbers are the same.
+    `blocks`: the engine's residency when `pruned_ckpt` is streamed (`checkpoint.writing`'s
+    `output.blocks`); a streamed `dense` is read a block at a time; the numbers are the same.
 
     `prune` (interleaved, PERP's reference order): `pruned_ckpt` is the DENSE model and
-    `dense_model` is not needed; each block is pruned with `prune` right before it is
+    `dense` is not needed; each block is pruned with `prune` right before it is
     reconstructed, in the same engine pass; the new masks are `outcome.masks`.
     """
     start = time.perf_counter()
     cfg.validate()
     model = pruned_ckpt.model
+    dense_model = dense.model if isinstance(dense, checkpoint.Checkpoint) else dense
+    dense_blocks = streaming.StreamedBlocks(dense) if isinstance(dense, checkpoint.Checkpoint) and dense.streamed else None
     block_pruner = None
     if prune is not None:
-        if streamed is not None:
+        if blocks is not None:
             raise UsageError("pruning while reconstructing (--prune-method) does not stream yet; use --streaming off")
         if cfg.target != "dense":
             raise UsageError("--prune-method reconstructs each block against itself before pruning: --target dense only")
@@ -643,19 +642,9 @@ def reconstruct(
         check_pruned(pruned_ckpt, cfg.maskless)
     if tokens.dim() != 2 or tokens.shape[0] < 1:
         raise UsageError(f"calibration tokens must be [n, seqlen] with n >= 1, got {list(tokens.shape)}")
-    if streamed is not None:  # checked by the caller before it added the biases (they are in the output layout)
-        added = list(streamed.added_biases)
-    else:
-        if dense_model is not None and cfg.maskless:
-            from perp_cli.shrinking import check_teacher
-
-            check_teacher(model, dense_model, cfg.teacher_blocks)
-            if cfg.granularity != "block" and any(len(t) > 1 for t in cfg.teacher_blocks or []):
-                raise UsageError("a depth-shrunk block stands for several dense blocks, so it has no dense halves: "
-                                 "--granularity block only")
-        elif dense_model is not None:
-            check_compatible(model, dense_model)
-        added = trainable_mod.add_biases(model) if cfg.add_biases else []
+    if not pruned_ckpt.created:
+        prepare(pruned_ckpt, dense_model, cfg)
+    added = list(pruned_ckpt.created)
     trainable_mod.select_trainable(model, cfg.train, block=0)  # e.g. `biases` on LLaMA: the error names --add-biases
     device = checkpoint.resolve_device(cfg.device)
     if dense_model is not None:
@@ -667,26 +656,22 @@ def reconstruct(
     run_store = ActivationStore(cfg.placement(device))
     dense_inputs = None
     if cfg.target == "dense-stream":
-        with streamed.dense.outside() if streamed is not None else contextlib.nullcontext():
+        with dense_blocks.outside() if dense_blocks is not None else contextlib.nullcontext():
             dense_inputs = engine.capture_inputs(dense_model, tokens, device=device, batch_size=cfg.batch_size, offload=run_store)
     teacher_calls: tuple[engine.BlockCall, ...] = ()
     if dense_inputs is None and cfg.teacher_blocks:  # a shrunk block's dense blocks may take other masks (sliding/full)
-        with streamed.dense.outside() if streamed is not None else contextlib.nullcontext():
+        with dense_blocks.outside() if dense_blocks is not None else contextlib.nullcontext():
             teacher_calls = engine.capture_calls(dense_model, tokens, device=device, batch_size=cfg.batch_size)
-    worker_args = (model, dense_model, pruned_ckpt.masks, cfg, dense_inputs)
     if block_pruner is not None:
         old = pruned_ckpt.masks.masks.select(list(pruned_ckpt.masks.masks)) if pruned_ckpt.masks is not None else {}  # a copy, still packed
         worker: _Reconstructor = _Interleaved(model, MaskSet(old, block_pruner.p.pattern), cfg, block_pruner)
-    elif streamed is None:
-        worker = _Reconstructor(*worker_args)
     else:
-        worker = _StreamedReconstructor(*worker_args, dense_residency=streamed.dense)
+        worker = _Reconstructor(model, dense_model, pruned_ckpt.masks, cfg, dense_inputs, dense_blocks)
     worker.teacher_calls = teacher_calls
     with make_progress(cfg.quiet) as progress:
         engine.calibrate(
             model, tokens, worker.step, device=device, batch_size=cfg.batch_size, offload=run_store,
-            progress=progress, description="reconstruct blocks",
-            residency=streamed.pruned if streamed is not None else None, in_place=streamed is not None,
+            progress=progress, description="reconstruct blocks", residency=blocks, in_place=blocks is not None,
         )
     activation_record = {"placement": run_store.placement.describe(), "peak_device_bytes": run_store.peak_device_bytes}
     parts = trainable_mod.parse_spec(cfg.train)

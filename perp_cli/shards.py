@@ -37,7 +37,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from perp_cli.errors import CheckpointError, UsageError
+from perp_cli.errors import CheckpointError, NumericalError, UsageError
 from perp_cli.manifest import (
     ADAPTERS_CONFIG_NAME,
     ADAPTERS_NAME,
@@ -59,6 +59,44 @@ DTYPE_CODES: dict[torch.dtype, str] = {
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype
+
+
+def resolve_dtype(dtype: str) -> torch.dtype | str:
+    """`--dtype` as a torch dtype, or "auto"."""
+    if dtype == "auto":
+        return "auto"
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def check_tensor_finite(name: str, t: torch.Tensor, where: str, chunk: int = 1 << 22) -> None:
+    """NaN/inf check in chunks: `torch.isfinite` on a whole embedding matrix allocates
+    several temporaries of its size (an `abs` copy among them), more than one block of a
+    large model."""
+    if not t.is_floating_point():
+        return
+    flat = t.detach().reshape(-1)
+    for i in range(0, flat.numel(), chunk):
+        if not torch.isfinite(flat[i : i + chunk]).all():
+            raise NumericalError(f"{where}: parameter {name} contains NaN or inf")
+
+
+def masks_metadata(pattern: Pattern, shapes: dict[str, list[int]], permutations: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
+    """The `__metadata__` of `masks.safetensors` (docs/format.md), whether the masks are
+    written at once or assembled from a streamed run's spool. `input_permutations` only
+    when some mask's N:M groups run in a permuted input order (`perp prune --permute`)."""
+    meta = {
+        "format_version": str(FORMAT_VERSION),
+        "pattern": str(pattern),
+        "shapes": json.dumps(shapes, sort_keys=True),
+    }
+    if permutations:
+        meta["input_permutations"] = json.dumps({n: [int(i) for i in o] for n, o in permutations.items()}, sort_keys=True)
+    return meta
 
 
 def parse_size(text: str | int, option: str = "--max-shard-size", minimum: int = 1) -> int:

@@ -1,70 +1,57 @@
-"""Prune a model larger than memory: weights stream from the input shards, one decoder
-block at a time, through the engine, and straight into the output shards.
+"""The meta-device skeleton and the block IO of a streamed checkpoint: a model larger
+than memory goes through the engine one decoder block at a time.
 
-The model is built as a skeleton on the meta device (parameters have shapes but no
-storage; buffers such as rotary tables are real, computed from the config as
-`from_pretrained` computes them). Then:
+The model is built as a skeleton on the meta device (`build_skeleton`: parameters have
+shapes but no storage; buffers such as rotary tables are real, computed from the config as
+`from_pretrained` computes them). `StreamedBlocks` is the `engine.Residency` of such a
+model (`checkpoint.open(..., streamed=True)` opens it, `checkpoint.writing` adds the output):
 
-* the weights outside the blocks that embed the tokens (embeddings, positions) are read
-  for the one pass that catches block 0's inputs, and freed;
-* the engine reads block i from the shards just before its turn (`ShardReader`, one
-  shard handle per read), prunes it, propagates the calibration inputs through it, and
-  this module applies the final masks, verifies every tensor (finite; masked weights
-  exactly zero; N:M groups valid), writes it at its place in the output shards
-  (`ShardWriter`) and puts the block back on the meta device;
-* the final norm and the head are copied tensor by tensor at the end.
+* `outside()`: the weights before block 0 (embeddings, positions) while block 0's inputs
+  are caught; the token embedding holds only the rows the calibration tokens look up
+  (`gathered_rows`);
+* `load(i, block)`: block i (and its input masks, when they are read lazily) from the
+  shards (`ShardReader`), checked finite and zero where the input's masks say pruned;
+* `release(i, block)`: with an output, apply block i's final keep-masks (`masks_of(i)`, by
+  default the input's own), verify every tensor (finite; masked weights exactly zero; N:M
+  groups valid), write it at its place in the output shards (`ShardWriter`) and spool its
+  masks (`MaskSpool`); then put the block back on the meta device;
+* `copy_tail()`: every tensor outside the blocks, a slice of rows at a time (`copy_rows`).
 
 Peak host memory is the Python/torch baseline + one block + the calibration activations
-(one copy: the engine propagates in place) + the temporaries of pruning one matrix. The
-bit-packed masks go to a scratch file as each block finishes (`MaskSpool`; they are 1/32
-of a float32 model, ~9 GB for 70B) and are assembled into `masks.safetensors` at the end.
-glibc is asked to return freed block-sized buffers at once (`return_freed_memory`).
+(one copy: the engine propagates in place) + the temporaries of one step on one matrix.
+The bit-packed masks go to a scratch file as each block finishes (1/32 of a float32 model,
+~9 GB for 70B) and are assembled into `masks.safetensors` at the end. glibc is asked to
+return freed block-sized buffers at once (`memory.return_freed_memory`).
 
-Everything is written into `checkpoint.staging`, so an interrupt or a failed check leaves
-no output, exactly as the in-memory path. The output has the same tensors, bit for bit,
-and the same masks as `perp prune` without streaming.
-
-Limits: local safetensors directories only (no hub ids, no pickles); `--scope global`
-cannot stream (it ranks the whole model at once); input masks must name block weights.
-
-Reuse (a streamed reconstruct or merge): `open_checkpoint` gives the skeleton, and
-`streamed_output(ckpt, out, step, pattern)` yields the `BlockStream` to hand to the
-engine as `engine.Residency(load=stream.load, release=lambda i, b: stream.release(i, b,
-keep_masks_of_block_i), outside=stream.outside)`; everything else is written on exit.
-`reconstruct` (its own section below) is the streamed `perp reconstruct`: two skeletons,
-the input masks read per block (`MaskReader`), the dense model only read (`ReferenceBlocks`).
+Limits: local safetensors directories only (no hub ids, no pickles); input masks must name
+block weights. This module knows nothing of the steps (prune, reconstruct, merge) that run
+over it: each passes its `StreamedBlocks` to the engine as it would pass no residency.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
 import hashlib
-import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
-from perp_cli import arch, checkpoint, engine, mask, memory, pruner, shards
-from perp_cli.checkpoint import Checkpoint
-from perp_cli.errors import CheckpointError, NumericalError, UsageError
-from perp_cli.manifest import MANIFEST_NAME, StepRecord, empty_manifest, sha256_file, weights_sha256
-from perp_cli.mask import MaskSet, Pattern, pack_bits
+from perp_cli import arch, memory, shards
+from perp_cli.errors import CheckpointError, UsageError
+from perp_cli.manifest import MASKS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, sha256_file
+from perp_cli.mask import MaskSet, Pattern, apply, keep_stats, mask_problems, pack_bits
 from perp_cli.shards import (
-    AdapterReader,
-    MaskReader,
     ShardReader,
     ShardWriter,
     StoredTensor,
-    parse_size,
+    check_tensor_finite,
+    masks_metadata,
     read_header,
     read_tensor,
+    resolve_dtype,
     stored_tensors,
     to_checkpoint_names,
 )
@@ -73,103 +60,65 @@ STREAMING_MODES = ("auto", "on", "off")
 AUTO_FRACTION = 0.5  # auto mode streams when the weights would take more than this share of available memory
 
 
-# ----------------------------------------------------------------------------- memory
-
-
-return_freed_memory = memory.return_freed_memory
-
-
 # ----------------------------------------------------------------------------- skeleton
 
 
-# the skeleton is built where every reader builds it (checkpoint.plan_local); these names stay for callers
-parameters_on_meta = checkpoint.parameters_on_meta
-build_skeleton = checkpoint.build_skeleton
-output_names = checkpoint.output_names
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with every parameter on the meta device and every buffer real.
+
+    Parameters are moved to meta as they are registered (one uninitialised tensor at a
+    time, never the whole model); buffers (rotary `inv_freq`, ...) keep the values the
+    module computed from its config. A parameter registered twice (tied embeddings) stays
+    the same object, so ties survive.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
 
 
-# ----------------------------------------------------------------------------- opening
+def build_skeleton(config: Any, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
+    """The model of `config` with meta parameters (see `parameters_on_meta`)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with parameters_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError, OverflowError) as exc:
+        raise CheckpointError(f"cannot build a causal LM from this config.json: {(str(exc).strip() or type(exc).__name__).splitlines()[0]}") from exc
+    return model.eval()
 
 
-def open_checkpoint(
-    source: str | Path, dtype: str = "auto", trust_remote_code: bool = False, need_tokenizer: bool = False,
-    lazy_masks: bool = False, lazy_adapters: bool = False, trust_inputs: bool = False,
-) -> Checkpoint:
-    """A `Checkpoint` whose model is a meta-device skeleton; `ckpt.extra["reader"]` is the
-    `ShardReader` its weights come from. Checks what `checkpoint.load` checks that does
-    not need the weights (mask hash, names and shapes); the weights themselves are
-    checked as each is read (finite, zero where the input's masks say pruned).
-
-    `lazy_masks`: the masks are meta-device placeholders too (`ckpt.extra["masks"]` is
-    the `MaskReader` to read a block's masks with), for steps that keep every input mask
-    (reconstruct): unpacked, they would take a quarter of a float32 model.
-
-    `lazy_adapters`: `adapters.safetensors` is not read (`ckpt.adapters` is None,
-    `ckpt.adapters_config` is read); `ckpt.extra["adapters"]` is the `AdapterReader` to
-    read a block's adapters with (a streamed merge)."""
-    from transformers import GenerationConfig
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    return_freed_memory()  # before the skeleton: building it allocates and frees every parameter once
-    path = Path(source).expanduser()
-    if not path.is_dir():
-        raise UsageError(f"streaming reads a local directory; {source} is not one (download hub models first)")
-    if not ((path / checkpoint.WEIGHTS_NAME).is_file() or (path / checkpoint.WEIGHTS_INDEX_NAME).is_file()):
-        raise UsageError(f"{source} has no safetensors weights; streaming reads model.safetensors or its sharded index only")
-    checkpoint._check_local_dir(path, allow_pickle=False)
-    manifest = checkpoint.read_manifest(path)
-    layout = checkpoint.plan_local(path, dtype, trust_remote_code)
-    model, reader = layout.skeleton, layout.reader
-    if (path / "generation_config.json").is_file():
-        with contextlib.suppress(Exception):
-            model.generation_config = GenerationConfig.from_pretrained(str(path))
-    # names and shapes from the header, before a single mask is unpacked; then the hashes
-    mask_reader = checkpoint.open_masks(path, manifest, layout.parameter_shapes(), trust_inputs=trust_inputs)
-    if lazy_masks:
-        masks = mask_reader.placeholders() if mask_reader is not None else None
-    else:
-        masks = MaskSet(mask_reader.read_packed(sorted(mask_reader.stored)), mask_reader.pattern, dict(mask_reader.permutations)) if mask_reader else None
-        mask_reader = None
-    if masks is not None:
-        _check_input_masks(model, masks, source)
-    adapter_reader = AdapterReader.open(path, manifest, verify=not trust_inputs)
-    adapters_config = adapter_reader.config if adapter_reader is not None else None
-    adapters = None
-    if not lazy_adapters and adapter_reader is not None:
-        adapters, adapter_reader = adapter_reader.read(sorted(adapter_reader.stored)), None
-    recorded = (manifest or {}).get("weights_sha256")
-    if recorded and not trust_inputs and weights_sha256(path) != recorded:
-        raise CheckpointError(f"the weights of {source} do not match the weights_sha256 recorded in {MANIFEST_NAME} "
-                              "(edited or replaced since perp wrote them; --trust-inputs to use them anyway)")
-    return Checkpoint(
-        model=model,
-        tokenizer=checkpoint._load_tokenizer(str(path), trust_remote_code, need_tokenizer),
-        masks=masks,
-        manifest=manifest or empty_manifest(str(path.resolve())),
-        source=str(source),
-        adapters=adapters,
-        adapters_config=adapters_config,
-        local_dir=path.resolve(),
-        extra={"reader": reader, "masks": mask_reader, "adapters": adapter_reader},
-    )
+def output_names(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What `save_pretrained` writes, in model names: the persistent state without the
+    tied aliases (a tied `lm_head.weight` is the embedding and is not stored twice)."""
+    tied = tied_parameter_names(model)
+    return {n: t for n, t in model.state_dict(keep_vars=True).items() if n not in tied}
 
 
-def _check_input_masks(model: nn.Module, masks: MaskSet, source: str | Path) -> None:
-    params = dict(model.named_parameters())
-    prefix = arch.spec_for(model).blocks + "."
-    for name, keep in masks.masks.items():
-        if name not in params:
-            raise CheckpointError(f"{source}: weights and masks disagree: mask {name} names no parameter of this model")
-        if tuple(params[name].shape) != tuple(keep.shape):
-            raise CheckpointError(
-                f"{source}: weights and masks disagree: mask {name} has shape {tuple(keep.shape)}, the weight {tuple(params[name].shape)}"
-            )
-        if not name.startswith(prefix):
-            raise UsageError(f"{source} has a mask on {name}, outside the decoder blocks; streaming handles block masks only (use --streaming off)")
+def tied_parameter_names(model: nn.Module) -> dict[str, str]:
+    """Parameters that share storage with an earlier one (tied lm_head), alias -> owner."""
+    seen: dict[int, str] = {}
+    tied = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied[name] = seen[id(p)]
+        else:
+            seen[id(p)] = name
+    return tied
 
 
-# ----------------------------------------------------------------------------- the stream
+
+# ----------------------------------------------------------------------------- block IO
 
 
 def _get_tensor(model: nn.Module, name: str) -> torch.Tensor:
@@ -192,13 +141,10 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
         module._buffers[attr] = value
 
 
-_check_finite = checkpoint.check_tensor_finite
-
-
 class MaskSpool:
     """Bit-packed keep-masks appended to a scratch file in the staging directory as each
     block is released, assembled into `masks.safetensors` (the header of
-    `checkpoint.masks_metadata`, names sorted, as `checkpoint.write_masks`) at the end. Each mask's sha256 is kept to verify the
+    `masks_metadata`, names sorted, as `checkpoint.write_masks`) at the end. Each mask's sha256 is kept to verify the
     assembled file without holding any mask in memory."""
 
     NAME = ".masks.spool"
@@ -223,19 +169,19 @@ class MaskSpool:
         names = sorted(self.entries)
         layout = {n: (torch.uint8, (self.entries[n][1],)) for n in names}
         kept = {n: o for n, o in (permutations or {}).items() if n in self.entries}
-        metadata = checkpoint.masks_metadata(pattern, {n: self.entries[n][2] for n in names}, kept)
-        writer = ShardWriter(self.directory, layout, 1 << 62, metadata=metadata, single_name=checkpoint.MASKS_NAME)
+        metadata = masks_metadata(pattern, {n: self.entries[n][2] for n in names}, kept)
+        writer = ShardWriter(self.directory, layout, 1 << 62, metadata=metadata, single_name=MASKS_NAME)
         with open(self.path, "rb", buffering=0) as f:
             for n in names:
                 offset, size, _, _ = self.entries[n]
                 writer.write(n, read_tensor(f, StoredTensor(n, self.NAME, torch.uint8, (size,), offset, size)))
         writer.close()
         self.path.unlink()
-        return sha256_file(self.directory / checkpoint.MASKS_NAME)
+        return sha256_file(self.directory / MASKS_NAME)
 
     def verify(self, sha: str) -> None:
         """Re-read the written masks: same names, same bytes, hash as the manifest says."""
-        file = self.directory / checkpoint.MASKS_NAME
+        file = self.directory / MASKS_NAME
         if sha256_file(file) != sha:
             raise CheckpointError("written masks do not match their recorded hash")
         stored = read_header(file)
@@ -268,7 +214,7 @@ def copy_rows(model: nn.Module, reader: ShardReader, writer: ShardWriter, name: 
     step = max(1, (chunk_bytes or TAIL_CHUNK_BYTES) // max(1, shards.nbytes(dtype, meta.shape[1:])))
     for start in range(0, rows, step):
         part = reader.read_rows(name, start, min(rows, start + step)).to(dtype)
-        _check_finite(name, part, source)
+        check_tensor_finite(name, part, source)
         writer.write_rows(key, start, part)
     if rows == 0:
         writer.write(key, torch.empty(meta.shape, dtype=dtype))
@@ -303,7 +249,7 @@ def gathered_rows(model: nn.Module, reader: ShardReader, dtypes: dict[str, torch
                 parts.append(reader.read_rows(name, ids_list[run_start], ids_list[i - 1] + 1))
                 run_start = i
         rows = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(dtypes[name])
-        _check_finite(name, rows, source)
+        check_tensor_finite(name, rows, source)
         module.weight = nn.Parameter(rows.to(ids.device), requires_grad=False)
         inverse = inverse.reshape(ids.shape).to(ids.device)
         return ((inverse, *args[1:]), kwargs) if args else (args, {**kwargs, "input": inverse})
@@ -318,34 +264,41 @@ def gathered_rows(model: nn.Module, reader: ShardReader, dtypes: dict[str, torch
         embedding.weight = meta
 
 
-class BlockStream:
-    """The `pruner.WeightStream` of one streamed run: reads blocks from `reader`,
-    writes finished ones to `writer`, spools their masks and keeps their statistics."""
+class StreamedBlocks:
+    """The `engine.Residency` of a streamed checkpoint: reads block i from its shards
+    for block i's step and puts it back on the meta device after it; with an output
+    `writer`, writes each released block there first (its final keep-masks applied and
+    spooled, every tensor verified). Without one, the model is only read (the dense
+    reference of a streamed reconstruct).
 
-    def __init__(self, ckpt: Checkpoint, writer: ShardWriter, pattern: Pattern) -> None:
+    `masks_of(i)`: block i's final keep-masks, set by the step that chooses them (a
+    prune: `pruner`'s `block_keep`); by default the input's own masks of block i, read
+    for block i's step when the checkpoint holds them lazily (a reconstruct or a merge).
+    `pattern`: the pattern the released masks are checked against and written with.
+    """
+
+    def __init__(self, ckpt: Any, writer: ShardWriter | None = None) -> None:
         self.model = ckpt.model
-        self.reader: ShardReader = ckpt.extra["reader"]
+        self.reader: ShardReader = ckpt.weights
         self.writer = writer
-        self.pattern = pattern
-        self.old = ckpt.masks
         self.source = ckpt.source
+        self.old: MaskSet | None = ckpt.masks if writer is not None else None  # the reference reads no masks
+        self.mask_reader = ckpt.mask_reader if writer is not None else None
+        self.placeholders = dict(self.old.masks) if self.mask_reader is not None else {}
+        self.created = set(ckpt.created)  # `--add-biases`: in the output layout, not in the input shards
         self.names = output_names(self.model)
-        spec = arch.spec_for(self.model)
-        self.prefix = spec.blocks + "."
         self.dtypes = {n: t.dtype for n, t in self.names.items()}
-        tail = _final_norm_names(self.model)
-        head, embedding = self.model.get_output_embeddings(), self.model.get_input_embeddings()
-        if head is not None and head.weight is not embedding.weight:  # an untied head runs after the blocks
-            tail |= {n for n, p in self.model.named_parameters(remove_duplicate=False) if p is head.weight}
-        outside = [n for n in self.names if not n.startswith(self.prefix)]
-        self.embedding_names = [n for n in outside if n not in tail]  # what catching block 0's inputs runs
-        self.tail_names = [n for n in outside if n in tail]
-        self.spool = MaskSpool(writer.directory)
+        self.embedding_names, self.tail_names = arch.outside_blocks(self.model, self.names)
+        self.pattern = self.old.pattern if self.old is not None else Pattern()
+        self.masks_of: Callable[[int], dict[str, torch.Tensor]] | None = None
+        self.spool = MaskSpool(writer.directory) if writer is not None else None
         self.stats: dict[str, tuple[float, int, int]] = {}
 
     # --- reading
 
     def _read(self, names: set[str]) -> dict[str, torch.Tensor]:
+        made = {n: torch.zeros(self.names[n].shape, dtype=self.dtypes[n]) for n in names & self.created}
+        names = names - self.created
         tensors = self.reader.read(names.__contains__)
         missing = names - set(tensors)
         if missing:
@@ -353,57 +306,66 @@ class BlockStream:
         out = {}
         for name in names:
             t = tensors.pop(name).to(self.dtypes[name])
-            _check_finite(name, t, self.source)
+            check_tensor_finite(name, t, self.source)
             out[name] = t
-        return out
+        return {**out, **made}
+
+    def _uninstall(self, names: list[str]) -> None:
+        for name in names:
+            _set_tensor(self.model, name, self.names[name])  # the skeleton's meta tensor again
 
     @contextlib.contextmanager
     def outside(self) -> Iterator[None]:
         """Embeddings (and positions) present while block 0's inputs are caught; the token
         embedding holds only the rows of the tokens each forward looks up (`gathered_rows`)."""
-        with gathered_rows(self.model, self.reader, self.dtypes, self.source, set(getattr(self, "created", ()))) as gathered:
+        with gathered_rows(self.model, self.reader, self.dtypes, self.source, self.created) as gathered:
             for name, t in self._read(set(self.embedding_names) - gathered).items():
                 _set_tensor(self.model, name, t)
             try:
                 yield
             finally:
-                for name in self.embedding_names:
-                    _set_tensor(self.model, name, self.names[name])  # the skeleton's meta tensor again
+                self._uninstall(self.embedding_names)
 
-    def block_names(self, index: int) -> list[str]:
-        prefix = f"{self.prefix}{index}."
-        return [n for n in self.names if n.startswith(prefix)]
+    def own_masks(self, index: int) -> list[str]:
+        """The input's masks of block `index`."""
+        return arch.block_names(self.model, self.old.masks if self.old is not None else (), index)
 
     def load(self, index: int, block: nn.Module) -> None:
-        """Read block `index` onto the host and check it as `checkpoint.load` would."""
-        for name, t in self._read(set(self.block_names(index))).items():
+        """Block `index`'s masks (when read lazily), then its weights, checked against them."""
+        if self.mask_reader is not None:
+            self.old.masks.update(self.mask_reader.read_packed(self.own_masks(index)))
+        for name, t in self._read(set(arch.block_names(self.model, self.names, index))).items():
             _set_tensor(self.model, name, t)
-        if self.old is not None:
-            own = self.old.masks.select([n for n in self.old.masks if n.startswith(f"{self.prefix}{index}.")])
-            problems = checkpoint.mask_problems(self.model, MaskSet(own, self.old.pattern)) if own else []
-            if problems:
-                raise CheckpointError(f"{self.source}: weights and masks disagree: {problems[0]} (run `perp inspect` for all)")
+        own = self.old.masks.select(self.own_masks(index)) if self.old is not None else None
+        problems = mask_problems(self.model, MaskSet(own, self.old.pattern)) if own else []
+        if problems:
+            raise CheckpointError(f"{self.source}: weights and masks disagree: {problems[0]} (run `perp inspect` for all)")
 
     # --- writing
 
-    def release(self, index: int, block: nn.Module, keep: dict[str, torch.Tensor]) -> None:
-        """Apply the block's final masks, verify, write its tensors, free it."""
-        names = self.block_names(index)
-        masks = MaskSet(keep, self.pattern)
-        mask.apply(self.model, masks)
-        problems = checkpoint.mask_problems(self.model, masks)
-        if problems:
-            raise CheckpointError(f"refusing to write: {problems[0]}")
-        state = {n: _get_tensor(self.model, n) for n in names}
-        for name, t in state.items():
-            _check_finite(name, t, "refusing to write")
-        for name, k in keep.items():
-            self.spool.add(name, k)
-            self.stats[name] = pruner.keep_stats(k)
-        self._write({n: t.detach() for n, t in state.items()})
-        del state
-        for name in names:
-            _set_tensor(self.model, name, self.names[name])
+    def release(self, index: int, block: nn.Module) -> None:
+        """With an output: apply the block's final masks, verify, write its tensors and
+        spool its masks. Then free it (its lazy input masks go back to placeholders)."""
+        names = arch.block_names(self.model, self.names, index)
+        own = self.own_masks(index)
+        if self.writer is not None:
+            keep = self.masks_of(index) if self.masks_of is not None else {n: self.old.masks[n] for n in own}
+            masks = MaskSet(keep, self.pattern)
+            apply(self.model, masks)
+            problems = mask_problems(self.model, masks)
+            if problems:
+                raise CheckpointError(f"refusing to write: {problems[0]}")
+            state = {n: _get_tensor(self.model, n) for n in names}
+            for name, t in state.items():
+                check_tensor_finite(name, t, "refusing to write")
+            for name, k in keep.items():
+                self.spool.add(name, k)
+                self.stats[name] = keep_stats(k)
+            self._write({n: t.detach() for n, t in state.items()})
+            del state
+        self._uninstall(names)
+        for n in own if self.placeholders else ():
+            self.old.masks[n] = self.placeholders[n]
 
     def _write(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in to_checkpoint_names(self.model, tensors).items():
@@ -413,302 +375,9 @@ class BlockStream:
         """Every tensor outside the blocks: the embeddings (only gathered rows were read for
         the embedding pass), the final norm, an untied head. Each is copied a slice of rows
         at a time (`copy_rows`), so a 128k-vocabulary head costs no more memory than a 32k one."""
-        created = set(getattr(self, "created", ()))
         for name in self.embedding_names + self.tail_names:
-            if name in created or not copy_rows(self.model, self.reader, self.writer, name, self.dtypes[name], self.source):
+            if name in self.created or not copy_rows(self.model, self.reader, self.writer, name, self.dtypes[name], self.source):
                 self._write(self._read({name}))
-
-    def mask_summary(self) -> dict[str, Any]:
-        total = sum(v[2] for v in self.stats.values())
-        kept = sum(v[1] for v in self.stats.values())
-        return {
-            "total": round(1.0 - kept / total if total else 0.0, 6),
-            "per_tensor": {n: round(v[0], 6) for n, v in self.stats.items()},
-        }
-
-
-# ----------------------------------------------------------------------------- the run
-
-
-def _output_layout(model: nn.Module) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    metas = {n: torch.empty_like(t, device="meta") for n, t in output_names(model).items()}
-    return {n: (t.dtype, tuple(t.shape)) for n, t in to_checkpoint_names(model, metas).items()}
-
-
-def _write_config(model: nn.Module, dtype: torch.dtype, tmp: Path) -> None:
-    """config.json and generation_config.json as `save_pretrained` writes them."""
-    model.config.dtype = str(dtype).split(".")[1]
-    model.config.architectures = [type(model).__name__]
-    model.config.save_pretrained(tmp)
-    if model.can_generate() and model.generation_config is not None:
-        model.generation_config.save_pretrained(tmp)
-    checkpoint._strip_forbidden_config(tmp)
-
-
-def _check_space(out: Path, needed: int) -> None:
-    probe = out.parent
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
-    if free < needed:
-        raise CheckpointError(f"writing {out} needs about {needed / 1e9:.2f} GB, only {free / 1e9:.2f} GB is free; nothing was written")
-
-
-@contextlib.contextmanager
-def streamed_output(
-    ckpt: Checkpoint,
-    out: str | Path,
-    step: StepRecord,
-    pattern: Pattern,
-    overwrite: bool = False,
-    max_shard_size: str | int = "5GB",
-    stream_type: type[BlockStream] = BlockStream,
-    write_masks: bool = True,
-) -> Iterator[BlockStream]:
-    """Write a streamed step's output checkpoint atomically; yields the `BlockStream`.
-
-    The caller runs the engine with the stream as its residency (`load`, `release` with
-    each block's final keep-masks, `outside`) and fills `step.data`/`step.results`
-    before the block ends. On a normal exit this copies the tensors outside the blocks,
-    closes the shards (+ index), and writes config, generation config, tokenizer, masks
-    (pattern `pattern`) and the manifest with `step` appended, then verifies the masks,
-    all inside `checkpoint.staging`: any exception or interrupt leaves no output.
-    What `checkpoint.save` does for an in-memory model, block by block. `stream_type`: a
-    `BlockStream` subclass (`ReconstructStream`). `write_masks=False`: the output has no
-    masks (a merge that densified; release blocks with no keep-masks then).
-    """
-    limit = parse_size(max_shard_size)
-    return_freed_memory()
-    model = ckpt.model
-    dtype = model.dtype
-    out_path = Path(out).expanduser().resolve()
-    layout = _output_layout(model)
-    _check_space(out_path, sum(shards.nbytes(d, s) for d, s in layout.values()))
-    try:
-        with checkpoint.staging(out_path, overwrite=overwrite) as tmp:
-            writer = ShardWriter(tmp, layout, limit, total_parameters=model.num_parameters())
-            stream = stream_type(ckpt, writer, pattern)
-            yield stream
-            stream.copy_tail()
-            writer.close()
-            step.results["streaming"] = {"max_shard_size": limit, "shards": len(writer.files), "bytes_written": writer.total_size}
-            _write_config(model, dtype, tmp)
-            if ckpt.tokenizer is not None:
-                ckpt.tokenizer.save_pretrained(tmp)
-            manifest = checkpoint.next_manifest(ckpt.manifest, step)
-            if write_masks:
-                manifest["masks_sha256"] = stream.spool.finish(pattern, ckpt.masks.permutations if ckpt.masks is not None else None)
-                manifest["pattern"] = str(pattern)
-                manifest["sparsity"] = stream.mask_summary()
-            else:
-                stream.spool.path.unlink()
-            checkpoint.write_manifest(tmp, manifest)
-            if write_masks:
-                stream.spool.verify(manifest["masks_sha256"])
-    except OSError as exc:
-        raise CheckpointError(checkpoint._write_failure(out, exc)) from exc
-
-
-def prune(
-    ckpt: Checkpoint,
-    out: str | Path,
-    config: pruner.PruneConfig,
-    step: StepRecord,
-    overwrite: bool = False,
-    max_shard_size: str | int = "5GB",
-    tokens: torch.Tensor | None = None,
-) -> pruner.PruneOutcome:
-    """Prune the streamed checkpoint `ckpt` (from `open_checkpoint`) into `out`.
-
-    `pruner.prune` with the stream of `streamed_output`: the same numbers as in memory,
-    written as `checkpoint.save` would write them. Fills `step.data`/`step.results`;
-    returns the outcome with `masks=None` (they are on disk, bit-packed).
-    """
-    p = pruner.plan(config)
-    if p.scope == "global":  # before anything is opened; pruner.prune says the same
-        raise UsageError("--scope global ranks every weight of the model at once, so it cannot stream; use --scope row/matrix, or --streaming off")
-    with streamed_output(ckpt, out, step, p.pattern, overwrite=overwrite, max_shard_size=max_shard_size) as stream:
-        outcome = pruner.prune(ckpt, config, tokens=tokens, stream=stream)
-        step.data, step.results = outcome.data, outcome.results
-    return outcome
-
-
-# ----------------------------------------------------------------------------- streamed reconstruct
-# `perp reconstruct --streaming`: the pruned model and the dense reference are both
-# skeletons. Pruned block i (with its masks) and dense block i are read for block i's
-# step only; the reconstructed block is written as soon as it is propagated.
-
-
-class ReconstructStream(BlockStream):
-    """The `BlockStream` of a streamed reconstruct (for `streamed_output(stream_type=...)`).
-
-    Two differences from pruning: the checkpoint's masks are placeholders
-    (`open_checkpoint(lazy_masks=True)`), made real for block i in `load` and written back
-    unchanged in `release_block`; and the zero biases `--add-biases` put into the skeleton
-    (`ckpt.extra["created"]`: in the output layout, not in the input shards) are created
-    instead of read.
-    """
-
-    def __init__(self, ckpt: Checkpoint, writer: ShardWriter, pattern: Pattern) -> None:
-        super().__init__(ckpt, writer, pattern)
-        self.mask_reader: MaskReader | None = ckpt.extra.get("masks")
-        self.created = set(ckpt.extra.get("created", ()))
-        self.placeholders = dict(self.old.masks) if self.old is not None else {}
-
-    def _read(self, names: set[str]) -> dict[str, torch.Tensor]:
-        made = {n: torch.zeros(self.names[n].shape, dtype=self.dtypes[n]) for n in names & self.created}
-        return {**super()._read(names - self.created), **made}
-
-    def own_masks(self, index: int) -> list[str]:
-        prefix = f"{self.prefix}{index}."
-        return [n for n in self.placeholders if n.startswith(prefix)]
-
-    def load(self, index: int, block: nn.Module) -> None:
-        """Block i's masks, then its weights (checked against them by `BlockStream.load`)."""
-        if self.mask_reader is not None:
-            self.old.masks.update(self.mask_reader.read_packed(self.own_masks(index)))
-        super().load(index, block)
-
-    def release_block(self, index: int, block: nn.Module) -> None:
-        """Write block i with its masks as they came in; both go back to placeholders."""
-        own = self.own_masks(index)
-        self.release(index, block, {n: self.old.masks[n] for n in own})
-        for n in own:
-            self.old.masks[n] = self.placeholders[n]
-
-
-def _final_norm_names(model: nn.Module) -> set[str]:
-    """The final norm's parameter names (none when the model has no final norm)."""
-    final = arch.spec_for(model).final_norm
-    return set() if final is None else {f"{final}.{n}" for n, _ in model.get_submodule(final).named_parameters()}
-
-
-def _embedding_names(model: nn.Module, names: dict[str, torch.Tensor]) -> list[str]:
-    """What catching block 0's inputs runs: every tensor outside the blocks except the
-    final norm and an untied head (as `BlockStream` splits them)."""
-    spec = arch.spec_for(model)
-    tail = _final_norm_names(model)
-    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    if head is not None and head.weight is not embedding.weight:
-        tail |= {n for n, p in model.named_parameters(remove_duplicate=False) if p is head.weight}
-    return [n for n in names if not n.startswith(spec.blocks + ".") and n not in tail]
-
-
-class ReferenceBlocks:
-    """A streamed model that is only read: the dense reference of a streamed reconstruct.
-
-    `load(i, block)` reads dense block i for block i's targets, `release(i, block)` puts
-    it back on the meta device right after; `outside()` holds the embeddings while the
-    dense stream's own inputs are caught (`--target dense-stream`). Weights are checked
-    finite as they are read; nothing is written.
-    """
-
-    def __init__(self, ckpt: Checkpoint) -> None:
-        self.model = ckpt.model
-        self.reader: ShardReader = ckpt.extra["reader"]
-        self.source = ckpt.source
-        self.names = output_names(self.model)
-        self.prefix = arch.spec_for(self.model).blocks + "."
-        self.embedding_names = _embedding_names(self.model, self.names)
-
-    def _install(self, names: list[str]) -> None:
-        tensors = self.reader.read(set(names).__contains__)
-        for name in names:
-            if name not in tensors:
-                raise CheckpointError(f"{self.source}: {name} did not come out of the checkpoint's shards")
-            t = tensors.pop(name).to(self.names[name].dtype)
-            _check_finite(name, t, self.source)
-            _set_tensor(self.model, name, t)
-
-    def _uninstall(self, names: list[str]) -> None:
-        for name in names:
-            _set_tensor(self.model, name, self.names[name])
-
-    def block_names(self, index: int) -> list[str]:
-        return [n for n in self.names if n.startswith(f"{self.prefix}{index}.")]
-
-    @contextlib.contextmanager
-    def outside(self) -> Iterator[None]:
-        dtypes = {n: t.dtype for n, t in self.names.items()}
-        with gathered_rows(self.model, self.reader, dtypes, self.source) as gathered:
-            self._install([n for n in self.embedding_names if n not in gathered])
-            try:
-                yield
-            finally:
-                self._uninstall(self.embedding_names)
-
-    def load(self, index: int, block: nn.Module) -> None:
-        self._install(self.block_names(index))
-
-    def release(self, index: int, block: nn.Module) -> None:
-        self._uninstall(self.block_names(index))
-
-
-def reconstruct(
-    ckpt: Checkpoint,
-    dense: Checkpoint,
-    out: str | Path,
-    config: Any,
-    tokens: torch.Tensor,
-    step: StepRecord,
-    overwrite: bool = False,
-    max_shard_size: str | int = "5GB",
-) -> Any:
-    """Reconstruct the streamed pruned checkpoint `ckpt` (`open_checkpoint(...,
-    lazy_masks=True)`) against the streamed dense `dense` into `out`.
-
-    `reconstruction.reconstruct` with both models as residencies: the same weights,
-    masks and per-block errors as in memory, written as `checkpoint.save` would write
-    them. `config` is a `reconstruction.ReconstructConfig`; fills `step.results` (the
-    caller fills `step.data`); returns the `ReconstructOutcome`.
-    """
-    # imported here: reconstruction imports training, which `perp prune` does not need
-    from perp_cli import reconstruction, trainable
-
-    config.validate()
-    reconstruction.check_pruned(ckpt)
-    reconstruction.check_compatible(ckpt.model, dense.model)
-    # before the output layout is planned: the added biases are part of it
-    ckpt.extra["created"] = trainable.add_biases(ckpt.model) if config.add_biases else []
-    with streamed_output(
-        ckpt, out, step, ckpt.masks.pattern, overwrite=overwrite, max_shard_size=max_shard_size, stream_type=ReconstructStream
-    ) as stream:
-        reference = ReferenceBlocks(dense)
-        streamed = reconstruction.Streamed(
-            pruned=engine.Residency(load=stream.load, release=stream.release_block, outside=stream.outside),
-            dense=engine.Residency(load=reference.load, release=reference.release, outside=reference.outside),
-            added_biases=list(ckpt.extra["created"]),
-        )
-        outcome = reconstruction.reconstruct(ckpt, dense.model, tokens, config, streamed=streamed)
-        step.results = outcome.results()
-    return outcome
-
-
-# ----------------------------------------------------------------------------- streamed merge
-# `perp merge --streaming` (the merge itself is `perp_cli.merging.merge_streamed`): block
-# i's weights, masks and adapters are read for block i's step only, and the merged block
-# is verified and written at once, as a streamed reconstruct writes its blocks.
-
-
-class MergeStream(ReconstructStream):
-    """The `BlockStream` of a streamed merge (`streamed_output(stream_type=MergeStream)`).
-
-    Masks come and go with their block exactly as in a streamed reconstruct (lazy
-    placeholders, block i's masks real while it is in memory, written back unchanged);
-    with `keep_masks = False` (plain LoRA merged with --allow-densify) blocks are written
-    without masks, as the in-memory merge then writes none.
-    """
-
-    keep_masks = True
-
-    def release_block(self, index: int, block: nn.Module) -> None:
-        if self.keep_masks:
-            super().release_block(index, block)
-            return
-        own = self.own_masks(index)
-        self.release(index, block, {})
-        for n in own:
-            self.old.masks[n] = self.placeholders[n]
 
 
 # ----------------------------------------------------------------------------- choosing
@@ -732,21 +401,20 @@ def weights_bytes(source: str | Path, dtype: str) -> int | None:
         stored = stored_tensors(Path(source).expanduser())
     except CheckpointError:
         return None
-    target = checkpoint.resolve_dtype(dtype)
+    target = resolve_dtype(dtype)
     return sum(
         shards.nbytes(target if target != "auto" and t.dtype.is_floating_point else t.dtype, t.shape)
         for t in stored.values()
     )
 
 
-def decide(
-    mode: str, source: str | Path, config: pruner.PruneConfig | None = None, dtype: str = "auto", models: int = 1
-) -> Decision:
-    """Whether a command streams. `on`/`off` as asked (`on` fails with a usage error
-    if the input cannot stream); `auto` streams a local safetensors checkpoint whose
-    weights would take more than half of the available memory. `config`: a prune's
-    (`--scope global` cannot stream); `models`: how many models of this size the command
-    holds in memory when it does not stream (reconstruct: the pruned and the dense one)."""
+def decide(mode: str, source: str | Path, dtype: str = "auto", models: int = 1, refusal: str | None = None) -> Decision:
+    """Whether a command streams (the residency `checkpoint.open` is asked for). `on`/`off`
+    as asked (`on` fails with a usage error if the input cannot stream); `auto` streams a
+    local safetensors checkpoint whose weights would take more than half of the available
+    memory. `refusal`: why the command's options cannot stream, if they cannot (a prune's:
+    `pruner.streaming_refusal`); `models`: how many models of this size the command holds
+    in memory when it does not stream (reconstruct: the pruned and the dense one)."""
     if mode not in STREAMING_MODES:
         raise UsageError(f"--streaming {mode!r} is not one of {', '.join(STREAMING_MODES)}")
     if mode == "off":
@@ -755,12 +423,10 @@ def decide(
     problem = None
     if not path.is_dir():
         problem = f"{source} is not a local directory (streaming reads local safetensors)"
-    elif not ((path / checkpoint.WEIGHTS_NAME).is_file() or (path / checkpoint.WEIGHTS_INDEX_NAME).is_file()):
+    elif not ((path / WEIGHTS_NAME).is_file() or (path / WEIGHTS_INDEX_NAME).is_file()):
         problem = f"{source} has no safetensors weights"
-    elif config is not None and pruner.plan(config).scope == "global":
-        problem = "--scope global ranks the whole model at once"
-    elif config is not None and (config.allocation != "uniform" or config.refine is not None or config.permute):
-        problem = "--allocation owl, --refine and --permute run in memory"
+    elif refusal is not None:
+        problem = refusal
     if mode == "on":
         if problem:
             raise UsageError(f"--streaming on: {problem}; use --streaming off")

@@ -48,7 +48,7 @@ def inspect(
             _render_arch(found)
         return
     report = inspect_checkpoint(ckpt)
-    report.problems.extend(ckpt.extra.get("problems", []))
+    report.problems.extend(ckpt.problems)
     failures = expectation_failures(report, expect_sparsity, tolerance, expect_pattern)
     if json_out:
         emit_json({**report.to_json(), "expectation_failures": failures})

@@ -26,7 +26,7 @@ from perp_cli.cli.common import (
 )
 from perp_cli.errors import UsageError
 from perp_cli.manifest import StepRecord
-from perp_cli.merging import merge_checkpoint, merge_streamed
+from perp_cli.merging import merge
 from perp_cli.progress import console, make_progress
 from perp_cli.shards import parse_size
 
@@ -62,27 +62,19 @@ def merge_cmd(
     on_host = checkpoint.resolve_device(device).type == "cpu"
     if not on_host and streaming_mode == "on":
         raise UsageError(f"--streaming on merges on the host; use --device cpu (not {device}) or --streaming off")
-    decision = streaming.decide(streaming_mode if on_host else "off", model, None, dtype)
+    decision = streaming.decide(streaming_mode if on_host else "off", model, dtype)
     step = StepRecord("merge", args={"model": model, "output": str(output), "allow_densify": allow_densify,
                                      "dtype": dtype, "device": device, "streaming": decision.stream, "streaming_reason": decision.reason,
                                      "max_shard_size": max_shard_size}, input=model, seed=seed)
     # the seed only draws the probe inputs: the merge itself is deterministic arithmetic
-    if decision.stream:
-        if not quiet:
-            console.print(escape(decision.reason), soft_wrap=True)
-        ckpt = streaming.open_checkpoint(model, dtype=dtype, trust_remote_code=trust_remote_code,
-                                         lazy_masks=True, lazy_adapters=True, trust_inputs=trust_inputs)
-        with make_progress(quiet) as progress:
-            report = merge_streamed(ckpt, output, step, allow_densify=allow_densify, overwrite=overwrite,
-                                    max_shard_size=shard_bytes, seed=seed, progress=progress)
-    else:
-        ckpt = checkpoint.load(model, dtype=dtype, device=device, allow_pickle=allow_pickle,
-                               trust_remote_code=trust_remote_code, trust_inputs=trust_inputs)
-        report = merge_checkpoint(ckpt, allow_densify=allow_densify, seed=seed)
-        step.results = report.to_json()
-        masks = ckpt.masks if report.densified_density is None else None
-        checkpoint.save(output, ckpt.model, ckpt.tokenizer, masks, manifest_in=ckpt.manifest, step=step,
-                        overwrite=overwrite, max_shard_size=shard_bytes)
+    if decision.stream and not quiet:
+        console.print(escape(decision.reason), soft_wrap=True)
+    ckpt = checkpoint.open(model, dtype=dtype, device=device, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                           trust_inputs=trust_inputs, streamed=decision.stream, lazy_masks=True, lazy_adapters=True)
+    with checkpoint.writing(ckpt, output, step, overwrite=overwrite, max_shard_size=shard_bytes) as sink, make_progress(quiet or not decision.stream) as progress:
+        report = merge(ckpt, allow_densify=allow_densify, seed=seed, blocks=sink.blocks, progress=progress)
+        step.results = report.results()
+        sink.finish(ckpt.masks if report.densified_density is None else None)
 
     if json_out:
         skipped = step.results.get("checks_skipped", {})

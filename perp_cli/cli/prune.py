@@ -34,7 +34,7 @@ from perp_cli.cli.common import (
 from perp_cli.errors import UsageError
 from perp_cli.manifest import StepRecord
 from perp_cli.progress import console
-from perp_cli.pruner import PruneConfig, plan, prune
+from perp_cli.pruner import PruneConfig, plan, prune, streaming_refusal
 from perp_cli.shards import parse_size
 
 
@@ -111,27 +111,21 @@ def prune_cmd(
     overwrite = overwrite or overwrite_foreign
     checkpoint.check_output(output, inputs=[model, calib, offload_dir] + ([dense] if dense else []), overwrite=overwrite, overwrite_foreign=overwrite_foreign)
     activations.check_offload_dir(offload_dir, output, [model])
-    decision = streaming.decide(streaming_mode, model, config, dtype)
+    decision = streaming.decide(streaming_mode, model, dtype, refusal=streaming_refusal(config))
     step = StepRecord("prune", args={**vars(config), "model": model, "output": str(output), "dtype": dtype,
                                      "streaming": decision.stream, "streaming_reason": decision.reason, "max_shard_size": max_shard_size}, input=model, seed=seed)
-    if decision.stream:
-        if not quiet:
-            console.print(escape(decision.reason), soft_wrap=True)
-        ckpt = streaming.open_checkpoint(model, dtype=dtype, trust_remote_code=trust_remote_code, trust_inputs=trust_inputs)
-        if config.method in ("wanda", "sparsegpt", "ria"):
-            check_activation_memory(ckpt.model, nsamples, seqlen, 1, offload_dir, "calibration")
-        _, results, data_record = streaming.prune(ckpt, output, config, step, overwrite=overwrite, max_shard_size=shard_bytes)
-    else:
-        ckpt = checkpoint.load(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
-                               trust_remote_code=trust_remote_code, need_tokenizer=False, trust_inputs=trust_inputs)
-        if config.method in ("wanda", "sparsegpt", "ria") or refine is not None or allocation == "owl":
-            check_activation_memory(ckpt.model, nsamples, seqlen, 1, offload_dir, "calibration")
-        dense_model = _dense_model(ckpt, dense, dtype, trust_remote_code, trust_inputs) if config.method == "keep" else None
-        masks, results, data_record = prune(ckpt, config, dense=dense_model)
+    if decision.stream and not quiet:
+        console.print(escape(decision.reason), soft_wrap=True)
+    ckpt = checkpoint.open(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                           need_tokenizer=False, trust_inputs=trust_inputs, streamed=decision.stream)
+    if config.method in ("wanda", "sparsegpt", "ria") or refine is not None or allocation == "owl":
+        check_activation_memory(ckpt.model, nsamples, seqlen, 1, offload_dir, "calibration")
+    dense_model = _dense_model(ckpt, dense, dtype, trust_remote_code, trust_inputs) if config.method == "keep" else None
+    with checkpoint.writing(ckpt, output, step, overwrite=overwrite, max_shard_size=shard_bytes) as sink:
+        masks, results, data_record = prune(ckpt, config, dense=dense_model, blocks=sink.blocks)
         del dense_model
         step.data, step.results = data_record, results
-        checkpoint.save(output, ckpt.model, ckpt.tokenizer, masks, manifest_in=ckpt.manifest, step=step,
-                        overwrite=overwrite, max_shard_size=shard_bytes)
+        sink.finish(masks)
 
     achieved = results["sparsity_achieved"]
     if json_out:

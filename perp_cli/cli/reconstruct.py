@@ -39,6 +39,7 @@ from perp_cli.reconstruction import (
     ReconstructConfig,
     check_compatible,
     dense_source,
+    prepare,
     reconstruct,
 )
 from perp_cli.shards import parse_size
@@ -148,29 +149,23 @@ def reconstruct_cmd(
     checkpoint.check_output(output, inputs=inputs, overwrite=overwrite, overwrite_foreign=overwrite_foreign)
     activations.check_offload_dir(offload_dir, output, [model] + ([dense] if dense else []))
     decision = streaming.decide(streaming_mode, model, dtype=dtype, models=1 if prune_config else 2)  # the dense model has the same shapes
-    if decision.stream:
-        if not quiet:
-            console.print(escape(decision.reason), soft_wrap=True)
-        ckpt = streaming.open_checkpoint(model, dtype=dtype, trust_remote_code=trust_remote_code, need_tokenizer=True,
-                                         lazy_masks=True, trust_inputs=trust_inputs)
-    else:
-        ckpt = checkpoint.load(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
-                               trust_remote_code=trust_remote_code, need_tokenizer=True, trust_inputs=trust_inputs)
+    if decision.stream and not quiet:
+        console.print(escape(decision.reason), soft_wrap=True)
+    ckpt = checkpoint.open(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                           need_tokenizer=True, trust_inputs=trust_inputs, streamed=decision.stream, lazy_masks=True)
     dense_dir = model if prune_config is not None else dense_source(ckpt, dense)
     if dense is None:
         checkpoint.check_output(output, inputs=inputs + [dense_dir], overwrite=overwrite, overwrite_foreign=overwrite_foreign)
     if prune_config is not None:
         reference = None
-    elif decision.stream:
-        try:
-            reference = streaming.open_checkpoint(dense_dir, dtype=dtype, trust_remote_code=trust_remote_code, lazy_masks=True,
-                                                  trust_inputs=trust_inputs)
-        except UsageError as exc:
-            raise UsageError(f"--dense: {exc}; or use --streaming off") from exc
     else:
-        reference = checkpoint.load(dense_dir, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
-                                    trust_remote_code=trust_remote_code, need_tokenizer=False,
-                                    trust_inputs=trust_inputs)
+        try:
+            reference = checkpoint.open(dense_dir, dtype=dtype, device="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                                        need_tokenizer=False, trust_inputs=trust_inputs, streamed=decision.stream, lazy_masks=True)
+        except UsageError as exc:
+            if not decision.stream:
+                raise
+            raise UsageError(f"--dense: {exc}; or use --streaming off") from exc
     if reference is not None and shrunk is not None:
         shrinking.check_teacher(ckpt.model, reference.model, config.teacher_blocks)
         if not trust_inputs:
@@ -200,14 +195,11 @@ def reconstruct_cmd(
     }
     step = StepRecord("reconstruct", args=args, input=model, seed=seed)
     step.data = {**data.describe_tokens(source, tokens), "seqlen": length, "concat": calib_concat}
-    if decision.stream:
-        streaming.reconstruct(ckpt, reference, output, config, tokens, step, overwrite=overwrite, max_shard_size=shard_bytes)
-        results = step.results
-    else:
-        outcome = reconstruct(ckpt, None if reference is None else reference.model, tokens, config, prune=prune_config)
+    prepare(ckpt, None if reference is None else reference.model, config)  # --add-biases: before the output is planned
+    with checkpoint.writing(ckpt, output, step, overwrite=overwrite, max_shard_size=shard_bytes) as sink:
+        outcome = reconstruct(ckpt, reference, tokens, config, prune=prune_config, blocks=sink.blocks)
         step.results = results = outcome.results()
-        checkpoint.save(output, ckpt.model, ckpt.tokenizer, outcome.masks, manifest_in=ckpt.manifest, step=step,
-                        overwrite=overwrite, max_shard_size=shard_bytes)
+        sink.finish(outcome.masks)
 
     if json_out:
         emit_json({"output": str(output), "dense": dense_dir, **results, "calibration": step.data,
