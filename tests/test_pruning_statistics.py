@@ -61,8 +61,7 @@ def test_target_groups_keep_only_chosen_members() -> None:
 
 def test_mixtral_expert_statistics_come_from_routed_tokens_only() -> None:
     model = tiny.build_model("mixtral")
-    tokens = random_tokens(4, 20, 5)
-    inputs = _block0_inputs(model, tokens)
+    inputs = _block0_inputs(model, random_tokens(4, 20, 5))
     block = arch.blocks(model)[0]
     keys = {m.key for m in arch.block_matrices(model, 0)}
     groups = target_groups(model, 0, keys)
