@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from quality_args import quality_parser
+from common import quality_parser
 
 
 def main() -> None:
@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--sections", default="sparsegpt,wanda-scope,interleaved,retrain")
     parser.add_argument("--recipes", default="perp,paper", help="recipes of the interleaved and retrain sections")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from perp_cli import adapters, arch, checkpoint, data
     from perp_cli.perplexity import eval_token_ids, perplexity

@@ -39,15 +39,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("PERP_SHARED", ROOT.parent / "shared"))
-MODEL = SHARED / "models" / "tiny-opt"
-C4 = SHARED / "data" / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
-WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+from common import C4_SAMPLE, TINY_OPT, WIKITEXT2_TEST, run_measured, scratch
 
 # The peer's side, run by the peer's interpreter (`python -c PEER_CODE MODEL TOKENS OUT SPARSITY`).
 PEER_CODE = r"""
@@ -73,21 +68,6 @@ model.save_pretrained(out, save_compressed=False)
 done = time.perf_counter()
 print(json.dumps({"prune_s": done - imported, "total_s": done - start, "version": llmcompressor.__version__}))
 """
-
-
-def run_child(argv: list[str]) -> tuple[int, float, float, str, str]:
-    """Run `argv` in a fresh process, reaped with `os.wait4` for its own peak RSS; return
-    exit code, ru_maxrss (MiB), wall seconds, stdout and stderr."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        seconds = time.perf_counter() - start
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        return proc.returncode, usage.ru_maxrss / 1024, seconds, out.read(), err.read()
 
 
 def perp_child(model: str, tokens_file: str, out: str, sparsity: float) -> None:
@@ -183,9 +163,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peer-python", default=os.environ.get("PERP_PEER_PYTHON"),
                         help="interpreter of the environment where llmcompressor is installed (default $PERP_PEER_PYTHON)")
-    parser.add_argument("--model", default=str(MODEL), help="checkpoint both prune (default ../shared/models/tiny-opt)")
-    parser.add_argument("--calib", default=str(C4), help="calibration text (default the C4 sample in ../shared)")
-    parser.add_argument("--eval-data", default=str(WIKI), help="perplexity text (default WikiText-2 test in ../shared)")
+    parser.add_argument("--model", default=str(TINY_OPT), help="checkpoint both prune (default ../shared/models/tiny-opt)")
+    parser.add_argument("--calib", default=str(C4_SAMPLE), help="calibration text (default the C4 sample in ../shared)")
+    parser.add_argument("--eval-data", default=str(WIKITEXT2_TEST), help="perplexity text (default WikiText-2 test in ../shared)")
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seqlen", type=int, default=256, help="tokens per calibration window")
     parser.add_argument("--eval-seqlen", type=int, default=512, help="tokens per perplexity window")
@@ -205,8 +185,7 @@ def main() -> None:
             print(f"peer comparison skipped: {what} {path} does not exist (../shared missing? set PERP_SHARED)")
             return
 
-    work = Path(tempfile.mkdtemp(prefix="perp-peer-", dir=args.workdir))
-    try:
+    with scratch("perp-peer-", args.workdir, args.keep) as work:
         tokens = work / "calibration.safetensors"
         sample_tokens(args.model, args.calib, args.nsamples, args.seqlen, tokens)
         rows = {}
@@ -216,12 +195,12 @@ def main() -> None:
         }
         for side, argv in sides.items():
             print(f"{side}: SparseGPT {args.sparsity:.0%} on {args.nsamples} x {args.seqlen} tokens ...", file=sys.stderr, flush=True)
-            code, peak, seconds, stdout, stderr = run_child(argv)
-            if code != 0:
-                sys.stderr.write(stderr[-3000:])
-                raise SystemExit(f"{side} failed with exit code {code}")
-            report = json.loads(stdout.strip().splitlines()[-1])
-            rows[side] = {"prune_s": report["prune_s"], "process_s": seconds, "peak_mib": peak, "version": report["version"]}
+            child = run_measured(argv, {"TOKENIZERS_PARALLELISM": "false"})
+            if child.code != 0:
+                sys.stderr.write(child.stderr[-3000:])
+                raise SystemExit(f"{side} failed with exit code {child.code}")
+            report = json.loads(child.stdout.strip().splitlines()[-1])
+            rows[side] = {"prune_s": report["prune_s"], "process_s": child.seconds, "peak_mib": child.peak_mib, "version": report["version"]}
         for f in Path(args.model).glob("tokenizer*"):  # the peer's oneshot saves no tokenizer; the evaluator needs one
             shutil.copy(f, work / "peer" / f.name)
         for side, out in (("perp", work / "perp"), ("llm-compressor", work / "peer")):
@@ -246,11 +225,6 @@ def main() -> None:
                                 ("sparsity", "sparsity of the block matrices", "{:.4f}")):
             ratio = perp[key] / peer[key] if peer[key] else float("nan")
             print(f"| {label} | {fmt.format(perp[key])} | {fmt.format(peer[key])} | {ratio:.2f} |")
-    finally:
-        if args.keep:
-            print(f"kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -42,16 +42,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-C4 = ROOT.parent / "shared" / "data" / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
+from common import C4_SAMPLE, ROOT, run_measured, scratch
 
 
 def llama_config(args: argparse.Namespace):
@@ -131,19 +128,24 @@ def child(argv: list[str]) -> None:
 def run_child(argv: list[str]) -> tuple[int, float, float | None, float, str]:
     """Run `--child ARGV` in a fresh process; return its exit code, ru_maxrss (MiB),
     VmHWM (MiB), seconds and stdout."""
-    env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, __file__, "--child", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()  # the child's stderr is small (-q)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    child = run_measured([sys.executable, __file__, "--child", *argv], {"OMP_WAIT_POLICY": "PASSIVE"})
     hwm = None
-    for line in stderr.splitlines():
+    for line in child.stderr.splitlines():
         if line.startswith('{"vm_hwm_mib"'):
             hwm = json.loads(line)["vm_hwm_mib"]
-    if proc.returncode != 0:
-        sys.stderr.write(stderr[-2000:])
-    return proc.returncode, usage.ru_maxrss / 1024, hwm, time.perf_counter() - start, stdout
+    if child.code != 0:
+        sys.stderr.write(child.stderr[-2000:])
+    return child.code, child.peak_mib, hwm, child.seconds, child.stdout
+
+
+def write_model_in_child(directory: Path, args: argparse.Namespace) -> tuple[int, int]:
+    """`write_model` in a subprocess (this process never imports torch); returns its
+    parameter count and bytes on disk."""
+    shape = {k: v for k, v in vars(args).items() if k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "shard_size")}
+    written = subprocess.run([sys.executable, __file__, "--write-model", str(directory), json.dumps(shape)],
+                             stdout=subprocess.PIPE, text=True, check=True)
+    report = json.loads(written.stdout)
+    return report["params"], report["bytes"]
 
 
 def main() -> None:
@@ -181,10 +183,9 @@ def main() -> None:
         raise SystemExit(f"--runs: unknown run {unknown[0]!r} (choose from {', '.join(known)})")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else [args.method]
     vocabs = [int(v) for v in args.vocabs.split(",")] if args.vocabs else [args.vocab]
-    work = Path(tempfile.mkdtemp(prefix="perp-prune-memory-", dir=args.workdir))
     mib = 2**20
     runs = []
-    try:
+    with scratch("perp-prune-memory-", args.workdir, args.keep) as work:
         _, _, baseline, _, _ = run_child(["import"])
         for vocab in vocabs:
             args.vocab = vocab
@@ -192,12 +193,9 @@ def main() -> None:
             model_dir.mkdir()
             print(f"writing the model (vocabulary {vocab}) to {model_dir}", file=sys.stderr)
             start = time.perf_counter()
-            shape = {k: v for k, v in vars(args).items() if k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "shard_size")}
-            written = subprocess.run([sys.executable, __file__, "--write-model", str(model_dir), json.dumps(shape)],
-                                     stdout=subprocess.PIPE, text=True, check=True)
-            params, on_disk = (json.loads(written.stdout)[k] for k in ("params", "bytes"))
+            params, on_disk = write_model_in_child(model_dir, args)
             print(f"  {params / 1e9:.3f}B parameters, {on_disk / 1e9:.2f} GB in {time.perf_counter() - start:.0f}s", file=sys.stderr)
-            calib = ["--calib", str(C4)] if C4.is_file() else ["--calib", str(ROOT / "perp_cli" / "demo" / "corpus.txt"), "--calib-concat"]
+            calib = ["--calib", str(C4_SAMPLE)] if C4_SAMPLE.is_file() else ["--calib", str(ROOT / "perp_cli" / "demo" / "corpus.txt"), "--calib-concat"]
             spill = work / "activations"
             for method in methods:
                 base = ["perp", "prune", str(model_dir), "--method", method, "--sparsity", "0.5",
@@ -250,11 +248,6 @@ def main() -> None:
                     peaks = {r[0]: r[6] for r in runs if r[3] == method and r[4] == mode and r[5] == where}
                     print(f"| {method} | {mode} | {where} | " + " | ".join(f"{peaks[v]:.0f}" for v in vocabs)
                           + f" | {peaks[vocabs[-1]] / peaks[vocabs[0]]:.3f} |")
-    finally:
-        if args.keep:
-            print(f"kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

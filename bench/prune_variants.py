@@ -15,9 +15,7 @@ import copy
 import sys
 import time
 
-import torch
-
-from quality_args import quality_parser
+from common import quality_parser, quality_setup
 
 # (label, PruneConfig keyword arguments); each variant follows its baseline
 ROWS: list[tuple[str, dict]] = [
@@ -44,37 +42,23 @@ ROWS: list[tuple[str, dict]] = [
 def main() -> None:
     parser = quality_parser(__doc__, nsamples=64, seqlen=256)
     parser.add_argument("--rows", default="", help="comma-separated row labels (default: all)")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    q = quality_setup(args)
+    from perp_cli.pruner import PruneConfig, prune
 
-    from perp_cli import checkpoint, data
-    from perp_cli.perplexity import eval_token_ids, perplexity
-    from perp_cli.pruner import PruneConfig, calibration_tokens, prune
-
-    base = checkpoint.load(args.model, need_tokenizer=True)
-    ids = eval_token_ids(base.tokenizer, data.load_source(args.eval), args.eval_seqlen)
-    probe = PruneConfig("wanda", calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen)
-    tokens, record = calibration_tokens(base, probe)
-
-    def ppl(model: torch.nn.Module) -> float:
-        return perplexity(model, ids, args.eval_seqlen, batch_size=8, max_windows=args.windows).ppl
-
-    print(f"model {args.model}; calibration {record['source']} {list(tokens.shape)} sha256 {record['token_ids_sha256'][:12]}; "
-          f"eval WikiText-2 test, first {args.windows} windows of {args.eval_seqlen}", file=sys.stderr)
+    print(f"{q.calibration()}; {q.evaluation()}", file=sys.stderr)
     wanted = set(filter(None, args.rows.split(",")))
-    rows = [("dense", ppl(base.model), 0.0, "")]
+    rows = [("dense", q.ppl(q.base.model), 0.0, "")]
     for label, kwargs in ROWS:
         if wanted and label not in wanted:
             continue
-        ckpt = copy.deepcopy(base)
+        ckpt = copy.deepcopy(q.base)
         start = time.time()
         config = PruneConfig(seqlen=args.seqlen, skip_indivisible=True, **kwargs)
-        _, results, _ = prune(ckpt, config, tokens=tokens)
+        _, results, _ = prune(ckpt, config, tokens=q.tokens)
         seconds = time.time() - start
         achieved = results["sparsity_achieved"]["pruned_tensors"]
-        rows.append((label, ppl(ckpt.model), seconds, f"{achieved:.4f}"))
+        rows.append((label, q.ppl(ckpt.model), seconds, f"{achieved:.4f}"))
         print(f"  {label:34s} ppl {rows[-1][1]:9.2f}  sparsity {achieved:.4f} ({seconds:.1f}s)", file=sys.stderr)
 
     print("| setting | WikiText-2 ppl | achieved sparsity | prune time (s) |\n|---|---:|---:|---:|")

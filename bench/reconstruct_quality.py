@@ -17,9 +17,7 @@ import copy
 import sys
 import time
 
-import torch
-
-from quality_args import quality_parser
+from common import quality_parser, quality_setup
 
 
 def main() -> None:
@@ -32,33 +30,20 @@ def main() -> None:
     parser.add_argument("--train", default="biases,norms")
     parser.add_argument("--adapter", default="masklora")
     parser.add_argument("--target", default="dense")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    from perp_cli import checkpoint, data
-    from perp_cli.perplexity import eval_token_ids, perplexity
-    from perp_cli.pruner import PruneConfig, calibration_tokens, prune
+    q = quality_setup(args)
+    from perp_cli.pruner import PruneConfig, prune
     from perp_cli.reconstruction import ReconstructConfig, reconstruct
 
-    base = checkpoint.load(args.model, need_tokenizer=True)
-    ids = eval_token_ids(base.tokenizer, data.load_source(args.eval), args.eval_seqlen)
-    probe = PruneConfig("wanda", calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen)
-    tokens, record = calibration_tokens(base, probe)
     rec_kw = {"steps_per_block": args.steps, "batch_size": args.batch_size, "train": args.train, "adapter": args.adapter, "target": args.target}
     if args.lr is not None:
         rec_kw["lr"] = args.lr
     rec_cfg = ReconstructConfig(**rec_kw)
 
-    def ppl(model: torch.nn.Module) -> float:
-        return perplexity(model, ids, args.eval_seqlen, batch_size=8, max_windows=args.windows).ppl
-
-    print(f"model {args.model}; calibration {record['source']} {list(tokens.shape)} sha256 {record['token_ids_sha256'][:12]}; "
-          f"reconstruction {rec_cfg.train} + {rec_cfg.adapter}, target {rec_cfg.target}, {rec_cfg.steps_per_block} steps x "
-          f"{rec_cfg.batch_size} windows per block, lr {rec_cfg.lr:g}; eval WikiText-2 test, first {args.windows} windows "
-          f"of {args.eval_seqlen}", file=sys.stderr)
-    dense = ppl(base.model)
+    print(f"{q.calibration()}; reconstruction {rec_cfg.train} + {rec_cfg.adapter}, target {rec_cfg.target}, "
+          f"{rec_cfg.steps_per_block} steps x {rec_cfg.batch_size} windows per block, lr {rec_cfg.lr:g}; {q.evaluation()}",
+          file=sys.stderr)
+    dense = q.ppl(q.base.model)
     print(f"  dense ppl {dense:.2f}", file=sys.stderr)
     rows = []
     for setting in args.settings.split(","):
@@ -66,13 +51,13 @@ def main() -> None:
         sparsity = None if ":" in setting else float(setting)
         row = {"setting": setting}
         for method in args.methods.split(","):
-            ckpt = copy.deepcopy(base)
-            ckpt.masks, _, _ = prune(ckpt, PruneConfig(method, sparsity=sparsity, pattern=pattern, seqlen=args.seqlen), tokens=tokens)
-            row[method] = ppl(ckpt.model)
+            ckpt = copy.deepcopy(q.base)
+            ckpt.masks, _, _ = prune(ckpt, PruneConfig(method, sparsity=sparsity, pattern=pattern, seqlen=args.seqlen), tokens=q.tokens)
+            row[method] = q.ppl(ckpt.model)
             start = time.time()
-            outcome = reconstruct(ckpt, base.model, tokens, rec_cfg)
+            outcome = reconstruct(ckpt, q.base.model, q.tokens, rec_cfg)
             row[f"{method}_s"] = time.time() - start
-            row[f"{method}+rec"] = ppl(ckpt.model)
+            row[f"{method}+rec"] = q.ppl(ckpt.model)
             mse = " ".join(f"{b.mse_before:.3g}->{b.mse_after:.3g}{'(restored)' if b.restored else ''}" for b in outcome.blocks)
             print(f"  {method:10s} {setting:5s} ppl {row[method]:8.2f} -> {row[f'{method}+rec']:8.2f} "
                   f"({row[f'{method}_s']:.0f}s; block MSE {mse})", file=sys.stderr)

@@ -54,12 +54,13 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # idle OpenMP threads must not spin on shared cores
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("PERP_SHARED", ROOT.parent / "shared"))
-DEFAULT_MODELS = [SHARED / "models" / "tiny-opt", SHARED / "models" / "stories260K"]
-DEFAULT_CALIB = SHARED / "data" / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
-DEFAULT_EVAL = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
-DEFAULT_WORK = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "perp" / "reproduce"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # also when loaded by path (the tests)
+from common import C4_SAMPLE, ROOT, STORIES260K, TINY_OPT, WIKITEXT2_TEST, cache_dir  # noqa: E402
+
+DEFAULT_MODELS = [TINY_OPT, STORIES260K]
+DEFAULT_CALIB = C4_SAMPLE
+DEFAULT_EVAL = WIKITEXT2_TEST
+DEFAULT_WORK = cache_dir("reproduce")
 
 METHODS = ["magnitude", "wanda", "sparsegpt"]
 SETTINGS = ["0.5", "0.6", "0.7", "2:4"]

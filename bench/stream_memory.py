@@ -24,17 +24,13 @@ one model (its adapters are a fraction of a percent).
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import prune_memory  # noqa: E402  (write_model, run_child: the same model and measurement)
+import prune_memory  # write_model, run_child: the same model and measurement
+from common import ROOT, scratch
 
-ROOT = Path(__file__).resolve().parent.parent
 CORPUS = ROOT / "perp_cli" / "demo" / "corpus.txt"
 
 
@@ -74,14 +70,10 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep the models and outputs")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="perp-stream-memory-", dir=args.workdir))
-    try:
+    with scratch("perp-stream-memory-", args.workdir, args.keep) as work:
         dense, pruned, adapted = work / "dense", work / "pruned", work / "adapted"
         dense.mkdir()
-        shape = {k: v for k, v in vars(args).items() if k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "shard_size")}
-        written = subprocess.run([sys.executable, prune_memory.__file__, "--write-model", str(dense), json.dumps(shape)],
-                                 stdout=subprocess.PIPE, text=True, check=True)
-        params, on_disk = (json.loads(written.stdout)[k] for k in ("params", "bytes"))
+        params, on_disk = prune_memory.write_model_in_child(dense, args)
         shard = ["--max-shard-size", str(args.shard_size)]
         print(f"model: {params / 1e6:.0f}M parameters, {on_disk / 2**20:.0f} MiB float32; setting up ...", file=sys.stderr, flush=True)
         perp("prune", str(dense), "-o", str(pruned), "--method", "magnitude", "--sparsity", "0.5", "--streaming", "on", *shard, "-q")
@@ -129,11 +121,6 @@ def main() -> None:
                 whole = peak * mib / held[name]
                 goal = ("met" if whole <= 1.15 else "missed") if mode == "off" else ""
                 print(f"| {name} | {mode} | {peak:.0f} | {hwm or 0:.0f} | {peak * mib / on_disk:.2f} | {whole:.3f} | {goal} | {seconds:.0f} |")
-    finally:
-        if args.keep:
-            print(f"kept {work}", file=sys.stderr)
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -52,12 +52,12 @@ from typing import Any
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("PERP_SHARED", ROOT.parent / "shared"))
-MODELS = [SHARED / "models" / "tiny-opt", SHARED / "models" / "stories260K"]
-CALIB = SHARED / "data" / "c4" / "c4-train.00000-of-01024.first1000.jsonl"
-EVAL = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
-WORK = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "perp" / "structured"
+from common import C4_SAMPLE, ROOT, STORIES260K, TINY_OPT, WIKITEXT2_TEST, cache_dir  # noqa: E402
+
+MODELS = [TINY_OPT, STORIES260K]
+CALIB = C4_SAMPLE
+EVAL = WIKITEXT2_TEST
+WORK = cache_dir("structured")
 STRUCTURES = ["depth", "width", "heads"]
 RATIOS = ["0.25", "0.5"]
 RECOVERIES = ["none", "biases+norms", "lora", "reconstruct"]

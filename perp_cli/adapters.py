@@ -1,7 +1,8 @@
 """Low-rank adapters on the prunable matrices, including PERP's sparsity-preserving ones.
 
 Every adapter holds `A [r, in]` and `B [out, r]` (float32) for one `[out, in]` matrix of
-the arch map and changes the weight the layer computes with:
+the arch map and changes the weight the layer computes with, as its variant says (one
+small class per type, `VARIANTS`, with PEFT's `LoraVariant` as the model):
 
 * `lora`       W + s·BA                 plain LoRA (Hu et al.); merging densifies a pruned W,
 * `masklora`   W + s·(M ⊙ BA)           PERP's MaskLoRA: the update lives on the kept weights,
@@ -38,17 +39,147 @@ from perp_cli import arch
 from perp_cli.errors import CheckpointError, NumericalError, UsageError
 from perp_cli.mask import MaskSet, pack_bits, unpack_bits
 
-KINDS = ("lora", "masklora", "scalelora", "lora-prune")
-ALIASES = {"multlora": "scalelora"}
-NEEDS_MASK = ("masklora", "lora-prune")
 CONFIG_FORMAT = 1
-INIT = {
-    "lora": "A kaiming_uniform(a=sqrt(5)), B zeros",
-    "masklora": "A kaiming_uniform(a=sqrt(5)), B zeros",
-    "lora-prune": "A kaiming_uniform(a=sqrt(5)), B zeros",
-    "scalelora": "A = B = 1/sqrt(rank) (BA all ones)",
-}
 _HOOK_ATTR = "_perp_adapted"
+
+
+# ----------------------------------------------------------------------------- variants
+
+
+class LoRA:
+    """`lora`: W + s·BA (Hu et al.). Also the additive base the masked variants refine.
+
+    A variant says how one adapter type combines its factors with the weight (as PEFT's
+    `LoraVariant`): it holds no state (one instance per type, in `VARIANTS`); the
+    `Adapter` passed to each method holds the factors, the scale and the mask.
+    """
+
+    name = "lora"
+    init_doc = "A kaiming_uniform(a=sqrt(5)), B zeros"  # recorded in adapters.json ("init")
+    needs_mask = False  # the update lives on M: refused on a model without masks
+    densifies = True  # merging fills the weights M says pruned
+    scaled = True  # the update is multiplied by s = alpha / r (adapters.json "scale")
+    peft = True  # PEFT's LoRA loads it (--export-peft)
+
+    def init(self, adapter: Adapter) -> None:
+        """Standard LoRA initialisation: BA = 0, an exact no-op at step 0."""
+        nn.init.kaiming_uniform_(adapter.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(adapter.lora_B)
+
+    def masked(self, adapter: Adapter, training: bool) -> bool:
+        """Whether the update is restricted to M."""
+        return False
+
+    def lowrank_path(self, adapter: Adapter, training: bool) -> bool:
+        """True when the update is a dense s·BA, computable as s·B(Ax) without the weight."""
+        return not self.masked(adapter, training)
+
+    def forward(self, adapter: Adapter, weight: torch.Tensor, training: bool) -> torch.Tensor:
+        """The weight the layer computes with, in `weight`'s dtype and `[out, in]` layout.
+
+        Built in place in the one buffer `BA` allocates (scale, mask, add W): the forward
+        pass then creates a single weight-sized tensor per matrix instead of four, which
+        keeps MaskLoRA's peak memory close to what its saved tensors need.
+        """
+        w = adapter.product()
+        w.mul_(adapter.scale)
+        if self.masked(adapter, training):
+            w.mul_(adapter.mask)
+        return w.add_(weight).to(weight.dtype)
+
+    def delta(self, adapter: Adapter, weight: torch.Tensor, training: bool) -> torch.Tensor:
+        """The additive update `effective - W`, float32 `[out, in]`."""
+        update = adapter.scale * adapter.product()
+        if self.masked(adapter, training):
+            update = torch.where(adapter.mask, update, torch.zeros((), dtype=update.dtype, device=update.device))
+        return update
+
+    def merge(self, adapter: Adapter, weight: torch.Tensor) -> torch.Tensor:
+        """The merged weight: the eval-mode forward weight (lora-prune masked)."""
+        return self.forward(adapter, weight, training=False)
+
+    def unmerge(self, adapter: Adapter, merged: torch.Tensor, key: str) -> torch.Tensor:
+        """The weight before `merge`, float32 (up to float rounding, as PEFT's): W - delta."""
+        return merged.float() - self.delta(adapter, merged, training=False)
+
+    def reference(self, ba: torch.Tensor, weight: torch.Tensor, scale: float, keep: torch.Tensor | None) -> torch.Tensor:
+        """W + s·(M ⊙ BA) from rows of BA (overwritten), W and M (None: unmasked), in
+        BA's dtype: the merge check's float64 reference, written apart from `forward`."""
+        ba.mul_(scale)
+        if keep is not None:
+            ba.mul_(keep)
+        return ba.add_(weight)
+
+
+class MaskLoRA(LoRA):
+    """`masklora`: W + s·(M ⊙ BA), PERP's MaskLoRA: the update lives on the kept weights."""
+
+    name = "masklora"
+    needs_mask = True
+    densifies = False
+    peft = False
+
+    def masked(self, adapter: Adapter, training: bool) -> bool:
+        return adapter.has_mask
+
+    def lowrank_path(self, adapter: Adapter, training: bool) -> bool:
+        return False  # always W + s·(M ⊙ BA) materialised, on unmasked matrices too
+
+
+class LoRAPrune(LoRA):
+    """`lora-prune`: W + s·BA while training, W + M ⊙ (s·BA) in eval mode and when merged
+    (dense LoRA pruned at the end, PERP's baseline)."""
+
+    name = "lora-prune"
+    needs_mask = True
+    densifies = False
+    peft = False
+
+    def masked(self, adapter: Adapter, training: bool) -> bool:
+        return adapter.has_mask and not training
+
+
+class ScaleLoRA(LoRA):
+    """`scalelora` (alias `multlora`): W ⊙ BA, PERP's ScaleLoRA. A multiplicative update,
+    so zeros stay zero; A = B = 1/sqrt(r) makes BA all ones, the model unchanged at step 0."""
+
+    name = "scalelora"
+    init_doc = "A = B = 1/sqrt(rank) (BA all ones)"
+    densifies = False
+    scaled = False
+    peft = False
+
+    def init(self, adapter: Adapter) -> None:
+        adapter.lora_A.fill_(1.0 / math.sqrt(adapter.rank))
+        adapter.lora_B.fill_(1.0 / math.sqrt(adapter.rank))
+
+    def lowrank_path(self, adapter: Adapter, training: bool) -> bool:
+        return False
+
+    def forward(self, adapter: Adapter, weight: torch.Tensor, training: bool) -> torch.Tensor:
+        return adapter.product().mul_(weight).to(weight.dtype)
+
+    def delta(self, adapter: Adapter, weight: torch.Tensor, training: bool) -> torch.Tensor:
+        """W ⊙ (BA - 1)."""
+        return weight.float() * adapter.product() - weight.float()
+
+    def unmerge(self, adapter: Adapter, merged: torch.Tensor, key: str) -> torch.Tensor:
+        """W / BA where W' is nonzero; refused where BA is zero on a kept weight (lost)."""
+        ba = adapter.product()
+        keep = adapter.mask if adapter.mask is not None else torch.ones_like(ba, dtype=torch.bool)
+        if bool(((ba == 0) & (merged == 0) & keep).any()):
+            raise NumericalError(f"cannot unmerge {key}: BA has zeros, the original weights there are lost")
+        return torch.where(merged == 0, torch.zeros_like(ba), merged.float() / ba)
+
+    def reference(self, ba: torch.Tensor, weight: torch.Tensor, scale: float, keep: torch.Tensor | None) -> torch.Tensor:
+        return ba.mul_(weight)  # W ⊙ BA
+
+
+Variant = LoRA  # every variant has LoRA's interface
+VARIANTS: dict[str, Variant] = {v.name: v for v in (LoRA(), MaskLoRA(), ScaleLoRA(), LoRAPrune())}
+KINDS = tuple(VARIANTS)
+ALIASES = {"multlora": "scalelora"}
+NEEDS_MASK = tuple(name for name, v in VARIANTS.items() if v.needs_mask)
 
 
 def canonical_kind(kind: str) -> str:
@@ -58,6 +189,11 @@ def canonical_kind(kind: str) -> str:
         names = ", ".join(KINDS + tuple(ALIASES))
         raise UsageError(f"--adapter {kind!r} is not one of none, {names}")
     return kind
+
+
+def variant(kind: str) -> Variant:
+    """The variant of an adapter type (any user-facing name; UsageError if unknown)."""
+    return VARIANTS[canonical_kind(kind)]
 
 
 class Adapter(nn.Module):
@@ -75,6 +211,7 @@ class Adapter(nn.Module):
     ) -> None:
         super().__init__()
         self.kind = canonical_kind(kind)
+        self.variant = VARIANTS[self.kind]
         if rank < 1:
             raise UsageError(f"--rank must be at least 1, got {rank}")
         self.rank = rank
@@ -111,23 +248,18 @@ class Adapter(nn.Module):
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
-            if self.kind == "scalelora":
-                self.lora_A.fill_(1.0 / math.sqrt(self.rank))
-                self.lora_B.fill_(1.0 / math.sqrt(self.rank))
-            else:
-                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-                nn.init.zeros_(self.lora_B)
+            self.variant.init(self)
 
     def extra_repr(self) -> str:
         return f"{self.kind}, rank={self.rank}, alpha={self.alpha}, masked={self.has_mask}"
 
     def masked(self, training: bool) -> bool:
         """Whether the update is restricted to M (lora-prune: only outside training)."""
-        return self.has_mask and (self.kind == "masklora" or (self.kind == "lora-prune" and not training))
+        return self.variant.masked(self, training)
 
     def lowrank_path(self, training: bool) -> bool:
         """True when the update is a dense s·BA, computable as s·B(Ax) without the weight."""
-        return self.kind == "lora" or (self.kind == "lora-prune" and not self.masked(training))
+        return self.variant.lowrank_path(self, training)
 
     def product(self) -> torch.Tensor:
         """BA, `[out, in]`, float32."""
@@ -135,28 +267,11 @@ class Adapter(nn.Module):
 
     def delta_weight(self, weight: torch.Tensor, training: bool = False) -> torch.Tensor:
         """The additive update `effective - W`, float32 `[out, in]` (ScaleLoRA: W ⊙ (BA - 1))."""
-        ba = self.product()
-        if self.kind == "scalelora":
-            return weight.float() * ba - weight.float()
-        update = self.scale * ba
-        if self.masked(training):
-            update = torch.where(self.mask, update, torch.zeros((), dtype=update.dtype, device=update.device))
-        return update
+        return self.variant.delta(self, weight, training)
 
     def effective_weight(self, weight: torch.Tensor, training: bool = False) -> torch.Tensor:
-        """The weight the layer computes with, in `weight`'s dtype and `[out, in]` layout.
-
-        Built in place in the one buffer `BA` allocates (scale, mask, add W): the forward
-        pass then creates a single weight-sized tensor per matrix instead of four, which
-        keeps MaskLoRA's peak memory close to what its saved tensors need.
-        """
-        w = self.product()
-        if self.kind == "scalelora":
-            return w.mul_(weight).to(weight.dtype)
-        w.mul_(self.scale)
-        if self.masked(training):
-            w.mul_(self.mask)
-        return w.add_(weight).to(weight.dtype)
+        """The weight the layer computes with, in `weight`'s dtype and `[out, in]` layout."""
+        return self.variant.forward(self, weight, training)
 
     def lowrank(self, x: torch.Tensor) -> torch.Tensor:
         """s·B(Ax), the dense LoRA update applied to activations."""
@@ -172,7 +287,7 @@ class Adapter(nn.Module):
         if self.merged:
             raise UsageError(f"adapter on {matrix.key} is already merged")
         w = matrix.weight()
-        new = self.effective_weight(w, training=False)
+        new = self.variant.merge(self, w)
         if not torch.isfinite(new).all():
             raise NumericalError(f"merging the adapter into {matrix.key} gives NaN or inf; nothing was changed")
         keep = self.mask
@@ -191,15 +306,7 @@ class Adapter(nn.Module):
         if not self.merged:
             raise UsageError(f"adapter on {matrix.key} is not merged")
         w = matrix.weight()
-        if self.kind == "scalelora":
-            ba = self.product()
-            lost = (ba == 0) & (w == 0) & (self.mask if self.mask is not None else torch.ones_like(ba, dtype=torch.bool))
-            if bool(lost.any()):
-                raise NumericalError(f"cannot unmerge {matrix.key}: BA has zeros, the original weights there are lost")
-            old = torch.where(w == 0, torch.zeros_like(ba), w.float() / ba)
-        else:
-            old = w.float() - self.delta_weight(w, training=False)
-        w.copy_(old.to(w.dtype))
+        w.copy_(self.variant.unmerge(self, w, matrix.key).to(w.dtype))
         self.merged = False
 
 
@@ -434,7 +541,7 @@ def attach(
     from torch's global RNG: seed it first for reproducible adapters.
     """
     kind = canonical_kind(kind)
-    if kind in NEEDS_MASK and (masks is None or len(masks) == 0):
+    if VARIANTS[kind].needs_mask and (masks is None or len(masks) == 0):
         raise UsageError(f"--adapter {kind} restricts the update to the pruning mask, but the input has no masks.safetensors (use scalelora or lora for a dense model)")
     if attached(model):
         raise UsageError("the model already has adapters attached; merge or detach them first")
@@ -476,10 +583,10 @@ def config(adapters: dict[str, Adapter], targets: str | None) -> dict[str, Any]:
         "type": first.kind,
         "rank": first.rank,
         "alpha": first.alpha,
-        "scale": None if first.kind == "scalelora" else first.scale,
+        "scale": first.scale if first.variant.scaled else None,
         "targets": targets,
-        "init": INIT[first.kind],
-        "masked": first.kind in NEEDS_MASK,
+        "init": first.variant.init_doc,
+        "masked": first.variant.needs_mask,
         "matrices": list(adapters),
     }
 
@@ -496,7 +603,7 @@ def attach_saved(
     if int(cfg.get("format", 1)) > CONFIG_FORMAT:
         raise CheckpointError(f"adapters.json has format {cfg.get('format')}; this perp reads up to {CONFIG_FORMAT}")
     kind = canonical_kind(str(cfg["type"]))
-    if kind in NEEDS_MASK and masks is None:
+    if VARIANTS[kind].needs_mask and masks is None:
         raise CheckpointError(f"the checkpoint has {kind} adapters but no masks.safetensors to restrict them")
     by_key = {m.key: m for m in arch.matrices(model)}
     rank, alpha = int(cfg["rank"]), float(cfg["alpha"])
@@ -542,8 +649,8 @@ def peft_files(adapters: dict[str, Adapter], model: nn.Module, base_model: str) 
     Only plain `lora` on 2-D layers has a PEFT equivalent; the base model must be the
     retrained checkpoint (its biases and norms may have changed too).
     """
-    kinds = {a.kind for a in adapters.values()}
-    if kinds != {"lora"}:
+    kinds = {a.kind for a in adapters.values() if not a.variant.peft}
+    if kinds:
         raise UsageError(f"--export-peft needs --adapter lora; PEFT has no equivalent of {', '.join(sorted(kinds))}")
     by_key = {m.key: m for m in arch.matrices(model)}
     tensors: dict[str, torch.Tensor] = {}

@@ -100,7 +100,7 @@ def probe_batch(model: nn.Module, batch: int = 2, seqlen: int = 64, seed: int = 
 
 def densifying_keys(adapters: dict[str, adapters_mod.Adapter]) -> list[str]:
     """Adapters whose merge would put nonzeros at pruned positions (plain LoRA on a mask)."""
-    return [k for k, a in adapters.items() if a.kind == "lora" and a.mask is not None and not bool(a.mask.all())]
+    return [k for k, a in adapters.items() if a.variant.densifies and a.mask is not None and not bool(a.mask.all())]
 
 
 def _refuse_densify(dense_keys: list[str]) -> UsageError:
@@ -117,21 +117,15 @@ def _row_chunks(w: torch.Tensor) -> range:
 
 def _reference_outputs(w: torch.Tensor, adapter: adapters_mod.Adapter, x: torch.Tensor) -> torch.Tensor:
     """(W + Δ) x in float64, Δ as the adapter defines it in eval mode, written out
-    independently of `Adapter.effective_weight` and built a row chunk at a time (one
+    independently of the variant's `forward` (`reference`) and built a row chunk at a time (one
     float64 temporary of `_PROBE_CHUNK` elements: a streamed merge's peak is one block)."""
     a, b = adapter.lora_A.double(), adapter.lora_B.double()
     keep = adapter.mask if adapter.masked(training=False) else None  # unpacked once (merge holds masks packed)
     rows = _row_chunks(w).step
     parts = []
     for r in _row_chunks(w):
-        effective = b[r : r + rows] @ a  # BA
-        if adapter.kind == "scalelora":
-            effective.mul_(w[r : r + rows])  # W ⊙ BA
-        else:
-            effective.mul_(adapter.scale)
-            if keep is not None:
-                effective.mul_(keep[r : r + rows])
-            effective.add_(w[r : r + rows])  # W + s·(M ⊙ BA)
+        rows_keep = None if keep is None else keep[r : r + rows]
+        effective = adapter.variant.reference(b[r : r + rows] @ a, w[r : r + rows], adapter.scale, rows_keep)
         parts.append(effective @ x)
     return torch.cat(parts)
 
@@ -284,7 +278,7 @@ def _saved_matrices(model: nn.Module, cfg: Any, reader: Any, has_masks: bool) ->
 
 def _streamed_densifying_keys(kind: str, chosen: dict[str, arch.Matrix], mask_reader: Any) -> list[str]:
     """`densifying_keys` without the adapters in memory: one mask read at a time."""
-    if kind != "lora" or mask_reader is None:
+    if not adapters_mod.VARIANTS[kind].densifies or mask_reader is None:
         return []
     out = []
     by_name: dict[str, list[str]] = {}

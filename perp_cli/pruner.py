@@ -136,7 +136,7 @@ def plan(config: PruneConfig) -> _Plan:
             )
         if config.scope is not None:
             raise UsageError("--scope applies to unstructured pruning; with N:M every group of M inputs is its own group")
-        if method.name == "sparsegpt" and config.blocksize % pattern.m:
+        if method.blockwise and config.blocksize % pattern.m:
             raise UsageError(f"--blocksize {config.blocksize} must be a multiple of M={pattern.m} for {pattern}")
         sparsity, scope = pattern.sparsity, str(pattern)
     else:
@@ -183,7 +183,7 @@ def _plan_extensions(config: PruneConfig, method: Method, pattern: Pattern, spar
     if config.allocation == "owl":
         if pattern.structured:
             raise UsageError(f"--allocation owl sets one unstructured sparsity per block; it cannot be combined with --pattern {pattern}")
-        if method.name in ("keep", "random"):
+        if not method.supports_owl:
             raise UsageError(f"--allocation owl needs a pruning method (magnitude, wanda, sparsegpt, ria), not {method.name}")
         if scope == "global":
             raise UsageError("--allocation owl gives every block its own sparsity; --scope global ranks the whole model at once (use row or matrix)")
@@ -197,16 +197,16 @@ def _plan_extensions(config: PruneConfig, method: Method, pattern: Pattern, spar
     if config.permute:
         if not pattern.structured:
             raise UsageError("--permute reorders inputs into N:M groups; it needs --pattern N:M")
-        if method.name not in ("magnitude", "wanda", "ria", "random"):
+        if not method.supports_permute:
             raise UsageError(f"--permute chooses a score-based N:M mask (magnitude, wanda, ria); not available for {method.name}")
     if config.refine is not None and config.refine not in REFINEMENTS:
         raise UsageError(f"--refine {config.refine!r} is not one of {', '.join(REFINEMENTS)}")
-    if method.name == "keep" and (config.sparsity is not None or pattern.structured or config.allocation != "uniform"):
+    if method.keeps_existing and (config.sparsity is not None or pattern.structured or config.allocation != "uniform"):
         raise UsageError("--method keep keeps the input's masks (their pattern and sparsity); drop --sparsity/--pattern/--allocation")
-    if config.refine is None and method.name == "keep":
+    if config.refine is None and method.keeps_existing:
         raise UsageError("--method keep prunes nothing new; it is for --refine dsnot on an already pruned checkpoint")
     if config.refine is not None:
-        if method.name == "random":
+        if not method.supports_refine:
             raise UsageError("--refine dsnot refines a pruning criterion's mask; random has none")
         if config.refine_skip not in dsnot.SKIPS:
             raise UsageError(f"--refine-skip {config.refine_skip!r} is not one of {', '.join(dsnot.SKIPS)}")
@@ -332,7 +332,7 @@ class _Pruner:
     # --- data-free methods
 
     def prune_data_free(self, m: Matrix) -> None:
-        if self.p.method.name == "keep":
+        if self.p.method.keeps_existing:
             old = _old_pruned(self.old, m)
             self.commit(m, old if old is not None else torch.zeros(m.shape, dtype=torch.bool))
             return
@@ -442,7 +442,7 @@ class _Pruner:
             return  # no calibration tokens: nothing to estimate the error from
         moments = group.stat.moments
         n, mm = (self.p.pattern.n, self.p.pattern.m) if self.p.pattern.structured else (0, 0)
-        keep_mode = self.p.method.name == "keep"
+        keep_mode = self.p.method.keeps_existing
         for m in group.matrices:
             if self.skipped_by_refine(m):
                 continue  # the method's result stands (SparseGPT's updated weights included)
@@ -479,7 +479,7 @@ class _Pruner:
     def permutation_set(self) -> dict[str, torch.Tensor]:
         """--permute: each mask's input order (by parameter name), with the input's own."""
         out = dict(self.old.permutations) if self.old is not None else {}
-        if self.p.method.name != "keep":  # a new mask is N:M in the original order unless permuted anew
+        if not self.p.method.keeps_existing:  # a new mask is N:M in the original order unless permuted anew
             for m in self.matrices:
                 out.pop(m.name, None)
         by_key = {m.key: m for m in self.matrices}
@@ -541,7 +541,7 @@ def calibration_tokens(ckpt: Checkpoint, config: PruneConfig) -> tuple[torch.Ten
 def _setup(ckpt: Checkpoint, config: PruneConfig, streamed: bool) -> tuple[_Plan, "_Pruner", list[str]]:
     """Validate against the checkpoint, choose the matrices, build the run's state."""
     p = plan(config)
-    if p.method.name == "keep":
+    if p.method.keeps_existing:
         if ckpt.masks is None:
             raise UsageError(f"--refine on {ckpt.source}: it has no masks.safetensors (prune it first, or pass a --method)")
         p = _Plan(p.method, ckpt.masks.pattern, p.sparsity, str(ckpt.masks.pattern) if ckpt.masks.pattern.structured else p.scope)
@@ -689,7 +689,7 @@ def prune(
     """
     start = time.time()
     p, pruner, skipped = _setup(ckpt, config, blocks is not None)
-    if p.method.name == "keep":
+    if p.method.keeps_existing:
         if dense is None:
             raise UsageError("--method keep --refine needs the dense model the checkpoint was pruned from (--dense)")
         pruner.dense = dense_weights(dense, pruner.matrices)

@@ -135,7 +135,7 @@ class ReconstructConfig:
         if outside:
             raise UsageError(f"--train {outside[0]} lives outside the decoder blocks; reconstruction trains biases, norms, all or none")
         kind = self.adapter_kind
-        if kind == "lora" and not self.maskless:
+        if kind is not None and adapters_mod.VARIANTS[kind].densifies and not self.maskless:
             raise UsageError(
                 "--adapter lora would fill the pruned weights when merged into the block; "
                 "use masklora, scalelora or lora-prune (they keep the mask), or none"
@@ -229,7 +229,7 @@ class ReconstructOutcome:
             "trained": self.trained,
             "adapter": self.adapter,
             "rank": self.config.rank if self.adapter != "none" else None,
-            "alpha": self.config.alpha if self.adapter not in ("none", "scalelora") else None,
+            "alpha": self.config.alpha if self.adapter != "none" and adapters_mod.VARIANTS[self.adapter].scaled else None,
             "adapter_targets": self.config.adapter_targets,
             "added_biases": len(self.added_biases),
             "steps_per_block": self.config.steps_per_block,

@@ -1,6 +1,8 @@
 """Shared fixtures: tiny models of every family saved as checkpoint directories, the
-real checkpoints and data in ../shared (skipped with a reason when absent), and a CLI
-runner that goes through `main` so exit codes are the real ones."""
+real checkpoints and data in ../shared (skipped with a reason when absent), a CLI
+runner that goes through `main` so exit codes are the real ones, and the helpers many
+tests need: random token ids (`random_tokens`), magnitude masks (`magnitude_masks`) and file
+digests of a directory (`tree_digest`)."""
 
 from __future__ import annotations
 
@@ -127,3 +129,54 @@ def assert_same_tensors(a: dict, b: dict) -> None:
     for name in a:
         assert a[name].dtype == b[name].dtype, name
         assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), f"{name} differs"
+
+
+def random_tokens(n: int, seqlen: int, seed: int = 0, high: int = tiny.VOCAB, low: int = 4):
+    """`[n, seqlen]` random token ids in [low, high) from a seeded generator: calibration
+    windows and probe batches for the tiny models (ids below 4 are the specials)."""
+    import torch
+
+    return torch.randint(low, high, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def magnitude_masks(model, sparsity: float = 0.5, apply: bool = True):
+    """Per-matrix magnitude keep-masks (per expert slice for fused experts) in each
+    parameter's layout: a weight is kept when |w| is above the k-th smallest |w| of its
+    matrix, k = int(numel * sparsity). Applied to the model (pruned weights zeroed)
+    unless `apply=False`."""
+    import torch
+
+    from perp_cli import arch, mask
+
+    masks: dict = {}
+    for m in arch.matrices(model):
+        w = m.weight()
+        keep = m.to_param_layout(w.abs() > w.abs().flatten().kthvalue(int(w.numel() * sparsity)).values)
+        if m.expert is None:
+            masks[m.name] = keep.contiguous()
+        else:
+            masks.setdefault(m.name, torch.ones(m.parameter.shape, dtype=torch.bool))[m.expert] = keep
+    ms = mask.MaskSet(masks)
+    if apply:
+        mask.apply(model, ms)
+    return ms
+
+
+def tree_digest(path: Path, mtimes: bool = False) -> dict:
+    """Every file under `path` (or `path` itself, if a file) by relative name: its sha256,
+    with its mtime too if `mtimes` ('byte-identical and untouched'); a symlink is
+    recorded as '-> target', never followed."""
+    from perp_cli.manifest import sha256_file
+
+    def entry(p: Path):
+        return (sha256_file(p), p.stat().st_mtime_ns) if mtimes else sha256_file(p)
+
+    if path.is_file():
+        return {path.name: entry(path)}
+    out: dict = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_symlink():
+            out[str(p.relative_to(path))] = "-> " + os.readlink(p)
+        elif p.is_file():
+            out[str(p.relative_to(path))] = entry(p)
+    return out

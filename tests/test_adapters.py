@@ -7,28 +7,12 @@ import copy
 import pytest
 import torch
 
+from conftest import magnitude_masks, random_tokens
 from perp_cli import adapters, arch, mask, tiny
 from perp_cli.errors import NumericalError, UsageError
-from perp_cli.mask import MaskSet
 
 KINDS = ("lora", "masklora", "scalelora", "lora-prune")
-IDS = torch.randint(4, 260, (2, 24), generator=torch.Generator().manual_seed(0))
-
-
-def magnitude_masks(model, sparsity: float = 0.5) -> MaskSet:
-    """Per-matrix magnitude masks in each parameter's layout, applied to the model."""
-    masks: dict[str, torch.Tensor] = {}
-    for m in arch.matrices(model):
-        w = m.weight()
-        k = int(w.numel() * sparsity)
-        keep = w.abs() > w.abs().flatten().kthvalue(k).values
-        if m.expert is None:
-            masks[m.name] = m.to_param_layout(keep).contiguous()
-        else:
-            masks.setdefault(m.name, torch.ones(m.parameter.shape, dtype=torch.bool))[m.expert] = m.to_param_layout(keep)
-    ms = MaskSet(masks)
-    mask.apply(model, ms)
-    return ms
+IDS = random_tokens(2, 24, high=260)
 
 
 def pruned(family: str, seed: int = 0):
@@ -197,6 +181,27 @@ def test_saved_adapters_reattach_to_identical_logits():
         assert torch.equal(model(IDS).logits, want)
 
 
+# adapters.json as perp has always written it: each variant's entries (rank 4, alpha 8)
+SAVED = {
+    "lora": (2.0, "A kaiming_uniform(a=sqrt(5)), B zeros", False),
+    "masklora": (2.0, "A kaiming_uniform(a=sqrt(5)), B zeros", True),
+    "scalelora": (None, "A = B = 1/sqrt(rank) (BA all ones)", False),
+    "lora-prune": (2.0, "A kaiming_uniform(a=sqrt(5)), B zeros", True),
+}
+
+
+@pytest.mark.parametrize("kind", [*adapters.KINDS, "multlora"])
+def test_each_variant_is_one_registry_entry_and_writes_the_same_config(kind):
+    variant = adapters.variant(kind)
+    assert variant is adapters.VARIANTS[adapters.canonical_kind(kind)] and variant.name in SAVED
+    model, masks = pruned("opt")
+    cfg = adapters.config(adapters.attach(model, kind, rank=4, alpha=8, targets="fc1", masks=masks), "fc1")
+    scale, init, masked = SAVED[variant.name]
+    assert cfg == {"format": 1, "type": variant.name, "rank": 4, "alpha": 8.0, "scale": scale, "targets": "fc1",
+                   "init": init, "masked": masked, "matrices": [m.key for m in arch.matrices(model) if "fc1" in m.key]}
+    assert (variant.name in adapters.NEEDS_MASK) == masked and variant.densifies == (variant.name == "lora")
+
+
 def test_usage_errors():
     model = tiny.build_model("opt")
     with pytest.raises(UsageError, match="no masks"):
@@ -291,7 +296,7 @@ def test_attach_to_one_block_for_reconstruction():
 
 def test_lm_head_lora_merges_densely_and_leaves_tied_embeddings_alone():
     model = tiny.build_model("opt")  # tied lm_head
-    ids = torch.randint(4, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = random_tokens(2, 16)
     embed = model.get_input_embeddings().weight.detach().clone()
     head, handle = adapters.attach_lm_head(model, rank=4, alpha=8)
     with torch.no_grad():

@@ -14,23 +14,9 @@ from transformers import AutoModelForCausalLM
 from perp_cli import arch, checkpoint, tiny
 from perp_cli.errors import CheckpointError, NumericalError, UsageError
 from perp_cli.manifest import StepRecord, sha256_file
-from perp_cli.mask import MaskSet, apply
+from perp_cli.mask import apply
 
-from conftest import save_tiny
-
-
-def _tree_digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def _magnitude_masks(model, sparsity: float = 0.5) -> MaskSet:
-    masks = {}
-    for name in {m.name for m in arch.matrices(model)}:
-        w = dict(model.named_parameters())[name].detach()
-        k = int(w.numel() * sparsity)
-        threshold = w.abs().flatten().kthvalue(k).values
-        masks[name] = w.abs() > threshold
-    return MaskSet(masks)
+from conftest import magnitude_masks, save_tiny, tree_digest
 
 
 def _step(inp: str = "in") -> StepRecord:
@@ -40,7 +26,7 @@ def _step(inp: str = "in") -> StepRecord:
 @pytest.mark.parametrize("shard", [None, "100KB"])
 def test_save_load_round_trip_is_bitwise(family_dir: Path, tmp_path: Path, shard: str | None) -> None:
     ckpt = checkpoint.load(family_dir)
-    masks = _magnitude_masks(ckpt.model)
+    masks = magnitude_masks(ckpt.model, apply=False)
     apply(ckpt.model, masks)
     out = tmp_path / "out"
     kwargs = {"max_shard_size": shard} if shard else {}
@@ -66,7 +52,7 @@ def test_save_load_round_trip_is_bitwise(family_dir: Path, tmp_path: Path, shard
 
 def test_masks_are_bit_packed(tiny_dir: Path, tmp_path: Path) -> None:
     ckpt = checkpoint.load(tiny_dir)
-    masks = _magnitude_masks(ckpt.model)
+    masks = magnitude_masks(ckpt.model, apply=False)
     apply(ckpt.model, masks)
     checkpoint.save(tmp_path / "o", ckpt.model, ckpt.tokenizer, masks, ckpt.manifest, _step())
     raw = load_file(str(tmp_path / "o" / "masks.safetensors"))
@@ -89,9 +75,9 @@ class Boom(RuntimeError):
 
 
 def test_failure_midway_leaves_no_output_and_input_unchanged(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    before = _tree_digest(tiny_dir)
+    before = tree_digest(tiny_dir)
     ckpt = checkpoint.load(tiny_dir)
-    masks = _magnitude_masks(ckpt.model)
+    masks = magnitude_masks(ckpt.model, apply=False)
     apply(ckpt.model, masks)
 
     def failing_write_masks(path, m):  # the weights are written, the masks never are
@@ -103,7 +89,7 @@ def test_failure_midway_leaves_no_output_and_input_unchanged(tiny_dir: Path, tmp
         checkpoint.save(out, ckpt.model, ckpt.tokenizer, masks, ckpt.manifest, _step())
     assert not out.exists()
     assert list(tmp_path.glob(".out*")) == []
-    assert _tree_digest(tiny_dir) == before
+    assert tree_digest(tiny_dir) == before
 
 
 def test_keyboard_interrupt_during_write_leaves_nothing(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
@@ -163,7 +149,7 @@ def test_output_inside_input_or_symlink_is_refused(tiny_dir: Path, tmp_path: Pat
 
 def test_weights_changed_behind_the_masks_back_are_refused(tiny_dir: Path, tmp_path: Path) -> None:
     ckpt = checkpoint.load(tiny_dir)
-    masks = _magnitude_masks(ckpt.model)
+    masks = magnitude_masks(ckpt.model, apply=False)
     apply(ckpt.model, masks)
     name = masks.names()[0]
     dict(ckpt.model.named_parameters())[name].data[~masks[name]] = 0.5
@@ -182,7 +168,7 @@ def test_nan_weights_are_never_written(tiny_dir: Path, tmp_path: Path) -> None:
 
 def test_mask_hash_mismatch_and_foreign_masks_are_refused(tiny_dir: Path, tmp_path: Path) -> None:
     ckpt = checkpoint.load(tiny_dir)
-    masks = _magnitude_masks(ckpt.model)
+    masks = magnitude_masks(ckpt.model, apply=False)
     apply(ckpt.model, masks)
     out = tmp_path / "o"
     checkpoint.save(out, ckpt.model, ckpt.tokenizer, masks, ckpt.manifest, _step())
@@ -194,7 +180,7 @@ def test_mask_hash_mismatch_and_foreign_masks_are_refused(tiny_dir: Path, tmp_pa
     # masks of another model (llama names) on an OPT model
     other = save_tiny(tmp_path / "llama", "llama")
     lck = checkpoint.load(other)
-    lmasks = _magnitude_masks(lck.model)
+    lmasks = magnitude_masks(lck.model, apply=False)
     apply(lck.model, lmasks)
     checkpoint.save(tmp_path / "l", lck.model, lck.tokenizer, lmasks, lck.manifest, _step())
     manifest["masks_sha256"] = sha256_file(tmp_path / "l" / "masks.safetensors")
@@ -270,7 +256,7 @@ def test_out_of_disk_is_a_clear_error_and_leaves_nothing(tiny_dir: Path, tmp_pat
     import errno as _errno
 
     ckpt = checkpoint.load(tiny_dir)
-    masks = _magnitude_masks(ckpt.model)
+    masks = magnitude_masks(ckpt.model, apply=False)
     apply(ckpt.model, masks)
 
     def full_disk(*a, **k):

@@ -9,19 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli, save_tiny
+from conftest import magnitude_masks, run_cli, save_tiny, tree_digest
 from perp_cli import arch, checkpoint
 from perp_cli.data import load_source
 from perp_cli.manifest import StepRecord, sha256_file
-from perp_cli.mask import MaskSet, apply
 from perp_cli.perplexity import eval_token_ids, perplexity
 
 TASK_DIR = Path(__file__).parent / "data" / "tiny_mc"
-
-
-def _tree(path: Path) -> dict[str, tuple[str, int]]:
-    """Every file's content hash and mtime: 'byte-identical and untouched'."""
-    return {str(p.relative_to(path)): (sha256_file(p), p.stat().st_mtime_ns) for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture
@@ -30,12 +24,7 @@ def dense_and_pruned(tmp_path: Path) -> tuple[Path, Path]:
     history carries a retrain step reporting its trainable share."""
     dense = save_tiny(tmp_path / "dense", "opt", seed=0)
     ckpt = checkpoint.load(dense)
-    masks = {}
-    for name in {m.name for m in arch.matrices(ckpt.model)}:
-        w = dict(ckpt.model.named_parameters())[name].detach()
-        masks[name] = w.abs() > w.abs().flatten().kthvalue(w.numel() // 2).values
-    masks = MaskSet(masks)
-    apply(ckpt.model, masks)
+    masks = magnitude_masks(ckpt.model, 0.5)
     manifest = dict(ckpt.manifest)
     manifest["history"] = [StepRecord("retrain", {}, str(dense), results={"trainable_share": 0.0125}).finish()]
     pruned = tmp_path / "pruned"
@@ -51,7 +40,7 @@ def _direct_ppl(directory: Path, data: Path, seqlen: int) -> float:
 
 def test_side_by_side_results_and_inputs_untouched(dense_and_pruned, calib_file: Path) -> None:
     dense, pruned = dense_and_pruned
-    before = {d: _tree(d) for d in (dense, pruned)}
+    before = {d: tree_digest(d, mtimes=True) for d in (dense, pruned)}
     result = run_cli("eval", dense, pruned, "--dataset", calib_file, "--seqlen", "64", "--batch-size", "4", "--json", "--device", "cpu")
     assert result.exit_code == 0, result.stderr
     out = result.json()["results"]
@@ -70,12 +59,12 @@ def test_side_by_side_results_and_inputs_untouched(dense_and_pruned, calib_file:
     for word in ("sparsity", "trainable", f"ppl {label}", "50.00%", "1.250%"):
         assert word in result.stderr.replace("\n", " ") or word in result.stderr, word
     # eval never writes to a checkpoint
-    assert {d: _tree(d) for d in (dense, pruned)} == before
+    assert {d: tree_digest(d, mtimes=True) for d in (dense, pruned)} == before
 
 
 def test_record_appends_to_the_manifest_only(dense_and_pruned, calib_file: Path, tmp_path: Path) -> None:
     _, pruned = dense_and_pruned
-    before = _tree(pruned)
+    before = tree_digest(pruned, mtimes=True)
     old = json.loads((pruned / "perp.json").read_text())
     out_file = tmp_path / "results.json"
     args = ("eval", pruned, "-d", calib_file, "--seqlen", "32", "--max-windows", "3", "--record", "-q", "--json", "-o", out_file)
@@ -83,7 +72,7 @@ def test_record_appends_to_the_manifest_only(dense_and_pruned, calib_file: Path,
     assert first.exit_code == 0, first.stderr
     assert json.loads(out_file.read_text()) == first.json()
     assert run_cli(*args).exit_code == 0
-    after = _tree(pruned)
+    after = tree_digest(pruned, mtimes=True)
     assert {k: v for k, v in after.items() if k != "perp.json"} == {k: v for k, v in before.items() if k != "perp.json"}
     manifest = json.loads((pruned / "perp.json").read_text())
     assert len(manifest["evaluations"]) == 2

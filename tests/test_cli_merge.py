@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, save_tiny
+from conftest import random_tokens, run_cli, save_tiny
 
 from perp_cli import adapters, checkpoint, mask
 
-IDS = torch.randint(4, 260, (2, 24), generator=torch.Generator().manual_seed(11))
+IDS = random_tokens(2, 24, 11, high=260)
 
 
 @pytest.fixture(scope="module")

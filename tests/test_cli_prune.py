@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from perp_cli import checkpoint
 
-from conftest import run_cli, save_tiny
+from conftest import run_cli, save_tiny, tree_digest
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -23,19 +23,15 @@ def _calib(calib_file: Path) -> list[str]:
     return ["--calib", str(calib_file), "--nsamples", "4", "--seqlen", "64", "--device", "cpu"]
 
 
-def _tree_hash(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
 def test_prune_writes_a_consistent_checkpoint_with_manifest_and_json(tiny_dir: Path, calib_file: Path, tmp_path: Path) -> None:
-    before = _tree_hash(tiny_dir)
+    before = tree_digest(tiny_dir)
     out = tmp_path / "pruned"
     result = run_cli("prune", tiny_dir, "-o", out, "--method", "sparsegpt", "--sparsity", "0.6", *_calib(calib_file), "--json")
     assert result.exit_code == 0, result.stderr
     summary = result.json()
     assert summary["method"] == "sparsegpt" and summary["sparsity"] == pytest.approx(0.6, abs=1e-3)
     assert summary["calibration"]["shape"] == [4, 64] and len(summary["calibration"]["token_ids_sha256"]) == 64
-    assert _tree_hash(tiny_dir) == before  # the input is never modified
+    assert tree_digest(tiny_dir) == before  # the input is never modified
 
     ckpt = checkpoint.load(out)  # verifies mask hash, exact zeros, finiteness
     assert ckpt.masks is not None and len(ckpt.masks) == 12

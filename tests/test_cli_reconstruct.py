@@ -12,17 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, save_tiny, shared_path
+from conftest import run_cli, save_tiny, shared_path, tree_digest
 from safetensors.torch import load_file
 
 from perp_cli import checkpoint
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _tree_hash(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def _quick(calib_file: Path) -> list[str]:
@@ -40,14 +36,14 @@ def pruned_dir(tiny_dir: Path, calib_file: Path, tmp_path: Path) -> Path:
 
 
 def test_reconstruct_writes_a_normal_checkpoint_with_per_block_errors(pruned_dir: Path, tiny_dir: Path, calib_file: Path, tmp_path: Path) -> None:
-    inputs = {p: _tree_hash(p) for p in (pruned_dir, tiny_dir)}
+    inputs = {p: tree_digest(p) for p in (pruned_dir, tiny_dir)}
     outs = [tmp_path / "rec-a", tmp_path / "rec-b"]
     for out in outs:  # --dense defaults to the source recorded by `perp prune`
         result = run_cli("reconstruct", pruned_dir, "-o", out, *_quick(calib_file), "--json")
         assert result.exit_code == 0, result.stderr
     summary = result.json()
     assert Path(summary["dense"]) == tiny_dir.resolve()
-    assert {p: _tree_hash(p) for p in inputs} == inputs  # inputs never modified
+    assert {p: tree_digest(p) for p in inputs} == inputs  # inputs never modified
 
     blocks = summary["blocks"]
     assert [b["block"] for b in blocks] == [0, 1]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, save_tiny
+from conftest import random_tokens, run_cli, save_tiny
 from safetensors.torch import load_file, save_file
 
 from perp_cli import checkpoint, distributed, evaluation, mask
@@ -131,7 +131,7 @@ def test_device_map_auto_without_a_gpu_puts_everything_on_the_cpu(work):
     mapped = checkpoint.load(work["pruned"], device_map="auto")
     assert {p.device.type for p in mapped.model.parameters()} == {"cpu"}
     assert checkpoint.offloaded_parameters(mapped.model) == []
-    ids = torch.randint(4, 260, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = random_tokens(2, 16, high=260)
     assert torch.equal(plain.model(ids).logits, mapped.model(ids).logits)
 
 

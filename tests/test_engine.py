@@ -9,14 +9,10 @@ import torch
 from perp_cli import arch, engine, tiny
 from perp_cli.activations import Placement
 
-from conftest import FAMILIES
+from conftest import FAMILIES, random_tokens
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _tokens(n: int = 5, seqlen: int = 24, seed: int = 0) -> torch.Tensor:
-    return torch.randint(4, tiny.VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
 def _last_block_output(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -33,7 +29,7 @@ def _last_block_output(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Te
 @pytest.mark.parametrize("offload", ["device", "host", "disk"])
 def test_unmodified_pass_reproduces_the_model_forward(family: str, offload: str, tmp_path) -> None:
     model = tiny.build_model(family)
-    tokens = _tokens()
+    tokens = random_tokens(5, 24)
     before = {n: p.clone() for n, p in model.state_dict().items()}
     where = {"device": False, "host": True, "disk": Placement(torch.device("cpu"), 0, tmp_path)}[offload]
     # batch size 2 over 5 windows: the last micro-batch is smaller, kwargs must broadcast
@@ -47,7 +43,7 @@ def test_unmodified_pass_reproduces_the_model_forward(family: str, offload: str,
 
 def test_callbacks_see_every_token_and_can_run_other_modules() -> None:
     model = tiny.build_model("llama")
-    tokens = _tokens(n=4, seqlen=16)
+    tokens = random_tokens(4, 16)
     counts: dict[int, int] = {}
     copies: list[torch.Tensor] = []
 
@@ -71,7 +67,7 @@ def test_callbacks_see_every_token_and_can_run_other_modules() -> None:
 
 def test_next_inputs_come_from_the_modified_block() -> None:
     model = tiny.build_model("opt")
-    tokens = _tokens(n=3, seqlen=16)
+    tokens = random_tokens(3, 16)
 
     def zero_fc2(s: engine.BlockStep) -> None:
         with torch.no_grad():
@@ -85,7 +81,7 @@ def test_next_inputs_come_from_the_modified_block() -> None:
 
 def test_returned_inputs_replace_the_propagation() -> None:
     model = tiny.build_model("opt")
-    tokens = _tokens(n=2, seqlen=8)
+    tokens = random_tokens(2, 8)
     calls = []
 
     def step(s: engine.BlockStep) -> engine.BlockInputs:
@@ -99,7 +95,7 @@ def test_returned_inputs_replace_the_propagation() -> None:
 
 def test_capture_counts_and_call_arguments() -> None:
     model = tiny.build_model("gpt2")
-    inputs = engine.capture_inputs(model, _tokens(n=5, seqlen=12), batch_size=4)
+    inputs = engine.capture_inputs(model, random_tokens(5, 12), batch_size=4)
     assert inputs.num_windows == 5 and inputs.num_tokens == 60 and len(inputs) == 2
     assert inputs.kwargs["use_cache"] is False
     # GPT-2 passes cache, mask and encoder states positionally: the cache slot stays None
@@ -109,7 +105,7 @@ def test_capture_counts_and_call_arguments() -> None:
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_eager_attention_masks_broadcast_over_micro_batches(family: str) -> None:
     model = tiny.build_model(family, attn_implementation="eager")
-    tokens = _tokens(n=3)
+    tokens = random_tokens(3, 24)
     inputs = engine.capture_inputs(model, tokens, batch_size=2)
     assert tuple(inputs.kwargs["attention_mask"].shape)[0] == 1  # caught from a one-window batch
     final = engine.run_blocks(model, inputs, lambda s: None)
@@ -120,7 +116,7 @@ def test_call_arguments_that_fold_the_batch_are_kept_per_micro_batch_size() -> N
     """BLOOM folds the batch into its ALiBi bias ([b * heads, 1, seq]): a one-window bias
     does not broadcast, so the engine keeps the arguments of each micro-batch size."""
     model = tiny.build_model("bloom")
-    tokens = torch.randint(4, tiny.VOCAB, (3, 16), generator=torch.Generator().manual_seed(0))
+    tokens = random_tokens(3, 16)
     inputs = engine.capture_inputs(model, tokens, batch_size=2)
     assert sorted(inputs.by_size) == [2]  # the last micro-batch has one window: the one-window arguments fit
     out = torch.cat(list(inputs.run(arch.blocks(model)[0])))

@@ -5,33 +5,19 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import magnitude_masks, random_tokens
 from perp_cli import adapters, arch, mask, merging, tiny
 from perp_cli.checkpoint import mask_problems
 from perp_cli.errors import NumericalError, UsageError
-from perp_cli.mask import MaskSet
 from perp_cli.merging import merge_attached, merge_checkpoint, merge_matrix, probe_batch
 
-IDS = torch.randint(4, 260, (2, 20), generator=torch.Generator().manual_seed(3))
-
-
-def magnitude_masks(model, sparsity: float = 0.6) -> MaskSet:
-    masks: dict[str, torch.Tensor] = {}
-    for m in arch.matrices(model):
-        w = m.weight()
-        keep = w.abs() > w.abs().flatten().kthvalue(int(w.numel() * sparsity)).values
-        if m.expert is None:
-            masks[m.name] = m.to_param_layout(keep).contiguous()
-        else:
-            masks.setdefault(m.name, torch.ones(m.parameter.shape, dtype=torch.bool))[m.expert] = keep
-    ms = MaskSet(masks)
-    mask.apply(model, ms)
-    return ms
+IDS = random_tokens(2, 20, 3, high=260)
 
 
 def trained(family: str, kind: str, masks_too: bool = True):
     """A pruned tiny model with adapters whose factors look trained (random, nonzero)."""
     model = tiny.build_model(family)
-    masks = magnitude_masks(model)
+    masks = magnitude_masks(model, 0.6)
     ads = adapters.attach(model, kind, rank=4, alpha=8, masks=masks)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -115,13 +101,13 @@ def test_probe_batch_is_fixed_and_within_vocab_and_positions():
 # ----------------------------------------------------------------------------- per-matrix check
 
 
-class _Unscaled(adapters.Adapter):
-    """A buggy merge: forgets the alpha/r scale (what the per-matrix probe must catch)."""
+class _Unscaled(adapters.MaskLoRA):
+    """A buggy variant: its merge forgets the alpha/r scale (what the per-matrix probe must catch)."""
 
-    def effective_weight(self, weight, training=False):
-        w = self.product()
-        if self.masked(training):
-            w.mul_(self.mask)
+    def forward(self, adapter, weight, training):
+        w = adapter.product()
+        if self.masked(adapter, training):
+            w.mul_(adapter.mask)
         return w.add_(weight).to(weight.dtype)
 
 
@@ -140,9 +126,10 @@ def test_merge_matrix_matches_a_float64_reference_and_is_chunk_independent(famil
 
 def test_merge_matrix_catches_a_wrong_merge():
     model = tiny.build_model("opt")
-    masks = magnitude_masks(model)
+    masks = magnitude_masks(model, 0.6)
     m = arch.matrices(model)[0]
-    bad = _Unscaled("masklora", *m.shape, rank=4, alpha=8, mask=adapters.matrix_mask(m, masks))
+    bad = adapters.Adapter("masklora", *m.shape, rank=4, alpha=8, mask=adapters.matrix_mask(m, masks))
+    bad.variant = _Unscaled()
     with torch.no_grad():
         bad.lora_B.normal_(generator=torch.Generator().manual_seed(2))
     with pytest.raises(NumericalError, match="does not compute what W"):

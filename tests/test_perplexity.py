@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import shared_path
+from conftest import magnitude_masks, shared_path
 
 from perp_cli import arch, tiny
 from perp_cli.data import TextSource, load_source
@@ -153,16 +153,6 @@ def test_stories260k_wikitext2_perplexity_matches_the_reference() -> None:
     assert result.ppl == pytest.approx(122.36, abs=0.01)
 
 
-def _prune_half(model) -> None:
-    """Zero the 50% smallest-magnitude weights of every prunable matrix (computed here)."""
-    with torch.no_grad():
-        for m in arch.matrices(model):
-            w = m.weight()
-            k = w.numel() // 2
-            threshold = w.abs().flatten().kthvalue(k).values
-            w[w.abs() <= threshold] = 0
-
-
 @pytest.mark.shared
 def test_pruned_model_is_worse_than_dense() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -173,7 +163,7 @@ def test_pruned_model_is_worse_than_dense() -> None:
     source = load_source(str(shared_path("data", "wikitext-2-raw", "wiki.test.raw")), split="test")
     ids = eval_token_ids(tok, source, 256)
     dense = perplexity(model, ids, 256, batch_size=10, max_windows=20)
-    _prune_half(model)
+    magnitude_masks(model, 0.5)  # zeroes the 50% smallest-magnitude weights of every matrix
     zeros = sum(int((m.weight() == 0).sum()) for m in arch.matrices(model))
     assert zeros >= sum(m.weight().numel() for m in arch.matrices(model)) // 2
     pruned = perplexity(model, ids, 256, batch_size=10, max_windows=20)

@@ -16,7 +16,7 @@ from perp_cli.pruner import PruneConfig, prune
 from perp_cli.pruning.dsnot import MomentStat, refine
 from perp_cli.pruning.selection import nm_prune_mask, prune_mask
 
-from conftest import run_cli, save_tiny
+from conftest import random_tokens, run_cli, save_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -121,7 +121,7 @@ def test_refine_in_the_engine_keeps_counts_and_skips_the_mlp() -> None:
     import copy
 
     model = tiny.build_model("llama")
-    tokens = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    tokens = random_tokens(2, 16, high=model.config.vocab_size, low=0)
     base = Checkpoint(model=model, tokenizer=None, masks=None, adapters=None, manifest={}, source="tiny")
     plain_masks, _, _ = prune(copy.deepcopy(base), PruneConfig("wanda", sparsity=0.6, seqlen=16), tokens=tokens)
     refined = copy.deepcopy(base)

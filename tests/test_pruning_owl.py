@@ -11,7 +11,7 @@ import torch
 
 from perp_cli.pruning.owl import allocate, outlier_ratio
 
-from conftest import run_cli, save_tiny
+from conftest import random_tokens, run_cli, save_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -62,7 +62,7 @@ def test_owl_works_with_every_method(method: str) -> None:
     from perp_cli.pruner import PruneConfig, prune
 
     model = tiny.build_model("llama")
-    tokens = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    tokens = random_tokens(2, 16, high=model.config.vocab_size, low=0)
     ckpt = Checkpoint(model=model, tokenizer=None, masks=None, adapters=None, manifest={}, source="tiny")
     masks, results, _ = prune(ckpt, PruneConfig(method, sparsity=0.6, seqlen=16, allocation="owl", owl_lambda=0.1), tokens=tokens)
     targets = {int(b): s for b, s in results["allocation"]["block_sparsity"].items()}

@@ -16,16 +16,12 @@ from perp_cli.mask import nm_violations
 from perp_cli.pruner import PruneConfig, prune
 from perp_cli.pruning.selection import prune_count
 
-from conftest import FAMILIES, shared_path
+from conftest import FAMILIES, random_tokens, shared_path
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 METHODS = ["magnitude", "random", "wanda", "sparsegpt"]
-
-
-def _tokens(n: int = 4, seqlen: int = 32) -> torch.Tensor:
-    return torch.randint(4, tiny.VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(2))
 
 
 def _ckpt(family: str = "opt", **overrides) -> Checkpoint:
@@ -75,7 +71,7 @@ def test_every_method_and_pattern_is_exact_on_every_family(family: str, method: 
     ckpt = _ckpt(family)
     config = PruneConfig(method, sparsity=None if pattern != "unstructured" else 0.6, pattern=pattern, blocksize=32,
                          sparsegpt_selection="exact")  # SparseGPT's default reference rule: test_sparsegpt_reference_rule...
-    masks, results, _ = prune(ckpt, config, tokens=_tokens())
+    masks, results, _ = prune(ckpt, config, tokens=random_tokens(4, 32, 2))
     scope = results["scope"]
     assert scope == (pattern if pattern != "unstructured" else {"wanda": "row"}.get(method, "matrix"))
     _check_exact(ckpt.model, masks, config, 0.6 if pattern == "unstructured" else 0.5, scope)
@@ -88,7 +84,7 @@ def test_every_method_and_pattern_is_exact_on_every_family(family: str, method: 
 def test_other_scopes_are_exact(method: str, scope: str) -> None:
     ckpt = _ckpt("mixtral")
     config = PruneConfig(method, sparsity=0.7, scope=scope, blocksize=32, sparsegpt_selection="exact")
-    masks, results, _ = prune(ckpt, config, tokens=_tokens())
+    masks, results, _ = prune(ckpt, config, tokens=random_tokens(4, 32, 2))
     if method == "sparsegpt":  # row scope: every row of every column block
         for mat in arch.matrices(ckpt.model):
             pruned = _matrix_pruned(masks, mat).reshape(mat.shape[0], -1, 32)
@@ -102,7 +98,7 @@ def test_sparsegpt_reference_rule_prunes_one_more_per_column_block(family: str) 
     """The default `--sparsegpt-selection reference`: every score <= the (k+1)-th smallest
     of a column block goes, so each block prunes k+1 (continuous scores: no ties)."""
     ckpt = _ckpt(family)
-    masks, results, _ = prune(ckpt, PruneConfig("sparsegpt", sparsity=0.6, blocksize=32), tokens=_tokens())
+    masks, results, _ = prune(ckpt, PruneConfig("sparsegpt", sparsity=0.6, blocksize=32), tokens=random_tokens(4, 32, 2))
     for mat in arch.matrices(ckpt.model):
         pruned = _matrix_pruned(masks, mat)
         for b in range(0, mat.shape[1], 32):
@@ -118,7 +114,7 @@ def test_pruning_again_never_revives_weights_and_carries_other_masks() -> None:
     ckpt.masks = first
     for method in ("wanda", "sparsegpt"):
         again = copy.deepcopy(ckpt)
-        masks, _, _ = prune(again, PruneConfig(method, sparsity=0.3, targets=r"layers\.0\."), tokens=_tokens())
+        masks, _, _ = prune(again, PruneConfig(method, sparsity=0.3, targets=r"layers\.0\."), tokens=random_tokens(4, 32, 2))
         assert set(masks.names()) == set(first.names())
         for name, keep in masks.masks.items():
             assert not (keep & ~first[name]).any(), name  # subset of the old mask
@@ -166,7 +162,7 @@ def test_contradictory_requests_are_usage_errors(config: PruneConfig, message: s
 
 def test_bfloat16_model_keeps_its_dtype_and_exact_zeros() -> None:
     ckpt = Checkpoint(tiny.build_model("llama").to(torch.bfloat16), None, None, {}, "x")
-    masks, _, _ = prune(ckpt, PruneConfig("sparsegpt", sparsity=0.5), tokens=_tokens())
+    masks, _, _ = prune(ckpt, PruneConfig("sparsegpt", sparsity=0.5), tokens=random_tokens(4, 32, 2))
     params = dict(ckpt.model.named_parameters())
     assert all(params[n].dtype == torch.bfloat16 and int((params[n][~k] != 0).sum()) == 0 for n, k in masks.masks.items())
 

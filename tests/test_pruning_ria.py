@@ -4,7 +4,6 @@ and gives masks that are N:M in the permuted order (recorded and checked on read
 
 from __future__ import annotations
 
-import copy
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from perp_cli.mask import Pattern, nm_violations
 from perp_cli.pruner import PruneConfig, prune
 from perp_cli.pruning.ria import channel_permutation, ria_scores
 
-from conftest import run_cli, save_tiny
+from conftest import random_tokens, run_cli, save_tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +32,7 @@ def test_scores_are_the_published_formula() -> None:
 
 def test_block0_masks_equal_a_direct_computation() -> None:
     model = tiny.build_model("opt")
-    tokens = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    tokens = random_tokens(2, 16, high=model.config.vocab_size, low=0)
     inputs: dict[str, list[torch.Tensor]] = {}
     handles = [m.owner.register_forward_pre_hook(lambda mod, a, k=m.key: inputs.setdefault(k, []).append(a[0].reshape(-1, a[0].shape[-1])))
                for m in arch.block_matrices(model, 0)]

@@ -7,15 +7,12 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import random_tokens
 from perp_cli import arch, engine, tiny
 from perp_cli.pruning.statistics import HessianStat, NormStat, collecting, target_groups
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _tokens(n: int = 3, seqlen: int = 20) -> torch.Tensor:
-    return torch.randint(4, tiny.VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(5))
 
 
 def _block0_inputs(model: nn.Module, tokens: torch.Tensor) -> engine.BlockInputs:
@@ -24,7 +21,7 @@ def _block0_inputs(model: nn.Module, tokens: torch.Tensor) -> engine.BlockInputs
 
 def test_qkv_share_one_hessian_equal_to_the_direct_sum() -> None:
     model = tiny.build_model("llama")
-    tokens = _tokens()
+    tokens = random_tokens(3, 20, 5)
     inputs = _block0_inputs(model, tokens)
     block = arch.blocks(model)[0]
     keys = {m.key for m in arch.block_matrices(model, 0)}
@@ -45,7 +42,7 @@ def test_flattened_mlp_inputs_still_count_sequences() -> None:
     """OPT flattens [b, seqlen, hidden] to [b·seqlen, hidden] before fc1/fc2; the Hessian
     must still be normalised by the number of windows, as for q/k/v."""
     model = tiny.build_model("opt")
-    tokens = _tokens()
+    tokens = random_tokens(3, 20, 5)
     inputs = _block0_inputs(model, tokens)
     block = arch.blocks(model)[0]
     keys = {m.key for m in arch.block_matrices(model, 0)}
@@ -64,8 +61,7 @@ def test_target_groups_keep_only_chosen_members() -> None:
 
 def test_mixtral_expert_statistics_come_from_routed_tokens_only() -> None:
     model = tiny.build_model("mixtral")
-    tokens = _tokens(n=4)
-    inputs = _block0_inputs(model, tokens)
+    inputs = _block0_inputs(model, random_tokens(4, 20, 5))
     block = arch.blocks(model)[0]
     keys = {m.key for m in arch.block_matrices(model, 0)}
     groups = target_groups(model, 0, keys)
@@ -96,7 +92,7 @@ def test_mixtral_expert_statistics_come_from_routed_tokens_only() -> None:
 
 def test_gpt2_conv1d_inputs_are_the_in_features() -> None:
     model = tiny.build_model("gpt2")
-    inputs = _block0_inputs(model, _tokens())
+    inputs = _block0_inputs(model, random_tokens(3, 20, 5))
     keys = {m.key for m in arch.block_matrices(model, 0)}
     with collecting(model, target_groups(model, 0, keys), NormStat, torch.device("cpu")) as stats:
         inputs.run(arch.blocks(model)[0], keep_outputs=False)
@@ -138,7 +134,7 @@ def test_expert_statistics_are_the_rows_each_expert_really_sees(model_type: str,
     model = tiny.build_model(model_type)
     if getattr(model.config, "_experts_implementation", None) not in (None, "eager"):
         model.set_experts_implementation("eager")  # the per-expert loop, so the reference can see each slice
-    inputs = _block0_inputs(model, _tokens())
+    inputs = _block0_inputs(model, random_tokens(3, 20, 5))
     block = arch.blocks(model)[0]
     chosen = [m for m in arch.block_matrices(model, 0) if m.attr == which]
     with collecting(model, target_groups(model, 0, {m.key for m in chosen}), NormStat, torch.device("cpu")) as stats:
@@ -159,7 +155,7 @@ def test_statistics_pass_stops_after_the_last_input_it_needs(targets: str, runs:
     """Nothing after the last hooked input runs (engine.StopBlock), and the statistics
     equal those of a full forward: here fc2's input, seen by a plain hook."""
     model = tiny.build_model("opt")
-    inputs = _block0_inputs(model, _tokens(n=4))  # 2 micro-batches of 2
+    inputs = _block0_inputs(model, random_tokens(4, 20, 5))  # 2 micro-batches of 2
     block = arch.blocks(model)[0]
     calls = {name: 0 for name in runs}
     handles = [block.get_submodule(name if name.startswith("fc") else f"self_attn.{name}")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import random_tokens
 from perp_cli import arch, tiny
 from perp_cli.checkpoint import Checkpoint
 from perp_cli.pruner import PruneConfig, prune
@@ -58,7 +59,7 @@ def _slice(keep: torch.Tensor, m: arch.Matrix) -> torch.Tensor:
 @pytest.mark.parametrize("family", ["opt", "llama", "gpt2", "mixtral"])
 def test_masks_equal_the_reference_score_on_the_same_activations(family: str) -> None:
     dense = tiny.build_model(family)
-    tokens = torch.randint(4, tiny.VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+    tokens = random_tokens(4, 32, 1)
     pruned = copy.deepcopy(dense)
     masks, _, _ = prune(Checkpoint(pruned, None, None, {}, "x"), PruneConfig("wanda", sparsity=0.5, batch_size=3), tokens=tokens)
 

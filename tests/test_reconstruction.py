@@ -8,7 +8,7 @@ import copy
 
 import pytest
 import torch
-from conftest import FAMILIES
+from conftest import FAMILIES, random_tokens
 
 from perp_cli import arch, engine, tiny
 from perp_cli.checkpoint import Checkpoint, mask_problems
@@ -26,15 +26,11 @@ from perp_cli.reconstruction import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _tokens(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
-    return torch.randint(4, tiny.VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
-
-
 def _pruned(family: str = "opt", method: str = "wanda", sparsity: float = 0.6, seed: int = 0) -> tuple[Checkpoint, torch.nn.Module]:
     """A tiny model pruned in memory, and its dense original."""
     dense = tiny.build_model(family, seed=seed)
     ckpt = Checkpoint(copy.deepcopy(dense), None, None, empty_manifest("dense"), "pruned")
-    masks, _, _ = prune(ckpt, PruneConfig(method, sparsity=sparsity, seqlen=32), tokens=_tokens(seed=seed + 7))
+    masks, _, _ = prune(ckpt, PruneConfig(method, sparsity=sparsity, seqlen=32), tokens=random_tokens(8, 32, seed + 7))
     ckpt.masks = masks
     return ckpt, dense
 
@@ -67,7 +63,7 @@ def test_errors_fall_masks_hold_and_only_block_parameters_change() -> None:
     ckpt, dense = _pruned()
     before, dense_before = _state(ckpt.model), _state(dense)
     masks_before = {n: k.clone() for n, k in ckpt.masks.masks.items()}
-    out = reconstruct(ckpt, dense, _tokens(), _cfg())
+    out = reconstruct(ckpt, dense, random_tokens(8, 32), _cfg())
 
     assert [b.block for b in out.blocks] == [0, 1]
     for b in out.blocks:
@@ -99,7 +95,7 @@ def test_errors_are_measured_against_the_published_targets(target: str) -> None:
     `dense-stream`: the dense model's own block-1 output."""
     ckpt, dense = _pruned()
     original = copy.deepcopy(ckpt.model)
-    tokens = _tokens()
+    tokens = random_tokens(8, 32)
     out = reconstruct(ckpt, dense, tokens, _cfg(target=target))
 
     orig_ins, _ = _block_io(original, tokens)
@@ -127,7 +123,7 @@ def test_same_seed_is_bit_identical_and_the_seed_matters() -> None:
     runs = []
     for seed in (0, 0, 1):
         ckpt, dense = _pruned()
-        reconstruct(ckpt, dense, _tokens(), _cfg(seed=seed))
+        reconstruct(ckpt, dense, random_tokens(8, 32), _cfg(seed=seed))
         runs.append(_state(ckpt.model))
     assert all(torch.equal(runs[0][n], runs[1][n]) for n in runs[0])
     assert any(not torch.equal(runs[0][n], runs[2][n]) for n in runs[0])
@@ -136,7 +132,7 @@ def test_same_seed_is_bit_identical_and_the_seed_matters() -> None:
 def test_a_block_made_worse_is_restored_bitwise() -> None:
     ckpt, dense = _pruned()
     before = _state(ckpt.model)
-    out = reconstruct(ckpt, dense, _tokens(), _cfg(lr=30.0, adapter="scalelora"))
+    out = reconstruct(ckpt, dense, random_tokens(8, 32), _cfg(lr=30.0, adapter="scalelora"))
     assert out.restored == [0, 1]
     assert all(b.mse_trained > b.mse_before and b.mse_after == b.mse_before for b in out.blocks)
     assert all(torch.equal(before[n], v) for n, v in ckpt.model.state_dict().items())
@@ -146,7 +142,7 @@ def test_a_block_made_worse_is_restored_bitwise() -> None:
 def test_train_all_keeps_every_masked_weight_zero() -> None:
     ckpt, dense = _pruned(sparsity=0.7)
     before = _state(ckpt.model)
-    out = reconstruct(ckpt, dense, _tokens(), _cfg(train="all", adapter="none", lr=1e-3))
+    out = reconstruct(ckpt, dense, random_tokens(8, 32), _cfg(train="all", adapter="none", lr=1e-3))
     assert not out.restored
     assert mask_problems(ckpt.model, ckpt.masks) == []
     name = "model.decoder.layers.1.self_attn.q_proj.weight"
@@ -161,7 +157,7 @@ def test_train_all_keeps_every_masked_weight_zero() -> None:
 @pytest.mark.parametrize("adapter", ["masklora", "scalelora", "lora-prune"])
 def test_adapters_are_merged_under_the_mask(adapter: str) -> None:
     ckpt, dense = _pruned()
-    out = reconstruct(ckpt, dense, _tokens(), _cfg(train="none", adapter=adapter, adapter_targets=r"fc\d"))
+    out = reconstruct(ckpt, dense, random_tokens(8, 32), _cfg(train="none", adapter=adapter, adapter_targets=r"fc\d"))
     assert mask_problems(ckpt.model, ckpt.masks) == []
     assert not hasattr(arch.blocks(ckpt.model)[0].fc1, "_perp_adapted") and "forward" not in vars(arch.blocks(ckpt.model)[0].fc1)
     # two fc matrices per block, rank 16: (in + out) * 16 each
@@ -173,7 +169,7 @@ def test_adapters_are_merged_under_the_mask(adapter: str) -> None:
 def test_every_family_reconstructs_without_touching_its_masks(family: str) -> None:
     ckpt, dense = _pruned(family, method="magnitude", sparsity=0.5)
     train = "biases,norms" if family == "gpt2" else "norms"  # LLaMA-like families have no biases
-    out = reconstruct(ckpt, dense, _tokens(n=4), _cfg(train=train, steps_per_block=4))
+    out = reconstruct(ckpt, dense, random_tokens(4, 32), _cfg(train=train, steps_per_block=4))
     assert mask_problems(ckpt.model, ckpt.masks) == []
     assert all(b.mse_after <= b.mse_before for b in out.blocks)
 
@@ -181,8 +177,8 @@ def test_every_family_reconstructs_without_touching_its_masks(family: str) -> No
 def test_add_biases_lets_llama_train_biases() -> None:
     ckpt, dense = _pruned("llama", method="magnitude", sparsity=0.5)
     with pytest.raises(UsageError, match="--add-biases"):
-        reconstruct(copy.deepcopy(ckpt), dense, _tokens(n=4), _cfg(steps_per_block=2))
-    out = reconstruct(ckpt, dense, _tokens(n=4), _cfg(add_biases=True, steps_per_block=4))
+        reconstruct(copy.deepcopy(ckpt), dense, random_tokens(4, 32), _cfg(steps_per_block=2))
+    out = reconstruct(ckpt, dense, random_tokens(4, 32), _cfg(add_biases=True, steps_per_block=4))
     assert out.added_biases and ckpt.model.config.attention_bias and ckpt.model.config.mlp_bias
     assert mask_problems(ckpt.model, ckpt.masks) == []
 
@@ -190,8 +186,8 @@ def test_add_biases_lets_llama_train_biases() -> None:
 def test_offloaded_activations_give_the_same_result() -> None:
     a, dense = _pruned()
     b, _ = _pruned()
-    reconstruct(a, dense, _tokens(), _cfg())
-    reconstruct(b, dense, _tokens(), _cfg(offload=True))
+    reconstruct(a, dense, random_tokens(8, 32), _cfg())
+    reconstruct(b, dense, random_tokens(8, 32), _cfg(offload=True))
     sa, sb = a.model.state_dict(), b.model.state_dict()
     assert all(torch.equal(sa[n], sb[n]) for n in sa)
 
@@ -217,7 +213,7 @@ def test_bad_options_are_usage_errors(kw: dict, message: str) -> None:
 def test_refuses_unpruned_input_and_a_mismatched_dense_model() -> None:
     ckpt, dense = _pruned()
     with pytest.raises(UsageError, match="no masks"):
-        reconstruct(Checkpoint(dense, None, None, {}, "dense"), dense, _tokens(), _cfg())
+        reconstruct(Checkpoint(dense, None, None, {}, "dense"), dense, random_tokens(8, 32), _cfg())
     with pytest.raises(UsageError, match="does not match"):
         check_compatible(ckpt.model, tiny.build_model("opt", ffn_dim=64))
     with pytest.raises(UsageError, match="llama"):
@@ -235,7 +231,7 @@ def test_fixed_order_cycles_in_order() -> None:
 
 def test_without_restore_a_worse_block_is_kept() -> None:
     ckpt, dense = _pruned()
-    out = reconstruct(ckpt, dense, _tokens(), _cfg(lr=30.0, adapter="scalelora", restore=False))
+    out = reconstruct(ckpt, dense, random_tokens(8, 32), _cfg(lr=30.0, adapter="scalelora", restore=False))
     assert out.restored == []
     assert all(b.mse_after == b.mse_trained > b.mse_before for b in out.blocks)
     assert mask_problems(ckpt.model, ckpt.masks) == []
@@ -248,8 +244,8 @@ def test_paper_recipe_trains_the_block_in_train_mode() -> None:
     for mode in ("eval", "train"):
         dense = tiny.build_model("opt", seed=0, dropout=0.3)
         ckpt = Checkpoint(copy.deepcopy(dense), None, None, empty_manifest("dense"), "pruned")
-        ckpt.masks, _, _ = prune(ckpt, PruneConfig("wanda", sparsity=0.6, seqlen=32), tokens=_tokens(seed=7))
-        reconstruct(ckpt, dense, _tokens(), _cfg(mode=mode, order="fixed", restore=False))
+        ckpt.masks, _, _ = prune(ckpt, PruneConfig("wanda", sparsity=0.6, seqlen=32), tokens=random_tokens(8, 32, 7))
+        reconstruct(ckpt, dense, random_tokens(8, 32), _cfg(mode=mode, order="fixed", restore=False))
         runs[mode] = _state(ckpt.model)
         assert not any(m.training for m in ckpt.model.modules())
     assert any(not torch.equal(runs["eval"][n], runs["train"][n]) for n in runs["eval"])
@@ -260,7 +256,7 @@ def test_interleaved_prunes_each_block_from_the_reconstructed_stream() -> None:
     (same mask), block 1 from the outputs of the RECONSTRUCTED block 0: its mask is what
     Wanda gives on a model whose block 0 is already the reconstructed one."""
     dense = tiny.build_model("opt", seed=0)
-    tokens = _tokens()
+    tokens = random_tokens(8, 32)
     ckpt = Checkpoint(copy.deepcopy(dense), None, None, empty_manifest("dense"), "dense")
     out = reconstruct(ckpt, None, tokens, _cfg(), prune=PruneConfig("wanda", sparsity=0.5))
     masks = out.masks
@@ -285,11 +281,11 @@ def test_interleaved_refusals() -> None:
     dense = tiny.build_model("opt", seed=0)
     ckpt = Checkpoint(dense, None, None, empty_manifest("dense"), "dense")
     with pytest.raises(UsageError, match="global"):
-        reconstruct(ckpt, None, _tokens(), _cfg(), prune=PruneConfig("wanda", scope="global"))
+        reconstruct(ckpt, None, random_tokens(8, 32), _cfg(), prune=PruneConfig("wanda", scope="global"))
     with pytest.raises(UsageError, match="--target dense"):
-        reconstruct(ckpt, None, _tokens(), _cfg(target="dense-stream"), prune=PruneConfig("wanda"))
+        reconstruct(ckpt, None, random_tokens(8, 32), _cfg(target="dense-stream"), prune=PruneConfig("wanda"))
     with pytest.raises(UsageError, match="--granularity block only"):
-        reconstruct(ckpt, None, _tokens(), _cfg(granularity="sublayer"), prune=PruneConfig("wanda"))
+        reconstruct(ckpt, None, random_tokens(8, 32), _cfg(granularity="sublayer"), prune=PruneConfig("wanda"))
 
 
 def _mid_stream(model: torch.nn.Module, tokens: torch.Tensor) -> list[torch.Tensor]:
@@ -316,7 +312,7 @@ def test_sublayer_fits_each_half_against_the_dense_half() -> None:
     ckpt, dense = _pruned()
     original = copy.deepcopy(ckpt.model)
     masks_before = {n: k.clone() for n, k in ckpt.masks.masks.items()}
-    tokens = _tokens()
+    tokens = random_tokens(8, 32)
     out = reconstruct(ckpt, dense, tokens, _cfg(granularity="sublayer"))
 
     assert [(b.block, b.part) for b in out.blocks] == [(0, "attention"), (0, "mlp"), (1, "attention"), (1, "mlp")]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import random_tokens
 from perp_cli import arch, tiny
 from perp_cli.checkpoint import Checkpoint
 from perp_cli.errors import UsageError
@@ -25,10 +26,6 @@ IDS = torch.arange(5, 45).reshape(2, 20)
 
 def _ckpt(model: torch.nn.Module) -> Checkpoint:
     return Checkpoint(model=model, tokenizer=None, masks=None, manifest={}, source="tiny")
-
-
-def _tokens(n: int = 4, seqlen: int = 16) -> torch.Tensor:
-    return torch.randint(4, 260, (n, seqlen), generator=torch.Generator().manual_seed(0))
 
 
 @torch.no_grad()
@@ -60,7 +57,7 @@ def test_depth_removes_an_identity_block_exactly(family, tmp_path, one_thread):
                     bias.data.zero_()
     before = _logits(model)
     types = list(getattr(model.config, "layer_types", None) or [])
-    out = shrink(_ckpt(model), ShrinkConfig(structure="depth", remove_count=1, device="cpu"), tokens=_tokens())
+    out = shrink(_ckpt(model), ShrinkConfig(structure="depth", remove_count=1, device="cpu"), tokens=random_tokens(4, 16, high=260))
     assert out.results["removed"]["blocks"] == [1]
     assert out.results["scores"][1] < 1e-6 < min(out.results["scores"][0], out.results["scores"][2])
     small = _reloaded(out.model, tmp_path)
@@ -107,7 +104,7 @@ def test_heads_removes_silent_key_value_groups_exactly(family, tmp_path, one_thr
             for g in gone:
                 layout.heads(model, i).o.weight()[:, g * width:(g + 1) * width] = 0
     before = _logits(model)
-    out = shrink(_ckpt(model), ShrinkConfig(structure="heads", remove_ratio=0.5, device="cpu"), tokens=_tokens())
+    out = shrink(_ckpt(model), ShrinkConfig(structure="heads", remove_ratio=0.5, device="cpu"), tokens=random_tokens(4, 16, high=260))
     assert all(v == gone for v in out.results["removed"]["key_value_groups"].values())
     small = _reloaded(out.model, tmp_path)
     assert small.config.num_attention_heads == h.heads - len(gone) * h.group
@@ -127,7 +124,7 @@ def test_experts_slices_experts_and_router_exactly(family, tmp_path, one_thread)
                 if "down_proj" in name:
                     model.get_parameter(name)[2].zero_()
     old = {i: layout.experts(model, i) for i in range(len(arch.blocks(model)))}
-    out = shrink(_ckpt(model), ShrinkConfig(structure="experts", remove_count=1, device="cpu"), tokens=_tokens())
+    out = shrink(_ckpt(model), ShrinkConfig(structure="experts", remove_count=1, device="cpu"), tokens=random_tokens(4, 16, high=260))
     assert all(v == [2] for v in out.results["removed"]["experts"].values())
     small = _reloaded(out.model, tmp_path)
     assert arch.expert_count(small) == count - 1

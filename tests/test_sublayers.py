@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import random_tokens
 from perp_cli import arch, engine, sublayers, tiny
 from perp_cli.errors import UsageError
 
@@ -23,7 +24,7 @@ SEQUENTIAL = {
 
 
 def _block0_inputs(model: nn.Module) -> engine.BlockInputs:
-    tokens = torch.randint(4, tiny.VOCAB, (4, 16), generator=torch.Generator().manual_seed(0))
+    tokens = random_tokens(4, 16)
     return engine.capture_inputs(model, tokens, batch_size=2)
 
 

@@ -7,24 +7,13 @@ import math
 import pytest
 import torch
 
-from perp_cli import adapters, arch, mask, tiny
+from conftest import magnitude_masks, random_tokens
+from perp_cli import adapters, mask, tiny
 from perp_cli.errors import NumericalError, UsageError
-from perp_cli.mask import MaskSet
 from perp_cli.trainable import select_trainable
 from perp_cli.training import TrainConfig, fit, lr_at, train_lm
 
-WINDOWS = torch.randint(4, 260, (16, 32), generator=torch.Generator().manual_seed(0))
-
-
-def magnitude_masks(model, sparsity: float = 0.5) -> MaskSet:
-    masks = {}
-    for m in arch.matrices(model):
-        w = m.weight()
-        keep = w.abs() > w.abs().flatten().kthvalue(int(w.numel() * sparsity)).values
-        masks[m.name] = m.to_param_layout(keep).contiguous()
-    ms = MaskSet(masks)
-    mask.apply(model, ms)
-    return ms
+WINDOWS = random_tokens(16, 32, high=260)
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:

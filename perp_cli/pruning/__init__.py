@@ -33,8 +33,9 @@ Score = Callable[[torch.Tensor, Any], torch.Tensor]  # (weight [out, in], the gr
 
 @dataclass(frozen=True)
 class Method:
-    """What a method needs (`statistic`: None, NormStat or HessianStat) and which
-    comparison groups (`scopes`) it supports for unstructured masks."""
+    """What a method needs (`statistic`: None, NormStat or HessianStat), which
+    comparison groups (`scopes`) it supports for unstructured masks, and which of the
+    planner's options it combines with (the pruner reads these, never the name)."""
 
     name: str
     statistic: type | None
@@ -42,16 +43,23 @@ class Method:
     scopes: tuple[str, ...]
     summary: str
     score: Score | None = None  # None: the method has its own path (random, sparsegpt, keep)
+    supports_owl: bool = True  # --allocation owl: per-block sparsities for its criterion (random and keep have none)
+    supports_refine: bool = True  # --refine dsnot: its mask can be refined (random has no criterion)
+    supports_permute: bool = False  # --permute: its N:M mask is chosen from scores, so inputs may be reordered
+    blockwise: bool = False  # works in column blocks (--blocksize must be a multiple of M for N:M)
+    keeps_existing: bool = False  # prunes nothing new: the input's masks as they are (keep)
 
 
 METHODS: dict[str, Method] = {
     "magnitude": Method("magnitude", None, "matrix", ("row", "matrix", "global"), "|W|, no data",
-                        lambda w, stat: magnitude_scores(w)),
-    "random": Method("random", None, "matrix", ("row", "matrix", "global"), "uniform random scores"),
+                        lambda w, stat: magnitude_scores(w), supports_permute=True),
+    "random": Method("random", None, "matrix", ("row", "matrix", "global"), "uniform random scores",
+                     supports_owl=False, supports_refine=False, supports_permute=True),
     "wanda": Method("wanda", NormStat, "row", ("row", "matrix", "global"), "|W|·‖X‖₂ from calibration",
-                    lambda w, stat: wanda_scores(w, stat.norms())),
-    "sparsegpt": Method("sparsegpt", HessianStat, "matrix", ("row", "matrix"), "OBS updates from the Hessian"),
+                    lambda w, stat: wanda_scores(w, stat.norms()), supports_permute=True),
+    "sparsegpt": Method("sparsegpt", HessianStat, "matrix", ("row", "matrix"), "OBS updates from the Hessian", blockwise=True),
     "ria": Method("ria", NormStat, "matrix", ("row", "matrix", "global"), "(|W|/Σrow + |W|/Σcol)·‖X‖₂^0.5",
-                  lambda w, stat: ria_scores(w, stat.norms())),
-    "keep": Method("keep", None, "matrix", ("matrix",), "the input's masks unchanged (with --refine)"),
+                  lambda w, stat: ria_scores(w, stat.norms()), supports_permute=True),
+    "keep": Method("keep", None, "matrix", ("matrix",), "the input's masks unchanged (with --refine)",
+                   supports_owl=False, keeps_existing=True),
 }

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from perp_cli import tiny
 from perp_cli.manifest import sha256_file
 
-from conftest import run_cli, save_tiny
+from conftest import run_cli, save_tiny, tree_digest
 
 CORPUS = Path(__file__).resolve().parents[2] / "perp_cli" / "demo" / "corpus.txt"
 CALIB = ["--calib", str(CORPUS), "--calib-concat", "--nsamples", "4", "--seqlen", "32"]
@@ -34,12 +34,6 @@ class Env:
     dense: Path
     pruned: Path
     out: Path
-
-
-def _digest(path: Path) -> dict[str, str]:
-    if path.is_file():
-        return {path.name: sha256_file(path)}
-    return {str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -527,8 +521,8 @@ def test_bad_input(env: Env, case) -> None:
         breaker(env)
     if name == "reconstruct-other-architecture":
         save_tiny(env.root / "llama", "llama")
-    before = {p: _digest(p) for p in (env.dense, env.pruned) if p.exists()}
-    out_before = _digest(env.out) if env.out.exists() else None
+    before = {p: tree_digest(p) for p in (env.dense, env.pruned) if p.exists()}
+    out_before = tree_digest(env.out) if env.out.exists() else None
     args = [a.format(dense=env.dense, pruned=env.pruned, out=env.out, root=env.root) for a in argv]
     result = run_cli(*args)
     assert result.exit_code == code, f"{name}: exit {result.exit_code}\n{result.stderr}"
@@ -538,13 +532,13 @@ def test_bad_input(env: Env, case) -> None:
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("perp: error:"), f"{name}: {result.stderr!r}"
     if name in PRE_EXISTING_OUTPUT:
-        assert _digest(env.out) == out_before, f"{name}: the existing output was modified"
+        assert tree_digest(env.out) == out_before, f"{name}: the existing output was modified"
     elif name not in ("output-exists", "output-symlink"):
         assert not env.out.exists() or name == "output-equals-input"
     assert not list(env.root.glob(".*perp-tmp-*")) and not list(env.root.glob(".*perp-old-*"))
     for path, digest in before.items():
         if path.exists() and name != "output-unwritable":
-            assert _digest(path) == digest, f"{name}: {path} was modified"
+            assert tree_digest(path) == digest, f"{name}: {path} was modified"
 
 
 def test_code_shipped_in_a_checkpoint_never_runs_by_default(env: Env) -> None:
@@ -567,7 +561,7 @@ def _assert_one_line_and_nothing_left(result, env: Env, fragment: str, before: d
     assert not env.out.exists()
     assert not list(env.root.glob(".*perp-tmp-*")) and not list(env.root.glob(".*tmp-*"))
     for path, digest in before.items():
-        assert _digest(path) == digest
+        assert tree_digest(path) == digest
 
 
 def test_disk_full_in_memory_write_is_one_line(env: Env, monkeypatch) -> None:
@@ -578,7 +572,7 @@ def test_disk_full_in_memory_write_is_one_line(env: Env, monkeypatch) -> None:
         raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
 
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
-    before = {env.dense: _digest(env.dense)}
+    before = {env.dense: tree_digest(env.dense)}
     result = run_cli("prune", env.dense, "-o", env.out, "--method", "magnitude", "--sparsity", "0.5", "--streaming", "off", "-q")
     _assert_one_line_and_nothing_left(result, env, "out of disk space", before)
 
@@ -590,7 +584,7 @@ def test_disk_full_streamed_write_is_one_line(env: Env, monkeypatch) -> None:
         raise Exception("No space left on device")  # how one library reported it
 
     monkeypatch.setattr(shards.ShardWriter, "write", full)
-    before = {env.dense: _digest(env.dense)}
+    before = {env.dense: tree_digest(env.dense)}
     result = run_cli("prune", env.dense, "-o", env.out, "--method", "magnitude", "--sparsity", "0.5", "--streaming", "on", "-q")
     _assert_one_line_and_nothing_left(result, env, "out of disk space", before)
 
@@ -604,7 +598,7 @@ def test_disk_full_eval_output_leaves_no_temporary(env: Env, monkeypatch) -> Non
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.os, "replace", full)
-    before = {env.pruned: _digest(env.pruned)}
+    before = {env.pruned: tree_digest(env.pruned)}
     result = run_cli("eval", env.pruned, "--dataset", CORPUS, "--seqlen", "32", "--max-windows", "1", "-q",
                      "-o", env.root / "res.json")
     _assert_one_line_and_nothing_left(result, env, "out of disk space", before)

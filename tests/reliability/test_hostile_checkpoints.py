@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from perp_cli.manifest import sha256_file
 
-from conftest import run_cli, save_tiny
+from conftest import run_cli, save_tiny, tree_digest
 
 CORPUS = Path(__file__).resolve().parents[2] / "perp_cli" / "demo" / "corpus.txt"
 COMMANDS = {
@@ -161,15 +161,6 @@ def _apply(root: Path, ckpt: Path, op: tuple) -> None:
             manifest_file.write_text(json.dumps(manifest))
 
 
-def _digest(path: Path) -> dict[str, str]:
-    out = {}
-    for p in sorted(path.rglob("*")):
-        if p.is_symlink():
-            out[str(p.relative_to(path))] = "-> " + os.readlink(p)
-        elif p.is_file():
-            out[str(p.relative_to(path))] = sha256_file(p)
-    return out
-
 
 @settings(max_examples=int(os.environ.get("PERP_HOSTILE_EXAMPLES", "20")), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -180,7 +171,7 @@ def test_hostile_checkpoint_keeps_the_promises(pristine: Path, tmp_path_factory,
     shutil.copytree(pristine, ckpt)
     for op in ops:
         _apply(root, ckpt, op)
-    before = _digest(ckpt)
+    before = tree_digest(ckpt)
     out = root / "out"
     result = run_cli(*COMMANDS[command](str(ckpt), str(out)))
     where = f"{command} after {ops}: exit {result.exit_code}\n{result.stderr}"
@@ -191,4 +182,4 @@ def test_hostile_checkpoint_keeps_the_promises(pristine: Path, tmp_path_factory,
         assert len(lines) == 1 and lines[0].startswith("perp: error:"), where
         assert not out.exists(), where
     assert not list(root.glob(".*perp-tmp-*")) and not list(root.glob(".*perp-old-*")), where
-    assert _digest(ckpt) == before, where
+    assert tree_digest(ckpt) == before, where

@@ -25,16 +25,11 @@ from pathlib import Path
 import pytest
 
 from perp_cli import checkpoint
-from perp_cli.manifest import sha256_file
 
-from conftest import save_tiny
+from conftest import save_tiny, tree_digest
 
 ITERATIONS = int(os.environ.get("PERP_KILL_ITERATIONS", "1"))
 CORPUS = Path(__file__).resolve().parents[2] / "perp_cli" / "demo" / "corpus.txt"
-
-
-def _digest(path: Path) -> dict[str, str]:
-    return {str(p.relative_to(path)): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def _env() -> dict[str, str]:
@@ -102,7 +97,7 @@ SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL, signal.SIGKILL]
 def test_signals_at_random_points_lose_nothing(workdir: Path, command: str) -> None:
     make_args = _prune_args if command == "prune" else _retrain_args
     source = workdir / ("dense" if command == "prune" else "pruned")
-    before = _digest(source)
+    before = tree_digest(source)
     # one clean run to learn how long the step takes
     t0 = time.monotonic()
     clean = _run(make_args(workdir, workdir / f"{command}-clean"))
@@ -116,10 +111,10 @@ def test_signals_at_random_points_lose_nothing(workdir: Path, command: str) -> N
         time.sleep(rng.uniform(0.2, duration))
         proc.send_signal(sig)
         outcomes.append((signal.Signals(sig).name, _check_after(out, proc, sig)))
-        assert _digest(source) == before, "the input was modified"
+        assert tree_digest(source) == before, "the input was modified"
         rerun = _run(make_args(workdir, out) + (["--overwrite"] if out.exists() else []))
         assert rerun.returncode == 0, rerun.stderr
         assert _temporaries(out) == [], "a rerun must clean up temporaries of killed runs"
         checkpoint.load(out)
-    assert _digest(source) == before
+    assert tree_digest(source) == before
     print(f"{command}: {outcomes}")
