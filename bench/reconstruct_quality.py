@@ -39,13 +39,13 @@ def main() -> None:
 
     from perp_cli import checkpoint, data
     from perp_cli.perplexity import eval_token_ids, perplexity
-    from perp_cli.pruner import PruneConfig, calibration_tokens, prune
+    from perp_cli.pruner import PruneConfig, prune
     from perp_cli.reconstruction import ReconstructConfig, reconstruct
 
     base = checkpoint.load(args.model, need_tokenizer=True)
     ids = eval_token_ids(base.tokenizer, data.load_source(args.eval), args.eval_seqlen)
     probe = PruneConfig("wanda", calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen)
-    tokens, record = calibration_tokens(base, probe)
+    tokens, record = data.calibration(base.require_tokenizer(), base.model, probe, probe.seed)
     rec_kw = {"steps_per_block": args.steps, "batch_size": args.batch_size, "train": args.train, "adapter": args.adapter, "target": args.target}
     if args.lr is not None:
         rec_kw["lr"] = args.lr

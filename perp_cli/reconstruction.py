@@ -61,7 +61,7 @@ import torch
 from torch import nn
 
 from perp_cli import adapters as adapters_mod
-from perp_cli import arch, checkpoint, engine, sublayers
+from perp_cli import arch, checkpoint, data, engine, sublayers
 from perp_cli import trainable as trainable_mod
 from perp_cli.activations import ActivationStore, Placement, placement_for
 from perp_cli.errors import NumericalError, UsageError
@@ -84,7 +84,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class ReconstructConfig:
+class ReconstructConfig(data.CalibrationConfig):
     """What `perp reconstruct` trains and how (defaults: PERP's biases+norms+MaskLoRA)."""
 
     train: str = "biases,norms"
@@ -621,7 +621,6 @@ def reconstruct(
     reconstructed, in the same engine pass; the new masks are `outcome.masks`.
     """
     start = time.perf_counter()
-    cfg.validate()
     model = pruned_ckpt.model
     block_pruner = None
     if prune is not None:

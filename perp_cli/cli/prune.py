@@ -4,13 +4,12 @@ N:M; uniform or OWL sparsity per block; optional DSnoT mask refinement."""
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from perp_cli import activations, checkpoint, reconstruction, streaming
 from perp_cli.cli.common import (
     ActivationDirOpt,
     AllowPickleOpt,
@@ -28,14 +27,11 @@ from perp_cli.cli.common import (
     SeedOpt,
     TrustInputsOpt,
     TrustRemoteCodeOpt,
-    check_activation_memory,
     emit_json,
 )
-from perp_cli.errors import UsageError
-from perp_cli.manifest import StepRecord
-from perp_cli.progress import console
-from perp_cli.pruner import PruneConfig, plan, prune
-from perp_cli.shards import parse_size
+from perp_cli.progress import Reporter, console
+from perp_cli.pruner import PruneConfig
+from perp_cli.recipes import prune as recipe
 
 
 def prune_cmd(
@@ -104,35 +100,12 @@ def prune_cmd(
         allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda, permute=permute, refine=refine,
         refine_iters=refine_iters, refine_threshold=refine_threshold, refine_skip=refine_skip,
     )
-    if dense is not None and config.method != "keep":
-        raise UsageError("--dense is for --method keep --refine (the dense values of the pruned weights)")
-    plan(config)  # usage errors before loading anything
-    shard_bytes = parse_size(max_shard_size)
-    overwrite = overwrite or overwrite_foreign
-    checkpoint.check_output(output, inputs=[model, calib, offload_dir] + ([dense] if dense else []), overwrite=overwrite, overwrite_foreign=overwrite_foreign)
-    activations.check_offload_dir(offload_dir, output, [model])
-    decision = streaming.decide(streaming_mode, model, config, dtype)
-    step = StepRecord("prune", args={**vars(config), "model": model, "output": str(output), "dtype": dtype,
-                                     "streaming": decision.stream, "streaming_reason": decision.reason, "max_shard_size": max_shard_size}, input=model, seed=seed)
-    if decision.stream:
-        if not quiet:
-            console.print(escape(decision.reason), soft_wrap=True)
-        ckpt = streaming.open_checkpoint(model, dtype=dtype, trust_remote_code=trust_remote_code, trust_inputs=trust_inputs)
-        if config.method in ("wanda", "sparsegpt", "ria"):
-            check_activation_memory(ckpt.model, nsamples, seqlen, 1, offload_dir, "calibration")
-        _, results, data_record = streaming.prune(ckpt, output, config, step, overwrite=overwrite, max_shard_size=shard_bytes)
-    else:
-        ckpt = checkpoint.load(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle,
-                               trust_remote_code=trust_remote_code, need_tokenizer=False, trust_inputs=trust_inputs)
-        if config.method in ("wanda", "sparsegpt", "ria") or refine is not None or allocation == "owl":
-            check_activation_memory(ckpt.model, nsamples, seqlen, 1, offload_dir, "calibration")
-        dense_model = _dense_model(ckpt, dense, dtype, trust_remote_code, trust_inputs) if config.method == "keep" else None
-        masks, results, data_record = prune(ckpt, config, dense=dense_model)
-        del dense_model
-        step.data, step.results = data_record, results
-        checkpoint.save(output, ckpt.model, ckpt.tokenizer, masks, manifest_in=ckpt.manifest, step=step,
-                        overwrite=overwrite, max_shard_size=shard_bytes)
-
+    outcome = recipe.run(recipe.Config(
+        model=model, output=output, prune=config, dense=dense, streaming=streaming_mode, dtype=dtype, max_shard_size=max_shard_size,
+        seed=seed, overwrite=overwrite, overwrite_foreign=overwrite_foreign, trust_inputs=trust_inputs, allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    ), Reporter(quiet))
+    results = outcome.results
     achieved = results["sparsity_achieved"]
     if json_out:
         emit_json({
@@ -140,22 +113,11 @@ def prune_cmd(
             "sparsity": achieved["pruned_tensors"], "sparsity_all_masked": achieved["all_masked_tensors"],
             "per_tensor": achieved["per_tensor"], "skipped_indivisible": results["skipped_indivisible"],
             "notes": results["notes"], "pruning_time_s": results["pruning_time_s"], "peak_memory": results["peak_memory"],
-            "calibration": data_record, "streaming": decision.stream,
+            "calibration": outcome.data, "streaming": outcome.streaming,
             **{k: results[k] for k in ("allocation", "permuted", "refine") if k in results},
         })
     if not quiet:
         _render(results, str(output))
-
-
-def _dense_model(ckpt: checkpoint.Checkpoint, dense: str | None, dtype: str, trust_remote_code: bool, trust_inputs: bool) -> Any:
-    """--method keep --refine: the dense model (--dense, else the recorded source)."""
-    if ckpt.masks is None:
-        raise UsageError(f"--refine on {ckpt.source}: it has no masks.safetensors (prune it first, or pass a --method)")
-    source = reconstruction.dense_source(ckpt, dense)
-    model = checkpoint.load(source, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code,
-                            need_tokenizer=False, trust_inputs=trust_inputs).model
-    reconstruction.check_compatible(ckpt.model, model)
-    return model
 
 
 def _render(results: dict, output: str) -> None:
