@@ -26,11 +26,10 @@ from perp_cli.cli.common import (
     SeedOpt,
     TrustInputsOpt,
     TrustRemoteCodeOpt,
-    check_activation_memory,
-    check_rank,
     emit_json,
 )
 from perp_cli.errors import UsageError
+from perp_cli.recipes import check_activation_memory, check_rank
 from perp_cli.manifest import StepRecord
 from perp_cli.progress import console
 from perp_cli.pruner import PruneConfig, plan
