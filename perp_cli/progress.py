@@ -41,7 +41,7 @@ class Reporter:
 
     def note(self, text: str, **style: bool) -> None:
         if not self.quiet:
-            console.print(text, soft_wrap=True, **style)
+            console.print(text, **{"soft_wrap": True, **style})
 
 
 SILENT = Reporter(quiet=True)

@@ -206,3 +206,27 @@ def calibration_options(
 
 
 CalibrationOpts = Annotated[CalibrationConfig, Group(calibration_options)]
+
+
+@dataclass(frozen=True)
+class ActivationOptions:
+    """Where the engine's calibration activations live (perp_cli.activations)."""
+
+    offload: bool
+    max_memory: str | None
+    offload_dir: Path | None
+
+    @property
+    def directory(self) -> str | None:
+        return None if self.offload_dir is None else str(self.offload_dir)
+
+
+def activation_options(
+    offload_activations: OffloadActivationsOpt = False,
+    max_memory: MaxMemoryOpt = None,
+    offload_dir: ActivationDirOpt = None,
+) -> ActivationOptions:
+    return ActivationOptions(offload_activations, max_memory, offload_dir)
+
+
+ActivationOpts = Annotated[ActivationOptions, Group(activation_options)]

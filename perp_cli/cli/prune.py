@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from perp_cli.cli.common import (GROUPED, ActivationDirOpt, DeviceOpt, DtypeOpt, Group, MaxMemoryOpt, MaxShardSizeOpt, ModelArg,
-                                 OffloadActivationsOpt, OutputOpt, SeedOpt, WritingOpts, calibration_options, emit_json)
+from perp_cli.cli.common import (GROUPED, ActivationOpts, DeviceOpt, DtypeOpt, Group, MaxShardSizeOpt, ModelArg,
+                                 OutputOpt, SeedOpt, WritingOpts, calibration_options, emit_json)
 from perp_cli.data import CalibrationConfig
 from perp_cli.progress import Reporter, console
 from perp_cli.pruner import PruneConfig
@@ -42,9 +42,7 @@ def prune_cmd(
     refine_skip: Annotated[str, typer.Option("--refine-skip", help="DSnoT: leave these matrices' masks as the method chose them: mlp (the reference's default: refine attention only), attention, or none.")] = "mlp",
     dense: Annotated[str | None, typer.Option("--dense", help="With --method keep --refine: the dense model MODEL was pruned from (the grown weights take its values). Default: the source model recorded in MODEL's perp.json.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward micro-batch.")] = 8,
-    offload_activations: OffloadActivationsOpt = False,
-    max_memory: MaxMemoryOpt = None,
-    offload_dir: ActivationDirOpt = None,
+    memory: ActivationOpts = GROUPED,
     streaming_mode: Annotated[str, typer.Option("--streaming", help="Read and write the weights one decoder block at a time (peak memory: one block plus the calibration activations; same output, bit for bit): on, off, or auto = on when the weights would take more than half of the available memory. Needs a local safetensors checkpoint; not with --scope global.")] = "auto",
     max_shard_size: MaxShardSizeOpt = "5GB",
     seed: SeedOpt = 0,
@@ -69,8 +67,7 @@ def prune_cmd(
         method=method, sparsity=sparsity, pattern=pattern, scope=scope, targets=targets, exclude=exclude,
         skip_indivisible=skip_indivisible, damp=damp, blocksize=blocksize, sparsegpt_selection=sparsegpt_selection,
         **vars(calibration), seed=seed, device=device,
-        batch_size=batch_size, offload_activations=offload_activations, max_memory=max_memory,
-        offload_dir=None if offload_dir is None else str(offload_dir), quiet=out.quiet,
+        batch_size=batch_size, offload_activations=memory.offload, max_memory=memory.max_memory, offload_dir=memory.directory, quiet=out.quiet,
         allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda, permute=permute, refine=refine,
         refine_iters=refine_iters, refine_threshold=refine_threshold, refine_skip=refine_skip,
     )
