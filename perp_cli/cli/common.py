@@ -230,3 +230,29 @@ def activation_options(
 
 
 ActivationOpts = Annotated[ActivationOptions, Group(activation_options)]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The dtype, device and seed of a step, and the size of its output shards."""
+
+    max_shard_size: str
+    seed: int
+    device: str
+    dtype: str
+
+    def step(self) -> dict[str, Any]:
+        """The part of a recipe's config (`recipes.Step`) these options set."""
+        return {"max_shard_size": self.max_shard_size, "seed": self.seed, "dtype": self.dtype}
+
+
+def setup_options(
+    max_shard_size: MaxShardSizeOpt = "5GB",
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> Setup:
+    return Setup(max_shard_size, seed, device, dtype)
+
+
+SetupOpts = Annotated[Setup, Group(setup_options)]

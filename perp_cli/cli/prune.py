@@ -10,8 +10,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from perp_cli.cli.common import (GROUPED, ActivationOpts, DeviceOpt, DtypeOpt, Group, MaxShardSizeOpt, ModelArg,
-                                 OutputOpt, SeedOpt, WritingOpts, calibration_options, emit_json)
+from perp_cli.cli.common import (GROUPED, ActivationOpts, Group, ModelArg,
+                                 OutputOpt, SetupOpts, WritingOpts, calibration_options, emit_json)
 from perp_cli.data import CalibrationConfig
 from perp_cli.progress import Reporter, console
 from perp_cli.pruner import PruneConfig
@@ -44,10 +44,7 @@ def prune_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward micro-batch.")] = 8,
     memory: ActivationOpts = GROUPED,
     streaming_mode: Annotated[str, typer.Option("--streaming", help="Read and write the weights one decoder block at a time (peak memory: one block plus the calibration activations; same output, bit for bit): on, off, or auto = on when the weights would take more than half of the available memory. Needs a local safetensors checkpoint; not with --scope global.")] = "auto",
-    max_shard_size: MaxShardSizeOpt = "5GB",
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    setup: SetupOpts = GROUPED,
     out: WritingOpts = GROUPED,
 ) -> None:
     """Prune a checkpoint and write weights with exact zeros, masks and a manifest.
@@ -66,13 +63,13 @@ def prune_cmd(
     config = PruneConfig(
         method=method, sparsity=sparsity, pattern=pattern, scope=scope, targets=targets, exclude=exclude,
         skip_indivisible=skip_indivisible, damp=damp, blocksize=blocksize, sparsegpt_selection=sparsegpt_selection,
-        **vars(calibration), seed=seed, device=device,
+        **vars(calibration), seed=setup.seed, device=setup.device,
         batch_size=batch_size, offload_activations=memory.offload, max_memory=memory.max_memory, offload_dir=memory.directory, quiet=out.quiet,
         allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda, permute=permute, refine=refine,
         refine_iters=refine_iters, refine_threshold=refine_threshold, refine_skip=refine_skip,
     )
-    outcome = recipe.run(recipe.Config(model=model, output=output, prune=config, dense=dense, streaming=streaming_mode, dtype=dtype,
-                                       max_shard_size=max_shard_size, seed=seed, **out.step()), Reporter(out.quiet))
+    outcome = recipe.run(recipe.Config(model=model, output=output, prune=config, dense=dense, streaming=streaming_mode,
+                                       **setup.step(), **out.step()), Reporter(out.quiet))
     results = outcome.results
     achieved = results["sparsity_achieved"]
     if out.json:

@@ -8,8 +8,8 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from perp_cli.cli.common import (GROUPED, ActivationOpts, DeviceOpt, DtypeOpt, Group, MaxShardSizeOpt, ModelArg,
-                                 OutputOpt, SeedOpt, WritingOpts, calibration_options, emit_json)
+from perp_cli.cli.common import (GROUPED, ActivationOpts, Group, ModelArg,
+                                 OutputOpt, SetupOpts, WritingOpts, calibration_options, emit_json)
 from perp_cli.data import CalibrationConfig
 from perp_cli.errors import UsageError
 from perp_cli.progress import Reporter, console
@@ -47,10 +47,7 @@ def reconstruct_cmd(
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decoupled weight decay (pruned weights stay 0 regardless).")] = 0.0,
     memory: ActivationOpts = GROUPED,
     streaming_mode: Annotated[str, typer.Option("--streaming", help="Read both models one decoder block at a time and write each reconstructed block at once (peak memory: a pruned and a dense block plus the calibration activations and targets; same output, bit for bit): on, off, or auto = on when the two models' weights would take more than half of the available memory. Needs local safetensors checkpoints (MODEL and --dense).")] = "auto",
-    max_shard_size: MaxShardSizeOpt = "5GB",
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    setup: SetupOpts = GROUPED,
     out: WritingOpts = GROUPED,
 ) -> None:
     """Layer-wise reconstruction of a pruned checkpoint against its dense model (PERP).
@@ -73,7 +70,7 @@ def reconstruct_cmd(
     settings = {k: RECIPES[recipe][k] if v is None else v for k, v in chosen.items()}
     config = ReconstructConfig(
         train=train, adapter=adapter, adapter_targets=adapter_targets, rank=rank, alpha=alpha, add_biases=add_biases,
-        target=target, granularity=granularity, warmup=warmup, weight_decay=weight_decay, seed=seed, device=device, offload=memory.offload,
+        target=target, granularity=granularity, warmup=warmup, weight_decay=weight_decay, seed=setup.seed, device=setup.device, offload=memory.offload,
         max_memory=memory.max_memory, offload_dir=memory.directory, quiet=out.quiet, **vars(calibration), **settings,
     )
     prune_config = None
@@ -82,12 +79,12 @@ def reconstruct_cmd(
             scope = "matrix"  # PERP's code compares a Wanda score with the whole matrix, not per output row
         prune_config = PruneConfig(
             method=prune_method, sparsity=sparsity, pattern=pattern, scope=scope, sparsegpt_selection=sparsegpt_selection,
-            **vars(calibration), seed=seed, device=device, batch_size=config.batch_size, quiet=True,
+            **vars(calibration), seed=setup.seed, device=setup.device, batch_size=config.batch_size, quiet=True,
         )
     elif sparsity is not None or scope is not None or pattern != "unstructured":
         raise UsageError("--sparsity/--pattern/--scope choose how --prune-method prunes; without it MODEL is already pruned")
     outcome = run(Config(model=model, output=output, reconstruct=config, dense=dense, prune=prune_config, preset=recipe,
-                         streaming=streaming_mode, dtype=dtype, max_shard_size=max_shard_size, seed=seed, **out.step()), Reporter(out.quiet))
+                         streaming=streaming_mode, **setup.step(), **out.step()), Reporter(out.quiet))
     results = outcome.results
     if out.json:
         emit_json({"output": str(output), "dense": outcome.dense, **results, "calibration": outcome.data,

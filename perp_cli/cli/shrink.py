@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from perp_cli.cli.common import (GROUPED, CalibrationOpts, DeviceOpt, DtypeOpt, MaxShardSizeOpt, ModelArg, OffloadActivationsOpt,
-                                 OutputOpt, SeedOpt, WritingOpts, emit_json)
+from perp_cli.cli.common import (GROUPED, CalibrationOpts, ModelArg, OffloadActivationsOpt,
+                                 OutputOpt, SetupOpts, WritingOpts, emit_json)
 from perp_cli.progress import console
 from perp_cli.recipes import shrink as recipe
 from perp_cli.shrinking import ShrinkConfig
@@ -29,10 +29,7 @@ def shrink_cmd(
     calibration: CalibrationOpts = GROUPED,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward micro-batch.")] = 8,
     offload_activations: OffloadActivationsOpt = False,
-    max_shard_size: MaxShardSizeOpt = "5GB",
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    setup: SetupOpts = GROUPED,
     out: WritingOpts = GROUPED,
 ) -> None:
     """Remove whole blocks, MLP channels, attention heads or experts and write a SMALLER
@@ -59,11 +56,10 @@ def shrink_cmd(
         raise UsageError(f"{wrong[0]} does not apply to --structure {structure}")
     config = ShrinkConfig(
         structure=structure, remove_ratio=remove_ratio, remove_count=counts.get(structure), keep_ratio=keep_ratio,
-        multiple_of=multiple_of, **vars(calibration), seed=seed, device=device, batch_size=batch_size,
+        multiple_of=multiple_of, **vars(calibration), seed=setup.seed, device=setup.device, batch_size=batch_size,
         offload_activations=offload_activations, quiet=out.quiet,
     )
-    outcome = recipe.run(recipe.Config(model=model, output=output, shrink=config, dtype=dtype, max_shard_size=max_shard_size, seed=seed,
-                                       **out.step()))
+    outcome = recipe.run(recipe.Config(model=model, output=output, shrink=config, **setup.step(), **out.step()))
     results = outcome.results
     if out.json:
         emit_json({"output": str(output), **{k: results[k] for k in ("structure", "removed", "sizes", "parameters", "shrink_time_s")},
