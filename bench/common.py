@@ -126,12 +126,12 @@ def quality_setup(args: argparse.Namespace) -> Quality:
 
     from perp_cli import checkpoint, data
     from perp_cli.perplexity import eval_token_ids, perplexity
-    from perp_cli.pruner import PruneConfig, calibration_tokens
+    from perp_cli.pruner import PruneConfig
 
     base = checkpoint.load(args.model, need_tokenizer=True)
     ids = eval_token_ids(base.tokenizer, data.load_source(args.eval), args.eval_seqlen)
     probe = PruneConfig("wanda", calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen)
-    tokens, record = calibration_tokens(base, probe)
+    tokens, record = data.calibration(base.require_tokenizer(), base.model, probe, probe.seed)
 
     def ppl(model: torch.nn.Module) -> float:
         return perplexity(model, ids, args.eval_seqlen, batch_size=8, max_windows=args.windows).ppl

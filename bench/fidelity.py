@@ -44,8 +44,9 @@ def main() -> None:
     from perp_cli.pruner import PruneConfig, prune
     from perp_cli.reconstruction import RECIPES as REC_RECIPES
     from perp_cli.reconstruction import ReconstructConfig, reconstruct
-    from perp_cli.training import RECIPES as RETRAIN_RECIPES
-    from perp_cli.training import RetrainOptions, TrainConfig, retrain
+    from perp_cli.recipes.retrain import RECIPES as RETRAIN_RECIPES
+    from perp_cli.recipes.retrain import RetrainOptions, retrain
+    from perp_cli.training import TrainConfig
 
     base = checkpoint.load(args.model, need_tokenizer=True)
     source = data.load_source(args.calib)

@@ -15,7 +15,7 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, NamedTuple, Union
 
 import torch
 
@@ -305,3 +305,44 @@ def default_seqlen(model: Any, requested: int | None) -> int:
 def describe_tokens(source: TextSource, tokens: torch.Tensor) -> dict[str, Any]:
     """What the manifest records about the data a step consumed."""
     return {**source.describe(), "token_ids_sha256": sha256_tensor(tokens), "shape": list(tokens.shape)}
+
+
+@dataclass(kw_only=True)
+class CalibrationConfig:
+    """The calibration windows a step samples (`--calib --text-field --nsamples --seqlen
+    --calib-concat`); a part of every step's config that calibrates on text."""
+
+    calib: str = "c4"
+    text_field: str = "text"
+    nsamples: int = 128
+    seqlen: int | None = None  # None: `default_seqlen`
+    calib_concat: bool = False
+
+
+class Calibration(NamedTuple):
+    tokens: torch.Tensor  # [nsamples, seqlen] token ids
+    record: dict[str, Any]  # what perp.json records under the step's "data"
+
+
+def calibration(tokenizer: Any, model: Any, config: CalibrationConfig, seed: int) -> Calibration:
+    """Sample the calibration windows as the references do (`sample_windows`), with their record."""
+    seqlen = default_seqlen(model, config.seqlen)
+    source = load_source(config.calib, split="train", text_field=config.text_field)
+    tokens = sample_windows(tokenizer, source, config.nsamples, seqlen, seed, config.calib_concat)
+    return Calibration(tokens, {**describe_tokens(source, tokens), "seqlen": seqlen, "concat": config.calib_concat})
+
+
+# what a library step takes as calibration windows: token ids (tests, benchmarks), sampled
+# windows with their record, or a recipe's sampler, called once the step's own checks pass
+# (so that a bad option fails before any text is read, as it did when the library sampled)
+Windows = Union[torch.Tensor, Calibration, Callable[[], Calibration]]
+
+
+def calibration_of(windows: Windows) -> Calibration:
+    """The windows a step was given, sampled now if given as a sampler."""
+    if callable(windows):
+        windows = windows()
+    if isinstance(windows, Calibration):
+        return windows
+    return Calibration(windows, {"source": "tokens given by the caller", "token_ids_sha256": sha256_tensor(windows),
+                                 "shape": list(windows.shape)})

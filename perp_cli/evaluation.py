@@ -14,7 +14,6 @@ never writes to a checkpoint, except `record=True`, which appends the results to
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import os
 import time
@@ -30,7 +29,7 @@ from perp_cli.data import TextSource, default_seqlen, describe_tokens, load_sour
 from perp_cli.errors import CheckpointError, UsageError
 from perp_cli.manifest import StepRecord
 from perp_cli.perplexity import eval_token_ids, perplexity, resolve_add_bos
-from perp_cli.progress import console
+from perp_cli.progress import SILENT, Reporter
 
 
 @dataclass
@@ -203,8 +202,10 @@ def evaluate_checkpoint(
     settings: EvalSettings,
     sources: dict[str, TextSource],
     cache: TokenCache | None = None,
+    report: Reporter = SILENT,
 ) -> dict[str, Any]:
-    """Perplexity on every source and lm-eval tasks for one loaded checkpoint."""
+    """Perplexity on every source and lm-eval tasks for one loaded checkpoint; each
+    perplexity is told to `report` as soon as it is known."""
     cache = cache or TokenCache()
     step = StepRecord(command="eval", args=settings.args(), input=ckpt.source, seed=settings.seed)
     model = ckpt.model
@@ -242,8 +243,7 @@ def evaluate_checkpoint(
                 "token_ids_sha256": step.data[label]["token_ids_sha256"],
                 "seconds": round(time.time() - started, 2),
             }
-            if not settings.quiet:
-                console.print(f"{ckpt.source} · {label}: perplexity {ppl.ppl:.2f} ({ppl.windows} windows of {seqlen})", soft_wrap=True)
+            report.note(f"{ckpt.source} · {label}: perplexity {ppl.ppl:.2f} ({ppl.windows} windows of {seqlen})")
 
     if settings.tasks:
         from perp_cli.zeroshot import zero_shot
@@ -257,36 +257,6 @@ def evaluate_checkpoint(
     step.results = {"perplexity": result["perplexity"], "zeroshot": result["zeroshot"]}
     result["record"] = step.finish()
     return result
-
-
-def evaluate_checkpoints(models: list[str], settings: EvalSettings) -> list[dict[str, Any]]:
-    """Evaluate each model in turn (one in memory at a time); record if asked."""
-    check_inputs(models, settings)
-    sources = load_sources(settings)
-    if settings.tasks:
-        from perp_cli.zeroshot import task_manager
-
-        task_manager(settings.tasks, settings.include_path)  # unknown tasks fail before any model loads
-    cache = TokenCache()
-    results = []
-    for model in models:
-        ckpt = checkpoint.load(
-            model, dtype=settings.dtype, device=settings.device, allow_pickle=settings.allow_pickle,
-            trust_remote_code=settings.trust_remote_code, need_tokenizer=True,
-            device_map=settings.device_map, offload_dir=settings.offload_dir, trust_inputs=settings.trust_inputs,
-        )
-        try:
-            result = evaluate_checkpoint(ckpt, settings, sources, cache)
-        finally:
-            del ckpt
-            gc.collect()
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        record = result.pop("record")
-        if settings.record:
-            checkpoint.record_eval(model, record)
-        results.append(result)
-    return results
 
 
 def comparison_rows(results: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:

@@ -36,7 +36,7 @@ from perp_cli import adapters as adapters_mod
 from perp_cli import arch
 from perp_cli.checkpoint import mask_problems
 from perp_cli.errors import CheckpointError, NumericalError, UsageError
-from perp_cli.mask import MaskSet, Pattern
+from perp_cli.mask import MaskSet
 
 # max |merged - unmerged| / max |unmerged| allowed (logits, or one matrix's outputs), by weight dtype
 TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-8, torch.bfloat16: 2e-2, torch.float16: 5e-3}

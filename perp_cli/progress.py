@@ -30,3 +30,18 @@ def make_progress(quiet: bool = False) -> Progress:
         disable=quiet or not sys.stderr.isatty(),
         transient=False,
     )
+
+
+class Reporter:
+    """What a recipe shows while it runs: one-line notes on stderr (rich markup), none when
+    `quiet`. The library never prints; a step that has something to say takes a reporter."""
+
+    def __init__(self, quiet: bool = True) -> None:
+        self.quiet = quiet
+
+    def note(self, text: str, **style: bool) -> None:
+        if not self.quiet:
+            console.print(text, **{"soft_wrap": True, **style})
+
+
+SILENT = Reporter(quiet=True)

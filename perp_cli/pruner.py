@@ -57,7 +57,7 @@ from perp_cli import activations, arch, checkpoint, data, engine, mask
 from perp_cli.arch import Matrix
 from perp_cli.checkpoint import Checkpoint
 from perp_cli.errors import ArchitectureError, UsageError
-from perp_cli.manifest import peak_memory, sha256_tensor
+from perp_cli.manifest import peak_memory
 from perp_cli.mask import MaskSet, MaskStats, Pattern, keep_stats
 from perp_cli.progress import make_progress
 from perp_cli.pruning import METHODS, Method, dsnot, owl
@@ -70,7 +70,7 @@ from perp_cli.pruning.statistics import Group, NormStat, collecting, target_grou
 
 
 @dataclass
-class PruneConfig:
+class PruneConfig(data.CalibrationConfig):
     """Everything `perp prune` can be asked; defaults follow the references."""
 
     method: str
@@ -83,11 +83,6 @@ class PruneConfig:
     damp: float = 0.01
     blocksize: int = 128
     sparsegpt_selection: str = "reference"  # the block mask rule: reference (<= k-th, as published code) or exact
-    calib: str = "c4"
-    text_field: str = "text"
-    nsamples: int = 128
-    seqlen: int | None = None
-    calib_concat: bool = False
     seed: int = 0
     device: str = "cpu"
     batch_size: int = 8
@@ -530,14 +525,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def calibration_tokens(ckpt: Checkpoint, config: PruneConfig) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Sample the calibration windows as the references do; returns tokens and their description."""
-    seqlen = data.default_seqlen(ckpt.model, config.seqlen)
-    source = data.load_source(config.calib, split="train", text_field=config.text_field)
-    tokens = data.sample_windows(ckpt.require_tokenizer(), source, config.nsamples, seqlen, config.seed, config.calib_concat)
-    return tokens, {**data.describe_tokens(source, tokens), "seqlen": seqlen, "concat": config.calib_concat}
-
-
 def _setup(ckpt: Checkpoint, config: PruneConfig, streamed: bool) -> tuple[_Plan, "_Pruner", list[str]]:
     """Validate against the checkpoint, choose the matrices, build the run's state."""
     p = plan(config)
@@ -675,12 +662,13 @@ def dense_weights(model: nn.Module, matrices: list[Matrix]) -> dict[str, torch.T
 
 
 def prune(
-    ckpt: Checkpoint, config: PruneConfig, tokens: torch.Tensor | None = None, dense: nn.Module | None = None,
+    ckpt: Checkpoint, config: PruneConfig, tokens: data.Windows | None = None, dense: nn.Module | None = None,
     blocks: Any = None,
 ) -> PruneOutcome:
     """Prune `ckpt.model` in place and return its masks, results and calibration record.
 
-    `tokens` (`[n, seqlen]`) replaces sampling from `config.calib` (tests, benchmarks).
+    `tokens`: the calibration windows (`data.Windows`), needed by calibration methods,
+    `--refine` and `--allocation owl`.
     `blocks`: the engine's residency when `ckpt` is streamed (`checkpoint.writing`'s
     `output.blocks`): each block is loaded before its turn and written with its final
     keep-masks once done; the returned `masks` is then None (they are on disk, packed).
@@ -709,9 +697,8 @@ def prune(
             # find the input groups (one probe forward) while the whole model sits on its home device
             arch.groups_probed(model)
             if tokens is None:
-                tokens, data_record = calibration_tokens(ckpt, config)
-            else:
-                data_record = {"source": "tokens given by the caller", "token_ids_sha256": sha256_tensor(tokens), "shape": list(tokens.shape)}
+                raise ValueError(f"{p.method.name}: calibration windows are needed (sample them with data.calibration)")
+            tokens, data_record = data.calibration_of(tokens)
             if placement.ineffective:
                 pruner.note("activations", "--max-memory/--offload-activations change nothing on the CPU (the host is the device); --offload-dir DIR puts activations on disk")
         if config.allocation == "owl":

@@ -63,7 +63,7 @@ import torch
 from torch import nn
 
 from perp_cli import adapters as adapters_mod
-from perp_cli import arch, checkpoint, engine, streaming, sublayers
+from perp_cli import arch, checkpoint, data, engine, streaming, sublayers
 from perp_cli import trainable as trainable_mod
 from perp_cli.activations import ActivationStore, Placement, placement_for
 from perp_cli.errors import NumericalError, UsageError
@@ -86,7 +86,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 
 @dataclass
-class ReconstructConfig:
+class ReconstructConfig(data.CalibrationConfig):
     """What `perp reconstruct` trains and how (defaults: PERP's biases+norms+MaskLoRA)."""
 
     train: str = "biases,norms"
@@ -625,7 +625,6 @@ def reconstruct(
     reconstructed, in the same engine pass; the new masks are `outcome.masks`.
     """
     start = time.perf_counter()
-    cfg.validate()
     model = pruned_ckpt.model
     dense_model = dense.model if isinstance(dense, checkpoint.Checkpoint) else dense
     dense_blocks = streaming.StreamedBlocks(dense) if isinstance(dense, checkpoint.Checkpoint) and dense.streamed else None

@@ -13,7 +13,7 @@ Subsets (comma-separated, any combination):
 * `lm_head`    the output projection (tied to the input embeddings on many models:
                then training one trains the other, as they are one tensor),
 * `lm_head-lora` a dense LoRA on the output projection (PERP's default set trains one
-               beside biases, norms and MaskLoRA; `training.retrain` attaches it and
+               beside biases, norms and MaskLoRA; `recipes.retrain.retrain` attaches it and
                merges it densely into an untied lm_head at the end; not a parameter here),
 * `embeddings` the input embeddings (and learned positions for OPT/GPT-2),
 * `all`        every parameter (full retraining; masks keep pruned weights at zero),

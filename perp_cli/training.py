@@ -1,4 +1,5 @@
-"""The retraining loop: AdamW over the trainable parameters only, plus the `retrain` recipe.
+"""The retraining loop: AdamW over the trainable parameters only (`fit`), and next-token
+training of a model with it (`train_lm`); `perp_cli.recipes.retrain` drives them.
 
 PERP's point is cost: if only biases and norms (or low-rank adapters) are trainable,
 only they get gradients and AdamW state, so retraining needs little more memory than
@@ -41,7 +42,7 @@ from perp_cli.distributed import Distributed
 from perp_cli.errors import NumericalError, UsageError
 from perp_cli.manifest import peak_memory
 from perp_cli.mask import MaskSet
-from perp_cli.progress import make_progress
+from perp_cli.progress import SILENT, Reporter, make_progress
 
 SCHEDULES = ("linear", "cosine", "constant")
 LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -147,13 +148,15 @@ def fit(
     description: str = "retrain",
     dist: Distributed | None = None,
     replica: nn.Module | None = None,
+    report: Reporter = SILENT,
 ) -> TrainResult:
     """Run `cfg.steps` AdamW steps on `params`, each accumulating `cfg.grad_accum` losses.
 
     `loss_fn(step, micro)` returns the scalar loss of one micro-batch. `keep_masks`
     pairs a parameter with its keep-mask (same layout): its gradient is zeroed outside
     the mask before each step and its pruned entries are reset to exactly 0 after it.
-    `on_eval(step)` runs after every `cfg.eval_every` steps and returns numbers to log.
+    `on_eval(step)` runs after every `cfg.eval_every` steps and returns numbers to log
+    (shown through `report`).
 
     With `dist`, `loss_fn` is this rank's share and `replica` the DDP module computing
     it: gradients are all-reduced on the last micro-batch of each step only, the logged
@@ -213,7 +216,7 @@ def fit(
                 evals.append(record)
                 if not quiet:
                     shown = " · ".join(f"{k} {v:.4g}" for k, v in record.items() if k != "step")
-                    progress.console.print(f"step {step + 1}: {shown}")
+                    report.note(f"step {step + 1}: {shown}", soft_wrap=False)
     wall = time.perf_counter() - start - eval_time  # training only: evaluation is not training cost
     return TrainResult(
         steps=cfg.steps,
@@ -271,6 +274,7 @@ def train_lm(
     eval_fn: Callable[[], float] | None = None,
     quiet: bool = False,
     dist: Distributed | None = None,
+    report: Reporter = SILENT,
 ) -> TrainResult:
     """Next-token training of `params` (and adapters) on `windows` `[n, seqlen]`.
 
@@ -334,6 +338,7 @@ def train_lm(
                 quiet=quiet,
                 dist=dist,
                 replica=replica if dist else None,
+                report=report,
             )
         finally:
             model.eval()
@@ -344,127 +349,3 @@ def train_lm(
                 model.gradient_checkpointing_disable()
             if use_cache is not None:
                 model.config.use_cache = use_cache
-
-
-# ----------------------------------------------------------------------------- the retrain recipe
-
-
-@dataclass
-class RetrainOptions:
-    """What `perp retrain` trains, besides the optimisation settings."""
-
-    train: str = "biases,norms"
-    adapter: str | None = None
-    adapter_targets: str | None = None
-    rank: int = 16
-    alpha: float = 32.0
-    add_biases: bool = False
-    untie_lm_head: bool = False
-
-
-# `perp retrain --recipe`: perp's defaults, or PERP's reference settings (ZIB-IOL/PERP
-# main.py: SelectivePEFT = biases + LayerNorm + lm_head LoRA + MaskLoRA r16/alpha 32, AdamW
-# lr 5e-4 linear with 10% warmup, batch 1 x 2 accumulation, C4 documents truncated and
-# padded to seqlen). An explicit option wins over the recipe; docs/fidelity.md.
-RECIPES: dict[str, dict[str, Any]] = {
-    "perp": {"train": "biases,norms", "adapter": "none", "batch_size": 4, "grad_accum": 1, "data_mode": "windows"},
-    "paper": {"train": "biases,norms,lm_head-lora", "adapter": "masklora", "batch_size": 1, "grad_accum": 2, "data_mode": "documents"},
-}
-
-
-@dataclass
-class RetrainOutcome:
-    result: TrainResult
-    trainable_parameters: int
-    total_parameters: int
-    trained: list[str]
-    tied_lm_head: bool
-    added_biases: list[str]
-    dense: bool
-    adapters: dict[str, adapters_mod.Adapter] = field(default_factory=dict)
-    adapters_state: dict[str, torch.Tensor] | None = None
-    adapters_config: dict[str, Any] | None = None
-    lm_head_lora: str | None = None  # None, "merged", or "merged, lm_head untied"
-
-    @property
-    def trainable_share(self) -> float:
-        return self.trainable_parameters / self.total_parameters
-
-    def results(self) -> dict[str, Any]:
-        return {
-            "trainable_parameters": self.trainable_parameters,
-            "total_parameters": self.total_parameters,
-            "trainable_share": round(self.trainable_share, 8),
-            "trained": self.trained,
-            "tied_lm_head": self.tied_lm_head,
-            "added_biases": len(self.added_biases),
-            "dense_retraining": self.dense,
-            "adapters": len(self.adapters),
-            "lm_head_lora": self.lm_head_lora,
-            **self.result.summary(),
-        }
-
-
-def retrain(
-    ckpt: Any,
-    opts: RetrainOptions,
-    cfg: TrainConfig,
-    windows: torch.Tensor,
-    eval_fn: Callable[[], float] | None = None,
-    quiet: bool = False,
-    dist: Distributed | None = None,
-) -> RetrainOutcome:
-    """PERP retraining of `ckpt.model` in place; adapters come back detached and unmerged.
-
-    `lm_head-lora` in `opts.train` is the exception: that LoRA is dense (lm_head is
-    never pruned) and is merged into lm_head before this returns, untying a tied lm_head
-    so the input embeddings do not change (the checkpoint then stores the matrix twice).
-
-    The model's weights afterwards are the base weights with the trained subset updated;
-    the adapters' tensors and config are returned for `adapters.safetensors`/`.json`.
-    `dist` makes this one rank of a data-parallel run (see `train_lm`).
-    """
-    model = ckpt.model
-    cfg.validate()
-    if ckpt.adapters_config is not None:
-        raise UsageError(f"{ckpt.source} has unmerged adapters; run `perp merge` on it first")
-    kind = adapters_mod.canonical_kind(opts.adapter) if opts.adapter and opts.adapter != "none" else None
-    parts = trainable_mod.parse_spec(opts.train)
-    if parts == ["none"] and kind is None:
-        raise UsageError("--train none with --adapter none trains nothing; choose a subset or an adapter")
-    if kind in adapters_mod.NEEDS_MASK and ckpt.masks is None:
-        raise UsageError(f"--adapter {kind} needs the pruning masks, but {ckpt.source} has no masks.safetensors (a dense model: use scalelora or lora)")
-    if opts.untie_lm_head:
-        trainable_mod.untie_lm_head(model)
-    added = trainable_mod.add_biases(model) if opts.add_biases else []
-    params = trainable_mod.select_trainable(model, opts.train)
-    tied = trainable_mod.lm_head_is_tied(model) and bool({"lm_head", "embeddings", "all"} & set(parts))
-    torch.manual_seed(cfg.seed)
-    adapters = (
-        adapters_mod.attach(model, kind, opts.rank, opts.alpha, opts.adapter_targets, ckpt.masks) if kind else {}
-    )
-    head, handle = adapters_mod.attach_lm_head(model, opts.rank, opts.alpha) if "lm_head-lora" in parts else (None, None)
-    trained = {**adapters, "lm_head": head} if head is not None else adapters
-    try:
-        result = train_lm(model, windows, cfg, params, trained, ckpt.masks, eval_fn, quiet, dist)
-    finally:
-        adapters_mod.detach(model)
-        if handle is not None:
-            handle.remove()
-    head_state = None
-    if head is not None:  # dense (lm_head is never pruned): merged now, untied first if tied
-        head_state = "merged, lm_head untied" if adapters_mod.merge_lm_head(model, head) else "merged"
-    n_train = sum(p.numel() for p in params.values()) + sum(p.numel() for a in trained.values() for p in a.parameters())
-    return RetrainOutcome(
-        result=result,
-        trainable_parameters=n_train,
-        total_parameters=trainable_mod.count_parameters(model),
-        trained=parts,
-        tied_lm_head=tied,
-        added_biases=added,
-        dense=ckpt.masks is None,
-        adapters=adapters,
-        adapters_state=adapters_mod.state_dict(adapters) if adapters else None,
-        adapters_config=adapters_mod.config(adapters, opts.adapter_targets) if adapters else None,
-        lm_head_lora=head_state,
-    )

@@ -189,7 +189,7 @@ def test_propagation_reproduces_the_hidden_states_of_every_layer(family: str) ->
     """Block i is called with block i's own arguments: through every block, the engine
     gives the model's own hidden states (5 windows in micro-batches of 2, 2, 1)."""
     model = mixed_model(family) if family in MIXED else tiny.build_model(family)
-    tokens = _tokens(n=5, seqlen=16)
+    tokens = random_tokens(5, 16)
     expected = _own_hidden_states(model, tokens)
     got = _engine_hidden_states(model, tokens, batch_size=2)
     assert len(got) == len(expected) == len(arch.blocks(model)) + 1
@@ -210,7 +210,7 @@ def test_blocks_share_one_copy_of_equal_arguments() -> None:
     config = tiny.shrunk_config("gemma3_text", num_hidden_layers=8)
     config.layer_types, config.sliding_window = [SLIDING, FULL] * 4, 4
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    inputs = engine.capture_inputs(model, _tokens(n=2, seqlen=16), batch_size=2)
+    inputs = engine.capture_inputs(model, random_tokens(2, 16), batch_size=2)
     per_kind = {kind: {id(t) for c, k in zip(inputs.calls, config.layer_types) if k == kind for t in _tensors((c.args, c.kwargs))}
                 for kind in (SLIDING, FULL)}
     everything = {id(t) for c in inputs.calls for t in _tensors((c.args, c.kwargs))}
@@ -230,7 +230,7 @@ def test_layers_that_return_tuples(family: str) -> None:
         with pytest.raises(engine._Caught):
             model(input_ids=torch.zeros(1, 16, dtype=torch.long), use_cache=False)
     assert calls[1]["hidden"].shape == (16, 64)  # the hazard: `[0]` of a one-window tensor
-    tokens = _tokens(n=3, seqlen=16)
+    tokens = random_tokens(3, 16)
     for got, expected in zip(_engine_hidden_states(model, tokens, batch_size=2), _own_hidden_states(model, tokens)):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
 
@@ -282,7 +282,7 @@ def test_remote_code_layers_that_return_pairs_get_their_own_arguments(unpack: bo
     hidden input shaped like block 0's."""
     torch.manual_seed(0)
     model = _PairModel(unpack).eval()
-    tokens = _tokens(n=5, seqlen=12)
+    tokens = random_tokens(5, 12)
     inputs = engine.capture_inputs(model, tokens, batch_size=2)
     assert [c.kwargs["scale"] for c in inputs.calls] == [0.5, 0.25, 0.5, 0.25]
     expected = []
@@ -332,7 +332,7 @@ def test_a_shrunk_blocks_dense_teachers_get_their_own_arguments() -> None:
     shrunk = copy.deepcopy(dense)
     del shrunk.model.layers[1]
     shrunk.config.num_hidden_layers, shrunk.config.layer_types = 3, [SLIDING, SLIDING, SLIDING]
-    tokens = _tokens(n=3, seqlen=16)
+    tokens = random_tokens(3, 16)
     cfg = reconstruction.ReconstructConfig(train="norms", device="cpu", batch_size=2, teacher_blocks=[[0, 1], [2], [3]], maskless=True)
     worker = reconstruction._Reconstructor(shrunk, dense, None, cfg, None)
     worker.teacher_calls = engine.capture_calls(dense, tokens, batch_size=2)

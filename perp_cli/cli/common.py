@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import copy
 import functools
+import inspect
 import json
 import math
 import sys
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
 import typer
 
+from perp_cli.data import CalibrationConfig
 from perp_cli.errors import UsageError
 
 ModelArg = Annotated[
@@ -87,8 +92,10 @@ def check_values(values: dict[str, Any]) -> None:
 
 
 def validated(command: Callable[..., Any]) -> Callable[..., Any]:
-    """`command` with its option values checked (`check_values`) before it runs; the
-    app registers every subcommand through it."""
+    """`command` with its option groups spread (`grouped`) and its option values checked
+    (`check_values`) before it runs; the app registers every subcommand through it."""
+
+    command = grouped(command)
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -98,30 +105,154 @@ def validated(command: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
-def check_rank(model: Any, rank: int, targets: str | None) -> None:
-    """An adapter rank above min(out, in) of a matrix it adapts is no low-rank update
-    (and would allocate factors larger than the matrix): a usage error."""
-    from perp_cli import arch
-
-    smallest = min((min(m.shape) for m in arch.matrices(model, targets)), default=None)
-    if smallest is not None and rank > smallest:
-        raise UsageError(f"--rank {rank} exceeds min(out, in) = {smallest} of the adapted matrices; choose at most {smallest}")
+# --- option groups: options several commands share, declared once ---------------------
 
 
-def check_activation_memory(model: Any, nsamples: int, seqlen: int | None, copies: int, offload_dir: Any, what: str) -> None:
-    """The calibration activations of the block-by-block engine (`copies` tensors of
-    nsamples x seqlen x hidden) must fit in what the process may use, unless they go to
-    disk (--offload-dir): checked before any data is read."""
-    import torch
+@dataclass(frozen=True)
+class Group:
+    """Marks a command parameter `name: Annotated[T, Group(options)]`: the command takes
+    the parameters of the function `options` (each an option, in that place of its
+    signature, so `--help` lists them there) and receives `options(**their values)`.
+    `help` replaces the help text of some of them for this command."""
 
-    from perp_cli import data, memory
+    options: Callable[..., Any]
+    help: tuple[tuple[str, str], ...] = ()
 
-    hidden = getattr(model.config, "hidden_size", None)
-    if offload_dir is not None or not isinstance(hidden, int):
-        return
-    length = data.default_seqlen(model, seqlen)
-    element = torch.empty((), dtype=model.dtype).element_size()
-    memory.require(copies * nsamples * length * hidden * element,
-                   f"{what}: {copies} x {nsamples} windows x {length} tokens x {hidden} activations",
-                   "lower --nsamples or --seqlen, or pass --offload-dir")
 
+GROUPED: Any = None  # the default of a `Group` parameter (the command always receives its group)
+
+
+def _group_parameters(group: Group) -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(group.options, include_extras=True)
+    helps = dict(group.help)
+    params = []
+    for p in inspect.signature(group.options).parameters.values():
+        hint = hints[p.name]
+        if p.name in helps:  # the same option, told in this command's words
+            info = copy.copy(hint.__metadata__[0])
+            info.help = helps[p.name]
+            hint = Annotated[hint.__origin__, info]
+        params.append(p.replace(annotation=hint))
+    return params
+
+
+def grouped(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`command` with each `Group` parameter spread into the options it stands for."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    params, groups = [], {}
+    for p in inspect.signature(command).parameters.values():
+        marks = [m for m in getattr(hints[p.name], "__metadata__", ()) if isinstance(m, Group)]
+        if marks:
+            inner = _group_parameters(marks[0])
+            groups[p.name] = (marks[0].options, [q.name for q in inner])
+            params += inner
+        else:
+            params.append(p.replace(annotation=hints[p.name]))
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> Any:
+        for name, (options, names) in groups.items():
+            kwargs[name] = options(**{n: kwargs.pop(n) for n in names})
+        return command(**kwargs)
+
+    run.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    return run
+
+
+@dataclass(frozen=True)
+class Writing:
+    """How a writing command treats its output and inputs, and what it shows."""
+
+    overwrite: bool
+    overwrite_foreign: bool
+    trust_inputs: bool
+    json: bool
+    quiet: bool
+    allow_pickle: bool
+    trust_remote_code: bool
+
+    def step(self) -> dict[str, bool]:
+        """The part of a recipe's config (`recipes.Step`) these options set."""
+        return {"overwrite": self.overwrite, "overwrite_foreign": self.overwrite_foreign, "trust_inputs": self.trust_inputs,
+                "allow_pickle": self.allow_pickle, "trust_remote_code": self.trust_remote_code}
+
+
+def writing_options(
+    overwrite: OverwriteOpt = False,
+    overwrite_foreign: OverwriteForeignOpt = False,
+    trust_inputs: TrustInputsOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+) -> Writing:
+    return Writing(overwrite, overwrite_foreign, trust_inputs, json_out, quiet, allow_pickle, trust_remote_code)
+
+
+WritingOpts = Annotated[Writing, Group(writing_options)]
+
+CALIB_HELP = "Calibration text: c4 or wikitext2 (hub, needs network), or a local .txt/.raw/.jsonl/.parquet file or datasets directory."
+
+
+def calibration_options(
+    calib: Annotated[str, typer.Option("--calib", help=CALIB_HELP)] = "c4",
+    text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl/.parquet/datasets calibration data.")] = "text",
+    nsamples: Annotated[int, typer.Option("--nsamples", help="Number of calibration windows.")] = 128,
+    seqlen: Annotated[int | None, typer.Option("--seqlen", help="Tokens per calibration window. Default: min(2048, the model's max positions).", show_default=False)] = None,
+    calib_concat: Annotated[bool, typer.Option("--calib-concat", help="Draw windows from all documents joined together (when too few documents are longer than --seqlen).")] = False,
+) -> CalibrationConfig:
+    return CalibrationConfig(calib=calib, text_field=text_field, nsamples=nsamples, seqlen=seqlen, calib_concat=calib_concat)
+
+
+CalibrationOpts = Annotated[CalibrationConfig, Group(calibration_options)]
+
+
+@dataclass(frozen=True)
+class ActivationOptions:
+    """Where the engine's calibration activations live (perp_cli.activations)."""
+
+    offload: bool
+    max_memory: str | None
+    offload_dir: Path | None
+
+    @property
+    def directory(self) -> str | None:
+        return None if self.offload_dir is None else str(self.offload_dir)
+
+
+def activation_options(
+    offload_activations: OffloadActivationsOpt = False,
+    max_memory: MaxMemoryOpt = None,
+    offload_dir: ActivationDirOpt = None,
+) -> ActivationOptions:
+    return ActivationOptions(offload_activations, max_memory, offload_dir)
+
+
+ActivationOpts = Annotated[ActivationOptions, Group(activation_options)]
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The dtype, device and seed of a step, and the size of its output shards."""
+
+    max_shard_size: str
+    seed: int
+    device: str
+    dtype: str
+
+    def step(self) -> dict[str, Any]:
+        """The part of a recipe's config (`recipes.Step`) these options set."""
+        return {"max_shard_size": self.max_shard_size, "seed": self.seed, "dtype": self.dtype}
+
+
+def setup_options(
+    max_shard_size: MaxShardSizeOpt = "5GB",
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> Setup:
+    return Setup(max_shard_size, seed, device, dtype)
+
+
+SetupOpts = Annotated[Setup, Group(setup_options)]

@@ -25,13 +25,11 @@ from typing import Annotated, Any, Callable
 import torch
 import typer
 
-from perp_cli import checkpoint
 from perp_cli.cli.common import DeviceOpt, OverwriteOpt, QuietOpt, SeedOpt, require_range
 from perp_cli.errors import PerpError, UsageError
-from perp_cli.manifest import StepRecord
 from perp_cli.progress import console
+from perp_cli.recipes.demo import lacks_biases, write_embedded_default
 
-EMBEDDED_MODEL = "demo/model"
 CALIBRATION_TEXT = "demo/calibration.jsonl"
 HELDOUT_TEXT = "demo/heldout.jsonl"
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -40,30 +38,6 @@ EMBEDDED_NOTE = (
     "no model given: using perp's embedded default, a 1.1M-parameter LLaMA-style model trained on C4 "
     "(see perp_cli/demo/model/MODEL_CARD.md). Pass a model directory to run the same chain on it."
 )
-
-
-def write_embedded_default(out: Path) -> None:
-    """The shipped model (float16 on disk, to stay small) as a float32 checkpoint: the demo's step 0."""
-    with as_file(files("perp_cli").joinpath(EMBEDDED_MODEL)) as source:
-        ckpt = checkpoint.load(source, dtype="float32", need_tokenizer=True)
-    step = StepRecord("demo-init", {"model": "perp embedded demo model", "dtype": "float32"}, input=None, seed=0)
-    checkpoint.save(out, ckpt.model, ckpt.tokenizer, None, {"history": []}, step, overwrite=True)
-
-
-def lacks_biases(model: str) -> bool:
-    """Whether MODEL's family can take biases (a config flag turns them on) and some are off (LLaMA)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from perp_cli import arch
-
-    try:
-        config = AutoConfig.from_pretrained(model)
-        with torch.device("meta"):  # the architecture map alone: no memory, no weights read
-            skeleton = AutoModelForCausalLM.from_config(config)
-        return bool(arch.bias_flags(skeleton))
-    except Exception:
-        return False  # the prune step reports an unreadable or unmapped model with a clear error
 
 
 def gap_closed(dense: float, pruned: float, recovered: float) -> float:

@@ -8,12 +8,10 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from perp_cli import checkpoint
 from perp_cli.cli.common import AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, QuietOpt, SeedOpt, TrustInputsOpt, TrustRemoteCodeOpt, emit_json
-from perp_cli.errors import UsageError
-from perp_cli.evaluation import EvalSettings, comparison_rows, evaluate_checkpoints
-from perp_cli.plotting import check_plot_path, eval_bars
-from perp_cli.progress import console
+from perp_cli.evaluation import EvalSettings, comparison_rows
+from perp_cli.progress import Reporter, console
+from perp_cli.recipes.evaluate import Config, run
 from perp_cli.zeroshot import parse_tasks
 
 
@@ -69,40 +67,12 @@ def eval_cmd(
         offload_dir=str(offload_dir) if offload_dir else None, allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code, trust_inputs=trust_inputs, record=record, quiet=quiet,
     )
-    inputs = models + list(dataset or []) + ([str(include_path)] if include_path else [])
-    if output is not None:
-        _check_output_file(output, inputs)
-    if plot is not None:
-        _check_output_file(plot, inputs, "--plot")
-        check_plot_path(plot)  # unsupported suffix or missing matplotlib: fail before any model loads
-    results = evaluate_checkpoints(models, settings)
-    summary = {"settings": settings.args(), "results": results}
-    if output is not None:
-        checkpoint.write_json_file(output, summary)
-    if plot is not None:
-        eval_bars(results, plot)
+    outcome = run(Config(models, settings, output, plot, inputs=list(dataset or []) + ([str(include_path)] if include_path else [])),
+                  Reporter(quiet))
     if json_out:
-        emit_json(summary)
+        emit_json(outcome.summary)
     if not quiet:
-        _render(results)
-
-
-def _check_output_file(output: Path, models: list[str], flag: str = "--output") -> None:
-    if any(ord(c) < 32 or ord(c) == 127 for c in str(output)):
-        raise UsageError(f"{flag} {str(output)!r} contains a newline or another control character; choose another name")
-    target = output.expanduser().resolve()
-    if target.is_dir():
-        raise UsageError(f"{flag} {output} is a directory; give a file name")
-    if not target.parent.is_dir():
-        raise UsageError(f"{flag} {output}: directory {target.parent} does not exist")
-    for model in models:
-        path = Path(model).expanduser()
-        if path.exists() and path.resolve() == target:
-            raise UsageError(f"{flag} {output} is the input {model}; eval never overwrites its inputs")
-        if path.is_dir() and path.resolve() in target.parents:
-            raise UsageError(f"{flag} {output} is inside the checkpoint {model}; eval never writes into a checkpoint")
-
-
+        _render(outcome.results)
 
 
 def _render(results: list[dict[str, Any]]) -> None:

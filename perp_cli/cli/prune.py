@@ -4,38 +4,18 @@ N:M; uniform or OWL sparsity per block; optional DSnoT mask refinement."""
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from perp_cli import activations, checkpoint, reconstruction, streaming
-from perp_cli.cli.common import (
-    ActivationDirOpt,
-    AllowPickleOpt,
-    DeviceOpt,
-    DtypeOpt,
-    JsonOpt,
-    MaxMemoryOpt,
-    MaxShardSizeOpt,
-    ModelArg,
-    OffloadActivationsOpt,
-    OutputOpt,
-    OverwriteForeignOpt,
-    OverwriteOpt,
-    QuietOpt,
-    SeedOpt,
-    TrustInputsOpt,
-    TrustRemoteCodeOpt,
-    check_activation_memory,
-    emit_json,
-)
-from perp_cli.errors import UsageError
-from perp_cli.manifest import StepRecord
-from perp_cli.progress import console
-from perp_cli.pruner import PruneConfig, plan, prune, streaming_refusal
-from perp_cli.shards import parse_size
+from perp_cli.cli.common import (GROUPED, ActivationOpts, Group, ModelArg,
+                                 OutputOpt, SetupOpts, WritingOpts, calibration_options, emit_json)
+from perp_cli.data import CalibrationConfig
+from perp_cli.progress import Reporter, console
+from perp_cli.pruner import PruneConfig
+from perp_cli.recipes import prune as recipe
 
 
 def prune_cmd(
@@ -48,11 +28,7 @@ def prune_cmd(
     targets: Annotated[str | None, typer.Option("--targets", help="Regex on parameter names: prune only matching matrices (default: every block matrix; embeddings and lm_head are never pruned).", show_default=False)] = None,
     exclude: Annotated[str | None, typer.Option("--exclude", help="Regex on parameter names: leave matching matrices dense.", show_default=False)] = None,
     skip_indivisible: Annotated[bool, typer.Option("--skip-indivisible", help="With N:M, leave matrices whose input dimension is not a multiple of M dense (reported) instead of failing.")] = False,
-    calib: Annotated[str, typer.Option("--calib", help="Calibration text for wanda/sparsegpt: c4 or wikitext2 (hub, needs network), or a local .txt/.raw/.jsonl/.parquet file or datasets directory.")] = "c4",
-    text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl/.parquet/datasets calibration data.")] = "text",
-    nsamples: Annotated[int, typer.Option("--nsamples", help="Number of calibration windows.")] = 128,
-    seqlen: Annotated[int | None, typer.Option("--seqlen", help="Tokens per calibration window. Default: min(2048, the model's max positions).", show_default=False)] = None,
-    calib_concat: Annotated[bool, typer.Option("--calib-concat", help="Draw windows from all documents joined together (when too few documents are longer than --seqlen).")] = False,
+    calibration: Annotated[CalibrationConfig, Group(calibration_options, help=(("calib", "Calibration text for wanda/sparsegpt: c4 or wikitext2 (hub, needs network), or a local .txt/.raw/.jsonl/.parquet file or datasets directory."),))] = GROUPED,
     damp: Annotated[float, typer.Option("--damp", help="SparseGPT damping, as a fraction of the Hessian's mean diagonal (raised x10 and retried if the Cholesky fails).")] = 0.01,
     blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT column block size (mask chosen per block; lazy updates between blocks).")] = 128,
     sparsegpt_selection: Annotated[str, typer.Option("--sparsegpt-selection", help="SparseGPT's mask rule per column block (unstructured): reference = prune every weight whose score is <= the (k+1)-th smallest, k = floor(S·n), as IST-DASLab/sparsegpt does (k+1 per block, more on ties: a hair above S); exact = exactly k per block (S met exactly). N:M is the same under both.")] = "reference",
@@ -66,21 +42,10 @@ def prune_cmd(
     refine_skip: Annotated[str, typer.Option("--refine-skip", help="DSnoT: leave these matrices' masks as the method chose them: mlp (the reference's default: refine attention only), attention, or none.")] = "mlp",
     dense: Annotated[str | None, typer.Option("--dense", help="With --method keep --refine: the dense model MODEL was pruned from (the grown weights take its values). Default: the source model recorded in MODEL's perp.json.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward micro-batch.")] = 8,
-    offload_activations: OffloadActivationsOpt = False,
-    max_memory: MaxMemoryOpt = None,
-    offload_dir: ActivationDirOpt = None,
+    memory: ActivationOpts = GROUPED,
     streaming_mode: Annotated[str, typer.Option("--streaming", help="Read and write the weights one decoder block at a time (peak memory: one block plus the calibration activations; same output, bit for bit): on, off, or auto = on when the weights would take more than half of the available memory. Needs a local safetensors checkpoint; not with --scope global.")] = "auto",
-    max_shard_size: MaxShardSizeOpt = "5GB",
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    overwrite: OverwriteOpt = False,
-    overwrite_foreign: OverwriteForeignOpt = False,
-    trust_inputs: TrustInputsOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    allow_pickle: AllowPickleOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
+    setup: SetupOpts = GROUPED,
+    out: WritingOpts = GROUPED,
 ) -> None:
     """Prune a checkpoint and write weights with exact zeros, masks and a manifest.
 
@@ -97,59 +62,27 @@ def prune_cmd(
     """
     config = PruneConfig(
         method=method, sparsity=sparsity, pattern=pattern, scope=scope, targets=targets, exclude=exclude,
-        skip_indivisible=skip_indivisible, damp=damp, blocksize=blocksize, sparsegpt_selection=sparsegpt_selection, calib=calib, text_field=text_field,
-        nsamples=nsamples, seqlen=seqlen, calib_concat=calib_concat, seed=seed, device=device,
-        batch_size=batch_size, offload_activations=offload_activations, max_memory=max_memory,
-        offload_dir=None if offload_dir is None else str(offload_dir), quiet=quiet,
+        skip_indivisible=skip_indivisible, damp=damp, blocksize=blocksize, sparsegpt_selection=sparsegpt_selection,
+        **vars(calibration), seed=setup.seed, device=setup.device,
+        batch_size=batch_size, offload_activations=memory.offload, max_memory=memory.max_memory, offload_dir=memory.directory, quiet=out.quiet,
         allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda, permute=permute, refine=refine,
         refine_iters=refine_iters, refine_threshold=refine_threshold, refine_skip=refine_skip,
     )
-    if dense is not None and config.method != "keep":
-        raise UsageError("--dense is for --method keep --refine (the dense values of the pruned weights)")
-    plan(config)  # usage errors before loading anything
-    shard_bytes = parse_size(max_shard_size)
-    overwrite = overwrite or overwrite_foreign
-    checkpoint.check_output(output, inputs=[model, calib, offload_dir] + ([dense] if dense else []), overwrite=overwrite, overwrite_foreign=overwrite_foreign)
-    activations.check_offload_dir(offload_dir, output, [model])
-    decision = streaming.decide(streaming_mode, model, dtype, refusal=streaming_refusal(config))
-    step = StepRecord("prune", args={**vars(config), "model": model, "output": str(output), "dtype": dtype,
-                                     "streaming": decision.stream, "streaming_reason": decision.reason, "max_shard_size": max_shard_size}, input=model, seed=seed)
-    if decision.stream and not quiet:
-        console.print(escape(decision.reason), soft_wrap=True)
-    ckpt = checkpoint.open(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                           need_tokenizer=False, trust_inputs=trust_inputs, streamed=decision.stream)
-    if config.method in ("wanda", "sparsegpt", "ria") or refine is not None or allocation == "owl":
-        check_activation_memory(ckpt.model, nsamples, seqlen, 1, offload_dir, "calibration")
-    dense_model = _dense_model(ckpt, dense, dtype, trust_remote_code, trust_inputs) if config.method == "keep" else None
-    with checkpoint.writing(ckpt, output, step, overwrite=overwrite, max_shard_size=shard_bytes) as sink:
-        masks, results, data_record = prune(ckpt, config, dense=dense_model, blocks=sink.blocks)
-        del dense_model
-        step.data, step.results = data_record, results
-        sink.finish(masks)
-
+    outcome = recipe.run(recipe.Config(model=model, output=output, prune=config, dense=dense, streaming=streaming_mode,
+                                       **setup.step(), **out.step()), Reporter(out.quiet))
+    results = outcome.results
     achieved = results["sparsity_achieved"]
-    if json_out:
+    if out.json:
         emit_json({
             "output": str(output), "method": results["method"], "pattern": results["pattern"], "scope": results["scope"],
             "sparsity": achieved["pruned_tensors"], "sparsity_all_masked": achieved["all_masked_tensors"],
             "per_tensor": achieved["per_tensor"], "skipped_indivisible": results["skipped_indivisible"],
             "notes": results["notes"], "pruning_time_s": results["pruning_time_s"], "peak_memory": results["peak_memory"],
-            "calibration": data_record, "streaming": decision.stream,
+            "calibration": outcome.data, "streaming": outcome.streaming,
             **{k: results[k] for k in ("allocation", "permuted", "refine") if k in results},
         })
-    if not quiet:
+    if not out.quiet:
         _render(results, str(output))
-
-
-def _dense_model(ckpt: checkpoint.Checkpoint, dense: str | None, dtype: str, trust_remote_code: bool, trust_inputs: bool) -> Any:
-    """--method keep --refine: the dense model (--dense, else the recorded source)."""
-    if ckpt.masks is None:
-        raise UsageError(f"--refine on {ckpt.source}: it has no masks.safetensors (prune it first, or pass a --method)")
-    source = reconstruction.dense_source(ckpt, dense)
-    model = checkpoint.load(source, dtype=dtype, device="cpu", trust_remote_code=trust_remote_code,
-                            need_tokenizer=False, trust_inputs=trust_inputs).model
-    reconstruction.check_compatible(ckpt.model, model)
-    return model
 
 
 def _render(results: dict, output: str) -> None:

@@ -8,41 +8,14 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from perp_cli import activations, checkpoint, data, shrinking, streaming
-from perp_cli.cli.common import (
-    ActivationDirOpt,
-    AllowPickleOpt,
-    DeviceOpt,
-    DtypeOpt,
-    JsonOpt,
-    MaxMemoryOpt,
-    MaxShardSizeOpt,
-    ModelArg,
-    OffloadActivationsOpt,
-    OutputOpt,
-    OverwriteForeignOpt,
-    OverwriteOpt,
-    QuietOpt,
-    SeedOpt,
-    TrustInputsOpt,
-    TrustRemoteCodeOpt,
-    check_activation_memory,
-    check_rank,
-    emit_json,
-)
+from perp_cli.cli.common import (GROUPED, ActivationOpts, Group, ModelArg,
+                                 OutputOpt, SetupOpts, WritingOpts, calibration_options, emit_json)
+from perp_cli.data import CalibrationConfig
 from perp_cli.errors import UsageError
-from perp_cli.manifest import StepRecord
-from perp_cli.progress import console
-from perp_cli.pruner import PruneConfig, plan
-from perp_cli.reconstruction import (
-    RECIPES,
-    ReconstructConfig,
-    check_compatible,
-    dense_source,
-    prepare,
-    reconstruct,
-)
-from perp_cli.shards import parse_size
+from perp_cli.progress import Reporter, console
+from perp_cli.pruner import PruneConfig
+from perp_cli.recipes.reconstruct import Config, run
+from perp_cli.reconstruction import RECIPES, ReconstructConfig
 
 
 def reconstruct_cmd(
@@ -57,11 +30,7 @@ def reconstruct_cmd(
     adapter_targets: Annotated[str | None, typer.Option("--adapter-targets", help="Regex (re.search) on matrix names; experts are NAME[e]. Default: every prunable matrix.", show_default=False)] = None,
     rank: Annotated[int, typer.Option("--rank", help="Adapter rank r.")] = 16,
     alpha: Annotated[float, typer.Option("--alpha", help="Adapter scaling numerator: the update is (alpha/rank)·BA (unused by scalelora).")] = 32.0,
-    calib: Annotated[str, typer.Option("--calib", help="Calibration text: c4 or wikitext2 (hub, needs network), or a local .txt/.raw/.jsonl/.parquet file or datasets directory.")] = "c4",
-    text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl/.parquet/datasets calibration data.")] = "text",
-    nsamples: Annotated[int, typer.Option("--nsamples", help="Number of calibration windows (the activations every block trains on).")] = 128,
-    seqlen: Annotated[int | None, typer.Option("--seqlen", help="Tokens per calibration window. Default: min(2048, the model's max positions).", show_default=False)] = None,
-    calib_concat: Annotated[bool, typer.Option("--calib-concat", help="Draw windows from all documents joined together (when too few documents are longer than --seqlen).")] = False,
+    calibration: Annotated[CalibrationConfig, Group(calibration_options, help=(("nsamples", "Number of calibration windows (the activations every block trains on)."),))] = GROUPED,
     recipe: Annotated[str, typer.Option("--recipe", help="Defaults for --steps-per-block, --batch-size, --lr, --order, --mode, --restore (an explicit option wins): perp = 100 steps x 8 windows, lr 1e-3, shuffle, eval, restore; paper = PERP's reference code: 20 steps x 1 window, lr 5e-4, fixed order, train mode, no restore (and --scope matrix for --prune-method wanda). docs/fidelity.md compares them.")] = "perp",
     steps_per_block: Annotated[int | None, typer.Option("--steps-per-block", help="AdamW steps per block, each on one micro-batch of --batch-size windows. Default: 100 (perp), 20 (paper).", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Calibration windows per micro-batch (forward passes and training steps). Default: 8 (perp), 1 (paper).", show_default=False)] = None,
@@ -76,21 +45,10 @@ def reconstruct_cmd(
     sparsegpt_selection: Annotated[str, typer.Option("--sparsegpt-selection", help="With --prune-method sparsegpt: reference or exact, as in `perp prune`.")] = "reference",
     warmup: Annotated[float, typer.Option("--warmup", help="Linear warmup, as a fraction of --steps-per-block, in [0, 1).")] = 0.1,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decoupled weight decay (pruned weights stay 0 regardless).")] = 0.0,
-    offload_activations: OffloadActivationsOpt = False,
-    max_memory: MaxMemoryOpt = None,
-    offload_dir: ActivationDirOpt = None,
+    memory: ActivationOpts = GROUPED,
     streaming_mode: Annotated[str, typer.Option("--streaming", help="Read both models one decoder block at a time and write each reconstructed block at once (peak memory: a pruned and a dense block plus the calibration activations and targets; same output, bit for bit): on, off, or auto = on when the two models' weights would take more than half of the available memory. Needs local safetensors checkpoints (MODEL and --dense).")] = "auto",
-    max_shard_size: MaxShardSizeOpt = "5GB",
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    overwrite: OverwriteOpt = False,
-    overwrite_foreign: OverwriteForeignOpt = False,
-    trust_inputs: TrustInputsOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    allow_pickle: AllowPickleOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
+    setup: SetupOpts = GROUPED,
+    out: WritingOpts = GROUPED,
 ) -> None:
     """Layer-wise reconstruction of a pruned checkpoint against its dense model (PERP).
 
@@ -112,100 +70,27 @@ def reconstruct_cmd(
     settings = {k: RECIPES[recipe][k] if v is None else v for k, v in chosen.items()}
     config = ReconstructConfig(
         train=train, adapter=adapter, adapter_targets=adapter_targets, rank=rank, alpha=alpha, add_biases=add_biases,
-        target=target, granularity=granularity, warmup=warmup, weight_decay=weight_decay, seed=seed, device=device, offload=offload_activations,
-        max_memory=max_memory, offload_dir=None if offload_dir is None else str(offload_dir), quiet=quiet, **settings,
+        target=target, granularity=granularity, warmup=warmup, weight_decay=weight_decay, seed=setup.seed, device=setup.device, offload=memory.offload,
+        max_memory=memory.max_memory, offload_dir=memory.directory, quiet=out.quiet, **vars(calibration), **settings,
     )
-    shrunk = shrinking.shrunk_manifest(model)  # a smaller dense model from `perp shrink`
-    if shrunk is not None:
-        config.maskless, config.teacher_blocks = True, shrinking.source_blocks(shrunk)
-        if prune_method is not None:
-            raise UsageError(f"{model} is a `perp shrink` output; --prune-method prunes a dense model while reconstructing it, use `perp prune` first")
-        if streaming_mode == "on":
-            raise UsageError("reconstructing a `perp shrink` output does not stream yet; use --streaming off (or auto)")
-        streaming_mode = "off"
-    config.validate()  # usage errors before loading anything
     prune_config = None
     if prune_method is not None:
-        if dense is not None:
-            raise UsageError("--prune-method prunes MODEL (the dense model) while reconstructing it; --dense is not used with it")
-        if streaming_mode == "on":
-            raise UsageError("--prune-method does not stream yet; use --streaming off (or auto)")
-        if granularity != "block":
-            raise UsageError("--prune-method prunes whole blocks while reconstructing them: --granularity block only")
         if scope is None and recipe == "paper" and prune_method == "wanda":
             scope = "matrix"  # PERP's code compares a Wanda score with the whole matrix, not per output row
         prune_config = PruneConfig(
             method=prune_method, sparsity=sparsity, pattern=pattern, scope=scope, sparsegpt_selection=sparsegpt_selection,
-            calib=calib, text_field=text_field, nsamples=nsamples, seqlen=seqlen, calib_concat=calib_concat, seed=seed,
-            device=device, batch_size=config.batch_size, quiet=True,
+            **vars(calibration), seed=setup.seed, device=setup.device, batch_size=config.batch_size, quiet=True,
         )
-        plan(prune_config)
-        streaming_mode = "off"
     elif sparsity is not None or scope is not None or pattern != "unstructured":
         raise UsageError("--sparsity/--pattern/--scope choose how --prune-method prunes; without it MODEL is already pruned")
-    shard_bytes = parse_size(max_shard_size)
-    overwrite = overwrite or overwrite_foreign
-    inputs = [model, dense, calib, offload_dir]
-    checkpoint.check_output(output, inputs=inputs, overwrite=overwrite, overwrite_foreign=overwrite_foreign)
-    activations.check_offload_dir(offload_dir, output, [model] + ([dense] if dense else []))
-    decision = streaming.decide(streaming_mode, model, dtype=dtype, models=1 if prune_config else 2)  # the dense model has the same shapes
-    if decision.stream and not quiet:
-        console.print(escape(decision.reason), soft_wrap=True)
-    ckpt = checkpoint.open(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                           need_tokenizer=True, trust_inputs=trust_inputs, streamed=decision.stream, lazy_masks=True)
-    dense_dir = model if prune_config is not None else dense_source(ckpt, dense)
-    if dense is None:
-        checkpoint.check_output(output, inputs=inputs + [dense_dir], overwrite=overwrite, overwrite_foreign=overwrite_foreign)
-    if prune_config is not None:
-        reference = None
-    else:
-        try:
-            reference = checkpoint.open(dense_dir, dtype=dtype, device="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                                        need_tokenizer=False, trust_inputs=trust_inputs, streamed=decision.stream, lazy_masks=True)
-        except UsageError as exc:
-            if not decision.stream:
-                raise
-            raise UsageError(f"--dense: {exc}; or use --streaming off") from exc
-    if reference is not None and shrunk is not None:
-        shrinking.check_teacher(ckpt.model, reference.model, config.teacher_blocks)
-        if not trust_inputs:
-            checkpoint.check_source_weights(ckpt, dense_dir)
-    elif reference is not None:
-        check_compatible(ckpt.model, reference.model)
-        if not trust_inputs:
-            checkpoint.check_source_weights(ckpt, dense_dir)
-    if config.adapter_kind is not None:
-        check_rank(ckpt.model, rank, adapter_targets)
-    # the inputs, the dense targets and the block outputs
-    check_activation_memory(ckpt.model, nsamples, seqlen, 3, offload_dir, "reconstruction")
-
-    length = data.default_seqlen(ckpt.model, seqlen)
-    source = data.load_source(calib, split="train", text_field=text_field)
-    tokens = data.sample_windows(ckpt.require_tokenizer(), source, nsamples, length, seed, calib_concat)
-    args = {
-        "model": model, "output": str(output), "dense": dense_dir, "target": target, "granularity": granularity, "train": train,
-        "add_biases": add_biases, "adapter": config.adapter_kind or "none", "adapter_targets": adapter_targets,
-        "rank": rank, "alpha": alpha, "calib": calib, "text_field": text_field, "nsamples": nsamples, "seqlen": length,
-        "calib_concat": calib_concat, "recipe": recipe, **settings,
-        "prune": None if prune_config is None else {k: v for k, v in vars(prune_config).items() if k not in ("quiet",)},
-        "warmup": warmup, "schedule": "linear", "weight_decay": weight_decay,
-        "offload_activations": offload_activations, "max_memory": max_memory,
-        "offload_dir": None if offload_dir is None else str(offload_dir), "device": device, "dtype": dtype,
-        "streaming": decision.stream, "streaming_reason": decision.reason, "max_shard_size": max_shard_size,
-    }
-    step = StepRecord("reconstruct", args=args, input=model, seed=seed)
-    step.data = {**data.describe_tokens(source, tokens), "seqlen": length, "concat": calib_concat}
-    prepare(ckpt, None if reference is None else reference.model, config)  # --add-biases: before the output is planned
-    with checkpoint.writing(ckpt, output, step, overwrite=overwrite, max_shard_size=shard_bytes) as sink:
-        outcome = reconstruct(ckpt, reference, tokens, config, prune=prune_config, blocks=sink.blocks)
-        step.results = results = outcome.results()
-        sink.finish(outcome.masks)
-
-    if json_out:
-        emit_json({"output": str(output), "dense": dense_dir, **results, "calibration": step.data,
-                   "streaming": decision.stream, "shards": results.get("streaming")})
-    if not quiet:
-        _render(results, dense_dir, str(output))
+    outcome = run(Config(model=model, output=output, reconstruct=config, dense=dense, prune=prune_config, preset=recipe,
+                         streaming=streaming_mode, **setup.step(), **out.step()), Reporter(out.quiet))
+    results = outcome.results
+    if out.json:
+        emit_json({"output": str(output), "dense": outcome.dense, **results, "calibration": outcome.data,
+                   "streaming": outcome.streaming, "shards": results.get("streaming")})
+    if not out.quiet:
+        _render(results, outcome.dense, str(output))
 
 
 def _render(results: dict, dense: str, output: str) -> None:

@@ -2,36 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from perp_cli import adapters as adapters_mod
-from perp_cli import checkpoint, data, distributed, memory
-from perp_cli import trainable as trainable_mod
-from perp_cli.cli.common import (
-    AllowPickleOpt,
-    DeviceOpt,
-    DtypeOpt,
-    JsonOpt,
-    ModelArg,
-    OutputOpt,
-    OverwriteForeignOpt,
-    OverwriteOpt,
-    QuietOpt,
-    SeedOpt,
-    TrustInputsOpt,
-    TrustRemoteCodeOpt,
-    check_rank,
-    emit_json,
-)
+from perp_cli.cli.common import GROUPED, DeviceOpt, DtypeOpt, ModelArg, OutputOpt, SeedOpt, WritingOpts, emit_json
 from perp_cli.errors import UsageError
-from perp_cli.manifest import StepRecord
-from perp_cli.progress import console
-from perp_cli.training import RECIPES, RetrainOptions, TrainConfig, retrain
+from perp_cli.progress import Reporter, console
+from perp_cli.recipes.retrain import RECIPES, Config, RetrainOptions, run
+from perp_cli.training import TrainConfig
 
 
 def retrain_cmd(
@@ -66,13 +47,7 @@ def retrain_cmd(
     device: DeviceOpt = "auto",
     device_map: Annotated[str | None, typer.Option("--device-map", help="auto (or balanced, balanced_low_0, sequential): spread the blocks over all visible GPUs with Accelerate (everything on the CPU without one), instead of --device; the model must fit in the GPUs (offloaded weights cannot train). Not with torchrun / accelerate launch. Default: off.", show_default=False)] = None,
     dtype: DtypeOpt = "auto",
-    overwrite: OverwriteOpt = False,
-    overwrite_foreign: OverwriteForeignOpt = False,
-    trust_inputs: TrustInputsOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    allow_pickle: AllowPickleOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
+    out: WritingOpts = GROUPED,
 ) -> None:
     """Retrain a pruned checkpoint PERP-style; pruned weights stay exactly zero.
 
@@ -96,125 +71,20 @@ def retrain_cmd(
         raise UsageError(f"--data-mode {data_mode!r} is not one of windows, documents")
     opts = RetrainOptions(train=train, adapter=adapter, adapter_targets=adapter_targets, rank=rank, alpha=alpha,
                           add_biases=add_biases, untie_lm_head=untie_lm_head)
-    kind = None if adapter.strip().lower() == "none" else adapters_mod.canonical_kind(adapter)
-    if export_peft is not None and kind != "lora":
-        raise UsageError("--export-peft needs --adapter lora (PEFT has no MaskLoRA/ScaleLoRA equivalent)")
-    if steps is not None and tokens is not None:
-        raise UsageError("give --steps or --tokens, not both")
-    if eval_every and eval_data is None:
-        raise UsageError("--eval-every needs --eval-data (held-out text)")
-    if eval_windows < 1:
-        raise UsageError(f"--eval-windows must be at least 1, got {eval_windows}")
     cfg = TrainConfig(steps=steps or 1, batch_size=batch_size, grad_accum=grad_accum, lr=lr, warmup=warmup,
                       schedule=schedule, weight_decay=weight_decay, grad_checkpointing=grad_checkpointing,
                       eval_every=eval_every, seed=seed)
-    cfg.validate()
-    if trainable_mod.parse_spec(train) == ["none"] and kind is None:
-        raise UsageError("--train none with --adapter none trains nothing; choose a subset or an adapter")
-    if device_map is not None and device != "auto":
-        raise UsageError("give --device or --device-map, not both")
-    checkpoint.device_map_kwargs(device_map)
-    overwrite = overwrite or overwrite_foreign
-    inputs = [model, data_source, eval_data]
-    checkpoint.check_output(output, inputs=inputs, overwrite=overwrite, overwrite_foreign=overwrite_foreign)
-    if export_peft is not None:
-        checkpoint.check_output(export_peft, inputs=inputs + [output], overwrite=overwrite, overwrite_foreign=overwrite_foreign)
-        if output.expanduser().resolve() in export_peft.expanduser().resolve().parents:
-            raise UsageError(f"--export-peft {export_peft} is inside the output {output}; choose a directory beside it")
-    dist = distributed.setup(device)
-    if dist is not None:
-        if device_map is not None:
-            raise UsageError("--device-map spreads one model over the GPUs; a torchrun / accelerate launch gives each process its own GPU: use one or the other")
-        dist.local_slice(batch_size)  # an uneven split fails now, not after loading
-
-    ckpt = checkpoint.load(model, dtype=dtype, device=str(dist.device) if dist else device, allow_pickle=allow_pickle,
-                           trust_remote_code=trust_remote_code, need_tokenizer=True, device_map=device_map,
-                           trust_inputs=trust_inputs)
-    offloaded = checkpoint.offloaded_parameters(ckpt.model) if device_map else []
-    if offloaded:
-        raise UsageError(
-            f"--device-map {device_map} offloaded {len(offloaded)} parameters (e.g. {offloaded[0]}) to CPU/disk, "
-            "where they cannot train; use more GPUs, --dtype bfloat16, or a smaller model"
-        )
-    seqlen = data.default_seqlen(ckpt.model, seqlen)
-    per_step = batch_size * grad_accum * seqlen
-    cfg.steps = math.ceil(tokens / per_step) if tokens is not None else (100 if steps is None else steps)
-    # the training windows are drawn up front: their token ids must fit in memory
-    memory.require(cfg.steps * batch_size * grad_accum * seqlen * 8,
-                   f"{cfg.steps:,} steps x {batch_size * grad_accum} windows x {seqlen} tokens of training data",
-                   "lower --steps / --tokens")
-    if kind is not None:
-        check_rank(ckpt.model, rank, adapter_targets)
-    if eval_data is not None and not eval_every:
-        cfg.eval_every = cfg.steps
-    if ckpt.masks is None and kind in adapters_mod.NEEDS_MASK:
-        raise UsageError(f"--adapter {kind} needs the pruning masks, but {model} has no masks.safetensors (a dense model: use scalelora or lora)")
-
-    source = data.load_source(data_source, split="train", text_field=text_field)
-    needed = cfg.steps * batch_size * grad_accum
-    if data_mode == "documents":
-        windows = data.document_windows(ckpt.tokenizer, source, needed, seqlen, seed=seed)
-    else:
-        windows = data.sample_windows(ckpt.tokenizer, source, nsamples=needed, seqlen=seqlen, seed=seed,
-                                      within_data=False)
-    eval_fn, eval_record = None, {}
-    if eval_data is not None:
-        from perp_cli.perplexity import eval_token_ids, perplexity
-
-        eval_source = data.load_source(eval_data, split="test", text_field=text_field)
-        eval_ids = eval_token_ids(ckpt.tokenizer, eval_source, seqlen)
-        eval_record = {**eval_source.describe(), "windows": eval_windows, "seqlen": seqlen}
-
-        def eval_fn() -> float:
-            return perplexity(ckpt.model, eval_ids, seqlen, batch_size, max_windows=eval_windows, quiet=True).ppl
-
-    args = {
-        "model": model, "output": str(output), "recipe": recipe, "data_mode": data_mode, "train": train, "add_biases": add_biases, "untie_lm_head": untie_lm_head,
-        "adapter": kind or "none", "adapter_targets": adapter_targets, "rank": rank, "alpha": alpha, "data": data_source,
-        "seqlen": seqlen, "batch_size": batch_size, "grad_accum": grad_accum, "steps": cfg.steps, "tokens": tokens,
-        "lr": lr, "warmup": warmup, "schedule": schedule, "weight_decay": weight_decay,
-        "grad_checkpointing": grad_checkpointing, "eval_every": cfg.eval_every, "eval_data": eval_data,
-        "eval_windows": eval_windows, "dtype": dtype, "device": device, "export_peft": export_peft,
-        "device_map": device_map,
-    }
-    step = StepRecord("retrain", args=args, input=model, seed=seed)
-    outcome = retrain(ckpt, opts, cfg, windows, eval_fn=eval_fn, quiet=quiet, dist=dist)
-    step.data = {"train": data.describe_tokens(source, windows), **({"eval": eval_record} if eval_record else {})}
-    results = outcome.results()
-    results.update(dist.describe(batch_size) if dist else {"world_size": 1})
-    if outcome.tied_lm_head:
-        results["note"] = "lm_head is tied to the input embeddings: training one trained the other"
-    step.results = results
-
-    def write() -> None:
-        peft = adapters_mod.peft_files(outcome.adapters, ckpt.model, str(output.resolve())) if export_peft else None
-        checkpoint.save(output, ckpt.model, ckpt.tokenizer, ckpt.masks, manifest_in=ckpt.manifest, step=step,
-                        overwrite=overwrite, adapters=outcome.adapters_state, adapters_config=outcome.adapters_config)
-        if peft is not None:
-            _write_peft(export_peft, *peft, overwrite=overwrite)
-
-    if dist is None:
-        write()
-    else:  # every rank holds the same trained weights; rank 0 writes them, the others wait for it
-        dist.on_main(write)
-        dist.close()
-        if not dist.is_main:
-            return
-    if json_out:
-        emit_json({"output": str(output), **results, **({"export_peft": str(export_peft)} if export_peft else {})})
-    if not quiet:
-        _render(results, str(output))
-
-
-def _write_peft(where: Path, cfg: dict, tensors: dict, overwrite: bool) -> None:
-    """A PEFT adapter directory, written atomically like a checkpoint."""
-    import json
-
-    from safetensors.torch import save_file
-
-    with checkpoint.staging(where, overwrite=overwrite) as tmp:
-        (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    outcome = run(Config(
+        model=model, output=output, options=opts, train=cfg, preset=recipe, data=data_source, text_field=text_field, data_mode=data_mode,
+        seqlen=seqlen, steps=steps, tokens=tokens, eval_data=eval_data, eval_windows=eval_windows, export_peft=export_peft,
+        device=device, device_map=device_map, dtype=dtype, seed=seed, **out.step(),
+    ), Reporter(out.quiet))
+    if not outcome.written:
+        return
+    if out.json:
+        emit_json({"output": str(output), **outcome.results, **({"export_peft": str(export_peft)} if export_peft else {})})
+    if not out.quiet:
+        _render(outcome.results, str(output))
 
 
 def _render(results: dict, output: str) -> None:

@@ -8,29 +8,11 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from perp_cli import checkpoint
-from perp_cli.cli.common import (
-    AllowPickleOpt,
-    DeviceOpt,
-    DtypeOpt,
-    JsonOpt,
-    MaxShardSizeOpt,
-    ModelArg,
-    OffloadActivationsOpt,
-    OutputOpt,
-    OverwriteForeignOpt,
-    OverwriteOpt,
-    QuietOpt,
-    SeedOpt,
-    TrustInputsOpt,
-    TrustRemoteCodeOpt,
-    check_activation_memory,
-    emit_json,
-)
-from perp_cli.manifest import StepRecord
+from perp_cli.cli.common import (GROUPED, CalibrationOpts, ModelArg, OffloadActivationsOpt,
+                                 OutputOpt, SetupOpts, WritingOpts, emit_json)
 from perp_cli.progress import console
-from perp_cli.shards import parse_size
-from perp_cli.shrinking import ShrinkConfig, shrink, validate
+from perp_cli.recipes import shrink as recipe
+from perp_cli.shrinking import ShrinkConfig
 
 
 def shrink_cmd(
@@ -44,24 +26,11 @@ def shrink_cmd(
     remove_heads: Annotated[int | None, typer.Option("--remove-heads", help="heads: remove this many attention heads from every block; a multiple of heads / key-value heads (whole groups go).", show_default=False)] = None,
     remove_experts: Annotated[int | None, typer.Option("--remove-experts", help="experts: remove this many experts from every MoE block (at least num_experts_per_tok stay).", show_default=False)] = None,
     multiple_of: Annotated[int, typer.Option("--multiple-of", help="width: round the kept MLP width down to a multiple of this (e.g. 64 for fast kernels); more channels go.")] = 1,
-    calib: Annotated[str, typer.Option("--calib", help="Calibration text: c4 or wikitext2 (hub, needs network), or a local .txt/.raw/.jsonl/.parquet file or datasets directory.")] = "c4",
-    text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl/.parquet/datasets calibration data.")] = "text",
-    nsamples: Annotated[int, typer.Option("--nsamples", help="Number of calibration windows.")] = 128,
-    seqlen: Annotated[int | None, typer.Option("--seqlen", help="Tokens per calibration window. Default: min(2048, the model's max positions).", show_default=False)] = None,
-    calib_concat: Annotated[bool, typer.Option("--calib-concat", help="Draw windows from all documents joined together (when too few documents are longer than --seqlen).")] = False,
+    calibration: CalibrationOpts = GROUPED,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward micro-batch.")] = 8,
     offload_activations: OffloadActivationsOpt = False,
-    max_shard_size: MaxShardSizeOpt = "5GB",
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-    overwrite: OverwriteOpt = False,
-    overwrite_foreign: OverwriteForeignOpt = False,
-    trust_inputs: TrustInputsOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    allow_pickle: AllowPickleOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
+    setup: SetupOpts = GROUPED,
+    out: WritingOpts = GROUPED,
 ) -> None:
     """Remove whole blocks, MLP channels, attention heads or experts and write a SMALLER
     dense model: a plain Hugging Face directory (no masks) that loads and runs faster in
@@ -87,28 +56,15 @@ def shrink_cmd(
         raise UsageError(f"{wrong[0]} does not apply to --structure {structure}")
     config = ShrinkConfig(
         structure=structure, remove_ratio=remove_ratio, remove_count=counts.get(structure), keep_ratio=keep_ratio,
-        multiple_of=multiple_of, calib=calib, text_field=text_field, nsamples=nsamples, seqlen=seqlen,
-        calib_concat=calib_concat, seed=seed, device=device, batch_size=batch_size,
-        offload_activations=offload_activations, quiet=quiet,
+        multiple_of=multiple_of, **vars(calibration), seed=setup.seed, device=setup.device, batch_size=batch_size,
+        offload_activations=offload_activations, quiet=out.quiet,
     )
-    validate(config)  # usage errors before loading anything
-    shard_bytes = parse_size(max_shard_size)
-    overwrite = overwrite or overwrite_foreign
-    checkpoint.check_output(output, inputs=[model, calib], overwrite=overwrite, overwrite_foreign=overwrite_foreign)
-    ckpt = checkpoint.load(model, dtype=dtype, device="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                           need_tokenizer=True, trust_inputs=trust_inputs)
-    check_activation_memory(ckpt.model, nsamples, seqlen, 1, None, "calibration")
-    step = StepRecord("shrink", args={**vars(config), "model": model, "output": str(output), "dtype": dtype,
-                                      "max_shard_size": max_shard_size}, input=model, seed=seed)
-    outcome = shrink(ckpt, config)
-    step.data, step.results = outcome.data, outcome.results
-    checkpoint.save(output, outcome.model, ckpt.tokenizer, None, manifest_in=ckpt.manifest, step=step,
-                    overwrite=overwrite, max_shard_size=shard_bytes)
+    outcome = recipe.run(recipe.Config(model=model, output=output, shrink=config, **setup.step(), **out.step()))
     results = outcome.results
-    if json_out:
+    if out.json:
         emit_json({"output": str(output), **{k: results[k] for k in ("structure", "removed", "sizes", "parameters", "shrink_time_s")},
                    "calibration": outcome.data})
-    if not quiet:
+    if not out.quiet:
         p = results["parameters"]
         sizes = ", ".join(f"{k} {a} → {b}" for k, (a, b) in results["sizes"].items() if a != b)
         console.print(

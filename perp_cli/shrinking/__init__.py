@@ -46,17 +46,12 @@ COUNT_FLAGS = {"depth": "--remove-blocks", "width": "--remove-channels", "heads"
 
 
 @dataclass
-class ShrinkConfig:
+class ShrinkConfig(data.CalibrationConfig):
     structure: str
     remove_ratio: float | None = None  # of blocks, channels, key-value groups or experts
     remove_count: int | None = None  # blocks, channels, attention heads, experts (per block)
     keep_ratio: float | None = None  # depth only: the fraction of blocks kept
     multiple_of: int = 1  # width: the kept intermediate size is a multiple of this
-    calib: str = "c4"
-    text_field: str = "text"
-    nsamples: int = 128
-    seqlen: int | None = None
-    calib_concat: bool = False
     seed: int = 0
     device: str = "cpu"
     batch_size: int = 8
@@ -167,16 +162,9 @@ def check(model: nn.Module, cfg: ShrinkConfig) -> tuple[dict[int, Any], int]:
     return plan, remove
 
 
-def calibration_tokens(ckpt: Checkpoint, cfg: ShrinkConfig) -> tuple[torch.Tensor, dict[str, Any]]:
-    seqlen = data.default_seqlen(ckpt.model, cfg.seqlen)
-    source = data.load_source(cfg.calib, split="train", text_field=cfg.text_field)
-    tokens = data.sample_windows(ckpt.require_tokenizer(), source, cfg.nsamples, seqlen, cfg.seed, cfg.calib_concat)
-    return tokens, {**data.describe_tokens(source, tokens), "seqlen": seqlen, "concat": cfg.calib_concat}
-
-
-def shrink(ckpt: Checkpoint, cfg: ShrinkConfig, tokens: torch.Tensor | None = None) -> ShrinkOutcome:
+def shrink(ckpt: Checkpoint, cfg: ShrinkConfig, tokens: data.Windows) -> ShrinkOutcome:
     """Score, choose and cut; `ckpt.model` is modified (zeroed parts) and must not be saved.
-    `tokens` `[n, seqlen]`: calibration windows to use instead of sampling `cfg.calib`."""
+    `tokens`: the calibration windows (`data.Windows`)."""
     start = time.perf_counter()
     validate(cfg)
     if ckpt.adapters is not None:
@@ -190,10 +178,7 @@ def shrink(ckpt: Checkpoint, cfg: ShrinkConfig, tokens: torch.Tensor | None = No
     # the smaller model is built next to the loaded one (at most as large): checked before any work
     memory.require(sum(p.numel() * p.element_size() for p in model.parameters()), "building the smaller model next to the loaded one",
                    "shrink on a machine with room for two copies of the model")
-    if tokens is None:
-        tokens, data_record = calibration_tokens(ckpt, cfg)
-    else:
-        data_record = {"source": "given tokens", "shape": list(tokens.shape)}
+    tokens, data_record = data.calibration_of(tokens)
     device = checkpoint.resolve_device(cfg.device)
     placement = activations.Placement.of(device, cfg.offload_activations)
     before = surgery.parameter_count(model)
