@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from perp_cli.pruning import selection
 from perp_cli.pruning.selection import global_prune_masks, kth_smallest, nm_prune_mask, prune_count, prune_mask
 
 
@@ -109,3 +110,13 @@ def test_nm_groups_with_surplus_ties_take_the_lowest_positions_first() -> None:
     order = torch.sort(scores.reshape(2, 2, 4), dim=-1, stable=True).indices[..., :2]
     expected = torch.zeros(2, 2, 4, dtype=torch.bool).scatter_(-1, order, True).reshape(2, 8)
     assert torch.equal(pruned, expected)
+
+
+def test_kth_smallest_in_row_slices_is_kthvalue(monkeypatch: pytest.MonkeyPatch) -> None:
+    # topk runs on a slice of rows at a time (bounded temporaries); the slices' values are those of one call
+    monkeypatch.setattr(selection, "_TOPK_CHUNK_BYTES", 12 * 40)  # a few rows per slice
+    scores = torch.rand(37, 64, generator=torch.Generator().manual_seed(3))
+    for k in (1, 5, 32, 33, 64):
+        assert torch.equal(kth_smallest(scores, k), torch.kthvalue(scores, k, dim=-1, keepdim=True).values), k
+    nm = scores.reshape(37, 16, 4)
+    assert torch.equal(kth_smallest(nm, 2), torch.kthvalue(nm, 2, dim=-1, keepdim=True).values)

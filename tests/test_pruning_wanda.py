@@ -85,3 +85,15 @@ def test_masks_equal_the_reference_score_on_the_same_activations(family: str) ->
     for name, keep in masks.masks.items():
         p = dict(pruned.named_parameters())[name]
         assert int((p[~keep] != 0).sum()) == 0
+
+
+def test_scores_leave_the_weight_untouched() -> None:
+    # the product is taken in place in |W|'s copy, never in the weight (float32 and bfloat16)
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = torch.randn(6, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
+        before = weight.clone()
+        norms = torch.rand(5, generator=torch.Generator().manual_seed(1))
+        scores = wanda_scores(weight, norms)
+        assert torch.equal(weight, before)
+        assert scores.dtype == torch.float32
+        assert torch.equal(scores, weight.abs().float() * norms.reshape(1, -1))

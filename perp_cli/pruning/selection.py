@@ -20,6 +20,7 @@ import math
 import torch
 
 _EPS = 1e-9
+_TOPK_CHUNK_BYTES = 32 << 20
 
 
 def prune_count(n: int, sparsity: float) -> int:
@@ -75,9 +76,19 @@ def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     n = scores.shape[-1]
     if scores.numel() == n:
         return torch.kthvalue(scores, k, dim=-1, keepdim=True).values
-    if k <= n // 2:
-        return torch.topk(scores, k, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
-    return torch.topk(scores, n - k + 1, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+    flat = scores.reshape(-1, n)
+    taken = min(k, n - k + 1)
+    # rows are independent: `topk`'s values and int64 indices (12 bytes per taken entry)
+    # are produced a slice of rows at a time, at most _TOPK_CHUNK_BYTES, not for the whole matrix
+    step = max(1, _TOPK_CHUNK_BYTES // (12 * taken))
+    out = torch.empty(flat.shape[0], 1, dtype=scores.dtype, device=scores.device)
+    for i in range(0, flat.shape[0], step):
+        rows = flat[i : i + step]
+        if k <= n // 2:
+            out[i : i + step] = torch.topk(rows, k, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
+        else:
+            out[i : i + step] = torch.topk(rows, n - k + 1, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+    return out.reshape(*scores.shape[:-1], 1)
 
 
 def prune_mask(
