@@ -528,6 +528,10 @@ class _Pruner:
         for m in matrices:
             by_name.setdefault(m.name, []).append(m)
         for name, ms in by_name.items():
+            if ms[0].expert is None and not ms[0].transposed:  # same layout: invert the packed bits
+                key = ms[0].key
+                keep.set_packed(name, mask.invert_packed(self.pruned.packed(key), self.pruned.numel(key)), self.pruned.shape(key))
+                continue
             if ms[0].expert is None:
                 keep[name] = ms[0].to_param_layout(~self.pruned[ms[0].key]).contiguous()
                 continue
@@ -756,7 +760,10 @@ def prune(
 
     if stream is None:
         masks: MaskSet | None = pruner.mask_set()
-        mask.apply(model, masks)
+        # the matrices pruned now were zeroed by `commit` with these very masks; only the
+        # carried ones (input masks of matrices not pruned now, fused experts) are applied
+        done = {m.name for m in pruner.matrices if m.expert is None}
+        mask.apply(model, MaskSet(masks.masks.select([n for n in masks.masks if n not in done])))
         stats = {n: keep_stats(k) for n, k in masks.masks.items()}
     else:
         masks, stats = None, pruner.stats
