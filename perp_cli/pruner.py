@@ -752,7 +752,7 @@ def prune(
             final = engine.calibrate(
                 model, tokens, pruner.step, device=device, batch_size=config.batch_size,
                 offload=placement, progress=progress, description=f"{p.method.name} blocks",
-                residency=residency, in_place=stream is not None,
+                residency=residency, in_place=True,  # the step never keeps s.inputs: one copy of the activations
             )
             activation_record = {"placement": placement.describe(), "peak_device_bytes": final.hidden.peak_device_bytes}
             del final
