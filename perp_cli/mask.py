@@ -157,6 +157,16 @@ class PackedMasks(MutableMapping[str, torch.Tensor]):
             n *= d
         return n
 
+    def kept_fraction(self, name: str) -> float:
+        """`self[name].float().mean().item()`, the same float, from the packed bits when the
+        mask has fewer than 2^24 weights (every float32 partial sum of 0/1 values is then an
+        exact integer, so that mean is the float32 quotient kept / numel); larger masks are
+        unpacked. Saves the float32 copy of the mask (4 bytes per weight) at the peak."""
+        numel = self.numel(name)
+        if numel == 0 or numel >= 1 << 24:
+            return self[name].float().mean().item()
+        return (torch.tensor(float(self.kept(name)), dtype=torch.float32) / torch.tensor(float(numel), dtype=torch.float32)).item()
+
     def nbytes(self) -> int:
         """Memory held by the packed masks."""
         return sum(data.nbytes for data, _ in self._entries.values() if not data.is_meta)
@@ -227,7 +237,7 @@ class MaskSet:
 
     def sparsity(self) -> dict[str, float]:
         # the float mean, as `pruner.keep_stats` (and so a streamed run's manifest) computes it
-        return {n: 1.0 - m.float().mean().item() for n, m in self.masks.items()}
+        return {n: 1.0 - self.masks.kept_fraction(n) for n in self.masks}
 
     def total_sparsity(self) -> float:
         total = sum(self.masks.numel(n) for n in self.masks)

@@ -109,3 +109,14 @@ def test_word_packing_gives_the_bytes_of_the_bytewise_packing(numel: int) -> Non
         assert torch.equal(packed, _pack_reference(view.contiguous()))
         assert torch.equal(unpack_bits(packed, view.shape), view)
         assert torch.equal(invert_packed(packed, view.numel()), pack_bits(~view))  # padding bits stay zero
+
+
+@pytest.mark.parametrize("numel", [1, 3, 1000, 4097, 70001])
+def test_kept_fraction_is_the_float_mean_of_the_mask(numel: int) -> None:
+    # the manifests' sparsities come from the packed bits now: the same float as before
+    from perp_cli.mask import PackedMasks
+
+    for p in (0.0, 0.1, 0.5, 0.77, 1.0):
+        keep = torch.rand(numel, generator=torch.Generator().manual_seed(numel)) < p
+        masks = PackedMasks({"w": keep.reshape(1, -1)})
+        assert masks.kept_fraction("w") == keep.float().mean().item()
