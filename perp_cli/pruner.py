@@ -764,7 +764,7 @@ def prune(
         # carried ones (input masks of matrices not pruned now, fused experts) are applied
         done = {m.name for m in pruner.matrices if m.expert is None}
         mask.apply(model, MaskSet(masks.masks.select([n for n in masks.masks if n not in done])))
-        stats = {n: keep_stats(k) for n, k in masks.masks.items()}
+        stats = {n: (1.0 - masks.masks.kept_fraction(n), masks.masks.kept(n), masks.masks.numel(n)) for n in masks.masks}  # as keep_stats, from the packed bits
     else:
         masks, stats = None, pruner.stats
     return PruneOutcome(masks, _results(pruner, stats, skipped, start, device, activation_record), data_record)
