@@ -47,6 +47,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -173,7 +174,14 @@ def run_child(argv: list[str]) -> tuple[int, float, float | None, float, str]:
     env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     start = time.perf_counter()
     proc = subprocess.Popen([sys.executable, __file__, "--child", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
-    stdout, stderr = proc.stdout.read(), proc.stderr.read()  # the child's stderr is small (-q)
+    # both pipes at once (--timeline's stderr line outgrows a pipe's buffer), and no
+    # `communicate`: it would reap the child before `wait4` reads its rusage
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.append(proc.stderr.read()))
+    reader.start()
+    stdout = proc.stdout.read()
+    reader.join()
+    stderr = err[0]
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     hwm = None
