@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -109,12 +110,51 @@ def vm_hwm_mib() -> float | None:
     return None
 
 
+def rss_sampler(period: float = 0.005) -> dict:
+    """Sample this process's RSS every `period` s in a thread; the returned dict fills
+    with the peak (MiB), the main thread's innermost perp frames at the peak, and a
+    coarse timeline ((seconds, MiB) every 0.5 s): where the peak comes from."""
+    import threading
+    import traceback
+
+    main_id = threading.main_thread().ident
+    page = os.sysconf("SC_PAGE_SIZE") / 2**20
+    out: dict = {"peak_mib": 0.0, "at_peak": [], "timeline": []}
+    start = time.perf_counter()
+
+    def run() -> None:
+        statm = open("/proc/self/statm")
+        last = -1.0
+        while True:
+            statm.seek(0)
+            rss = int(statm.read().split()[1]) * page
+            now = time.perf_counter() - start
+            if rss > out["peak_mib"]:
+                if rss > out["peak_mib"] + 1:  # a new peak by more than 1 MiB: remember where
+                    frame = sys._current_frames().get(main_id)
+                    stack = traceback.extract_stack(frame) if frame is not None else []
+                    out["at_peak"] = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in stack
+                                      if "perp_cli" in f.filename or "safetensors" in f.filename or "transformers" in f.filename][-6:]
+                out["peak_mib"] = rss
+            if now - last >= 0.5:
+                out["timeline"].append((round(now, 1), round(rss)))
+                last = now
+            time.sleep(period)
+
+    threading.Thread(target=run, daemon=True).start()
+    return out
+
+
 def child(argv: list[str]) -> None:
-    """`--child perp ARGS`: run the perp CLI in this process, then report VmHWM on stderr."""
+    """`--child perp ARGS`: run the perp CLI in this process, then report VmHWM (and, with
+    PERP_BENCH_TIMELINE=1, the sampled RSS peak, the stack there and the timeline) on stderr."""
     if argv and argv[0] == "perp":
         from perp_cli.cli.app import main as perp_main
 
+        sampled = rss_sampler() if os.environ.get("PERP_BENCH_TIMELINE") else None
         code = perp_main(argv[1:])
+        if sampled is not None:
+            print(json.dumps({"sampled": sampled}), file=sys.stderr, flush=True)
     else:  # `--child import`: the baseline, imports only
         import perp_cli.cli.app  # noqa: F401
         import perp_cli.streaming  # noqa: F401
@@ -174,7 +214,11 @@ def main() -> None:
     parser.add_argument("--runs", default="stream,disk", help="comma list of: stream (--streaming on), disk (--streaming on "
                         "--offload-dir: activations on disk), memory (--streaming off). Default: stream,disk")
     parser.add_argument("--keep", action="store_true", help="keep the models and outputs")
+    parser.add_argument("--timeline", action="store_true", help="sample each run's RSS every 5 ms and print its timeline "
+                        "and the perp frames at the peak (stderr)")
     args = parser.parse_args()
+    if args.timeline:
+        os.environ["PERP_BENCH_TIMELINE"] = "1"
 
     known = {"stream": ("on", "memory"), "disk": ("on", "disk"), "memory": ("off", "memory")}
     wanted = [r.strip() for r in args.runs.split(",") if r.strip()]

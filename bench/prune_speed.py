@@ -76,6 +76,41 @@ def worker(args: argparse.Namespace) -> None:
                       "block_seconds": results["block_seconds"], "gemm_flops": rate}))
 
 
+def paired(args: argparse.Namespace, method: str) -> None:
+    """`--paired`: one process, one model; `--repeats` rounds of (one plain forward, then
+    `method` on a deep copy), alternating, so a burst of load on the shared cores hits
+    both sides of a pair. Prints each pair's ratio and their median (stderr, and a JSON line)."""
+    import copy
+
+    from perp_cli.checkpoint import Checkpoint
+    from perp_cli.pruner import PruneConfig, prune
+
+    model = build(args.layers)
+    tokens = torch.randint(0, OPT_125M["vocab_size"], (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
+
+    def forward() -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            for i in range(0, args.nsamples, args.batch_size):
+                model(input_ids=tokens[i : i + args.batch_size].to(args.device), use_cache=False)
+        return time.perf_counter() - start
+
+    forward()  # warm-up (first-call allocations and kernel choices), not timed
+    pairs = []
+    for repeat in range(args.repeats):
+        f = forward()
+        copied = copy.deepcopy(model)
+        start = time.perf_counter()
+        prune(Checkpoint(copied, None, None, {}, "opt-125m-shaped"),
+              PruneConfig(method, sparsity=0.5, device=args.device, batch_size=args.batch_size, quiet=True), tokens=tokens)
+        m = time.perf_counter() - start
+        del copied
+        pairs.append((f, m))
+        print(f"  pair {repeat + 1}: forward {f:.2f}s, {method} {m:.2f}s, ratio {m / f:.3f} (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
+    print(json.dumps({"pairs": pairs, "median_ratio": median([m / f for f, m in pairs]),
+                      "ratio_of_fastest": min(m for _, m in pairs) / min(f for f, _ in pairs)}))
+
+
 def gemm_rate(n: int = 2048, repeats: int = 5) -> float:
     """Measured float32 matmul rate in FLOP/s (best of `repeats`)."""
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -138,6 +173,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", default="0", help="torch threads, comma-separated to compare (e.g. 1,2); 0: torch's default")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each method; the tables show medians")
+    parser.add_argument("--paired", action="store_true", help="in one process per thread count, alternate one plain forward "
+                        "and each method (on a copy of the model) --repeats times; print the median ratio of each pair (issue 17's "
+                        "'Wanda <= 1.3 x one forward' figure: --methods forward,wanda --threads 1 --paired --repeats 5)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.small:
@@ -145,7 +183,23 @@ def main() -> None:
     if args.worker:
         if int(args.threads):
             torch.set_num_threads(int(args.threads))
-        worker(args)
+        if args.worker.startswith("paired:"):
+            paired(args, args.worker.split(":", 1)[1])
+        else:
+            worker(args)
+        return
+    if args.paired:
+        print("| method | threads | pairs | forward, median (s) | method, median (s) | median of the pair ratios | "
+              "fastest / fastest |\n|---|---:|---:|---:|---:|---:|---:|")
+        for t in [int(t) or torch.get_num_threads() for t in args.threads.split(",")]:
+            for method in [m for m in args.methods.split(",") if m != "forward"]:
+                cmd = [sys.executable, __file__, "--worker", f"paired:{method}", "--layers", str(args.layers), "--nsamples", str(args.nsamples),
+                       "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size), "--device", args.device, "--threads", str(t),
+                       "--repeats", str(args.repeats)]
+                out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+                r = json.loads(out.stdout.strip().splitlines()[-1])
+                fs, ms = [f for f, _ in r["pairs"]], [m for _, m in r["pairs"]]
+                print(f"| {method} | {t} | {len(fs)} | {median(fs):.2f} | {median(ms):.2f} | **{r['median_ratio']:.3f}** | {r['ratio_of_fastest']:.3f} |", flush=True)
         return
 
     threads = [int(t) or torch.get_num_threads() for t in args.threads.split(",")]

@@ -502,6 +502,10 @@ class _Pruner:
         for m in matrices:
             by_name.setdefault(m.name, []).append(m)
         for name, ms in by_name.items():
+            if ms[0].expert is None and not ms[0].transposed:  # same layout: invert the packed bits
+                key = ms[0].key
+                keep.set_packed(name, mask.invert_packed(self.pruned.packed(key), self.pruned.numel(key)), self.pruned.shape(key))
+                continue
             if ms[0].expert is None:
                 keep[name] = ms[0].to_param_layout(~self.pruned[ms[0].key]).contiguous()
                 continue
@@ -709,7 +713,7 @@ def prune(
             final = engine.calibrate(
                 model, tokens, pruner.step, device=device, batch_size=config.batch_size,
                 offload=placement, progress=progress, description=f"{p.method.name} blocks",
-                residency=blocks, in_place=blocks is not None,
+                residency=blocks, in_place=True,  # the step never keeps s.inputs: one copy of the activations
             )
             activation_record = {"placement": placement.describe(), "peak_device_bytes": final.hidden.peak_device_bytes}
             del final
@@ -717,7 +721,10 @@ def prune(
 
     if blocks is None:
         masks: MaskSet | None = pruner.mask_set()
-        mask.apply(model, masks)
+        # the matrices pruned now were zeroed by `commit` with these very masks; only the
+        # carried ones (input masks of matrices not pruned now, fused experts) are applied
+        done = {m.name for m in pruner.matrices if m.expert is None}
+        mask.apply(model, MaskSet(masks.masks.select([n for n in masks.masks if n not in done])))
         stats = masks.stats()
     else:
         masks, stats = None, pruner.stats

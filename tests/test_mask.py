@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from perp_cli.errors import UsageError
-from perp_cli.mask import MaskSet, Pattern, apply, nm_violations, nonzeros_outside, pack_bits, unpack_bits
+from perp_cli.mask import MaskSet, Pattern, apply, invert_packed, nm_violations, nonzeros_outside, pack_bits, unpack_bits
 from perp_cli import tiny, arch
 
 
@@ -87,3 +87,36 @@ def test_mask_set_counts_sparsity_from_the_packed_bits() -> None:
     masks = MaskSet({"w": keep})
     assert masks.total_sparsity() == 1 - 3 / 8
     assert masks.sparsity() == {"w": 1 - keep.float().mean().item()}
+
+
+def _pack_reference(mask: torch.Tensor) -> torch.Tensor:
+    """The previous packing (widening product and byte sum), for comparison."""
+    flat = mask.reshape(-1)
+    flat = torch.cat([flat, torch.zeros((-flat.numel()) % 8, dtype=torch.bool)])
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+    return (flat.view(-1, 8).to(torch.uint8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("numel", [0, 1, 7, 8, 9, 64, 1001, 4096])
+def test_word_packing_gives_the_bytes_of_the_bytewise_packing(numel: int) -> None:
+    # pack_bits gathers 8 bools per int64 multiplication: every byte value, every padding
+    # length, and views at odd offsets and strides give the bytes of the plain formula
+    mask = torch.rand(numel + 3, generator=torch.Generator().manual_seed(numel)) < 0.5
+    if numel >= 2048:
+        mask[:2048] = torch.arange(256).reshape(-1, 1).bitwise_and(torch.tensor([128, 64, 32, 16, 8, 4, 2, 1])).ne(0).reshape(-1)
+    for view in (mask[:numel], mask[3:], mask[: 2 * (numel // 2)].reshape(-1, 2)[:, 1] if numel else mask[:0]):
+        packed = pack_bits(view)
+        assert torch.equal(packed, _pack_reference(view.contiguous()))
+        assert torch.equal(unpack_bits(packed, view.shape), view)
+        assert torch.equal(invert_packed(packed, view.numel()), pack_bits(~view))  # padding bits stay zero
+
+
+@pytest.mark.parametrize("numel", [1, 3, 1000, 4097, 70001])
+def test_kept_fraction_is_the_float_mean_of_the_mask(numel: int) -> None:
+    # the manifests' sparsities come from the packed bits now: the same float as before
+    from perp_cli.mask import PackedMasks
+
+    for p in (0.0, 0.1, 0.5, 0.77, 1.0):
+        keep = torch.rand(numel, generator=torch.Generator().manual_seed(numel)) < p
+        masks = PackedMasks({"w": keep.reshape(1, -1)})
+        assert masks.kept_fraction("w") == keep.float().mean().item()

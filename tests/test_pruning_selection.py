@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from perp_cli.pruning import selection
 from perp_cli.pruning.selection import global_prune_masks, kth_smallest, nm_prune_mask, prune_count, prune_mask
 
 
@@ -109,3 +110,25 @@ def test_nm_groups_with_surplus_ties_take_the_lowest_positions_first() -> None:
     order = torch.sort(scores.reshape(2, 2, 4), dim=-1, stable=True).indices[..., :2]
     expected = torch.zeros(2, 2, 4, dtype=torch.bool).scatter_(-1, order, True).reshape(2, 8)
     assert torch.equal(pruned, expected)
+
+
+def test_kth_smallest_in_row_slices_is_kthvalue(monkeypatch: pytest.MonkeyPatch) -> None:
+    # rows are selected a slice at a time (bounded temporaries), on the CPU by NumPy's
+    # partition and elsewhere by topk (its path is run here on a float16 copy): the values of kthvalue
+    monkeypatch.setattr(selection, "_TOPK_CHUNK_BYTES", 12 * 40)  # a few rows per slice
+
+    def same(got: torch.Tensor, expected: torch.Tensor) -> None:  # exact values, NaN where kthvalue gives NaN
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    scores = torch.rand(37, 64, generator=torch.Generator().manual_seed(3))
+    scores[0, :3] = torch.tensor([float("-inf"), float("nan"), 0.0])
+    scores[1] = 0.5  # one value only
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        s = scores.to(dtype)
+        if dtype == torch.float16:  # the topk path takes a NaN's max (NaN) past the middle; NumPy's counts it largest, as kthvalue
+            s[0, 1] = 0.25
+        for k in (1, 5, 32, 33, 63, 64):
+            same(kth_smallest(s, k), torch.kthvalue(s, k, dim=-1, keepdim=True).values)
+        nm = s.reshape(37, 16, 4)
+        same(kth_smallest(nm, 2), torch.kthvalue(nm, 2, dim=-1, keepdim=True).values)
+        one = s[2:3]
+        assert torch.equal(kth_smallest(one, 20), torch.kthvalue(one, 20, dim=-1, keepdim=True).values)

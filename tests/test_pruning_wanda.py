@@ -86,3 +86,41 @@ def test_masks_equal_the_reference_score_on_the_same_activations(family: str) ->
     for name, keep in masks.masks.items():
         p = dict(pruned.named_parameters())[name]
         assert int((p[~keep] != 0).sum()) == 0
+
+
+def test_scores_leave_the_weight_untouched() -> None:
+    # the product is taken in place in |W|'s copy, never in the weight (float32 and bfloat16)
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = torch.randn(6, 5, generator=torch.Generator().manual_seed(0)).to(dtype)
+        before = weight.clone()
+        norms = torch.rand(5, generator=torch.Generator().manual_seed(1))
+        scores = wanda_scores(weight, norms)
+        assert torch.equal(weight, before)
+        assert scores.dtype == torch.float32
+        assert torch.equal(scores, weight.abs().float() * norms.reshape(1, -1))
+
+
+def test_in_memory_prune_keeps_one_copy_of_the_activations_and_zeroes_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the in-memory step propagates in place (never a second activation store), and the
+    # final mask application skips the matrices `commit` already zeroed: same masks and weights
+    from perp_cli import engine, mask
+
+    model = tiny.build_model("opt")
+    tokens = torch.randint(4, tiny.VOCAB, (4, 32), generator=torch.Generator().manual_seed(1))
+    expected_model = copy.deepcopy(model)
+    expected, _, _ = prune(Checkpoint(expected_model, None, None, {}, "x"), PruneConfig("wanda", sparsity=0.5, batch_size=3), tokens=tokens)
+
+    def no_copy(self: engine.BlockInputs, module: nn.Module) -> engine.BlockInputs:
+        raise AssertionError("propagate allocated a second activation store")
+
+    applied: list[str] = []
+    real_apply = mask.apply
+    monkeypatch.setattr(engine.BlockInputs, "propagate", no_copy)
+    monkeypatch.setattr(mask, "apply", lambda model, masks: (applied.extend(masks.names()), real_apply(model, masks)))
+    masks, _, _ = prune(Checkpoint(model, None, None, {}, "x"), PruneConfig("wanda", sparsity=0.5, batch_size=3), tokens=tokens)
+    assert applied == []
+    assert masks.names() == expected.names()
+    for name in masks.names():
+        assert torch.equal(masks.masks.packed(name), expected.masks.packed(name))
+    for (name, p), q in zip(model.named_parameters(), expected_model.parameters()):
+        assert torch.equal(p.view(torch.int32), q.view(torch.int32)), name

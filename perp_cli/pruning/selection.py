@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 _EPS = 1e-9
+_TOPK_CHUNK_BYTES = 32 << 20
 
 
 def prune_count(n: int, sparsity: float) -> int:
@@ -68,16 +70,32 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
 def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th smallest value along the last dim (keepdim), 1 <= k <= n.
 
-    The same value as `torch.kthvalue`. For many rows (Wanda's per-row masks) it is
-    found as the largest of the k smallest (or the smallest of the n−k+1 largest, fewer
-    when k > n/2): on CPU `topk` is ~30% faster than `kthvalue` there; for one long row
-    (`matrix` scope) `kthvalue` is faster and is kept."""
+    The same value as `torch.kthvalue` (an element of the row, NaN counted as largest).
+    On the CPU it comes from NumPy's `partition` (a SIMD selection on the values alone,
+    5-10x faster than `torch.topk`/`kthvalue`, which carry an index with every value);
+    elsewhere from `topk` (the largest of the k smallest, or the smallest of the n−k+1
+    largest), or `kthvalue` for one long row. Rows are independent, so they are taken a
+    slice at a time: the temporaries stay under `_TOPK_CHUNK_BYTES`, not matrix-sized."""
     n = scores.shape[-1]
-    if scores.numel() == n:
+    flat = scores.detach().reshape(-1, n)
+    out = torch.empty(flat.shape[0], 1, dtype=scores.dtype, device=scores.device)
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        values = flat.numpy()
+        step = max(1, _TOPK_CHUNK_BYTES // (values.itemsize * n))  # np.partition copies its slice
+        for i in range(0, flat.shape[0], step):
+            out[i : i + step, 0] = torch.from_numpy(np.partition(values[i : i + step], k - 1, axis=1)[:, k - 1])
+        return out.reshape(*scores.shape[:-1], 1)
+    if flat.shape[0] == 1:
         return torch.kthvalue(scores, k, dim=-1, keepdim=True).values
-    if k <= n // 2:
-        return torch.topk(scores, k, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
-    return torch.topk(scores, n - k + 1, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+    taken = min(k, n - k + 1)
+    step = max(1, _TOPK_CHUNK_BYTES // (12 * taken))  # topk's values and int64 indices
+    for i in range(0, flat.shape[0], step):
+        rows = flat[i : i + step]
+        if k <= n // 2:
+            out[i : i + step] = torch.topk(rows, k, dim=-1, largest=False, sorted=False).values.amax(dim=-1, keepdim=True)
+        else:
+            out[i : i + step] = torch.topk(rows, n - k + 1, dim=-1, largest=True, sorted=False).values.amin(dim=-1, keepdim=True)
+    return out.reshape(*scores.shape[:-1], 1)
 
 
 def prune_mask(

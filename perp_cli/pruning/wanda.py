@@ -17,5 +17,9 @@ import torch
 
 
 def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tensor:
-    """|W| · ‖X‖₂ broadcast over rows, float32 `[out, in]`."""
-    return weight.detach().abs().float() * input_norms.to(weight.device).float().reshape(1, -1)
+    """|W| · ‖X‖₂ broadcast over rows, float32 `[out, in]` (one matrix-sized allocation:
+    the product is taken in place in |W|'s float32 copy)."""
+    scores = weight.detach().abs().float()
+    if scores.data_ptr() == weight.data_ptr():  # never write into the weight (0-d or aliasing corner cases)
+        scores = scores.clone()
+    return scores.mul_(input_norms.to(weight.device).float().reshape(1, -1))
