@@ -162,6 +162,22 @@ def magnitude_masks(model, sparsity: float = 0.5, apply: bool = True):
     return ms
 
 
+def trained_adapters(model, kind: str, masks=None, rank: int = 4, alpha: int = 8, seed: int = 5) -> dict:
+    """Attach `kind` adapters to `model` and give their factors random nonzero values, as if
+    trained (a fresh LoRA's B is zero, so its merge would change nothing)."""
+    import torch
+
+    from perp_cli import adapters
+
+    ads = adapters.attach(model, kind, rank=rank, alpha=alpha, masks=masks)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for a in ads.values():
+            a.lora_A.add_(0.1 * torch.randn(a.lora_A.shape, generator=gen))
+            a.lora_B.add_(0.1 * torch.randn(a.lora_B.shape, generator=gen))
+    return ads
+
+
 def tree_digest(path: Path, mtimes: bool = False) -> dict:
     """Every file under `path` (or `path` itself, if a file) by relative name: its sha256,
     with its mtime too if `mtimes` ('byte-identical and untouched'); a symlink is

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import magnitude_masks, random_tokens
-from perp_cli import adapters, arch, mask, merging, tiny
+from conftest import magnitude_masks, random_tokens, trained_adapters
+from perp_cli import adapters, arch, merging, tiny
 from perp_cli.checkpoint import mask_problems
 from perp_cli.errors import NumericalError, UsageError
 from perp_cli.merging import merge_attached, merge_checkpoint, merge_matrix, probe_batch
@@ -18,13 +18,7 @@ def trained(family: str, kind: str, masks_too: bool = True):
     """A pruned tiny model with adapters whose factors look trained (random, nonzero)."""
     model = tiny.build_model(family)
     masks = magnitude_masks(model, 0.6)
-    ads = adapters.attach(model, kind, rank=4, alpha=8, masks=masks)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for a in ads.values():
-            a.lora_A.add_(0.1 * torch.randn(a.lora_A.shape, generator=gen))
-            a.lora_B.add_(0.1 * torch.randn(a.lora_B.shape, generator=gen))
-    return model, masks, ads
+    return model, masks, trained_adapters(model, kind, masks)
 
 
 CASES = [(f, k) for f in ("opt", "gpt2", "mixtral") for k in ("masklora", "scalelora", "lora-prune")] + [("llama", "masklora")]

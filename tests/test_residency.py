@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_same_tensors, read_weights, run_cli, save_tiny, shared_path
+from conftest import assert_same_tensors, magnitude_masks, read_weights, run_cli, save_tiny, shared_path, trained_adapters
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from perp_cli import adapters, arch, checkpoint, engine, mask, merging, pruner, reconstruction, shards, streaming, tiny
+from perp_cli import adapters, arch, checkpoint, engine, merging, pruner, reconstruction, shards, streaming, tiny
 from perp_cli.manifest import StepRecord, empty_manifest
-from perp_cli.mask import MaskSet
 from perp_cli.pruner import PruneConfig
 from perp_cli.reconstruction import ReconstructConfig
 from perp_cli.shards import ShardWriter
@@ -682,32 +681,12 @@ def test_real_checkpoint_reconstructs_bit_identically_streamed(tmp_path: Path) -
 # ----------------------------------------------------------------------------- merge
 
 
-def _masks(model: torch.nn.Module, sparsity: float = 0.6) -> MaskSet:
-    """Magnitude masks per matrix (per expert slice for fused experts), applied."""
-    masks: dict[str, torch.Tensor] = {}
-    for m in arch.matrices(model):
-        w = m.weight()
-        keep = w.abs() > w.abs().flatten().kthvalue(int(w.numel() * sparsity)).values
-        if m.expert is None:
-            masks[m.name] = m.to_param_layout(keep).contiguous()
-        else:
-            masks.setdefault(m.name, torch.ones(m.parameter.shape, dtype=torch.bool))[m.expert] = keep
-    ms = MaskSet(masks)
-    mask.apply(model, ms)
-    return ms
-
-
 def adapted(path: Path, family: str, kind: str, shard: str = "60KB", pruned: bool = True) -> Path:
     """A (pruned) tiny checkpoint with `kind` adapters whose factors look trained, written
     by `checkpoint.save` as `perp retrain` writes it (sharded at `shard`)."""
     model = tiny.build_model(family)
-    masks = _masks(model) if pruned else None
-    ads = adapters.attach(model, kind, rank=4, alpha=8, masks=masks)
-    gen = torch.Generator().manual_seed(5)
-    with torch.no_grad():
-        for a in ads.values():
-            a.lora_A.add_(0.1 * torch.randn(a.lora_A.shape, generator=gen))
-            a.lora_B.add_(0.1 * torch.randn(a.lora_B.shape, generator=gen))
+    masks = magnitude_masks(model, 0.6) if pruned else None
+    ads = trained_adapters(model, kind, masks)
     adapters.detach(model)
     checkpoint.save(path, model, tiny.build_tokenizer(), masks, manifest_in=empty_manifest(f"tiny-{family}"),
                     step=StepRecord("retrain", {"adapter": kind}, f"tiny-{family}"), adapters=adapters.state_dict(ads),
