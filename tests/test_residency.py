@@ -57,11 +57,12 @@ def _command(command: str, tmp_path: Path) -> tuple[Path, list[str]]:
     return adapted(tmp_path / "in", "llama", "masklora"), []
 
 
-@pytest.mark.parametrize("residency", list(RESIDENCIES))
-@pytest.mark.parametrize("command", ["prune", "reconstruct", "merge"])
+# a merge runs no activations: only its streamed residency differs from in memory
+CASES = [(c, r) for c in ("prune", "reconstruct", "merge") for r in RESIDENCIES if c != "merge" or "activations" not in r]
+
+
+@pytest.mark.parametrize(("command", "residency"), CASES)
 def test_every_command_writes_the_same_output_in_every_residency(command: str, residency: str, tmp_path: Path) -> None:
-    if command == "merge" and "activations" in residency:
-        pytest.skip("a merge runs no activations")
     src, args = _command(command, tmp_path)
     reference, other = tmp_path / "memory", tmp_path / residency
     a = run_cli(command, src, "-o", reference, *args, "--streaming", "off", "-q")
