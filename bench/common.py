@@ -115,6 +115,18 @@ class Quality:
     def evaluation(self) -> str:
         return f"eval WikiText-2 test, first {self.args.windows} windows of {self.args.eval_seqlen}"
 
+    def pruned(self, config: Any) -> tuple[Any, dict[str, Any], float]:
+        """A copy of the dense checkpoint pruned by `config` (a `PruneConfig`) on the shared
+        windows, with its masks set; returns it, the prune's results and its seconds."""
+        import copy
+
+        from perp_cli.pruner import prune
+
+        ckpt = copy.deepcopy(self.base)
+        start = time.time()
+        ckpt.masks, results, _ = prune(ckpt, config, tokens=self.tokens)
+        return ckpt, results, time.time() - start
+
 
 def quality_setup(args: argparse.Namespace) -> Quality:
     """Load `--model`, sample the calibration windows as the references do, and tokenize

@@ -11,9 +11,7 @@ non-overlapping windows of `--eval-seqlen` tokens (`perp_cli.perplexity`).
 
 from __future__ import annotations
 
-import copy
 import sys
-import time
 
 from common import quality_parser, quality_setup
 
@@ -24,7 +22,7 @@ def main() -> None:
     parser.add_argument("--settings", default="0.5,0.7,2:4", help="sparsities and/or N:M patterns")
     args = parser.parse_args()
     q = quality_setup(args)
-    from perp_cli.pruner import PruneConfig, prune
+    from perp_cli.pruner import PruneConfig
 
     print(f"{q.calibration()}; {q.evaluation()}", file=sys.stderr)
     rows = [("dense", "-", q.ppl(q.base.model), 0.0)]
@@ -32,10 +30,7 @@ def main() -> None:
         pattern = setting if ":" in setting else "unstructured"
         sparsity = None if ":" in setting else float(setting)
         for method in args.methods.split(","):
-            ckpt = copy.deepcopy(q.base)
-            start = time.time()
-            prune(ckpt, PruneConfig(method, sparsity=sparsity, pattern=pattern, seqlen=args.seqlen), tokens=q.tokens)
-            seconds = time.time() - start
+            ckpt, _, seconds = q.pruned(PruneConfig(method, sparsity=sparsity, pattern=pattern, seqlen=args.seqlen))
             rows.append((method, setting, q.ppl(ckpt.model), seconds))
             print(f"  {method:10s} {setting:5s} ppl {rows[-1][2]:9.2f}  ({rows[-1][3]:.1f}s)", file=sys.stderr)
 

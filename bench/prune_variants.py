@@ -11,9 +11,7 @@ test windows (`perp_cli.perplexity`). Rows come in pairs: the baseline, then the
 
 from __future__ import annotations
 
-import copy
 import sys
-import time
 
 from common import quality_parser, quality_setup
 
@@ -44,7 +42,7 @@ def main() -> None:
     parser.add_argument("--rows", default="", help="comma-separated row labels (default: all)")
     args = parser.parse_args()
     q = quality_setup(args)
-    from perp_cli.pruner import PruneConfig, prune
+    from perp_cli.pruner import PruneConfig
 
     print(f"{q.calibration()}; {q.evaluation()}", file=sys.stderr)
     wanted = set(filter(None, args.rows.split(",")))
@@ -52,11 +50,7 @@ def main() -> None:
     for label, kwargs in ROWS:
         if wanted and label not in wanted:
             continue
-        ckpt = copy.deepcopy(q.base)
-        start = time.time()
-        config = PruneConfig(seqlen=args.seqlen, skip_indivisible=True, **kwargs)
-        _, results, _ = prune(ckpt, config, tokens=q.tokens)
-        seconds = time.time() - start
+        ckpt, results, seconds = q.pruned(PruneConfig(seqlen=args.seqlen, skip_indivisible=True, **kwargs))
         achieved = results["sparsity_achieved"]["pruned_tensors"]
         rows.append((label, q.ppl(ckpt.model), seconds, f"{achieved:.4f}"))
         print(f"  {label:34s} ppl {rows[-1][1]:9.2f}  sparsity {achieved:.4f} ({seconds:.1f}s)", file=sys.stderr)

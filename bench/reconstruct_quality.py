@@ -13,7 +13,6 @@ non-overlapping windows of `--eval-seqlen` tokens (`perp_cli.perplexity`).
 
 from __future__ import annotations
 
-import copy
 import sys
 import time
 
@@ -32,7 +31,7 @@ def main() -> None:
     parser.add_argument("--target", default="dense")
     args = parser.parse_args()
     q = quality_setup(args)
-    from perp_cli.pruner import PruneConfig, prune
+    from perp_cli.pruner import PruneConfig
     from perp_cli.reconstruction import ReconstructConfig, reconstruct
 
     rec_kw = {"steps_per_block": args.steps, "batch_size": args.batch_size, "train": args.train, "adapter": args.adapter, "target": args.target}
@@ -51,8 +50,7 @@ def main() -> None:
         sparsity = None if ":" in setting else float(setting)
         row = {"setting": setting}
         for method in args.methods.split(","):
-            ckpt = copy.deepcopy(q.base)
-            ckpt.masks, _, _ = prune(ckpt, PruneConfig(method, sparsity=sparsity, pattern=pattern, seqlen=args.seqlen), tokens=q.tokens)
+            ckpt, _, _ = q.pruned(PruneConfig(method, sparsity=sparsity, pattern=pattern, seqlen=args.seqlen))
             row[method] = q.ppl(ckpt.model)
             start = time.time()
             outcome = reconstruct(ckpt, q.base.model, q.tokens, rec_cfg)
