@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -347,12 +347,6 @@ def merge_lm_head(model: nn.Module, adapter: Adapter) -> bool:
 # ----------------------------------------------------------------------------- wiring
 
 
-def _slot_view(matrix: arch.Matrix, param: torch.Tensor) -> torch.Tensor:
-    """`param`'s `[out, in]` view for this matrix, keeping autograd (unlike `Matrix.weight`)."""
-    w = param if matrix.expert is None else param[matrix.expert]
-    return w.t() if matrix.transposed else w
-
-
 class _Adapted:
     """One owner module's wrapped forward, with the adapters of its matrices.
 
@@ -453,15 +447,13 @@ def _effective(param: torch.Tensor, entries: list[tuple[arch.Matrix, Adapter]], 
     """The effective parameter, in the parameter's own layout (3-D for fused experts)."""
     if entries[0][0].expert is None:
         (matrix, adapter), = entries
-        eff = adapter.effective_weight(_slot_view(matrix, param), training)
-        return (eff.t() if matrix.transposed else eff).contiguous()
+        return matrix.to_param_layout(adapter.effective_weight(matrix.out_in(param), training)).contiguous()
     by_expert = {m.expert: (m, a) for m, a in entries}
     slices = []
     for e in range(param.shape[0]):
         if e in by_expert:
             m, a = by_expert[e]
-            eff = a.effective_weight(_slot_view(m, param), training)
-            slices.append(eff.t() if m.transposed else eff)
+            slices.append(m.to_param_layout(a.effective_weight(m.out_in(param), training)))
         else:
             slices.append(param[e])
     return torch.stack(slices)
@@ -471,10 +463,7 @@ def matrix_mask(matrix: arch.Matrix, masks: MaskSet | None) -> torch.Tensor | No
     """The `[out, in]` keep-mask of one matrix (a view of the stored mask), or None."""
     if masks is None or matrix.name not in masks:
         return None
-    keep = masks[matrix.name]
-    if matrix.expert is not None:
-        keep = keep[matrix.expert]
-    return keep.t() if matrix.transposed else keep
+    return matrix.out_in(masks[matrix.name])
 
 
 def match_targets(model: nn.Module, targets: str | None, block: int | None = None) -> list[arch.Matrix]:
@@ -501,20 +490,8 @@ def match_targets(model: nn.Module, targets: str | None, block: int | None = Non
     return chosen
 
 
-def attached(model: nn.Module) -> dict[str, Adapter]:
-    """The adapters currently attached to `model`, by matrix key."""
-    out: dict[str, Adapter] = {}
-    seen: set[int] = set()
-    for m in arch.matrices(model):
-        hook = m.owner.__dict__.get(_HOOK_ATTR)
-        if hook is not None and id(hook) not in seen:
-            seen.add(id(hook))
-            out.update({mm.key: a for mm, a in hook.entries})
-    return out
-
-
 def attached_matrices(model: nn.Module) -> dict[str, tuple[arch.Matrix, Adapter]]:
-    """Like `attached`, with each adapter's matrix (what `merge` needs)."""
+    """The adapters currently attached to `model`, with their matrices, by matrix key."""
     out: dict[str, tuple[arch.Matrix, Adapter]] = {}
     seen: set[int] = set()
     for m in arch.matrices(model):
@@ -523,6 +500,20 @@ def attached_matrices(model: nn.Module) -> dict[str, tuple[arch.Matrix, Adapter]
             seen.add(id(hook))
             out.update({mm.key: (mm, a) for mm, a in hook.entries})
     return out
+
+
+def attached(model: nn.Module) -> dict[str, Adapter]:
+    """The adapters currently attached to `model`, by matrix key."""
+    return {key: a for key, (_, a) in attached_matrices(model).items()}
+
+
+def _wire(pairs: list[tuple[arch.Matrix, Adapter]]) -> None:
+    """Wrap the forward of each adapted matrix's owner (once per owner) to apply its adapters."""
+    hooks: dict[int, _Adapted] = {}
+    for m, adapter in pairs:
+        if id(m.owner) not in hooks:
+            hooks[id(m.owner)] = _Adapted(m.owner)
+        hooks[id(m.owner)].entries.append((m, adapter))
 
 
 def attach(
@@ -545,15 +536,10 @@ def attach(
         raise UsageError(f"--adapter {kind} restricts the update to the pruning mask, but the input has no masks.safetensors (use scalelora or lora for a dense model)")
     if attached(model):
         raise UsageError("the model already has adapters attached; merge or detach them first")
-    hooks: dict[int, _Adapted] = {}
-    out: dict[str, Adapter] = {}
-    for m in match_targets(model, targets, block):
-        out_f, in_f = m.shape
-        adapter = Adapter(kind, out_f, in_f, rank, alpha, mask=matrix_mask(m, masks), device=m.parameter.device)
-        hook = hooks.get(id(m.owner)) or hooks.setdefault(id(m.owner), _Adapted(m.owner))
-        hook.entries.append((m, adapter))
-        out[m.key] = adapter
-    return out
+    pairs = [(m, Adapter(kind, *m.shape, rank, alpha, mask=matrix_mask(m, masks), device=m.parameter.device))
+             for m in match_targets(model, targets, block)]
+    _wire(pairs)
+    return {m.key: adapter for m, adapter in pairs}
 
 
 def detach(model: nn.Module) -> dict[str, Adapter]:
@@ -591,6 +577,44 @@ def config(adapters: dict[str, Adapter], targets: str | None) -> dict[str, Any]:
     }
 
 
+def saved_matrices(
+    model: nn.Module, cfg: dict[str, Any], shape_of: Callable[[str], tuple[int, ...] | None], has_masks: bool
+) -> tuple[str, int, float, dict[str, arch.Matrix]]:
+    """Check a saved `adapters.json` and the shapes of its tensors (`shape_of(name)`, None
+    when absent) against `model` before any adapter is built; returns the kind, rank,
+    alpha and the adapted matrices by key."""
+    if not isinstance(cfg, dict) or "type" not in cfg or "matrices" not in cfg:
+        raise CheckpointError("adapters.json lacks 'type' or 'matrices'; it was not written by perp retrain")
+    if int(cfg.get("format", 1)) > CONFIG_FORMAT:
+        raise CheckpointError(f"adapters.json has format {cfg.get('format')}; this perp reads up to {CONFIG_FORMAT}")
+    kind = canonical_kind(str(cfg["type"]))
+    if VARIANTS[kind].needs_mask and not has_masks:
+        raise CheckpointError(f"the checkpoint has {kind} adapters but no masks.safetensors to restrict them")
+    rank, alpha = int(cfg["rank"]), float(cfg["alpha"])
+    by_key = {m.key: m for m in arch.matrices(model)}
+    chosen: dict[str, arch.Matrix] = {}
+    for key in cfg["matrices"]:
+        m = by_key.get(key)
+        if m is None:
+            raise CheckpointError(f"adapters.json names {key}, which is not a prunable matrix of this model")
+        out_f, in_f = m.shape
+        if shape_of(f"{key}.lora_A") != (rank, in_f) or shape_of(f"{key}.lora_B") != (out_f, rank):
+            raise CheckpointError(f"adapters.safetensors lacks {key}.lora_A/B of shapes {(rank, in_f)} / {(out_f, rank)}")
+        chosen[key] = m
+    return kind, rank, alpha, chosen
+
+
+def saved_adapter(
+    kind: str, m: arch.Matrix, rank: int, alpha: float, masks: MaskSet | None, tensors: dict[str, torch.Tensor]
+) -> Adapter:
+    """Matrix `m`'s adapter rebuilt from its saved `{key}.lora_A/B` in `tensors`."""
+    adapter = Adapter(kind, *m.shape, rank, alpha, mask=matrix_mask(m, masks), device=m.parameter.device)
+    with torch.no_grad():
+        adapter.lora_A.copy_(tensors[f"{m.key}.lora_A"])
+        adapter.lora_B.copy_(tensors[f"{m.key}.lora_B"])
+    return adapter
+
+
 def attach_saved(
     model: nn.Module,
     tensors: dict[str, torch.Tensor],
@@ -598,35 +622,16 @@ def attach_saved(
     masks: MaskSet | None,
 ) -> dict[str, Adapter]:
     """Re-attach adapters written by `state_dict` + `config`, checking they fit the model."""
-    if not isinstance(cfg, dict) or "type" not in cfg or "matrices" not in cfg:
-        raise CheckpointError("adapters.json lacks 'type' or 'matrices'; it was not written by perp retrain")
-    if int(cfg.get("format", 1)) > CONFIG_FORMAT:
-        raise CheckpointError(f"adapters.json has format {cfg.get('format')}; this perp reads up to {CONFIG_FORMAT}")
-    kind = canonical_kind(str(cfg["type"]))
-    if VARIANTS[kind].needs_mask and masks is None:
-        raise CheckpointError(f"the checkpoint has {kind} adapters but no masks.safetensors to restrict them")
-    by_key = {m.key: m for m in arch.matrices(model)}
-    rank, alpha = int(cfg["rank"]), float(cfg["alpha"])
     if attached(model):
         raise UsageError("the model already has adapters attached")
-    hooks: dict[int, _Adapted] = {}
-    out: dict[str, Adapter] = {}
-    for key in cfg["matrices"]:
-        m = by_key.get(key)
-        if m is None:
-            raise CheckpointError(f"adapters.json names {key}, which is not a prunable matrix of this model")
-        a_t, b_t = tensors.get(f"{key}.lora_A"), tensors.get(f"{key}.lora_B")
-        out_f, in_f = m.shape
-        if a_t is None or b_t is None or tuple(a_t.shape) != (rank, in_f) or tuple(b_t.shape) != (out_f, rank):
-            raise CheckpointError(f"adapters.safetensors lacks {key}.lora_A/B of shapes {(rank, in_f)} / {(out_f, rank)}")
-        adapter = Adapter(kind, out_f, in_f, rank, alpha, mask=matrix_mask(m, masks), device=m.parameter.device)
-        with torch.no_grad():
-            adapter.lora_A.copy_(a_t)
-            adapter.lora_B.copy_(b_t)
-        hook = hooks.get(id(m.owner)) or hooks.setdefault(id(m.owner), _Adapted(m.owner))
-        hook.entries.append((m, adapter))
-        out[key] = adapter
-    return out
+
+    def shape_of(name: str) -> tuple[int, ...] | None:
+        return tuple(tensors[name].shape) if name in tensors else None
+
+    kind, rank, alpha, chosen = saved_matrices(model, cfg, shape_of, masks is not None)
+    pairs = [(m, saved_adapter(kind, m, rank, alpha, masks, tensors)) for m in chosen.values()]
+    _wire(pairs)
+    return {m.key: adapter for m, adapter in pairs}
 
 
 def attach_from_checkpoint(ckpt: Any) -> dict[str, Adapter]:

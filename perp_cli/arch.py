@@ -132,7 +132,8 @@ class Matrix:
 # ----------------------------------------------------------------------------- discovery
 
 
-def _text_config(model: nn.Module) -> object:
+def text_config(model: nn.Module) -> object:
+    """The config of the decoder (a multimodal model's text config)."""
     config = getattr(model, "config", None)
     get = getattr(config, "get_text_config", None)
     return get() if callable(get) else config
@@ -140,7 +141,7 @@ def _text_config(model: nn.Module) -> object:
 
 def expert_count(model: nn.Module) -> int | None:
     """The number of routed experts the config declares, or None for a dense model."""
-    config = _text_config(model)
+    config = text_config(model)
     for key in EXPERT_COUNT_KEYS:
         value = getattr(config, key, None)
         if isinstance(value, int) and value > 1:
@@ -149,7 +150,7 @@ def expert_count(model: nn.Module) -> int | None:
 
 
 def hidden_size(model: nn.Module) -> int | None:
-    value = getattr(_text_config(model), "hidden_size", None)
+    value = getattr(text_config(model), "hidden_size", None)
     return value if isinstance(value, int) else None
 
 
@@ -170,7 +171,8 @@ def _is_norm(module: nn.Module) -> bool:
     return norm_like and any(True for _ in module.parameters(recurse=False)) and not any(True for _ in module.children())
 
 
-def _under(path: str, prefix: str) -> bool:
+def under(path: str, prefix: str) -> bool:
+    """Whether dotted `path` is `prefix` or inside it."""
     return path == prefix or path.startswith(prefix + ".")
 
 
@@ -186,7 +188,7 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
         decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
         decoder_path = next((p for p, m in model.named_modules() if m is decoder), None) if decoder is not None else None
         if decoder_path:  # a multimodal model: prefer the language model's lists
-            uniform = [(p, m) for p, m in uniform if _under(p, decoder_path)] or uniform
+            uniform = [(p, m) for p, m in uniform if under(p, decoder_path)] or uniform
         if uniform:
             longest = max(len(m) for _, m in uniform)
             candidates = [(p, m) for p, m in uniform if len(m) == longest]
@@ -195,7 +197,7 @@ def _find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if decoder is not None:  # a multimodal model: the language model's blocks, not the vision tower's
         decoder_path = next((p for p, m in model.named_modules() if m is decoder), None)
         if decoder_path is not None:
-            candidates = [(p, m) for p, m in candidates if _under(p, decoder_path) or not decoder_path] or candidates
+            candidates = [(p, m) for p, m in candidates if under(p, decoder_path) or not decoder_path] or candidates
     if len(candidates) != 1:
         found = "none" if not candidates else ", ".join(p for p, _ in candidates)
         raise ArchitectureError(f"cannot find the decoder blocks of {type(model).__name__} (model_type={model_type!r}): looked for {how}; found {found}")
@@ -303,10 +305,10 @@ def discover(model: nn.Module) -> ArchSpec:
             f"{type(model).__name__} has no prunable matrix in its blocks {blocks_path}: looked for nn.Linear, "
             "GPT-2 Conv1D and 3-D fused expert weights"
         )
-    outside = [(p, m) for p, m in model.named_modules() if p and not _under(p, blocks_path)]
+    outside = [(p, m) for p, m in model.named_modules() if p and not under(p, blocks_path)]
     embeddings = tuple(p for p, m in outside if isinstance(m, nn.Embedding))
     base = blocks_path.rpartition(".")[0]  # the base model that runs the blocks also runs the final norm
-    outside_norms = [p for p, m in outside if _is_norm(m) and (not base or _under(p, base))]
+    outside_norms = [p for p, m in outside if _is_norm(m) and (not base or under(p, base))]
     for p, m in outside:
         if isinstance(m, nn.Embedding):
             excluded.setdefault(f"{p}.weight", "embedding")

@@ -95,19 +95,6 @@ class StopBlock(Exception):
     decoder block, its last matrix, whose output no statistic reads)."""
 
 
-def _to(value: Any, device: torch.device) -> Any:
-    """Move tensors (also inside tuples/lists/dicts) to `device`."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    if isinstance(value, list):
-        return [_to(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
-
-
 def _hidden(output: Any) -> torch.Tensor:
     """A decoder layer's hidden states (transformers 5 returns a tensor, older a tuple)."""
     return output[0] if isinstance(output, (tuple, list)) else output
@@ -154,14 +141,6 @@ class BlockInputs:
 
     def __len__(self) -> int:
         return len(self.hidden)
-
-    @property
-    def num_windows(self) -> int:
-        return sum(self.hidden.shape(k)[0] for k in range(len(self.hidden)))
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.hidden.shape(k)[0] * self.hidden.shape(k)[1] for k in range(len(self.hidden)))
 
     def tokens_in(self, k: int) -> int:
         """Tokens in micro-batch k."""
@@ -269,7 +248,7 @@ class Residency:
 def _outside_blocks_on(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Temporarily move every parameter and buffer outside the blocks to `device`
     (embeddings, rotary tables, final norm, lm_head), leaving the blocks on the host."""
-    prefix = arch.spec_for(model).blocks + "."
+    prefix = arch.block_prefix(model)
     moved: list[tuple[torch.Tensor, torch.device]] = []
     seen: set[int] = set()
     tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
@@ -507,6 +486,18 @@ def _broadcasts(one: dict[str, Any], many: dict[str, Any]) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def on_device(block: nn.Module, device: torch.device) -> Iterator[None]:
+    """`block` on `device` for the duration, then back where it was (the engine keeps one
+    block at a time on the device)."""
+    home = next(block.parameters()).device
+    block.to(device)
+    try:
+        yield
+    finally:
+        block.to(home)
+
+
 def run_blocks(
     model: nn.Module,
     inputs: BlockInputs | None,
@@ -535,12 +526,10 @@ def run_blocks(
         if residency is not None:
             status(f"block {index}: loading")
             residency.load(index, block)
-        home = next(block.parameters()).device
-        device = inputs.device if inputs is not None else home
+        device = inputs.device if inputs is not None else next(block.parameters()).device
         if inputs is not None:
             inputs = inputs.at(index)  # block i is called with its own arguments (its mask, its rotary table)
-        block.to(device)
-        try:
+        with on_device(block, device):
             status(f"block {index}")
             returned = step(BlockStep(index, block, inputs, device, status))
             if inputs is not None:
@@ -549,8 +538,6 @@ def run_blocks(
                     inputs = returned
                 else:
                     inputs = inputs.propagate_in_place(block) if in_place else inputs.propagate(block)
-        finally:
-            block.to(home)
         if residency is not None:
             status(f"block {index}: writing")
             residency.release(index, block)

@@ -251,31 +251,6 @@ def merge_checkpoint(ckpt: Any, allow_densify: bool = False, seed: int = PROBE_S
 # ----------------------------------------------------------------------------- streamed
 
 
-def _saved_matrices(model: nn.Module, cfg: Any, reader: Any, has_masks: bool) -> tuple[str, int, float, dict[str, arch.Matrix]]:
-    """Check a saved `adapters.json` + the header of `adapters.safetensors` against the
-    (skeleton) model, as `adapters.attach_saved` checks the loaded tensors, before any
-    work; returns the kind, rank, alpha and the adapted matrices by key."""
-    if not isinstance(cfg, dict) or "type" not in cfg or "matrices" not in cfg:
-        raise CheckpointError("adapters.json lacks 'type' or 'matrices'; it was not written by perp retrain")
-    if int(cfg.get("format", 1)) > adapters_mod.CONFIG_FORMAT:
-        raise CheckpointError(f"adapters.json has format {cfg.get('format')}; this perp reads up to {adapters_mod.CONFIG_FORMAT}")
-    kind = adapters_mod.canonical_kind(str(cfg["type"]))
-    if kind in adapters_mod.NEEDS_MASK and not has_masks:
-        raise CheckpointError(f"the checkpoint has {kind} adapters but no masks.safetensors to restrict them")
-    rank, alpha = int(cfg["rank"]), float(cfg["alpha"])
-    by_key = {m.key: m for m in arch.matrices(model)}
-    chosen: dict[str, arch.Matrix] = {}
-    for key in cfg["matrices"]:
-        m = by_key.get(key)
-        if m is None:
-            raise CheckpointError(f"adapters.json names {key}, which is not a prunable matrix of this model")
-        out_f, in_f = m.shape
-        if reader.shape(f"{key}.lora_A") != (rank, in_f) or reader.shape(f"{key}.lora_B") != (out_f, rank):
-            raise CheckpointError(f"adapters.safetensors lacks {key}.lora_A/B of shapes {(rank, in_f)} / {(out_f, rank)}")
-        chosen[key] = m
-    return kind, rank, alpha, chosen
-
-
 def _streamed_densifying_keys(kind: str, chosen: dict[str, arch.Matrix], mask_reader: Any) -> list[str]:
     """`densifying_keys` without the adapters in memory: one mask read at a time."""
     if not adapters_mod.VARIANTS[kind].densifies or mask_reader is None:
@@ -318,7 +293,7 @@ def merge_streamed(ckpt: Any, blocks: Any, allow_densify: bool = False, seed: in
     if ckpt.adapters_config is None or reader is None:
         raise UsageError(f"{ckpt.source} has no adapters.safetensors/adapters.json: nothing to merge")
     model = ckpt.model
-    kind, rank, alpha, chosen = _saved_matrices(model, ckpt.adapters_config, reader, ckpt.masks is not None)
+    kind, rank, alpha, chosen = adapters_mod.saved_matrices(model, ckpt.adapters_config, reader.shape, ckpt.masks is not None)
     if not chosen:
         raise UsageError("the model has no adapters to merge")
     dense_keys = _streamed_densifying_keys(kind, chosen, ckpt.mask_reader)
@@ -333,17 +308,7 @@ def merge_streamed(ckpt: Any, blocks: Any, allow_densify: bool = False, seed: in
         """Block `index`'s adapters, read and built as `merge_checkpoint` attaches them."""
         mine = [m for m in arch.block_matrices(model, index) if m.key in chosen]
         tensors = reader.read([f"{m.key}.lora_{ab}" for m in mine for ab in "AB"])
-        pairs = []
-        for m in mine:
-            out_f, in_f = m.shape
-            adapter = adapters_mod.Adapter(
-                kind, out_f, in_f, rank, alpha, mask=adapters_mod.matrix_mask(m, ckpt.masks), device=m.parameter.device
-            )
-            with torch.no_grad():
-                adapter.lora_A.copy_(tensors.pop(f"{m.key}.lora_A"))
-                adapter.lora_B.copy_(tensors.pop(f"{m.key}.lora_B"))
-            pairs.append((m, adapter))
-        return pairs
+        return [(m, adapters_mod.saved_adapter(kind, m, rank, alpha, ckpt.masks, tensors)) for m in mine]
 
     totals = merge_blocks(model, saved_adapters, bool(dense_keys), seed, residency=blocks, progress=progress)
     if totals["merged"] != len(chosen):

@@ -330,32 +330,18 @@ def _block_seed(seed: int, index: int) -> int:
 
 
 @contextlib.contextmanager
-def _adapter_owners_training(entries: dict[str, tuple[arch.Matrix, adapters_mod.Adapter]]) -> Iterator[None]:
-    """Training mode for the modules carrying adapters only (lora-prune is dense while
-    training); the rest of the block keeps eval mode, so no dropout noise."""
-    owners = {id(m.owner): m.owner for m, _ in entries.values()}
-    for owner in owners.values():
-        owner.train()
-    try:
-        yield
-    finally:
-        for owner in owners.values():
-            owner.eval()
-
-
-@contextlib.contextmanager
 def _training_mode(block: nn.Module, mode: str, entries: dict[str, tuple[arch.Matrix, adapters_mod.Adapter]]) -> Iterator[None]:
-    """The block's mode while it trains: `eval` (only adapter owners train) or `train`
-    (the whole block, dropout included, as PERP's reference `layer.train()`)."""
-    if mode == "eval":
-        with _adapter_owners_training(entries):
-            yield
-        return
-    block.train()
+    """The block's mode while it trains: `eval` trains only the modules carrying adapters
+    (lora-prune is dense while training; no dropout noise elsewhere), `train` the whole
+    block, dropout included, as PERP's reference `layer.train()`."""
+    modules = [block] if mode == "train" else list({id(m.owner): m.owner for m, _ in entries.values()}.values())
+    for module in modules:
+        module.train()
     try:
         yield
     finally:
-        block.eval()
+        for module in modules:
+            module.eval()
 
 
 def _mask_violations(model: nn.Module, masks: MaskSet, index: int) -> str | None:
@@ -382,6 +368,7 @@ class _Reconstructor:
         cfg: ReconstructConfig,
         dense_inputs: engine.BlockInputs | None,
         dense_blocks: engine.Residency | None = None,
+        teacher_calls: tuple[engine.BlockCall, ...] = (),
     ) -> None:
         self.model = model
         self.dense = dense
@@ -396,7 +383,7 @@ class _Reconstructor:
             self.adapter_keys.setdefault(m.block, []).append(m.key)
         self.reports: list[BlockReport] = []
         self.split: sublayers.Split | None = None  # block i's halves (--granularity sublayer), found at its step
-        self.teacher_calls: tuple[engine.BlockCall, ...] = ()  # the dense model's per-block arguments (a depth-shrunk model)
+        self.teacher_calls = teacher_calls  # the dense model's per-block arguments (a depth-shrunk model)
 
     def part_of(self, block: nn.Module, part: str) -> nn.Module:
         """The module fitted as `part` of `block` (pruned or dense): the block itself, or one of its halves."""
@@ -408,24 +395,15 @@ class _Reconstructor:
         (`cfg.teacher_blocks`, whole blocks only): they run in order."""
         indices = self.cfg.teacher_blocks[s.index] if self.cfg.teacher_blocks else [s.index]
         stream = inputs if self.dense_inputs is None else self.dense_inputs
-        for i in indices:
+        if self.teacher_calls:  # the shrunk stream through the dense blocks, with their own arguments
+            stream = replace(stream, calls=self.teacher_calls)
+        for i in indices:  # dense block i's own arguments (`at`), as the engine calls a block
             dense_block = arch.blocks(self.dense)[i]
-            home = next(dense_block.parameters()).device
-            dense_block.to(s.device)
-            try:
-                if self.dense_inputs is not None:  # the dense stream: dense block i's own arguments
-                    own = stream.at(i)
-                elif self.teacher_calls:  # the shrunk stream through the dense blocks block s.index stands for
-                    own = replace(stream, calls=self.teacher_calls).at(i)
-                else:
-                    own = stream
-                outputs = own.run(self.part_of(dense_block, part))
-            finally:
-                dense_block.to(home)
-            stream = stream.replaced(outputs)
+            with engine.on_device(dense_block, s.device):
+                stream = stream.at(i).propagate(self.part_of(dense_block, part))
         if self.dense_inputs is not None:
             self.dense_inputs = stream
-        return outputs
+        return stream.hidden
 
     def owns(self, s: engine.BlockStep, part: str, name: str) -> bool:
         """Whether parameter `name` (a model name) belongs to `part` of block `s.index`."""
@@ -518,8 +496,7 @@ class _Reconstructor:
         inputs = s.inputs
         for n, (part, module) in enumerate(parts):
             last = n + 1 == len(parts)
-            seed = _block_seed(self.cfg.seed, s.index) if n == 0 else _block_seed(self.cfg.seed + n, s.index)
-            outputs = self.fit(s, part, module, inputs, seed, keep_outputs=not last)
+            outputs = self.fit(s, part, module, inputs, _block_seed(self.cfg.seed + n, s.index), keep_outputs=not last)
             if last:  # None: the engine propagates through the block as it was put back
                 return None if outputs is None else inputs.replaced(outputs)
             inputs = inputs.replaced(outputs)
@@ -653,20 +630,18 @@ def reconstruct(
 
     # one store for the run: the dense stream, the inputs, targets and outputs share its device budget
     run_store = ActivationStore(cfg.placement(device))
-    dense_inputs = None
-    if cfg.target == "dense-stream":
+    dense_inputs, teacher_calls = None, ()
+    if cfg.target == "dense-stream" or cfg.teacher_blocks:
         with dense_blocks.outside() if dense_blocks is not None else contextlib.nullcontext():
-            dense_inputs = engine.capture_inputs(dense_model, tokens, device=device, batch_size=cfg.batch_size, offload=run_store)
-    teacher_calls: tuple[engine.BlockCall, ...] = ()
-    if dense_inputs is None and cfg.teacher_blocks:  # a shrunk block's dense blocks may take other masks (sliding/full)
-        with dense_blocks.outside() if dense_blocks is not None else contextlib.nullcontext():
-            teacher_calls = engine.capture_calls(dense_model, tokens, device=device, batch_size=cfg.batch_size)
+            if cfg.target == "dense-stream":
+                dense_inputs = engine.capture_inputs(dense_model, tokens, device=device, batch_size=cfg.batch_size, offload=run_store)
+            else:  # a shrunk block's dense blocks may take other masks (sliding/full)
+                teacher_calls = engine.capture_calls(dense_model, tokens, device=device, batch_size=cfg.batch_size)
     if block_pruner is not None:
         old = pruned_ckpt.masks.masks.select(list(pruned_ckpt.masks.masks)) if pruned_ckpt.masks is not None else {}  # a copy, still packed
         worker: _Reconstructor = _Interleaved(model, MaskSet(old, block_pruner.p.pattern), cfg, block_pruner)
     else:
-        worker = _Reconstructor(model, dense_model, pruned_ckpt.masks, cfg, dense_inputs, dense_blocks)
-    worker.teacher_calls = teacher_calls
+        worker = _Reconstructor(model, dense_model, pruned_ckpt.masks, cfg, dense_inputs, dense_blocks, teacher_calls)
     with make_progress(cfg.quiet) as progress:
         engine.calibrate(
             model, tokens, worker.step, device=device, batch_size=cfg.batch_size, offload=run_store,

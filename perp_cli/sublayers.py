@@ -178,7 +178,7 @@ def _owned_parameters(block: nn.Module, s: Split, call: Callable[[nn.Module, tor
             p.requires_grad_(True)
         for name, half in s.halves(block):
             branches = (s.attention,) if name == "attention" else (s.first_mlp, s.mlp)
-            mine = {n for n in params if any(_under(n, b) for b in branches)}
+            mine = {n for n in params if any(arch.under(n, b) for b in branches)}
             with torch.enable_grad():
                 y = call(half, x[:1])
                 weights = torch.randn(y.shape, generator=generator).to(y.device, y.dtype)
@@ -194,10 +194,6 @@ def _owned_parameters(block: nn.Module, s: Split, call: Callable[[nn.Module, tor
     return owned
 
 
-def _under(name: str, module: str) -> bool:
-    return name == module or name.startswith(module + ".")
-
-
 def _in_branch(name: str, s: Split, half: str) -> bool:
     branches = (s.attention,) if half == "attention" else (s.first_mlp, s.mlp)
-    return any(_under(name, b) for b in branches)
+    return any(arch.under(name, b) for b in branches)

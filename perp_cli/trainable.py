@@ -87,7 +87,6 @@ def select_trainable(model: nn.Module, spec: str, block: int | None = None) -> d
     parts = parse_spec(spec)
     if "none" in parts:
         return {}
-    spec_ = arch.spec_for(model)
     if block is not None:
         n_blocks = len(arch.blocks(model))
         if not 0 <= block < n_blocks:
@@ -95,7 +94,7 @@ def select_trainable(model: nn.Module, spec: str, block: int | None = None) -> d
         outside = [p for p in parts if p in OUTSIDE_BLOCKS]
         if outside:
             raise UsageError(f"--train {outside[0]} is not part of a decoder block; block-wise training takes biases, norms or all")
-    prefix = None if block is None else f"{spec_.blocks}.{block}."
+    prefix = None if block is None else arch.block_prefix(model, block)
     names = _canonical_names(model)
     chosen: dict[int, nn.Parameter] = {}
 
@@ -170,7 +169,7 @@ def add_biases(model: nn.Module) -> list[str]:
                     continue
                 w = owner.weight
                 owner.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
-                added.append(f"{spec.blocks}.{i}.{local}.bias")
+                added.append(f"{arch.block_prefix(model, i)}{local}.bias")
     return added
 
 
@@ -185,7 +184,5 @@ def untie_lm_head(model: nn.Module) -> bool:
     head = model.get_output_embeddings()
     head.weight = nn.Parameter(head.weight.detach().clone())
     model.config.tie_word_embeddings = False
-    text_config = getattr(model.config, "get_text_config", None)
-    if callable(text_config):
-        text_config().tie_word_embeddings = False
+    arch.text_config(model).tie_word_embeddings = False
     return True

@@ -96,7 +96,8 @@ def test_returned_inputs_replace_the_propagation() -> None:
 def test_capture_counts_and_call_arguments() -> None:
     model = tiny.build_model("gpt2")
     inputs = engine.capture_inputs(model, random_tokens(5, 12), batch_size=4)
-    assert inputs.num_windows == 5 and inputs.num_tokens == 60 and len(inputs) == 2
+    assert [inputs.hidden.shape(k)[0] for k in range(len(inputs))] == [4, 1]  # 5 windows in 2 micro-batches
+    assert sum(inputs.tokens_in(k) for k in range(len(inputs))) == 60
     assert inputs.kwargs["use_cache"] is False
     # GPT-2 passes cache, mask and encoder states positionally: the cache slot stays None
     assert inputs.args[0] is None

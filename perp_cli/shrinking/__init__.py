@@ -156,7 +156,7 @@ def check(model: nn.Module, cfg: ShrinkConfig) -> tuple[dict[int, Any], int]:
         raise UsageError(f"{arch.spec_for(model).model_type} is a dense model (no routed experts): --structure experts needs an MoE model")
     count = next(iter(plan.values())).count
     remove = _count(cfg, count, "expert")
-    top_k = getattr(layout.text_config(model), "num_experts_per_tok", None)
+    top_k = getattr(arch.text_config(model), "num_experts_per_tok", None)
     if isinstance(top_k, int) and count - remove < top_k:
         raise UsageError(f"removing {remove} of {count} experts leaves {count - remove}, fewer than the {top_k} each token is routed to")
     return plan, remove

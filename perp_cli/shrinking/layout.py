@@ -35,11 +35,6 @@ INTERMEDIATE_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "intermediate_si
 ATTENTION_WORDS = ("attn", "attention")
 
 
-def text_config(model: nn.Module):
-    get = getattr(model.config, "get_text_config", None)
-    return get() if callable(get) else model.config
-
-
 def _in_attention(local: str) -> bool:
     return any(word in part.lower() for part in local.split(".") for word in ATTENTION_WORDS)
 
@@ -76,7 +71,7 @@ def channels(model: nn.Module, index: int) -> Channels | None:
 
 def intermediate_key(model: nn.Module, size: int) -> str:
     """The config field that holds the MLP width `size`."""
-    config = text_config(model)
+    config = arch.text_config(model)
     for key in INTERMEDIATE_KEYS:
         if getattr(config, key, None) == size:
             return key
@@ -112,7 +107,7 @@ class Heads:
 
 def heads(model: nn.Module, index: int) -> Heads:
     """Block `index`'s attention projections (separate q/k/v/o, as LLaMA-like families have)."""
-    config = text_config(model)
+    config = arch.text_config(model)
     n_heads = getattr(config, "num_attention_heads", None)
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
     if not isinstance(n_heads, int):
@@ -141,7 +136,7 @@ def heads(model: nn.Module, index: int) -> Heads:
             f"block {index}: q/k/o shapes {q.shape}/{k.shape}/{o.shape} do not match {n_heads} heads, "
             f"{n_kv} key-value heads of {head_dim}"
         )
-    prefix = f"{arch.spec_for(model).blocks}.{index}."
+    prefix = arch.block_prefix(model, index)
     attention_path = q.local.rpartition(".")[0]
     attention = arch.blocks(model)[index].get_submodule(attention_path) if attention_path else arch.blocks(model)[index]
     per_head = tuple(
@@ -179,13 +174,13 @@ def experts(model: nn.Module, index: int) -> Experts | None:
         raise ArchitectureError(f"block {index} has fused experts in several modules ({', '.join(sorted(owners))})")
     owner = owners.pop()
     routers = [p for p, t in block.named_parameters()
-               if t.dim() == 2 and tuple(t.shape) == (count, hidden) and not arch._under(p, owner)]
+               if t.dim() == 2 and tuple(t.shape) == (count, hidden) and not arch.under(p, owner)]
     if len(routers) != 1:
         raise ArchitectureError(f"block {index}: expected one [{count}, {hidden}] router matrix, found {len(routers)}")
     router_path = routers[0].rpartition(".")[0]
-    prefix = f"{spec.blocks}.{index}."
+    prefix = arch.block_prefix(model, index)
     tensors = [
         prefix + n for n, t in block.state_dict().items()
-        if t.dim() >= 1 and t.shape[0] == count and (arch._under(n, owner) or (router_path and arch._under(n, router_path)))
+        if t.dim() >= 1 and t.shape[0] == count and (arch.under(n, owner) or (router_path and arch.under(n, router_path)))
     ]
     return Experts(index, count, block.get_submodule(owner), tuple(tensors), prefix + routers[0])
