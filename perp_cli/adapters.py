@@ -253,25 +253,9 @@ class Adapter(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.kind}, rank={self.rank}, alpha={self.alpha}, masked={self.has_mask}"
 
-    def masked(self, training: bool) -> bool:
-        """Whether the update is restricted to M (lora-prune: only outside training)."""
-        return self.variant.masked(self, training)
-
-    def lowrank_path(self, training: bool) -> bool:
-        """True when the update is a dense s·BA, computable as s·B(Ax) without the weight."""
-        return self.variant.lowrank_path(self, training)
-
     def product(self) -> torch.Tensor:
         """BA, `[out, in]`, float32."""
         return self.lora_B @ self.lora_A
-
-    def delta_weight(self, weight: torch.Tensor, training: bool = False) -> torch.Tensor:
-        """The additive update `effective - W`, float32 `[out, in]` (ScaleLoRA: W ⊙ (BA - 1))."""
-        return self.variant.delta(self, weight, training)
-
-    def effective_weight(self, weight: torch.Tensor, training: bool = False) -> torch.Tensor:
-        """The weight the layer computes with, in `weight`'s dtype and `[out, in]` layout."""
-        return self.variant.forward(self, weight, training)
 
     def lowrank(self, x: torch.Tensor) -> torch.Tensor:
         """s·B(Ax), the dense LoRA update applied to activations."""
@@ -336,7 +320,7 @@ def merge_lm_head(model: nn.Module, adapter: Adapter) -> bool:
     from perp_cli.trainable import lm_head_is_tied, untie_lm_head
 
     head = model.get_output_embeddings()
-    new = head.weight.float() + adapter.delta_weight(head.weight)
+    new = head.weight.float() + adapter.variant.delta(adapter, head.weight, training=False)
     if not torch.isfinite(new).all():
         raise NumericalError("merging the lm_head LoRA gives NaN or inf; nothing was changed")
     untied = lm_head_is_tied(model) and untie_lm_head(model)
@@ -366,8 +350,8 @@ class _Adapted:
         if not live:
             return self.original(*args, **kwargs)
         training = self.owner.training
-        if len(live) == 1 and live[0][0].expert is None and live[0][1].lowrank_path(training):
-            adapter = live[0][1]
+        (matrix, adapter), *others = live
+        if not others and matrix.expert is None and adapter.variant.lowrank_path(adapter, training):
             out = self.original(*args, **kwargs)
             x = args[0] if args else next(iter(kwargs.values()))
             return out + adapter.lowrank(x).to(out.dtype)
@@ -447,13 +431,13 @@ def _effective(param: torch.Tensor, entries: list[tuple[arch.Matrix, Adapter]], 
     """The effective parameter, in the parameter's own layout (3-D for fused experts)."""
     if entries[0][0].expert is None:
         (matrix, adapter), = entries
-        return matrix.to_param_layout(adapter.effective_weight(matrix.out_in(param), training)).contiguous()
+        return matrix.to_param_layout(adapter.variant.forward(adapter, matrix.out_in(param), training)).contiguous()
     by_expert = {m.expert: (m, a) for m, a in entries}
     slices = []
     for e in range(param.shape[0]):
         if e in by_expert:
             m, a = by_expert[e]
-            slices.append(m.to_param_layout(a.effective_weight(m.out_in(param), training)))
+            slices.append(m.to_param_layout(a.variant.forward(a, m.out_in(param), training)))
         else:
             slices.append(param[e])
     return torch.stack(slices)

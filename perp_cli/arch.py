@@ -495,30 +495,18 @@ def input_groups(model: nn.Module, index: int) -> list[list[Matrix]]:
     Groups are ordered by their first matrix, members in matrix order; fused experts
     form one group per parameter and expert.
     """
-    spec = spec_for(model)
     cached = model.__dict__.get(_GROUPS_CACHE)
     if cached is None:
         cached = model.__dict__[_GROUPS_CACHE] = {"keys": _probe_shared_inputs(model)}
     keys = cached["keys"]
-    groups: list[list[Matrix]] = []
-    by_key: dict[tuple, list[Matrix]] = {}
-    experts: dict[tuple[str, int], list[Matrix]] = {}
+    groups: dict[tuple, list[Matrix]] = {}  # by what the group shares, in order of first matrix
     for m in block_matrices(model, index):
         if m.expert is not None:
-            if (m.local, m.expert) not in experts:
-                experts[(m.local, m.expert)] = []
-                groups.append(experts[(m.local, m.expert)])
-            experts[(m.local, m.expert)].append(m)
-            continue
-        key = None if keys is None else keys.get(m.name[: -len(".weight")])
-        if key is None:
-            groups.append([m])
-        elif key in by_key:
-            by_key[key].append(m)
-        else:
-            by_key[key] = [m]
-            groups.append(by_key[key])
-    return groups
+            key = ("expert", m.local, m.expert)
+        else:  # a matrix whose input was not probed is a group of its own
+            key = (keys or {}).get(m.name[: -len(".weight")], ("alone", m.name))
+        groups.setdefault(key, []).append(m)
+    return list(groups.values())
 
 
 def groups_probed(model: nn.Module) -> bool:

@@ -120,7 +120,7 @@ def _reference_outputs(w: torch.Tensor, adapter: adapters_mod.Adapter, x: torch.
     independently of the variant's `forward` (`reference`) and built a row chunk at a time (one
     float64 temporary of `_PROBE_CHUNK` elements: a streamed merge's peak is one block)."""
     a, b = adapter.lora_A.double(), adapter.lora_B.double()
-    keep = adapter.mask if adapter.masked(training=False) else None  # unpacked once (merge holds masks packed)
+    keep = adapter.mask if adapter.variant.masked(adapter, training=False) else None  # unpacked once (merge holds masks packed)
     rows = _row_chunks(w).step
     parts = []
     for r in _row_chunks(w):
@@ -185,7 +185,6 @@ def merge_attached(model: nn.Module, masks: MaskSet | None, allow_densify: bool 
     ids = probe_batch(model, seed=seed)
     before = _logits(model, ids)
     totals = merge_blocks(model, lambda index: [e for e in entries.values() if e[0].block == index], bool(dense_keys), seed)
-    matrix_rel = totals["rel"]
     adapters_mod.detach(model)
     after = _logits(model, ids)
     diff = float((after - before).abs().max())
@@ -202,13 +201,9 @@ def merge_attached(model: nn.Module, masks: MaskSet | None, allow_densify: bool 
         problems = mask_problems(model, masks)
         if problems:
             raise CheckpointError(f"merge broke the masks: {problems[0]}; nothing was written")
-    density = None
-    if dense_keys:
-        by_key = {m.key: m for m in arch.matrices(model)}
-        ws = [by_key[k].weight() for k in entries]
-        density = sum(int((w != 0).sum()) for w in ws) / sum(w.numel() for w in ws)
+    density = totals["nonzero"] / totals["numel"] if dense_keys else None
     checks = ("finite",) + (("masks",) if masks_kept else ()) + ("matrix_probe", "logits_probe")
-    return MergeReport(kind, len(entries), diff, scale, rel, tol, masks_kept, density, matrix_rel, checks)
+    return MergeReport(kind, len(entries), diff, scale, rel, tol, masks_kept, density, totals["rel"], checks)
 
 
 def merge_blocks(model: nn.Module, adapters_of: Any, densify: bool, seed: int = PROBE_SEED,

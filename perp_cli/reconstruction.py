@@ -294,10 +294,6 @@ def check_compatible(pruned: nn.Module, dense: nn.Module) -> None:
 # ----------------------------------------------------------------------------- per-block math
 
 
-def _squared_error_sum(output: torch.Tensor, target: torch.Tensor) -> float:
-    return float((output.double() - target.double()).pow(2).sum())
-
-
 @torch.no_grad()
 def block_error(
     inputs: engine.BlockInputs, block: nn.Module, targets: Sequence[torch.Tensor], keep_outputs: bool = False
@@ -308,7 +304,7 @@ def block_error(
     total, count, outputs = 0.0, 0, inputs.new_store()
     for x, t in zip(inputs.batches(), targets):
         y = inputs.call(block, x)
-        total += _squared_error_sum(y, t.to(y.device))
+        total += float((y.double() - t.to(y.device).double()).pow(2).sum())
         count += y.numel()
         if keep_outputs:
             outputs.append(y)

@@ -234,14 +234,6 @@ def fit(
 # ----------------------------------------------------------------------------- language modelling
 
 
-def autocast_dtype(model: nn.Module) -> torch.dtype | None:
-    """The low precision to autocast to, if any parameter is bf16/fp16."""
-    for p in model.parameters():
-        if p.dtype in LOW_PRECISION:
-            return p.dtype
-    return None
-
-
 @contextlib.contextmanager
 def mixed_precision(
     model: nn.Module, params: list[nn.Parameter]
@@ -255,7 +247,7 @@ def mixed_precision(
     original = {id(p): (p, p.dtype) for p in params if p.dtype != torch.float32}
     for p, _ in original.values():
         p.data = p.data.float()
-    low = autocast_dtype(model)
+    low = next((p.dtype for p in model.parameters() if p.dtype in LOW_PRECISION), None)  # bf16/fp16 weights
     device_type = next(model.parameters()).device.type
     try:
         yield (lambda: torch.autocast(device_type, dtype=low)) if low else contextlib.nullcontext

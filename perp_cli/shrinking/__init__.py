@@ -34,6 +34,7 @@ from perp_cli.checkpoint import Checkpoint
 from perp_cli.errors import UsageError
 from perp_cli.manifest import peak_memory
 from perp_cli.progress import make_progress
+from perp_cli.trainable import count_parameters
 from perp_cli.shrinking import depth as depth_mod
 from perp_cli.shrinking import experts as experts_mod
 from perp_cli.shrinking import heads as heads_mod
@@ -181,7 +182,7 @@ def shrink(ckpt: Checkpoint, cfg: ShrinkConfig, tokens: data.Windows) -> ShrinkO
     tokens, data_record = data.calibration_of(tokens)
     device = checkpoint.resolve_device(cfg.device)
     placement = activations.Placement.of(device, cfg.offload_activations)
-    before = surgery.parameter_count(model)
+    before = count_parameters(model)
     n_blocks = len(arch.blocks(model))
     if cfg.structure == "depth":
         worker: Any = depth_mod.Influence(n_blocks)
@@ -197,7 +198,7 @@ def shrink(ckpt: Checkpoint, cfg: ShrinkConfig, tokens: data.Windows) -> ShrinkO
     model.to("cpu")
     removed: dict[str, Any]
     if cfg.structure == "depth":
-        gone = depth_mod.lowest(worker.scores, remove)
+        gone = layout.lowest(worker.scores, remove)
         cut = depth_mod.surgery(model, gone)
         removed = {"blocks": gone, "kept_blocks": cut.keep_blocks}
         scores: Any = [round(s, 6) for s in worker.scores]
@@ -227,7 +228,7 @@ def shrink(ckpt: Checkpoint, cfg: ShrinkConfig, tokens: data.Windows) -> ShrinkO
                            "routed_tokens": worker.routed[i].tolist()} for i in plan}
         sizes = {"experts": [count, count - remove]}
     smaller = surgery.apply(model, cut)
-    after = surgery.parameter_count(smaller)
+    after = count_parameters(smaller)
     results = {
         "structure": cfg.structure,
         "removed": removed,

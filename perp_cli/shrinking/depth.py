@@ -46,12 +46,6 @@ class Influence:
         return s.inputs.replaced(outputs)
 
 
-def lowest(scores: list[float], k: int) -> list[int]:
-    """Indices of the k lowest scores (ties: the earlier block first), ascending."""
-    order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
-    return sorted(order[:k])
-
-
 def surgery(model: nn.Module, remove: list[int]) -> Surgery:
     n = len(arch.blocks(model))
     keep = [i for i in range(n) if i not in set(remove)]

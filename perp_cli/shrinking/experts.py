@@ -28,7 +28,6 @@ from perp_cli import arch, engine
 from perp_cli.errors import ArchitectureError
 from perp_cli.shrinking import layout
 from perp_cli.shrinking.surgery import Surgery, new_config
-from perp_cli.shrinking.width import lowest
 
 
 def _routing_args(args: tuple, kwargs: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -85,7 +84,7 @@ class ExpertsPass:
         return self.saliency[index] / max(self.tokens[index], 1)
 
     def choose(self, remove: int) -> dict[int, list[int]]:
-        return {i: lowest(self.scores(i), remove).tolist() for i in self.plan}
+        return {i: layout.lowest(self.scores(i), remove) for i in self.plan}
 
 
 def surgery(model: nn.Module, plan: dict[int, layout.Experts], removed: dict[int, list[int]]) -> Surgery:

@@ -21,7 +21,6 @@ from torch import nn
 from perp_cli import engine
 from perp_cli.shrinking import layout
 from perp_cli.shrinking.surgery import Surgery, new_config
-from perp_cli.shrinking.width import lowest
 
 
 def query_columns(h: layout.Heads, group: int) -> slice:
@@ -56,10 +55,10 @@ class HeadsPass:
         finally:
             handle.remove()
         scores = sq.sqrt()
-        gone = lowest(scores.cpu(), self.remove)
-        for g in gone.tolist():
+        gone = layout.lowest(scores, self.remove)
+        for g in gone:
             w[:, query_columns(h, g)] = 0
-        self.removed[s.index] = gone.tolist()
+        self.removed[s.index] = gone
         self.scores[s.index] = scores.float().cpu()
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from perp_cli import arch
@@ -33,6 +34,14 @@ from perp_cli.errors import ArchitectureError, UsageError
 
 INTERMEDIATE_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "intermediate_size_mlp", "ffn_hidden_size", "d_ff")
 ATTENTION_WORDS = ("attn", "attention")
+
+
+def lowest(scores: torch.Tensor | list[float], k: int) -> list[int]:
+    """Indices of the k lowest scores (ties: the lower index first), ascending: which
+    blocks, channels, key-value groups or experts a shrink removes."""
+    values = scores.tolist() if isinstance(scores, torch.Tensor) else scores
+    order = sorted(range(len(values)), key=lambda i: (values[i], i))
+    return sorted(order[:k])
 
 
 def _in_attention(local: str) -> bool:

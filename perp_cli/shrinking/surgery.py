@@ -67,11 +67,6 @@ def check_config(config: Any, what: str) -> None:
         raise UsageError(f"{what} gives a config {config.model_type} refuses: {reason.strip()}") from exc
 
 
-def parameter_count(model: nn.Module) -> int:
-    """Parameters, each shared (tied) tensor counted once."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def block_parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in arch.blocks(model).parameters())
 

@@ -29,12 +29,6 @@ def channel_scores(consumer_input_sq: torch.Tensor, consumer: torch.Tensor) -> t
     return consumer_input_sq.sqrt() * consumer.double().norm(dim=0)
 
 
-def lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """Indices of the k lowest scores (ties: the lower index first), ascending."""
-    order = sorted(range(scores.numel()), key=lambda i: (float(scores[i]), i))
-    return torch.tensor(sorted(order[:k]), dtype=torch.long)
-
-
 class WidthPass:
     """The engine step: score block i's channels, choose, zero their output columns."""
 
@@ -61,9 +55,9 @@ class WidthPass:
         finally:
             handle.remove()
         scores = channel_scores(sq, ch.consumer.weight())
-        gone = lowest(scores.cpu(), self.remove)
-        ch.consumer.weight()[:, gone.to(s.device)] = 0  # the block now computes what the smaller one will
-        self.removed[s.index] = gone.tolist()
+        gone = layout.lowest(scores, self.remove)
+        ch.consumer.weight()[:, gone] = 0  # the block now computes what the smaller one will
+        self.removed[s.index] = gone
         self.scores[s.index] = scores.float().cpu()
 
 
