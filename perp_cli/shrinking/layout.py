@@ -33,7 +33,6 @@ from perp_cli.arch import Matrix
 from perp_cli.errors import ArchitectureError, UsageError
 
 INTERMEDIATE_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "intermediate_size_mlp", "ffn_hidden_size", "d_ff")
-ATTENTION_WORDS = ("attn", "attention")
 
 
 def lowest(scores: torch.Tensor | list[float], k: int) -> list[int]:
@@ -42,10 +41,6 @@ def lowest(scores: torch.Tensor | list[float], k: int) -> list[int]:
     values = scores.tolist() if isinstance(scores, torch.Tensor) else scores
     order = sorted(range(len(values)), key=lambda i: (values[i], i))
     return sorted(order[:k])
-
-
-def _in_attention(local: str) -> bool:
-    return any(word in part.lower() for part in local.split(".") for word in ATTENTION_WORDS)
 
 
 # ----------------------------------------------------------------------------- MLP channels
@@ -65,7 +60,7 @@ class Channels:
 def channels(model: nn.Module, index: int) -> Channels | None:
     """Block `index`'s dense MLP, or None when it has none (an MoE block)."""
     hidden = arch.hidden_size(model)
-    dense = [m for m in arch.block_matrices(model, index) if m.expert is None and not _in_attention(m.local)]
+    dense = [m for m in arch.block_matrices(model, index) if m.expert is None and not arch.is_attention(m)]
     consumers = [m for m in dense if m.shape[0] == hidden]
     if not consumers:
         return None
@@ -129,7 +124,7 @@ def heads(model: nn.Module, index: int) -> Heads:
         )
     by_suffix: dict[str, Matrix] = {}
     for m in arch.block_matrices(model, index):
-        if m.expert is None and _in_attention(m.local):
+        if m.expert is None and arch.is_attention(m):
             by_suffix[m.local.rsplit(".", 1)[-1]] = m
     missing = [k for k in ("q_proj", "k_proj", "v_proj", "o_proj") if k not in by_suffix]
     if missing:
