@@ -431,13 +431,15 @@ def _effective(param: torch.Tensor, entries: list[tuple[arch.Matrix, Adapter]], 
     """The effective parameter, in the parameter's own layout (3-D for fused experts)."""
     if entries[0][0].expert is None:
         (matrix, adapter), = entries
-        return matrix.to_param_layout(adapter.variant.forward(adapter, matrix.out_in(param), training)).contiguous()
+        effective = adapter.variant.forward(adapter, matrix.out_in(param), training)
+        return matrix.to_param_layout(effective).contiguous()
     by_expert = {m.expert: (m, a) for m, a in entries}
     slices = []
     for e in range(param.shape[0]):
         if e in by_expert:
             m, a = by_expert[e]
-            slices.append(m.to_param_layout(a.variant.forward(a, m.out_in(param), training)))
+            effective = a.variant.forward(a, m.out_in(param), training)
+            slices.append(m.to_param_layout(effective))
         else:
             slices.append(param[e])
     return torch.stack(slices)
@@ -491,13 +493,15 @@ def attached(model: nn.Module) -> dict[str, Adapter]:
     return {key: a for key, (_, a) in attached_matrices(model).items()}
 
 
-def _wire(pairs: list[tuple[arch.Matrix, Adapter]]) -> None:
-    """Wrap the forward of each adapted matrix's owner (once per owner) to apply its adapters."""
+def _wire(pairs: list[tuple[arch.Matrix, Adapter]]) -> dict[str, Adapter]:
+    """Wrap the forward of each adapted matrix's owner (once per owner) to apply its
+    adapters; returns the adapters by matrix key."""
     hooks: dict[int, _Adapted] = {}
     for m, adapter in pairs:
         if id(m.owner) not in hooks:
             hooks[id(m.owner)] = _Adapted(m.owner)
         hooks[id(m.owner)].entries.append((m, adapter))
+    return {m.key: adapter for m, adapter in pairs}
 
 
 def attach(
@@ -522,8 +526,7 @@ def attach(
         raise UsageError("the model already has adapters attached; merge or detach them first")
     pairs = [(m, Adapter(kind, *m.shape, rank, alpha, mask=matrix_mask(m, masks), device=m.parameter.device))
              for m in match_targets(model, targets, block)]
-    _wire(pairs)
-    return {m.key: adapter for m, adapter in pairs}
+    return _wire(pairs)
 
 
 def detach(model: nn.Module) -> dict[str, Adapter]:
@@ -614,8 +617,7 @@ def attach_saved(
 
     kind, rank, alpha, chosen = saved_matrices(model, cfg, shape_of, masks is not None)
     pairs = [(m, saved_adapter(kind, m, rank, alpha, masks, tensors)) for m in chosen.values()]
-    _wire(pairs)
-    return {m.key: adapter for m, adapter in pairs}
+    return _wire(pairs)
 
 
 def attach_from_checkpoint(ckpt: Any) -> dict[str, Adapter]:

@@ -113,9 +113,9 @@ class Matrix:
         """The weight as an `[out, in]` view sharing storage with the parameter."""
         return self.out_in(self.parameter.data)
 
-    def to_param_layout(self, matrix_mask: torch.Tensor) -> torch.Tensor:
+    def to_param_layout(self, out_in: torch.Tensor) -> torch.Tensor:
         """Turn an `[out, in]` tensor back into this slice's stored layout."""
-        return matrix_mask.t() if self.transposed else matrix_mask
+        return out_in.t() if self.transposed else out_in
 
     def out_in(self, param_tensor: torch.Tensor) -> torch.Tensor:
         """The `[out, in]` view of this slice of a tensor shaped like the whole parameter
@@ -602,21 +602,6 @@ def bias_flags(model: nn.Module) -> dict[str, tuple[str, ...]]:
 
 
 # ----------------------------------------------------------------------------- reports
-
-
-def describe(model: nn.Module) -> dict[str, object]:
-    """A JSON-able summary of the map for `inspect` and manifests."""
-    spec = spec_for(model)
-    ms = matrices(model)
-    return {
-        "model_type": spec.model_type,
-        "class": type(model).__name__,
-        "blocks": len(blocks(model)),
-        "prunable_matrices": len(ms),
-        "prunable_parameters": sum(m.shape[0] * m.shape[1] for m in ms),
-        "norm_parameters": sum(p.numel() for p in norm_parameters(model).values()),
-        "bias_parameters": sum(p.numel() for p in bias_parameters(model).values()),
-    }
 
 
 def _layout(model: nn.Module, local: str) -> str:

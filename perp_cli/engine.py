@@ -1,4 +1,4 @@
-"""The one block-by-block calibration engine (pruning, and later reconstruction).
+"""The one block-by-block engine (pruning, reconstruction, shrinking, merging).
 
 Wanda, SparseGPT and layer-wise reconstruction all need the activations entering each
 decoder block. Following the SparseGPT/Wanda references, the engine
@@ -132,12 +132,14 @@ class BlockInputs:
     calls: tuple[BlockCall, ...] = ()  # per block of the model; empty: `args`/`kwargs` for every block
     index: int = 0  # the block whose arguments `args`/`kwargs`/`by_size` are
 
-    def at(self, index: int) -> "BlockInputs":
-        """The same hidden states with block `index`'s call arguments."""
-        if not self.calls:
+    def at(self, index: int, calls: tuple[BlockCall, ...] = ()) -> "BlockInputs":
+        """The same hidden states with block `index`'s call arguments: this model's, or
+        those in `calls` (another model's, `capture_calls`, for running its blocks here)."""
+        calls = calls or self.calls
+        if not calls:
             return self
-        call = self.calls[index]
-        return BlockInputs(self.hidden, call.args, call.kwargs, self.device, call.by_size, self.calls, index)
+        call = calls[index]
+        return BlockInputs(self.hidden, call.args, call.kwargs, self.device, call.by_size, calls, index)
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -383,7 +385,7 @@ def capture_calls(
 ) -> tuple[BlockCall, ...]:
     """Every block's call arguments for `tokens` in micro-batches of `batch_size`, as
     `capture_inputs` catches them, without the activations (for running another model's
-    blocks on these inputs: `dataclasses.replace(inputs, calls=...).at(i)`)."""
+    blocks on these inputs: `inputs.at(i, calls)`)."""
     return _capture(model, tokens, torch.device(device), batch_size, None)
 
 

@@ -120,7 +120,8 @@ def _reference_outputs(w: torch.Tensor, adapter: adapters_mod.Adapter, x: torch.
     independently of the variant's `forward` (`reference`) and built a row chunk at a time (one
     float64 temporary of `_PROBE_CHUNK` elements: a streamed merge's peak is one block)."""
     a, b = adapter.lora_A.double(), adapter.lora_B.double()
-    keep = adapter.mask if adapter.variant.masked(adapter, training=False) else None  # unpacked once (merge holds masks packed)
+    # the mask unpacked once (merge holds masks packed)
+    keep = adapter.mask if adapter.variant.masked(adapter, training=False) else None
     rows = _row_chunks(w).step
     parts = []
     for r in _row_chunks(w):

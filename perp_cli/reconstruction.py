@@ -55,7 +55,7 @@ import math
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -330,7 +330,7 @@ def _training_mode(block: nn.Module, mode: str, entries: dict[str, tuple[arch.Ma
     """The block's mode while it trains: `eval` trains only the modules carrying adapters
     (lora-prune is dense while training; no dropout noise elsewhere), `train` the whole
     block, dropout included, as PERP's reference `layer.train()`."""
-    modules = [block] if mode == "train" else list({id(m.owner): m.owner for m, _ in entries.values()}.values())
+    modules = [block] if mode == "train" else [m.owner for m, _ in entries.values()]
     for module in modules:
         module.train()
     try:
@@ -388,15 +388,14 @@ class _Reconstructor:
     def targets(self, s: engine.BlockStep, inputs: engine.BlockInputs, part: str) -> ActivationStore:
         """T: the dense block i's `part` on `inputs`, or on the dense stream (which then
         advances). A depth-shrunk block stands for several dense blocks
-        (`cfg.teacher_blocks`, whole blocks only): they run in order."""
+        (`cfg.teacher_blocks`, whole blocks only): they run in order, each with the dense
+        model's own arguments (`teacher_calls`)."""
         indices = self.cfg.teacher_blocks[s.index] if self.cfg.teacher_blocks else [s.index]
         stream = inputs if self.dense_inputs is None else self.dense_inputs
-        if self.teacher_calls:  # the shrunk stream through the dense blocks, with their own arguments
-            stream = replace(stream, calls=self.teacher_calls)
-        for i in indices:  # dense block i's own arguments (`at`), as the engine calls a block
+        for i in indices:  # dense block i with its own arguments, as the engine calls a block
             dense_block = arch.blocks(self.dense)[i]
             with engine.on_device(dense_block, s.device):
-                stream = stream.at(i).propagate(self.part_of(dense_block, part))
+                stream = stream.at(i, self.teacher_calls).propagate(self.part_of(dense_block, part))
         if self.dense_inputs is not None:
             self.dense_inputs = stream
         return stream.hidden
@@ -492,7 +491,8 @@ class _Reconstructor:
         inputs = s.inputs
         for n, (part, module) in enumerate(parts):
             last = n + 1 == len(parts)
-            outputs = self.fit(s, part, module, inputs, _block_seed(self.cfg.seed + n, s.index), keep_outputs=not last)
+            seed = _block_seed(self.cfg.seed + n, s.index)
+            outputs = self.fit(s, part, module, inputs, seed, keep_outputs=not last)
             if last:  # None: the engine propagates through the block as it was put back
                 return None if outputs is None else inputs.replaced(outputs)
             inputs = inputs.replaced(outputs)

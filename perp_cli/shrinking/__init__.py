@@ -34,12 +34,12 @@ from perp_cli.checkpoint import Checkpoint
 from perp_cli.errors import UsageError
 from perp_cli.manifest import peak_memory
 from perp_cli.progress import make_progress
-from perp_cli.trainable import count_parameters
 from perp_cli.shrinking import depth as depth_mod
 from perp_cli.shrinking import experts as experts_mod
 from perp_cli.shrinking import heads as heads_mod
 from perp_cli.shrinking import layout, surgery
 from perp_cli.shrinking import width as width_mod
+from perp_cli.trainable import count_parameters
 
 STRUCTURES = ("depth", "width", "heads", "experts")
 # the option that names an explicit count, per structure
