@@ -47,9 +47,8 @@ inputs, change the block, let the engine propagate through the changed block)::
         handle = s.block.register_forward_pre_hook(lambda mod, args: seen.append(args[0].shape))
         s.inputs.run(s.block, keep_outputs=False)        # (a) hooks see every micro-batch
         handle.remove()
-        dense = dense_blocks[s.index].to(s.device)
-        targets = s.inputs.run(dense)                      # (c) any module, same inputs
-        dense.to("cpu")
+        with engine.on_device(dense_blocks[s.index], s.device):  # (c) any module, same inputs
+            targets = s.inputs.run(dense_blocks[s.index])
         for x, y in zip(s.inputs.batches(), targets):     # (b) modify the block
             loss = (s.inputs.call(s.block, x) - y.to(s.device)).pow(2).mean()
             ...
@@ -104,7 +103,8 @@ def _hidden(output: Any) -> torch.Tensor:
 class BlockCall:
     """The extra arguments the model's own forward passes to one decoder block (besides
     its hidden states), kept on the compute device: caught from a one-window batch, and
-    `by_size[b]` for micro-batches of b windows where those do not broadcast."""
+    `by_size[b]` for micro-batches of b windows where those do not broadcast (BLOOM folds
+    the batch into its ALiBi bias, `[b * heads, 1, seqlen]`)."""
 
     args: tuple
     kwargs: dict[str, Any]
@@ -116,30 +116,25 @@ class BlockInputs:
     """Calibration activations entering one block, in micro-batches.
 
     `hidden` holds the `[b, seqlen, hidden]` micro-batches wherever the run's placement
-    put them (device, host or disk); `args`/`kwargs` are the extra arguments block
-    `index` is called with, kept on `device`. `calls` holds every block's own arguments
-    (sliding and full attention layers get different masks); `at(i)` binds block i's,
-    and `run_blocks` binds each step's block before calling the step.
+    put them (device, host or disk); `calls` every block's own call arguments, kept on
+    `device` (sliding and full attention layers get different masks). Block `index` is
+    called with `calls[index]` (`arguments`); `at(i)` binds block i's, and `run_blocks`
+    binds each step's block before calling the step.
     """
 
     hidden: ActivationStore
-    args: tuple
-    kwargs: dict[str, Any]
     device: torch.device
-    # (args, kwargs) for micro-batches of b windows where the one-window ones do not
-    # broadcast (BLOOM folds the batch into its ALiBi bias, `[b * heads, 1, seqlen]`)
-    by_size: dict[int, tuple[tuple, dict[str, Any]]] = field(default_factory=dict)
-    calls: tuple[BlockCall, ...] = ()  # per block of the model; empty: `args`/`kwargs` for every block
-    index: int = 0  # the block whose arguments `args`/`kwargs`/`by_size` are
+    calls: tuple[BlockCall, ...]  # per block of the model
+    index: int = 0
+
+    @property
+    def arguments(self) -> BlockCall:
+        return self.calls[self.index]
 
     def at(self, index: int, calls: tuple[BlockCall, ...] = ()) -> "BlockInputs":
         """The same hidden states with block `index`'s call arguments: this model's, or
         those in `calls` (another model's, `capture_calls`, for running its blocks here)."""
-        calls = calls or self.calls
-        if not calls:
-            return self
-        call = calls[index]
-        return BlockInputs(self.hidden, call.args, call.kwargs, self.device, call.by_size, calls, index)
+        return BlockInputs(self.hidden, self.device, calls or self.calls, index)
 
     def __len__(self) -> int:
         return len(self.hidden)
@@ -165,7 +160,8 @@ class BlockInputs:
 
     def call(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Run a decoder block (or a copy of one) on one micro-batch `x`."""
-        args, kwargs = self.by_size.get(x.shape[0], (self.args, self.kwargs))
+        call = self.arguments
+        args, kwargs = call.by_size.get(x.shape[0], (call.args, call.kwargs))
         return _hidden(module(x, *args, **kwargs))
 
     @torch.no_grad()
@@ -192,9 +188,7 @@ class BlockInputs:
     def replaced(self, hidden: "ActivationStore | list[torch.Tensor]") -> "BlockInputs":
         """The same call arguments (still block `index`'s) with new hidden states (the
         next block's inputs: `run_blocks` binds the next block's arguments)."""
-        return BlockInputs(
-            ActivationStore.of(hidden, like=self.hidden), self.args, self.kwargs, self.device, self.by_size, self.calls, self.index
-        )
+        return BlockInputs(ActivationStore.of(hidden, like=self.hidden), self.device, self.calls, self.index)
 
     def propagate(self, module: nn.Module) -> "BlockInputs":
         """The inputs of the next block: `module` applied to these inputs."""
@@ -376,7 +370,7 @@ def capture_inputs(
     device = torch.device(device)
     hidden = offload.empty_like() if isinstance(offload, ActivationStore) else ActivationStore(Placement.of(device, offload))
     calls = _capture(model, tokens, device, batch_size, hidden)
-    return BlockInputs(hidden, calls[0].args, calls[0].kwargs, device, calls[0].by_size, calls, 0)
+    return BlockInputs(hidden, device, calls)
 
 
 @torch.no_grad()

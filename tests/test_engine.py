@@ -98,9 +98,9 @@ def test_capture_counts_and_call_arguments() -> None:
     inputs = engine.capture_inputs(model, random_tokens(5, 12), batch_size=4)
     assert [inputs.hidden.shape(k)[0] for k in range(len(inputs))] == [4, 1]  # 5 windows in 2 micro-batches
     assert sum(inputs.tokens_in(k) for k in range(len(inputs))) == 60
-    assert inputs.kwargs["use_cache"] is False
+    assert inputs.arguments.kwargs["use_cache"] is False
     # GPT-2 passes cache, mask and encoder states positionally: the cache slot stays None
-    assert inputs.args[0] is None
+    assert inputs.arguments.args[0] is None
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -108,7 +108,7 @@ def test_eager_attention_masks_broadcast_over_micro_batches(family: str) -> None
     model = tiny.build_model(family, attn_implementation="eager")
     tokens = random_tokens(3, 24)
     inputs = engine.capture_inputs(model, tokens, batch_size=2)
-    assert tuple(inputs.kwargs["attention_mask"].shape)[0] == 1  # caught from a one-window batch
+    assert tuple(inputs.arguments.kwargs["attention_mask"].shape)[0] == 1  # caught from a one-window batch
     final = engine.run_blocks(model, inputs, lambda s: None)
     torch.testing.assert_close(torch.cat(list(final.hidden)), _last_block_output(model, tokens), rtol=1e-5, atol=1e-5)
 
@@ -119,13 +119,13 @@ def test_call_arguments_that_fold_the_batch_are_kept_per_micro_batch_size() -> N
     model = tiny.build_model("bloom")
     tokens = random_tokens(3, 16)
     inputs = engine.capture_inputs(model, tokens, batch_size=2)
-    assert sorted(inputs.by_size) == [2]  # the last micro-batch has one window: the one-window arguments fit
+    assert sorted(inputs.arguments.by_size) == [2]  # the last micro-batch has one window: the one-window arguments fit
     out = torch.cat(list(inputs.run(arch.blocks(model)[0])))
     with torch.no_grad():
         expected = model(tokens, output_hidden_states=True, use_cache=False).hidden_states[1]
     torch.testing.assert_close(out, expected)
     llama = engine.capture_inputs(tiny.build_model("llama"), tokens, batch_size=2)
-    assert llama.by_size == {}  # masks and rotary tables broadcast: one set of arguments, as before
+    assert llama.arguments.by_size == {}  # masks and rotary tables broadcast: one set of arguments, as before
 
 
 # ----------------------------------------------------------------------------- per-block call arguments
@@ -216,8 +216,8 @@ def test_blocks_share_one_copy_of_equal_arguments() -> None:
                 for kind in (SLIDING, FULL)}
     everything = {id(t) for c in inputs.calls for t in _tensors((c.args, c.kwargs))}
     assert everything == per_kind[SLIDING] | per_kind[FULL]
-    sliding, full = (inputs.at(i).kwargs for i in (0, 1))
-    assert inputs.at(2).kwargs["attention_mask"] is sliding["attention_mask"]
+    sliding, full = (inputs.at(i).arguments.kwargs for i in (0, 1))
+    assert inputs.at(2).arguments.kwargs["attention_mask"] is sliding["attention_mask"]
     assert not torch.equal(sliding["position_embeddings"][0], full["position_embeddings"][0])  # local vs global rotary
 
 

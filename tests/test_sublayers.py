@@ -104,7 +104,7 @@ def test_llama_halves_match_the_reference_wrappers_formula() -> None:
     block = arch.blocks(model)[0]
     x = inputs.batch(0)
     halves = dict(sublayers.split(model, 0, block, inputs.call, x).halves(block))
-    attn_kwargs = {k: v for k, v in inputs.kwargs.items() if k in ("attention_mask", "position_embeddings", "position_ids")}
+    attn_kwargs = {k: v for k, v in inputs.arguments.kwargs.items() if k in ("attention_mask", "position_embeddings", "position_ids")}
     with torch.no_grad():
         h = x + block.self_attn(hidden_states=block.input_layernorm(x), **attn_kwargs)[0]
         y = h + block.mlp(block.post_attention_layernorm(h))
