@@ -31,7 +31,6 @@ over it: each passes its `StreamedBlocks` to the engine as it would pass no resi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -41,15 +40,13 @@ from torch import nn
 
 from perp_cli import arch, memory, shards
 from perp_cli.errors import CheckpointError, UsageError
-from perp_cli.manifest import MASKS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, sha256_file
+from perp_cli.manifest import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, sha256_tensor
 from perp_cli.mask import MaskSet, Pattern, apply, keep_stats, mask_problems, pack_bits
 from perp_cli.shards import (
     ShardReader,
     ShardWriter,
     StoredTensor,
     check_tensor_finite,
-    masks_metadata,
-    read_header,
     read_tensor,
     resolve_dtype,
     stored_tensors,
@@ -143,9 +140,9 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 class MaskSpool:
     """Bit-packed keep-masks appended to a scratch file in the staging directory as each
-    block is released, assembled into `masks.safetensors` (the header of
-    `masks_metadata`, names sorted, as `checkpoint.write_masks`) at the end. Each mask's sha256 is kept to verify the
-    assembled file without holding any mask in memory."""
+    block is released, assembled into `masks.safetensors` at the end (`shards.write_masks`,
+    as for masks held in memory). Each mask's sha256 is kept to verify the assembled file
+    (`shards.verify_masks`) without holding any mask in memory."""
 
     NAME = ".masks.spool"
 
@@ -153,44 +150,26 @@ class MaskSpool:
         self.directory = directory
         self.path = directory / self.NAME
         self.path.write_bytes(b"")
-        self.entries: dict[str, tuple[int, int, list[int], str]] = {}  # name -> offset, bytes, shape, sha256
+        self.stored: dict[str, StoredTensor] = {}  # where each packed mask is in the spool
+        self.shapes: dict[str, list[int]] = {}
+        self.digests: dict[str, str] = {}
         self.size = 0
 
     def add(self, name: str, keep: torch.Tensor) -> None:
-        data = memoryview(pack_bits(keep).numpy())
+        packed = pack_bits(keep)
         with open(self.path, "ab") as f:
-            f.write(data)
-        self.entries[name] = (self.size, data.nbytes, list(keep.shape), hashlib.sha256(data).hexdigest())
-        self.size += data.nbytes
+            f.write(memoryview(packed.numpy()))
+        self.stored[name] = StoredTensor(name, self.NAME, torch.uint8, tuple(packed.shape), self.size, packed.numel())
+        self.shapes[name], self.digests[name] = list(keep.shape), sha256_tensor(packed)
+        self.size += packed.numel()
 
     def finish(self, pattern: Pattern, permutations: dict[str, torch.Tensor] | None = None) -> str:
-        """Write `masks.safetensors` (names sorted), drop the spool; return the file's sha256.
+        """Write `masks.safetensors`, drop the spool; return the file's sha256.
         `permutations`: the input masks' N:M input orders, carried over."""
-        names = sorted(self.entries)
-        layout = {n: (torch.uint8, (self.entries[n][1],)) for n in names}
-        kept = {n: o for n, o in (permutations or {}).items() if n in self.entries}
-        metadata = masks_metadata(pattern, {n: self.entries[n][2] for n in names}, kept)
-        writer = ShardWriter(self.directory, layout, 1 << 62, metadata=metadata, single_name=MASKS_NAME)
         with open(self.path, "rb", buffering=0) as f:
-            for n in names:
-                offset, size, _, _ = self.entries[n]
-                writer.write(n, read_tensor(f, StoredTensor(n, self.NAME, torch.uint8, (size,), offset, size)))
-        writer.close()
+            sha = shards.write_masks(self.directory, self.shapes, pattern, permutations or {}, lambda n: read_tensor(f, self.stored[n]))
         self.path.unlink()
-        return sha256_file(self.directory / MASKS_NAME)
-
-    def verify(self, sha: str) -> None:
-        """Re-read the written masks: same names, same bytes, hash as the manifest says."""
-        file = self.directory / MASKS_NAME
-        if sha256_file(file) != sha:
-            raise CheckpointError("written masks do not match their recorded hash")
-        stored = read_header(file)
-        if set(stored) != set(self.entries):
-            raise CheckpointError("written masks do not read back identically")
-        with open(file, "rb", buffering=0) as f:
-            for name, t in stored.items():
-                if hashlib.sha256(memoryview(read_tensor(f, t).numpy())).hexdigest() != self.entries[name][3]:
-                    raise CheckpointError(f"written mask {name} does not read back identically")
+        return sha
 
 
 TAIL_CHUNK_BYTES = 1 << 25  # rows copied at a time from an embedding or head: 32 MiB, whatever the vocabulary

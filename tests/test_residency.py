@@ -75,7 +75,7 @@ def test_every_command_writes_the_same_output_in_every_residency(command: str, r
     ma, mb = (json.loads((d / "perp.json").read_text()) for d in (reference, other))
     assert ma["sparsity"] == mb["sparsity"] and ma["masks_sha256"] == mb["masks_sha256"]
     assert not list(other.glob(".*"))  # no spool left behind
-    checkpoint.load(other)
+    checkpoint.open(other)
 
 
 # ----------------------------------------------------------------------------- prune
@@ -124,7 +124,7 @@ def _assert_same_pruned(memory: Path, streamed: Path, sum_a: dict, sum_b: dict) 
     assert not sum_a["streaming"] and sum_b["streaming"]
     for key in ("sparsity", "sparsity_all_masked", "per_tensor", "calibration", "notes"):
         assert sum_a[key] == sum_b[key], key
-    checkpoint.load(streamed)  # mask hash, exact zeros, finiteness: the reader's own checks
+    checkpoint.open(streamed)  # mask hash, exact zeros, finiteness: the reader's own checks
 
 
 # Each family once, each method at least twice; sharded input everywhere.
@@ -182,7 +182,7 @@ def test_pruning_a_pruned_bfloat16_checkpoint_keeps_its_masks_and_dtype(tmp_path
     assert next(iter(read_weights(first).values())).dtype == torch.bfloat16
     memory, streamed, sum_a, sum_b = _prune_both(first, tmp_path, ["--method", "sparsegpt", "--sparsity", "0.7", *_calib(calib_file)])
     _assert_same_pruned(memory, streamed, sum_a, sum_b)
-    old, new = checkpoint.load(first).masks, checkpoint.load(streamed).masks
+    old, new = checkpoint.open(first).masks, checkpoint.open(streamed).masks
     assert all(not (new[n] & ~old[n]).any() for n in old.names())
 
 
@@ -452,7 +452,7 @@ def _assert_same_reconstruction(src: Path, memory: Path, streamed: Path, sum_a: 
         assert sum_a[key] == sum_b[key], key
     assert not sum_a["streaming"] and sum_b["streaming"] and step_b["results"]["streaming"]["shards"] == sum_b["shards"]["shards"]
     assert not list(streamed.glob(".*"))  # no mask spool left behind
-    checkpoint.load(streamed)  # mask hash, exact zeros, finiteness: the reader's own checks
+    checkpoint.open(streamed)  # mask hash, exact zeros, finiteness: the reader's own checks
 
 
 RECONSTRUCT_CASES = [
@@ -573,7 +573,7 @@ def test_one_pruned_and_one_dense_block_in_memory_at_a_time(pruned: dict, tmp_pa
     # every weight, then every mask (assembled from the spool at the end), written once
     assert len(writes) == len(read_weights(tmp_path / "out")) + len(load_file(tmp_path / "out" / "masks.safetensors"))
     assert not _live(model) and not _live(dense_model) and not real_masks()
-    checkpoint.load(tmp_path / "out")
+    checkpoint.open(tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------- failures
@@ -744,7 +744,7 @@ def test_streamed_merge_is_bit_identical_to_the_in_memory_one(family: str, kind:
     assert rb["probe_relative_diff"] is None and ra["probe_relative_diff"] <= ra["tolerance"]
     assert not sum_a["streaming"] and sum_b["streaming"] and rb["streaming"]["shards"] > 1
     assert not list(streamed.glob(".*")) and not list(tmp_path.glob(".streamed*"))  # no spool, no temporary
-    checkpoint.load(streamed)  # mask hash, exact zeros, finiteness: the reader's own checks
+    checkpoint.open(streamed)  # mask hash, exact zeros, finiteness: the reader's own checks
 
 
 def test_single_file_merge_has_the_bytes_save_pretrained_writes(tmp_path: Path) -> None:
@@ -756,7 +756,7 @@ def test_single_file_merge_has_the_bytes_save_pretrained_writes(tmp_path: Path) 
     memory, streamed, _, _ = _merge_both(src, tmp_path, [], shard="5GB")
     assert (memory / "model.safetensors").read_bytes() == (streamed / "model.safetensors").read_bytes()
     merged = AutoModelForCausalLM.from_pretrained(streamed)
-    reference = checkpoint.load(src)
+    reference = checkpoint.open(src)
     adapters.attach_from_checkpoint(reference)
     ids = torch.randint(4, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
