@@ -22,7 +22,6 @@ import re
 import secrets
 import shutil
 import socket
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -627,17 +626,6 @@ def check_output(
     if not os.access(probe, os.W_OK):
         raise UsageError(f"cannot write to {parent} (permission denied)")
     return resolved
-
-
-def check_input_file(path: str | Path, what: str) -> Path:
-    """A data file a step reads: it must be a regular file (a FIFO or a device would
-    block the step forever or never end)."""
-    p = Path(path).expanduser()
-    if p.exists() and not p.is_dir():
-        mode = p.stat().st_mode
-        if not stat.S_ISREG(mode):
-            raise UsageError(f"{what} {path} is not a regular file (a pipe, device or socket); give a file")
-    return p
 
 
 def pid_alive(pid: int) -> bool:

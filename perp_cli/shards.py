@@ -337,10 +337,6 @@ class ShardReader:
                 f"{type(model).__name__} (is config.json of another model?)"
             )
 
-    @property
-    def stored_bytes(self) -> int:
-        return sum(nbytes(t.dtype, t.shape) for t in self.stored.values())
-
     def read(self, wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
         """The model tensors whose names satisfy `wanted`, converted to model names (in
         the checkpoint's dtype). Files are opened for this call only."""

@@ -368,12 +368,6 @@ class Decision:
     reason: str
 
 
-def available_memory() -> int | None:
-    """What this process may still allocate (`memory.process_limit`: the smallest of
-    MemAvailable, the cgroup limits and the rlimits; a `MemoryLimit` names which), or None."""
-    return memory.process_limit()
-
-
 def weights_bytes(source: str | Path, dtype: str) -> int | None:
     """Bytes the weights take once loaded in `dtype` (headers only), or None if unknown."""
     try:
@@ -412,7 +406,7 @@ def decide(mode: str, source: str | Path, dtype: str = "auto", models: int = 1, 
         return Decision(True, "streaming (--streaming on): one block of weights in memory at a time")
     if problem:
         return Decision(False, f"not streaming: {problem}")
-    size, free = weights_bytes(path, dtype), available_memory()
+    size, free = weights_bytes(path, dtype), memory.process_limit()
     size = size * models if size is not None else None
     if size is None or free is None:
         return Decision(False, "not streaming: model size or available memory unknown")

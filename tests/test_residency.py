@@ -17,7 +17,7 @@ from conftest import assert_same_tensors, magnitude_masks, read_weights, run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from perp_cli import adapters, arch, checkpoint, engine, merging, pruner, reconstruction, shards, streaming, tiny
+from perp_cli import adapters, arch, checkpoint, engine, memory, merging, pruner, reconstruction, shards, streaming, tiny
 from perp_cli.manifest import StepRecord, empty_manifest
 from perp_cli.pruner import PruneConfig
 from perp_cli.reconstruction import ReconstructConfig
@@ -316,9 +316,9 @@ def test_auto_streams_only_when_the_weights_would_not_fit(tiny_dir: Path, monkey
     size = streaming.weights_bytes(tiny_dir, "auto")
     assert size == sum(t.numel() * t.element_size() for t in load_file(tiny_dir / "model.safetensors").values())
     assert streaming.weights_bytes(tiny_dir, "bfloat16") == size // 2
-    monkeypatch.setattr(streaming, "available_memory", lambda: 100 * size)
+    monkeypatch.setattr(memory, "process_limit", lambda: 100 * size)
     assert not streaming.decide("auto", tiny_dir, refusal=pruner.streaming_refusal(config)).stream
-    monkeypatch.setattr(streaming, "available_memory", lambda: size)
+    monkeypatch.setattr(memory, "process_limit", lambda: size)
     assert streaming.decide("auto", tiny_dir, refusal=pruner.streaming_refusal(config)).stream
     assert not streaming.decide("auto", tiny_dir, refusal=pruner.streaming_refusal(PruneConfig(method="wanda", scope="global"))).stream
     assert not streaming.decide("auto", "org/hub-id", refusal=pruner.streaming_refusal(config)).stream
@@ -645,7 +645,7 @@ def test_reconstruct_usage_errors(args: list[str], message: str, pruned: dict, t
 def test_auto_counts_both_models_of_a_reconstruct(pruned: dict, monkeypatch) -> None:
     src, _ = pruned["opt"]
     size = streaming.weights_bytes(src, "auto")
-    monkeypatch.setattr(streaming, "available_memory", lambda: 3 * size)
+    monkeypatch.setattr(memory, "process_limit", lambda: 3 * size)
     assert not streaming.decide("auto", src).stream  # one model: 1/3 of the memory
     assert streaming.decide("auto", src, models=2).stream  # pruned + dense: 2/3
     assert not streaming.decide("off", src, models=2).stream
