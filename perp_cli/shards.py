@@ -325,15 +325,14 @@ class ShardReader:
             elif name not in meta_names and not ignored_unexpected(model, name):
                 unexpected.append(key)
         missing = sorted(self.expected - set(self.groups))
-        where = f"{self.directory}"
         if missing:
             hint = " (is config.json of another model?)" if unexpected else ""
-            raise CheckpointError(f"{where}: tensor {first_of(missing)} is not in the checkpoint's shards{hint}")
+            raise CheckpointError(f"{self.directory}: tensor {first_of(missing)} is not in the checkpoint's shards{hint}")
         if mismatched:
-            raise CheckpointError(f"{where}: the weights do not fit config.json: {first_of(sorted(mismatched))}")
+            raise CheckpointError(f"{self.directory}: the weights do not fit config.json: {first_of(sorted(mismatched))}")
         if unexpected:
             raise CheckpointError(
-                f"{where}: tensor {first_of(sorted(unexpected))} in the weights is not part of a "
+                f"{self.directory}: tensor {first_of(sorted(unexpected))} in the weights is not part of a "
                 f"{type(model).__name__} (is config.json of another model?)"
             )
 

@@ -5,17 +5,10 @@ The model is built as a skeleton on the meta device (`build_skeleton`: parameter
 shapes but no storage; buffers such as rotary tables are real, computed from the config as
 `from_pretrained` computes them). `StreamedBlocks` is the `engine.Residency` of such a
 model (`checkpoint.open(..., streamed=True)` opens it, `checkpoint.writing` adds the output):
-
-* `outside()`: the weights before block 0 (embeddings, positions) while block 0's inputs
-  are caught; the token embedding holds only the rows the calibration tokens look up
-  (`gathered_rows`);
-* `load(i, block)`: block i (and its input masks, when they are read lazily) from the
-  shards (`ShardReader`), checked finite and zero where the input's masks say pruned;
-* `release(i, block)`: with an output, apply block i's final keep-masks (`masks_of(i)`, by
-  default the input's own), verify every tensor (finite; masked weights exactly zero; N:M
-  groups valid), write it at its place in the output shards (`ShardWriter`) and spool its
-  masks (`MaskSpool`); then put the block back on the meta device;
-* `copy_tail()`: every tensor outside the blocks, a slice of rows at a time (`copy_rows`).
+it reads block i from the input shards for block i's step, checked, and puts it back on
+the meta device after it; with an output, it first writes the block there (its final
+keep-masks applied and spooled, every tensor verified). The tensors outside the blocks are
+read only while the embedding pass needs them, and copied a slice of rows at a time.
 
 Peak host memory is the Python/torch baseline + one block + the calibration activations
 (one copy: the engine propagates in place) + the temporaries of one step on one matrix.
@@ -244,11 +237,8 @@ def gathered_rows(model: nn.Module, reader: ShardReader, dtypes: dict[str, torch
 
 
 class StreamedBlocks:
-    """The `engine.Residency` of a streamed checkpoint: reads block i from its shards
-    for block i's step and puts it back on the meta device after it; with an output
-    `writer`, writes each released block there first (its final keep-masks applied and
-    spooled, every tensor verified). Without one, the model is only read (the dense
-    reference of a streamed reconstruct).
+    """The `engine.Residency` of a streamed checkpoint (see above). Without an output
+    `writer`, the model is only read (the dense reference of a streamed reconstruct).
 
     `masks_of(i)`: block i's final keep-masks, set by the step that chooses them (a
     prune: `pruner`'s `block_keep`); by default the input's own masks of block i, read
@@ -276,18 +266,16 @@ class StreamedBlocks:
     # --- reading
 
     def _read(self, names: set[str]) -> dict[str, torch.Tensor]:
-        made = {n: torch.zeros(self.names[n].shape, dtype=self.dtypes[n]) for n in names & self.created}
+        out = {n: torch.zeros(self.names[n].shape, dtype=self.dtypes[n]) for n in names & self.created}
         names = names - self.created
         tensors = self.reader.read(names.__contains__)
         missing = names - set(tensors)
         if missing:
             raise CheckpointError(f"{self.source}: {sorted(missing)[0]} did not come out of the checkpoint's shards")
-        out = {}
         for name in names:
-            t = tensors.pop(name).to(self.dtypes[name])
-            check_tensor_finite(name, t, self.source)
-            out[name] = t
-        return {**out, **made}
+            out[name] = tensors.pop(name).to(self.dtypes[name])
+            check_tensor_finite(name, out[name], self.source)
+        return out
 
     def _uninstall(self, names: list[str]) -> None:
         for name in names:
