@@ -167,12 +167,6 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{file} is malformed: {exc}") from exc
 
 
-def read_masks(path: Path, manifest: dict[str, Any] | None) -> MaskSet | None:
-    """All of `path`'s masks, checked against `manifest` (hash, sparsity), or None."""
-    reader = shards.MaskReader.open(path, manifest)
-    return reader.mask_set() if reader is not None else None
-
-
 def _open_masks(path: Path, manifest: dict[str, Any] | None, shapes: dict[str, tuple[int, ...]] | None,
                 verify: bool, trust_inputs: bool, problems: list[str]) -> shards.MaskReader | None:
     """The reader of `path`'s masks, checked in the order that costs least: the header

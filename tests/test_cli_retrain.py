@@ -11,7 +11,7 @@ import torch
 from conftest import run_cli, save_tiny, shared_path
 from safetensors.torch import load_file
 
-from perp_cli import adapters, arch, checkpoint, data, mask
+from perp_cli import adapters, arch, checkpoint, data, mask, shards
 from perp_cli.mask import MaskSet
 
 QUICK = ("--seqlen", "32", "--steps", "3", "--batch-size", "2", "--lr", "1e-2", "-q", "--json")
@@ -55,8 +55,8 @@ def test_biases_norms_changes_only_those_tensors_and_reports_the_share(work):
     assert last["command"] == "retrain" and last["results"]["trainable_parameters"] == trainable
     assert {"final_loss", "tokens_per_s", "peak_memory", "train_wall_time_s"} <= set(last["results"])
     assert last["data"]["train"]["token_ids_sha256"]
-    masks_in = checkpoint.read_masks(work["pruned"], None)
-    masks_out = checkpoint.read_masks(work["root"] / "bn", manifest)
+    masks_in = shards.MaskReader.open(work["pruned"], None).mask_set()
+    masks_out = shards.MaskReader.open(work["root"] / "bn", manifest).mask_set()
     assert masks_in.masks.keys() == masks_out.masks.keys()
     assert all(torch.equal(masks_in[n], masks_out[n]) for n in masks_in.names())
     assert not (work["root"] / "bn" / "adapters.json").exists()

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from perp_cli import arch, checkpoint
+from perp_cli import arch, checkpoint, shards
 from perp_cli.inspection import expectation_failures, inspect_checkpoint
 from perp_cli.manifest import StepRecord
 from perp_cli.mask import MaskSet, Pattern, apply
@@ -53,7 +53,7 @@ def test_inspect_detects_weight_changed_behind_masks_back(tiny_dir: Path, tmp_pa
     out = _nm_pruned(tiny_dir, tmp_path / "pruned")
     weights = load_file(str(out / "model.safetensors"))
     name = "model.decoder.layers.1.fc2.weight"
-    masks = checkpoint.read_masks(out, None)
+    masks = shards.MaskReader.open(out, None).mask_set()
     w = weights[name]
     w[~masks[name]] = 0.125  # every pruned weight of fc2 revived
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})

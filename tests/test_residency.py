@@ -654,7 +654,7 @@ def test_auto_counts_both_models_of_a_reconstruct(pruned: dict, monkeypatch) -> 
 def test_mask_reader_reads_one_block_of_masks(pruned: dict) -> None:
     src, _ = pruned["llama"]
     reader = shards.MaskReader.open(src, checkpoint.read_manifest(src))
-    full = checkpoint.read_masks(src, checkpoint.read_manifest(src))
+    full = reader.mask_set()
     names = [n for n in sorted(full.names()) if n.startswith("model.layers.1.")]
     got = reader.read(names)
     assert list(got) == names and all(torch.equal(got[n], full[n]) for n in names)
@@ -833,7 +833,7 @@ def test_a_non_finite_adapter_in_the_last_block_leaves_no_output(tmp_path: Path)
 def test_weights_that_disagree_with_their_masks_are_refused(tmp_path: Path) -> None:
     src = adapted(tmp_path / "in", "llama", "scalelora", shard="5GB")
     tensors = load_file(src / "model.safetensors")
-    masks = checkpoint.read_masks(src, None)
+    masks = shards.MaskReader.open(src, None).mask_set()
     name = next(n for n in masks.names() if n.startswith("model.layers.1."))
     tensors[name][~masks[name]] = 1.0  # pruned weights of block 1 come back
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
