@@ -140,7 +140,7 @@ def quality_setup(args: argparse.Namespace) -> Quality:
     from perp_cli.perplexity import eval_token_ids, perplexity
     from perp_cli.pruner import PruneConfig
 
-    base = checkpoint.load(args.model, need_tokenizer=True)
+    base = checkpoint.open(args.model, need_tokenizer=True)
     ids = eval_token_ids(base.tokenizer, data.load_source(args.eval), args.eval_seqlen)
     probe = PruneConfig("wanda", calib=args.calib, nsamples=args.nsamples, seqlen=args.seqlen)
     tokens, record = data.calibration(base.require_tokenizer(), base.model, probe, probe.seed)

@@ -48,7 +48,7 @@ def main() -> None:
     from perp_cli.recipes.retrain import RetrainOptions, retrain
     from perp_cli.training import TrainConfig
 
-    base = checkpoint.load(args.model, need_tokenizer=True)
+    base = checkpoint.open(args.model, need_tokenizer=True)
     source = data.load_source(args.calib)
     tokens = data.sample_windows(base.tokenizer, source, args.nsamples, args.seqlen, seed=0)
     eval_ids = eval_token_ids(base.tokenizer, data.load_source(args.eval, split="test"), args.eval_seqlen)

@@ -83,7 +83,7 @@ def perp_child(model: str, tokens_file: str, out: str, sparsity: float) -> None:
     imported = time.perf_counter()
     config = PruneConfig("sparsegpt", sparsity=sparsity, damp=0.01, blocksize=128, nsamples=tokens.shape[0],
                          seqlen=tokens.shape[1], batch_size=1, device="cpu")
-    ckpt = checkpoint.load(model, device="cpu")
+    ckpt = checkpoint.open(model, device="cpu")
     masks, results, data = prune(ckpt, config, tokens=tokens)
     step = StepRecord("prune", args={"method": "sparsegpt", "sparsity": sparsity, "model": model}, input=model, seed=0)
     step.data, step.results = data, results

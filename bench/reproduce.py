@@ -318,7 +318,7 @@ def model_needs_biases(model: Path) -> bool:
     """True when the model has no projection biases (LLaMA): biases must be added to train them."""
     from perp_cli import arch, checkpoint
 
-    ckpt = checkpoint.load(str(model), device="cpu", need_tokenizer=False)
+    ckpt = checkpoint.open(str(model), device="cpu", need_tokenizer=False)
     return not arch.bias_parameters(ckpt.model)
 
 

@@ -179,10 +179,7 @@ def _write(path: Path, t: torch.Tensor) -> None:
 
 
 def _read(item: _OnDisk) -> torch.Tensor:
-    numel = 1
-    for d in item.shape:
-        numel *= d
-    return torch.from_file(str(item.path), shared=False, size=numel, dtype=item.dtype).view(item.shape)
+    return torch.from_file(str(item.path), shared=False, size=item.shape.numel(), dtype=item.dtype).view(item.shape)
 
 
 def _release(ledger: _Ledger, item: object) -> None:

@@ -22,7 +22,6 @@ import re
 import secrets
 import shutil
 import socket
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,9 +31,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from perp_cli import arch, memory, shards
-from perp_cli.streaming import StreamedBlocks, build_skeleton, output_names, parameters_on_meta, tied_parameter_names  # noqa: F401
+from perp_cli.streaming import StreamedBlocks, build_skeleton, output_names
 from perp_cli.errors import CheckpointError, NumericalError, UsageError, raise_if_signalled
-from perp_cli.manifest import (  # noqa: F401  (the file names are part of this module's interface)
+from perp_cli.manifest import (
     ADAPTERS_CONFIG_NAME,
     ADAPTERS_NAME,
     FORMAT_VERSION,
@@ -48,11 +47,12 @@ from perp_cli.manifest import (  # noqa: F401  (the file names are part of this 
     StepRecord,
     empty_manifest,
     sha256_file,
+    sha256_tensor,
     validate,
     weights_sha256,
 )
-from perp_cli.mask import MaskSet, Pattern, mask_problems, resident, sparsity_summary  # noqa: F401  (checked by every reader)
-from perp_cli.shards import DTYPES, check_tensor_finite, masks_metadata, resolve_dtype  # noqa: F401
+from perp_cli.mask import MaskSet, mask_problems, resident, sparsity_summary
+from perp_cli.shards import check_tensor_finite, resolve_dtype
 
 TMP_MARKER = ".perp-tmp-"
 OLD_MARKER = ".perp-old-"
@@ -121,7 +121,7 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def _looks_local(source: str) -> bool:
+def looks_local(source: str) -> bool:
     """Hub ids are `name` or `org/name`; anything else is a path."""
     return source.startswith((".", "/", "~")) or source.count("/") > 1
 
@@ -167,36 +167,19 @@ def read_manifest(path: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{file} is malformed: {exc}") from exc
 
 
-def read_masks(
-    path: Path, manifest: dict[str, Any] | None, shapes: dict[str, tuple[int, ...]] | None = None,
-    verify: bool = True, trust_inputs: bool = False, problems: list[str] | None = None,
-) -> MaskSet | None:
-    """Read and unpack `masks.safetensors`, checking it against the manifest (hash,
-    sparsity; not with `trust_inputs`) and, from the header before anything is unpacked,
-    against the model's parameter `shapes`. A mask that does not fit is an error, or,
-    with `verify=False` (inspect), left out and described in `problems`."""
-    reader = open_masks(path, manifest, shapes, verify, trust_inputs, problems)
-    if reader is None:
-        return None
-    names = [n for n in sorted(reader.stored) if shapes is None or tuple(reader.shapes[n]) == tuple(shapes.get(n, ()))]
-    return MaskSet(reader.read_packed(names), reader.pattern, {n: o for n, o in reader.permutations.items() if n in names})
-
-
-def open_masks(
-    path: Path, manifest: dict[str, Any] | None, shapes: dict[str, tuple[int, ...]] | None = None,
-    verify: bool = True, trust_inputs: bool = False, problems: list[str] | None = None,
-) -> shards.MaskReader | None:
+def _open_masks(path: Path, manifest: dict[str, Any] | None, shapes: dict[str, tuple[int, ...]] | None,
+                verify: bool, trust_inputs: bool, problems: list[str]) -> shards.MaskReader | None:
     """The reader of `path`'s masks, checked in the order that costs least: the header
     (names, shapes, bytes) against the model's parameter `shapes`, then the whole file
-    against the manifest (sha256, sparsity; skipped with `trust_inputs`). See `read_masks`."""
+    against the manifest (sha256, sparsity; skipped with `trust_inputs`). A mask that
+    does not fit is an error, or, with `verify=False` (inspect), described in `problems`."""
     reader = shards.MaskReader.open(path, manifest, verify=False)
     if reader is None:
         return None
     wrong = reader.shape_problems(shapes) if shapes is not None else []
     if wrong and verify:
         raise CheckpointError(f"{path}: weights and masks disagree: {wrong[0]} (run `perp inspect` for all)")
-    if problems is not None:
-        problems.extend(wrong)
+    problems.extend(wrong)
     if not trust_inputs and manifest and not wrong:
         reader.verify(manifest)
     return reader
@@ -243,40 +226,20 @@ def _check_declared_layers(config: Any, stored: dict[str, shards.StoredTensor], 
         raise CheckpointError(f"{path}: config.json declares {declared} layers, but the weights hold {max(indices) + 1}")
 
 
-@dataclass
-class Layout:
-    """What a local safetensors checkpoint holds, checked from the headers against its
-    config before a byte of weights is read (`plan_local`)."""
-
-    config: Any
-    skeleton: nn.Module
-    stored: dict[str, shards.StoredTensor]
-    reader: shards.ShardReader
-    dtype: torch.dtype
-
-    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {n: tuple(p.shape) for n, p in self.skeleton.named_parameters()}
-
-    def loaded_bytes(self) -> int:
-        """Bytes the weights take once loaded in the working dtype."""
-        return sum(shards.nbytes(self.dtype if t.is_floating_point() else t.dtype, t.shape)
-                   for t in output_names(self.skeleton).values())
-
-
-def plan_local(path: Path, dtype: str = "auto", trust_remote_code: bool = False) -> Layout:
+def plan_local(path: Path, dtype: str = "auto", trust_remote_code: bool = False) -> shards.ShardReader:
     """Check a local safetensors checkpoint from its headers and config, allocating
     nothing: every declared shape against the file's bytes (`shards.read_header`) and
     against the model its config builds (on the meta device); no tensor missing, none
     unexpected (a config.json of another family), none mis-shaped (tied weights, as the
-    config declares them, are stored once). The one check every reader goes through."""
+    config declares them, are stored once). The one check every reader goes through.
+    Returns the reader of the weights; its `model` is that meta-device skeleton."""
     config = read_config(path, trust_remote_code)
     stored = shards.stored_tensors(path)
     _check_declared_layers(config, stored, path)
     first_float = next((t.dtype for t in stored.values() if t.dtype.is_floating_point), None)
     skeleton = build_skeleton(config, resolve_load_dtype(config, dtype, first_float), trust_remote_code)
     arch.spec_for(skeleton)  # fail early and clearly for an unmapped architecture
-    reader = shards.ShardReader(path, skeleton, output_names(skeleton), stored)
-    return Layout(config, skeleton, stored, reader, skeleton.dtype)
+    return shards.ShardReader(path, skeleton, output_names(skeleton), stored)
 
 
 def _hub_unreachable(source: str) -> str | None:
@@ -345,7 +308,7 @@ def open(  # noqa: A001  (the checkpoint module's opener; `checkpoint.open`)
     memory.return_freed_memory()  # block-sized temporaries freed later go back to the OS (the peak stays ~1x the weights)
     source = str(source)
     path = Path(source).expanduser()
-    local = os.path.lexists(path) or _looks_local(source)
+    local = os.path.lexists(path) or looks_local(source)
     safetensors = (path / WEIGHTS_NAME).is_file() or (path / WEIGHTS_INDEX_NAME).is_file()
     if streamed and not path.is_dir():
         raise UsageError(f"streaming reads a local directory; {source} is not one (download hub models first)")
@@ -363,31 +326,36 @@ def open(  # noqa: A001  (the checkpoint module's opener; `checkpoint.open`)
     manifest = read_manifest(path) if local else None
     placement = device_map_kwargs(device_map, offload_dir)
     problems: list[str] = []
-    masks = layout = mask_reader = adapter_reader = None
+    masks = weights = mask_reader = adapter_reader = None
     if local:
-        layout = plan_local(path, dtype, trust_remote_code) if safetensors else None
-        shapes = layout.parameter_shapes() if layout else None
-        mask_reader = open_masks(path, manifest, shapes, verify, trust_inputs, problems)
+        weights = plan_local(path, dtype, trust_remote_code) if safetensors else None
+        shapes = {n: tuple(p.shape) for n, p in weights.model.named_parameters()} if weights else None
+        mask_reader = _open_masks(path, manifest, shapes, verify, trust_inputs, problems)
         adapter_reader = shards.AdapterReader.open(path, manifest, verify=not trust_inputs)
         # the masks that fit the model (with verify=False the others are problems, never read)
-        names = [n for n in sorted(mask_reader.stored) if shapes is None or tuple(mask_reader.shapes[n]) == tuple(shapes.get(n, ()))] if mask_reader else []
-        if layout is not None and device_map is None and not streamed:
-            needed = layout.loaded_bytes() + sum(shards.nbytes(torch.bool, mask_reader.shapes[n]) for n in names)
+        names = mask_reader.fitting(shapes) if mask_reader else []
+        if weights is not None and device_map is None and not streamed:
+            skeleton = weights.model  # the weights once loaded in the working dtype, then the masks unpacked
+            needed = sum(shards.nbytes(skeleton.dtype if t.is_floating_point() else t.dtype, t.shape)
+                         for t in output_names(skeleton).values())
+            needed += sum(shards.nbytes(torch.bool, mask_reader.shapes[n]) for n in names)
             if adapter_reader is not None:
                 needed += sum(t.nbytes for t in adapter_reader.stored.values())
             memory.require(needed, f"loading {source}", "a step that streams needs one block: --streaming on, where offered")
         if mask_reader is not None and lazy_masks and streamed:
             masks = mask_reader.placeholders()
         elif mask_reader is not None:
-            masks = MaskSet(mask_reader.read_packed(names), mask_reader.pattern, {n: o for n, o in mask_reader.permutations.items() if n in names})
-            mask_reader = None
+            masks, mask_reader = mask_reader.mask_set(names), None
     if streamed:
-        model = layout.skeleton
+        model = weights.model
         if (path / "generation_config.json").is_file():
             with contextlib.suppress(Exception):
                 model.generation_config = GenerationConfig.from_pretrained(str(path))
-        if masks is not None:
-            _check_block_masks(model, masks, source)
+        # names and shapes are checked (`_open_masks`); streaming also needs every mask inside the blocks
+        outside = sorted(set(masks.masks) - set(arch.block_names(model, masks.masks))) if masks is not None else []
+        if outside:
+            raise UsageError(f"{source} has a mask on {outside[0]}, outside the decoder blocks; "
+                             "streaming handles block masks only (use --streaming off)")
     else:
         model = _from_pretrained(AutoModelForCausalLM, source, path, local, dtype, allow_pickle, trust_remote_code, placement)
         if device_map is None:
@@ -409,7 +377,7 @@ def open(  # noqa: A001  (the checkpoint module's opener; `checkpoint.open`)
         adapters_config=adapters_config,
         local_dir=path.resolve() if local else None,
         streamed=streamed,
-        weights=layout.reader if streamed else None,
+        weights=weights if streamed else None,
         mask_reader=mask_reader,
         adapter_reader=adapter_reader,
         problems=problems,
@@ -429,9 +397,6 @@ def open(  # noqa: A001  (the checkpoint module's opener; `checkpoint.open`)
                 raise CheckpointError(message)
             problems.append(message)
     return ckpt
-
-
-load = open  # the in-memory residency, as most steps open their input
 
 
 def _from_pretrained(auto: Any, source: str, path: Path, local: bool, dtype: str, allow_pickle: bool,
@@ -459,21 +424,6 @@ def _from_pretrained(auto: Any, source: str, path: Path, local: bool, dtype: str
     return model.eval()
 
 
-def _check_block_masks(model: nn.Module, masks: MaskSet, source: str | Path) -> None:
-    """A streamed checkpoint's masks: names and shapes of parameters, inside the blocks."""
-    params = dict(model.named_parameters())
-    inside = set(arch.block_names(model, masks.masks))
-    for name, keep in masks.masks.items():
-        if name not in params:
-            raise CheckpointError(f"{source}: weights and masks disagree: mask {name} names no parameter of this model")
-        if tuple(params[name].shape) != tuple(keep.shape):
-            raise CheckpointError(
-                f"{source}: weights and masks disagree: mask {name} has shape {tuple(keep.shape)}, the weight {tuple(params[name].shape)}"
-            )
-        if name not in inside:
-            raise UsageError(f"{source} has a mask on {name}, outside the decoder blocks; streaming handles block masks only (use --streaming off)")
-
-
 def check_source_weights(ckpt: Checkpoint, dense: str | Path) -> None:
     """The dense reference of a reconstruction must be the model the history started
     from: its weights' hash against the `source_weights_sha256` recorded at pruning."""
@@ -497,12 +447,12 @@ def _check_loading_info(source: str, model: nn.Module, info: dict[str, Any]) -> 
     mismatched = sorted(str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys") or [])
     hint = " (is config.json of another model?)" if unexpected else ""
     if missing:
-        raise CheckpointError(f"{source}: tensor {shards._first(missing)} is not in the weights{hint}")
+        raise CheckpointError(f"{source}: tensor {shards.first_of(missing)} is not in the weights{hint}")
     if mismatched:
-        raise CheckpointError(f"{source}: tensor {shards._first(mismatched)} has another shape than config.json makes it")
+        raise CheckpointError(f"{source}: tensor {shards.first_of(mismatched)} has another shape than config.json makes it")
     if unexpected:
         raise CheckpointError(
-            f"{source}: tensor {shards._first(unexpected)} in the weights is not part of a {type(model).__name__} "
+            f"{source}: tensor {shards.first_of(unexpected)} in the weights is not part of a {type(model).__name__} "
             "(is config.json of another model?)"
         )
 
@@ -672,17 +622,6 @@ def check_output(
     return resolved
 
 
-def check_input_file(path: str | Path, what: str) -> Path:
-    """A data file a step reads: it must be a regular file (a FIFO or a device would
-    block the step forever or never end)."""
-    p = Path(path).expanduser()
-    if p.exists() and not p.is_dir():
-        mode = p.stat().st_mode
-        if not stat.S_ISREG(mode):
-            raise UsageError(f"{what} {path} is not a regular file (a pipe, device or socket); give a file")
-    return p
-
-
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` still runs (a scratch file named after it is then in use)."""
     try:
@@ -797,31 +736,6 @@ def staging(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
         raise
 
 
-def write_masks(path: Path, masks: MaskSet) -> str:
-    """Write `masks.safetensors` and return its sha256."""
-    # sorted names: the same masks always give the same bytes (and the same sha256);
-    # the masks are held packed, so they are written as they are (nothing unpacked)
-    packed = {name: masks.masks.packed(name) for name in sorted(masks.masks)}
-    permutations = {n: o for n, o in masks.permutations.items() if n in masks.masks}
-    return write_packed_masks(path, packed, {name: list(masks.masks.shape(name)) for name in masks.masks}, masks.pattern, permutations)
-
-
-def write_packed_masks(path: Path, packed: dict[str, torch.Tensor], shapes: dict[str, list[int]], pattern: Pattern,
-                       permutations: dict[str, torch.Tensor] | None = None) -> str:
-    """Write already bit-packed masks (`mask.pack_bits`) as `masks.safetensors`; return its
-    sha256. (Streaming spools packed masks to disk instead and writes the same header,
-    `masks_metadata`, around them.)"""
-    # perp's own safetensors writer, not `save_file`: safetensors writes the metadata in a
-    # per-process random order, which made the same masks hash differently on every run
-    names = sorted(packed)
-    layout = {n: (torch.uint8, tuple(packed[n].shape)) for n in names}
-    writer = shards.ShardWriter(path, layout, 1 << 62, metadata=masks_metadata(pattern, shapes, permutations), single_name=MASKS_NAME)
-    for n in names:
-        writer.write(n, packed[n])
-    writer.close()
-    return sha256_file(path / MASKS_NAME)
-
-
 def _strip_forbidden_config(path: Path) -> None:
     """Drop what an output config must not carry: keys vLLM refuses, and an `auto_map`
     pointing at code the directory does not hold (perp never copies code; such a config
@@ -917,27 +831,27 @@ class Output:
         if self.ckpt.tokenizer is not None:
             self.ckpt.tokenizer.save_pretrained(tmp)
         manifest = next_manifest(self.ckpt.manifest, step)
-        spooled = self.blocks is not None and bool(self.blocks.spool.entries)
+        digests = None  # each written mask's sha256, to verify the file once the manifest is written
         if masks is not None and self.blocks is None:
-            manifest["masks_sha256"] = write_masks(tmp, masks)
+            shapes = {name: list(masks.masks.shape(name)) for name in masks.masks}
+            manifest["masks_sha256"] = shards.write_masks(tmp, shapes, masks.pattern, masks.permutations, masks.masks.packed)
             manifest["pattern"], stats = str(masks.pattern), masks.stats()
-        elif spooled:
+            digests = {name: sha256_tensor(masks.masks.packed(name)) for name in masks.masks}
+        elif self.blocks is not None and self.blocks.spool.stored:
             old = self.ckpt.masks.permutations if self.ckpt.masks is not None else None
             manifest["masks_sha256"] = self.blocks.spool.finish(self.blocks.pattern, old)
-            manifest["pattern"], stats = str(self.blocks.pattern), self.blocks.stats
+            manifest["pattern"], stats, digests = str(self.blocks.pattern), self.blocks.stats, self.blocks.spool.digests
         elif self.blocks is not None:
             self.blocks.spool.path.unlink()
-        if "masks_sha256" in manifest:
+        if digests is not None:
             manifest["sparsity"] = sparsity_summary(stats)
         if adapters is not None:
             save_file({k: v.detach().contiguous().cpu() for k, v in adapters.items()}, str(tmp / ADAPTERS_NAME))
             (tmp / ADAPTERS_CONFIG_NAME).write_text(json.dumps(adapters_config or {}, indent=2) + "\n")
             manifest["adapters"] = {"sha256": sha256_file(tmp / ADAPTERS_NAME), **(adapters_config or {})}
         write_manifest(tmp, manifest)
-        if spooled:
-            self.blocks.spool.verify(manifest["masks_sha256"])
-        elif self.blocks is None:
-            _verify_written(tmp, masks)
+        if digests is not None:
+            shards.verify_masks(tmp, manifest["masks_sha256"], digests)
         self.manifest = manifest
         return manifest
 
@@ -1020,19 +934,6 @@ def _write_failure(out: str | Path, exc: OSError) -> str:
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return f"cannot write {out}: {exc.strerror}; nothing was written"
     return f"writing {out} failed: {exc.strerror or exc}; nothing was written"
-
-
-def _verify_written(path: Path, masks: MaskSet | None) -> None:
-    """Re-read what was written: masks round-trip (bit for bit, packed: one mask at a
-    time, nothing unpacked) and the manifest hash agrees."""
-    manifest = read_manifest(path)
-    if masks is not None:
-        again = read_masks(path, manifest)
-        if again is None or set(again.masks) != set(masks.masks):
-            raise CheckpointError("written masks do not read back identically")
-        for name in masks.masks:
-            if again.masks.shape(name) != masks.masks.shape(name) or not torch.equal(again.masks.packed(name), masks.masks.packed(name)):
-                raise CheckpointError(f"written mask {name} does not read back identically")
 
 
 def record_eval(path: str | Path, entry: dict[str, Any]) -> dict[str, Any]:

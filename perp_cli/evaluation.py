@@ -93,7 +93,7 @@ def check_inputs(models: list[str], settings: EvalSettings) -> None:
     settings.validate()
     for model in models:
         path = Path(model).expanduser()
-        local = path.exists() or checkpoint._looks_local(model)
+        local = path.exists() or checkpoint.looks_local(model)
         if local and not path.is_dir():
             raise UsageError(f"{model}: no such directory")
         if settings.record:

@@ -8,6 +8,7 @@ is exactly zero and every N:M group holds at most N kept weights.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,15 +52,15 @@ class Report:
 
     @property
     def total_sparsity(self) -> float:
-        total = sum(_numel(m.shape) for m in self.matrices)
-        zeros = sum(m.zero_fraction * _numel(m.shape) for m in self.matrices)
+        total = sum(math.prod(m.shape) for m in self.matrices)
+        zeros = sum(m.zero_fraction * math.prod(m.shape) for m in self.matrices)
         return zeros / total if total else 0.0
 
     def per_block(self) -> dict[int, float]:
         out: dict[int, tuple[float, int]] = {}
         for m in self.matrices:
             zeros, total = out.get(m.block, (0.0, 0))
-            out[m.block] = (zeros + m.zero_fraction * _numel(m.shape), total + _numel(m.shape))
+            out[m.block] = (zeros + m.zero_fraction * math.prod(m.shape), total + math.prod(m.shape))
         return {b: z / t for b, (z, t) in sorted(out.items())}
 
     def block_targets(self) -> dict[int, float]:
@@ -99,13 +100,6 @@ class Report:
                 {k: h.get(k) for k in ("command", "args", "wall_time_s", "started")} for h in self.history
             ],
         }
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def _tensor_names(model: nn.Module) -> dict[str, tuple[int, nn.Parameter]]:

@@ -98,30 +98,15 @@ def _ancestors(base: Path, relative: str) -> list[Path]:
     return dirs or ([base] if base.is_dir() else [])
 
 
-def _cgroup_v2(root: Path, relative: str) -> MemoryLimit | None:
-    base = root / "sys/fs/cgroup"
-    if not (base / "cgroup.controllers").is_file() and (base / "unified").is_dir():
-        base = base / "unified"  # hybrid hierarchy: v1 controllers, v2 mounted beside them
-    best = None
-    for d in _ancestors(base, relative):
-        limit_text = (_read(d / "memory.max") or "").strip()
-        limit, used = _int(limit_text), _int(_read(d / "memory.current"))
-        if limit_text == "max" or limit is None:
-            continue
-        left = MemoryLimit(limit - (used or 0), "cgroup v2 memory.max")
-        best = left if best is None or left < best else best
-    return best
-
-
-def _cgroup_v1(root: Path, relative: str) -> MemoryLimit | None:
-    best = None
-    for d in _ancestors(root / "sys/fs/cgroup/memory", relative):
-        limit, used = _int(_read(d / "memory.limit_in_bytes")), _int(_read(d / "memory.usage_in_bytes"))
-        if limit is None or limit >= UNLIMITED:
-            continue
-        left = MemoryLimit(limit - (used or 0), "cgroup v1 memory.limit_in_bytes")
-        best = left if best is None or left < best else best
-    return best
+def _cgroup(dirs: list[Path], limit_file: str, used_file: str, source: str) -> MemoryLimit | None:
+    """The least memory left under the limits of the cgroups `dirs` (a limit of `max`,
+    none, or ~2^63 is no limit)."""
+    left = []
+    for d in dirs:
+        limit, used = _int(_read(d / limit_file)), _int(_read(d / used_file))
+        if limit is not None and limit < UNLIMITED:
+            left.append(MemoryLimit(limit - (used or 0), source))
+    return min(left, default=None)
 
 
 def _rlimits(root: Path, rlimits: dict[str, int] | None) -> list[MemoryLimit]:
@@ -155,9 +140,13 @@ def process_limit(root: str | Path | None = None, rlimits: dict[str, int] | None
     v2, v1 = _cgroup_paths(base)
     candidates = [_meminfo(base)]
     if v2 is not None:
-        candidates.append(_cgroup_v2(base, v2))
+        cgroups = base / "sys/fs/cgroup"
+        if not (cgroups / "cgroup.controllers").is_file() and (cgroups / "unified").is_dir():
+            cgroups = cgroups / "unified"  # hybrid hierarchy: v1 controllers, v2 mounted beside them
+        candidates.append(_cgroup(_ancestors(cgroups, v2), "memory.max", "memory.current", "cgroup v2 memory.max"))
     if v1 is not None:
-        candidates.append(_cgroup_v1(base, v1))
+        dirs = _ancestors(base / "sys/fs/cgroup/memory", v1)
+        candidates.append(_cgroup(dirs, "memory.limit_in_bytes", "memory.usage_in_bytes", "cgroup v1 memory.limit_in_bytes"))
     if root is None and not os.environ.get(ROOT_ENV) or rlimits is not None:
         candidates.extend(_rlimits(base, rlimits))
     found = [c for c in candidates if c is not None]

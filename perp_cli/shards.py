@@ -47,8 +47,9 @@ from perp_cli.manifest import (
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     sha256_file,
+    sha256_tensor,
 )
-from perp_cli.mask import MaskSet, PackedMasks, Pattern, unpack_bits
+from perp_cli.mask import MaskSet, PackedMasks, Pattern
 
 # safetensors dtype codes (the header's "dtype" field)
 DTYPE_CODES: dict[torch.dtype, str] = {
@@ -83,20 +84,6 @@ def check_tensor_finite(name: str, t: torch.Tensor, where: str, chunk: int = 1 <
     for i in range(0, flat.numel(), chunk):
         if not torch.isfinite(flat[i : i + chunk]).all():
             raise NumericalError(f"{where}: parameter {name} contains NaN or inf")
-
-
-def masks_metadata(pattern: Pattern, shapes: dict[str, list[int]], permutations: dict[str, torch.Tensor] | None = None) -> dict[str, str]:
-    """The `__metadata__` of `masks.safetensors` (docs/format.md), whether the masks are
-    written at once or assembled from a streamed run's spool. `input_permutations` only
-    when some mask's N:M groups run in a permuted input order (`perp prune --permute`)."""
-    meta = {
-        "format_version": str(FORMAT_VERSION),
-        "pattern": str(pattern),
-        "shapes": json.dumps(shapes, sort_keys=True),
-    }
-    if permutations:
-        meta["input_permutations"] = json.dumps({n: [int(i) for i in o] for n, o in permutations.items()}, sort_keys=True)
-    return meta
 
 
 def parse_size(text: str | int, option: str = "--max-shard-size", minimum: int = 1) -> int:
@@ -255,6 +242,15 @@ def read_tensor(f, t: StoredTensor) -> torch.Tensor:
     return out
 
 
+def read_tensors(file: Path, tensors: Iterable[StoredTensor]) -> dict[str, torch.Tensor]:
+    """`tensors`, all stored in `file`, read into new memory by key (`read_tensor`)."""
+    try:
+        with open(file, "rb", buffering=0) as f:
+            return {t.key: read_tensor(f, t) for t in tensors}
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {file}: {exc.strerror or exc}") from exc
+
+
 def index_files(directory: Path) -> list[str]:
     """The shard files a `model.safetensors.index.json` lists, checked to be plain file
     names inside `directory` (an index is data from the checkpoint, not a path to follow)."""
@@ -291,7 +287,8 @@ def stored_tensors(directory: Path) -> dict[str, StoredTensor]:
     return stored
 
 
-def _first(names: list[str]) -> str:
+def first_of(names: list[str]) -> str:
+    """`a`, or `a (and 2 more)`: the first of the names an error is about."""
     return names[0] + (f" (and {len(names) - 1} more)" if len(names) > 1 else "")
 
 
@@ -328,21 +325,16 @@ class ShardReader:
             elif name not in meta_names and not ignored_unexpected(model, name):
                 unexpected.append(key)
         missing = sorted(self.expected - set(self.groups))
-        where = f"{self.directory}"
         if missing:
             hint = " (is config.json of another model?)" if unexpected else ""
-            raise CheckpointError(f"{where}: tensor {_first(missing)} is not in the checkpoint's shards{hint}")
+            raise CheckpointError(f"{self.directory}: tensor {first_of(missing)} is not in the checkpoint's shards{hint}")
         if mismatched:
-            raise CheckpointError(f"{where}: the weights do not fit config.json: {_first(sorted(mismatched))}")
+            raise CheckpointError(f"{self.directory}: the weights do not fit config.json: {first_of(sorted(mismatched))}")
         if unexpected:
             raise CheckpointError(
-                f"{where}: tensor {_first(sorted(unexpected))} in the weights is not part of a "
+                f"{self.directory}: tensor {first_of(sorted(unexpected))} in the weights is not part of a "
                 f"{type(model).__name__} (is config.json of another model?)"
             )
-
-    @property
-    def stored_bytes(self) -> int:
-        return sum(nbytes(t.dtype, t.shape) for t in self.stored.values())
 
     def read(self, wanted: Callable[[str], bool]) -> dict[str, torch.Tensor]:
         """The model tensors whose names satisfy `wanted`, converted to model names (in
@@ -353,14 +345,8 @@ class ShardReader:
             by_file.setdefault(self.stored[key].file, []).append(key)
         tensors: dict[str, torch.Tensor] = {}
         for file, file_keys in by_file.items():
-            try:
-                with open(self.directory / file, "rb", buffering=0) as f:
-                    for key in file_keys:
-                        tensors[key] = read_tensor(f, self.stored[key])
-            except OSError as exc:
-                raise CheckpointError(f"cannot read {self.directory / file}: {exc.strerror or exc}") from exc
+            tensors.update(read_tensors(self.directory / file, [self.stored[k] for k in file_keys]))
         return to_model_names(self.model, tensors)
-
 
     def rows_readable(self, name: str) -> bool:
         """Whether model tensor `name` is one stored tensor in the model's own layout, so
@@ -374,11 +360,7 @@ class ShardReader:
         t = self.stored[self.groups[name][0]]
         row_bytes = nbytes(t.dtype, t.shape[1:])
         part = StoredTensor(t.key, t.file, t.dtype, (stop - start, *t.shape[1:]), t.start + start * row_bytes, (stop - start) * row_bytes)
-        try:
-            with open(self.directory / t.file, "rb", buffering=0) as f:
-                return read_tensor(f, part)
-        except OSError as exc:
-            raise CheckpointError(f"cannot read {self.directory / t.file}: {exc.strerror or exc}") from exc
+        return read_tensors(self.directory / t.file, [part])[t.key]
 
 
 def ignored_unexpected(model: nn.Module, key: str) -> bool:
@@ -470,43 +452,42 @@ class ShardWriter:
     def total_size(self) -> int:
         return sum(s.nbytes for s in self.slots.values())
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Put one tensor (checkpoint name) into its place on disk."""
+    def _slot(self, name: str) -> Slot:
+        """Where tensor `name` goes; it must be planned and not yet written."""
         slot = self.slots.get(name)
         if slot is None:
             raise CheckpointError(f"internal: {name} is not part of the planned output")
         if name in self.written:
             raise CheckpointError(f"internal: {name} written twice")
+        return slot
+
+    def _put(self, file: str, offset: int, tensor: torch.Tensor) -> None:
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        if data.numel():
+            with open(self.directory / file, "r+b") as f:
+                f.seek(offset)
+                f.write(memoryview(data.numpy()))
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Put one tensor (checkpoint name) into its place on disk."""
+        slot = self._slot(name)
         if tensor.dtype != slot.dtype or tuple(tensor.shape) != slot.shape:
             raise CheckpointError(
                 f"internal: {name} is {tensor.dtype} {tuple(tensor.shape)}, planned {slot.dtype} {slot.shape}"
             )
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        if data.numel():
-            with open(self.directory / slot.file, "r+b") as f:
-                f.seek(slot.start)
-                f.write(memoryview(data.numpy()))
+        self._put(slot.file, slot.start, tensor)
         self.written.add(name)
 
     def write_rows(self, name: str, start: int, rows: torch.Tensor) -> None:
         """Put rows `start:start+len(rows)` of tensor `name` (checkpoint name) into its
         place on disk; the tensor counts as written once its last row arrives (rows in
         order, so a tensor larger than memory is copied a slice at a time)."""
-        slot = self.slots.get(name)
-        if slot is None:
-            raise CheckpointError(f"internal: {name} is not part of the planned output")
-        if name in self.written:
-            raise CheckpointError(f"internal: {name} written twice")
+        slot = self._slot(name)
         if rows.dtype != slot.dtype or tuple(rows.shape[1:]) != slot.shape[1:] or start + rows.shape[0] > slot.shape[0]:
             raise CheckpointError(
                 f"internal: rows {start}:{start + rows.shape[0]} of {name} are {rows.dtype} {tuple(rows.shape)}, planned {slot.dtype} {slot.shape}"
             )
-        row_bytes = nbytes(slot.dtype, slot.shape[1:])
-        data = rows.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        if data.numel():
-            with open(self.directory / slot.file, "r+b") as f:
-                f.seek(slot.start + start * row_bytes)
-                f.write(memoryview(data.numpy()))
+        self._put(slot.file, slot.start + start * nbytes(slot.dtype, slot.shape[1:]), rows)
         if start + rows.shape[0] == slot.shape[0]:
             self.written.add(name)
 
@@ -533,15 +514,44 @@ class ShardWriter:
 # ----------------------------------------------------------------------------- masks
 
 
-def read_metadata(file: Path) -> dict[str, str]:
-    """The `__metadata__` of a safetensors file, from its header (no mmap, no data)."""
-    return _raw_header(file)[1].get("__metadata__") or {}
+def write_masks(directory: Path, shapes: dict[str, list[int]], pattern: Pattern, permutations: dict[str, torch.Tensor],
+                packed: Callable[[str], torch.Tensor]) -> str:
+    """Write `masks.safetensors` (docs/format.md) and return its sha256: the bit-packed
+    mask of each name of `shapes`, `packed(name)`, asked for one at a time in name order
+    (masks held in memory, or a streamed run's spool). perp's own writer, not `save_file`,
+    which orders the metadata differently in every process: the same masks always give
+    the same bytes, and the same hash."""
+    metadata = {"format_version": str(FORMAT_VERSION), "pattern": str(pattern), "shapes": json.dumps(shapes, sort_keys=True)}
+    orders = {n: [int(i) for i in o] for n, o in permutations.items() if n in shapes}
+    if orders:  # some masks' N:M groups run in a permuted input order (`perp prune --permute`)
+        metadata["input_permutations"] = json.dumps(orders, sort_keys=True)
+    layout = {n: (torch.uint8, ((math.prod(shapes[n]) + 7) // 8,)) for n in sorted(shapes)}
+    writer = ShardWriter(directory, layout, 1 << 62, metadata=metadata, single_name=MASKS_NAME)
+    for name in layout:
+        writer.write(name, packed(name))
+    writer.close()
+    return sha256_file(directory / MASKS_NAME)
+
+
+def verify_masks(directory: Path, sha256: str, digests: dict[str, str]) -> None:
+    """Re-read a written `masks.safetensors`, one mask at a time: the hash the manifest
+    records, and the same masks byte for byte (`digests`: each one's `sha256_tensor`)."""
+    file = directory / MASKS_NAME
+    if sha256_file(file) != sha256:
+        raise CheckpointError("written masks do not match their recorded hash")
+    stored = read_header(file)
+    if set(stored) != set(digests):
+        raise CheckpointError("written masks do not read back identically")
+    with open(file, "rb", buffering=0) as f:
+        for name, t in stored.items():
+            if sha256_tensor(read_tensor(f, t)) != digests[name]:
+                raise CheckpointError(f"written mask {name} does not read back identically")
 
 
 class MaskReader:
     """`masks.safetensors` read a few masks at a time.
 
-    `checkpoint.read_masks` reads them all through it. A streamed step keeps every input
+    `checkpoint.open` reads them all through it (`mask_set`). A streamed step keeps every input
     mask; unpacked to bool they would take a quarter of a float32 model, so it reads (and
     unpacks) each block's masks only while the block is in memory. The file's hash is
     checked against the manifest once, when it is opened; the header must give every
@@ -565,7 +575,7 @@ class MaskReader:
             if manifest and manifest.get("masks_sha256"):
                 raise CheckpointError(f"{directory} lists a mask hash in {MANIFEST_NAME} but {MASKS_NAME} is missing")
             return None
-        stored, meta = read_header(file), read_metadata(file)
+        stored, meta = read_header(file), _raw_header(file)[1].get("__metadata__") or {}
         try:
             version = int(meta.get("format_version", "0"))
         except ValueError as exc:
@@ -628,6 +638,15 @@ class MaskReader:
                 problems.append(f"mask {name} has shape {tuple(self.shapes[name])}, the weight {tuple(shapes[name])}")
         return problems
 
+    def fitting(self, shapes: dict[str, tuple[int, ...]] | None) -> list[str]:
+        """The masks (names sorted) that have their parameter's shape in `shapes`; all without it."""
+        return [n for n in sorted(self.stored) if shapes is None or tuple(self.shapes[n]) == tuple(shapes.get(n, ()))]
+
+    def mask_set(self, names: list[str] | None = None) -> MaskSet:
+        """The named masks (default: all), held packed, with their pattern and permutations."""
+        names = sorted(self.stored) if names is None else names
+        return MaskSet(self.read_packed(names), self.pattern, {n: o for n, o in self.permutations.items() if n in names})
+
     def placeholders(self) -> MaskSet:
         """Every mask as a meta-device bool tensor of its shape (names sorted)."""
         return MaskSet({n: torch.empty(self.shapes[n], dtype=torch.bool, device="meta") for n in sorted(self.stored)}, self.pattern, dict(self.permutations))
@@ -635,24 +654,13 @@ class MaskReader:
     def read_packed(self, names: list[str]) -> PackedMasks:
         """The named masks as stored: bit-packed, never unpacked here (`mask.PackedMasks`)."""
         out = PackedMasks()
-        try:
-            with open(self.file, "rb", buffering=0) as f:
-                for name in names:
-                    out.set_packed(name, read_tensor(f, self.stored[name]), self.shapes[name])
-        except OSError as exc:
-            raise CheckpointError(f"cannot read {self.file}: {exc.strerror or exc}") from exc
+        for name, packed in read_tensors(self.file, [self.stored[n] for n in names]).items():
+            out.set_packed(name, packed, self.shapes[name])
         return out
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named masks, unpacked (bool, in the parameters' layout)."""
-        out = {}
-        try:
-            with open(self.file, "rb", buffering=0) as f:
-                for name in names:
-                    out[name] = unpack_bits(read_tensor(f, self.stored[name]), self.shapes[name])
-        except OSError as exc:
-            raise CheckpointError(f"cannot read {self.file}: {exc.strerror or exc}") from exc
-        return out
+        return dict(self.read_packed(names))
 
 
 def _hash_and_count_bits(file: Path, data_start: int, chunk: int = 1 << 22) -> tuple[str, int]:
@@ -696,9 +704,8 @@ def adapters_config_problem(config: Any) -> str | None:
 class AdapterReader:
     """`adapters.safetensors` read a few adapters at a time; `adapters.json` at open.
 
-    `checkpoint.load` reads every adapter through it at once; a streamed merge holds only
-    block i's.
-    Opening reads the header alone (names, dtypes, shapes), which is enough to check
+    `checkpoint.open` reads every adapter through it at once; a streamed merge holds only
+    block i's. Opening reads the header alone (names, dtypes, shapes), which is enough to check
     every adapter against the model before any work.
     """
 
@@ -735,11 +742,4 @@ class AdapterReader:
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The named adapter tensors, as stored (float32 when perp wrote them)."""
-        out = {}
-        try:
-            with open(self.file, "rb", buffering=0) as f:
-                for name in names:
-                    out[name] = read_tensor(f, self.stored[name])
-        except OSError as exc:
-            raise CheckpointError(f"cannot read {self.file}: {exc.strerror or exc}") from exc
-        return out
+        return read_tensors(self.file, [self.stored[n] for n in names])

@@ -5,17 +5,10 @@ The model is built as a skeleton on the meta device (`build_skeleton`: parameter
 shapes but no storage; buffers such as rotary tables are real, computed from the config as
 `from_pretrained` computes them). `StreamedBlocks` is the `engine.Residency` of such a
 model (`checkpoint.open(..., streamed=True)` opens it, `checkpoint.writing` adds the output):
-
-* `outside()`: the weights before block 0 (embeddings, positions) while block 0's inputs
-  are caught; the token embedding holds only the rows the calibration tokens look up
-  (`gathered_rows`);
-* `load(i, block)`: block i (and its input masks, when they are read lazily) from the
-  shards (`ShardReader`), checked finite and zero where the input's masks say pruned;
-* `release(i, block)`: with an output, apply block i's final keep-masks (`masks_of(i)`, by
-  default the input's own), verify every tensor (finite; masked weights exactly zero; N:M
-  groups valid), write it at its place in the output shards (`ShardWriter`) and spool its
-  masks (`MaskSpool`); then put the block back on the meta device;
-* `copy_tail()`: every tensor outside the blocks, a slice of rows at a time (`copy_rows`).
+it reads block i from the input shards for block i's step, checked, and puts it back on
+the meta device after it; with an output, it first writes the block there (its final
+keep-masks applied and spooled, every tensor verified). The tensors outside the blocks are
+read only while the embedding pass needs them, and copied a slice of rows at a time.
 
 Peak host memory is the Python/torch baseline + one block + the calibration activations
 (one copy: the engine propagates in place) + the temporaries of one step on one matrix.
@@ -31,7 +24,6 @@ over it: each passes its `StreamedBlocks` to the engine as it would pass no resi
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -41,15 +33,13 @@ from torch import nn
 
 from perp_cli import arch, memory, shards
 from perp_cli.errors import CheckpointError, UsageError
-from perp_cli.manifest import MASKS_NAME, WEIGHTS_INDEX_NAME, WEIGHTS_NAME, sha256_file
+from perp_cli.manifest import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, sha256_tensor
 from perp_cli.mask import MaskSet, Pattern, apply, keep_stats, mask_problems, pack_bits
 from perp_cli.shards import (
     ShardReader,
     ShardWriter,
     StoredTensor,
     check_tensor_finite,
-    masks_metadata,
-    read_header,
     read_tensor,
     resolve_dtype,
     stored_tensors,
@@ -143,9 +133,9 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 class MaskSpool:
     """Bit-packed keep-masks appended to a scratch file in the staging directory as each
-    block is released, assembled into `masks.safetensors` (the header of
-    `masks_metadata`, names sorted, as `checkpoint.write_masks`) at the end. Each mask's sha256 is kept to verify the
-    assembled file without holding any mask in memory."""
+    block is released, assembled into `masks.safetensors` at the end (`shards.write_masks`,
+    as for masks held in memory). Each mask's sha256 is kept to verify the assembled file
+    (`shards.verify_masks`) without holding any mask in memory."""
 
     NAME = ".masks.spool"
 
@@ -153,44 +143,26 @@ class MaskSpool:
         self.directory = directory
         self.path = directory / self.NAME
         self.path.write_bytes(b"")
-        self.entries: dict[str, tuple[int, int, list[int], str]] = {}  # name -> offset, bytes, shape, sha256
+        self.stored: dict[str, StoredTensor] = {}  # where each packed mask is in the spool
+        self.shapes: dict[str, list[int]] = {}
+        self.digests: dict[str, str] = {}
         self.size = 0
 
     def add(self, name: str, keep: torch.Tensor) -> None:
-        data = memoryview(pack_bits(keep).numpy())
+        packed = pack_bits(keep)
         with open(self.path, "ab") as f:
-            f.write(data)
-        self.entries[name] = (self.size, data.nbytes, list(keep.shape), hashlib.sha256(data).hexdigest())
-        self.size += data.nbytes
+            f.write(memoryview(packed.numpy()))
+        self.stored[name] = StoredTensor(name, self.NAME, torch.uint8, tuple(packed.shape), self.size, packed.numel())
+        self.shapes[name], self.digests[name] = list(keep.shape), sha256_tensor(packed)
+        self.size += packed.numel()
 
     def finish(self, pattern: Pattern, permutations: dict[str, torch.Tensor] | None = None) -> str:
-        """Write `masks.safetensors` (names sorted), drop the spool; return the file's sha256.
+        """Write `masks.safetensors`, drop the spool; return the file's sha256.
         `permutations`: the input masks' N:M input orders, carried over."""
-        names = sorted(self.entries)
-        layout = {n: (torch.uint8, (self.entries[n][1],)) for n in names}
-        kept = {n: o for n, o in (permutations or {}).items() if n in self.entries}
-        metadata = masks_metadata(pattern, {n: self.entries[n][2] for n in names}, kept)
-        writer = ShardWriter(self.directory, layout, 1 << 62, metadata=metadata, single_name=MASKS_NAME)
         with open(self.path, "rb", buffering=0) as f:
-            for n in names:
-                offset, size, _, _ = self.entries[n]
-                writer.write(n, read_tensor(f, StoredTensor(n, self.NAME, torch.uint8, (size,), offset, size)))
-        writer.close()
+            sha = shards.write_masks(self.directory, self.shapes, pattern, permutations or {}, lambda n: read_tensor(f, self.stored[n]))
         self.path.unlink()
-        return sha256_file(self.directory / MASKS_NAME)
-
-    def verify(self, sha: str) -> None:
-        """Re-read the written masks: same names, same bytes, hash as the manifest says."""
-        file = self.directory / MASKS_NAME
-        if sha256_file(file) != sha:
-            raise CheckpointError("written masks do not match their recorded hash")
-        stored = read_header(file)
-        if set(stored) != set(self.entries):
-            raise CheckpointError("written masks do not read back identically")
-        with open(file, "rb", buffering=0) as f:
-            for name, t in stored.items():
-                if hashlib.sha256(memoryview(read_tensor(f, t).numpy())).hexdigest() != self.entries[name][3]:
-                    raise CheckpointError(f"written mask {name} does not read back identically")
+        return sha
 
 
 TAIL_CHUNK_BYTES = 1 << 25  # rows copied at a time from an embedding or head: 32 MiB, whatever the vocabulary
@@ -265,11 +237,8 @@ def gathered_rows(model: nn.Module, reader: ShardReader, dtypes: dict[str, torch
 
 
 class StreamedBlocks:
-    """The `engine.Residency` of a streamed checkpoint: reads block i from its shards
-    for block i's step and puts it back on the meta device after it; with an output
-    `writer`, writes each released block there first (its final keep-masks applied and
-    spooled, every tensor verified). Without one, the model is only read (the dense
-    reference of a streamed reconstruct).
+    """The `engine.Residency` of a streamed checkpoint (see above). Without an output
+    `writer`, the model is only read (the dense reference of a streamed reconstruct).
 
     `masks_of(i)`: block i's final keep-masks, set by the step that chooses them (a
     prune: `pruner`'s `block_keep`); by default the input's own masks of block i, read
@@ -297,18 +266,16 @@ class StreamedBlocks:
     # --- reading
 
     def _read(self, names: set[str]) -> dict[str, torch.Tensor]:
-        made = {n: torch.zeros(self.names[n].shape, dtype=self.dtypes[n]) for n in names & self.created}
+        out = {n: torch.zeros(self.names[n].shape, dtype=self.dtypes[n]) for n in names & self.created}
         names = names - self.created
         tensors = self.reader.read(names.__contains__)
         missing = names - set(tensors)
         if missing:
             raise CheckpointError(f"{self.source}: {sorted(missing)[0]} did not come out of the checkpoint's shards")
-        out = {}
         for name in names:
-            t = tensors.pop(name).to(self.dtypes[name])
-            check_tensor_finite(name, t, self.source)
-            out[name] = t
-        return {**out, **made}
+            out[name] = tensors.pop(name).to(self.dtypes[name])
+            check_tensor_finite(name, out[name], self.source)
+        return out
 
     def _uninstall(self, names: list[str]) -> None:
         for name in names:
@@ -389,12 +356,6 @@ class Decision:
     reason: str
 
 
-def available_memory() -> int | None:
-    """What this process may still allocate (`memory.process_limit`: the smallest of
-    MemAvailable, the cgroup limits and the rlimits; a `MemoryLimit` names which), or None."""
-    return memory.process_limit()
-
-
 def weights_bytes(source: str | Path, dtype: str) -> int | None:
     """Bytes the weights take once loaded in `dtype` (headers only), or None if unknown."""
     try:
@@ -433,7 +394,7 @@ def decide(mode: str, source: str | Path, dtype: str = "auto", models: int = 1, 
         return Decision(True, "streaming (--streaming on): one block of weights in memory at a time")
     if problem:
         return Decision(False, f"not streaming: {problem}")
-    size, free = weights_bytes(path, dtype), available_memory()
+    size, free = weights_bytes(path, dtype), memory.process_limit()
     size = size * models if size is not None else None
     if size is None or free is None:
         return Decision(False, "not streaming: model size or available memory unknown")

@@ -39,7 +39,7 @@ LAYOUTS = {
 def test_every_layout_goes_through_the_whole_pipeline(model_type: str, tmp_path: Path) -> None:
     outcome = sweep.run_type(model_type, tmp_path)
     assert outcome.status == "pass", f"{LAYOUTS[model_type]}: {outcome.detail}"
-    merged = checkpoint.load(tmp_path / model_type / "merged")
+    merged = checkpoint.open(tmp_path / model_type / "merged")
     assert merged.masks is not None and str(merged.masks.pattern) == "2:4"
     for m in arch.matrices(merged.model):  # 2 of every 4 consecutive inputs, along the true input dim
         keep = merged.masks.masks.get(m.name)

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from perp_cli import arch, checkpoint, tiny
+from perp_cli import arch, checkpoint, shards, tiny
 from perp_cli.errors import CheckpointError, NumericalError, UsageError
 from perp_cli.manifest import StepRecord, sha256_file
 from perp_cli.mask import apply
@@ -25,7 +25,7 @@ def _step(inp: str = "in") -> StepRecord:
 
 @pytest.mark.parametrize("shard", [None, "100KB"])
 def test_save_load_round_trip_is_bitwise(family_dir: Path, tmp_path: Path, shard: str | None) -> None:
-    ckpt = checkpoint.load(family_dir)
+    ckpt = checkpoint.open(family_dir)
     masks = magnitude_masks(ckpt.model, apply=False)
     apply(ckpt.model, masks)
     out = tmp_path / "out"
@@ -33,7 +33,7 @@ def test_save_load_round_trip_is_bitwise(family_dir: Path, tmp_path: Path, shard
     checkpoint.save(out, ckpt.model, ckpt.tokenizer, masks, ckpt.manifest, _step(str(family_dir)), **kwargs)
     if shard:
         assert (out / checkpoint.WEIGHTS_INDEX_NAME).is_file()
-    again = checkpoint.load(out)
+    again = checkpoint.open(out)
     before = ckpt.model.state_dict()
     for name, tensor in again.model.state_dict().items():
         assert torch.equal(tensor, before[name]), name
@@ -51,7 +51,7 @@ def test_save_load_round_trip_is_bitwise(family_dir: Path, tmp_path: Path, shard
 
 
 def test_masks_are_bit_packed(tiny_dir: Path, tmp_path: Path) -> None:
-    ckpt = checkpoint.load(tiny_dir)
+    ckpt = checkpoint.open(tiny_dir)
     masks = magnitude_masks(ckpt.model, apply=False)
     apply(ckpt.model, masks)
     checkpoint.save(tmp_path / "o", ckpt.model, ckpt.tokenizer, masks, ckpt.manifest, _step())
@@ -61,9 +61,9 @@ def test_masks_are_bit_packed(tiny_dir: Path, tmp_path: Path) -> None:
 
 
 def test_history_is_copied_and_appended(tiny_dir: Path, tmp_path: Path) -> None:
-    ckpt = checkpoint.load(tiny_dir)
+    ckpt = checkpoint.open(tiny_dir)
     checkpoint.save(tmp_path / "a", ckpt.model, ckpt.tokenizer, None, ckpt.manifest, _step(str(tiny_dir)))
-    a = checkpoint.load(tmp_path / "a")
+    a = checkpoint.open(tmp_path / "a")
     checkpoint.save(tmp_path / "b", a.model, a.tokenizer, None, a.manifest, StepRecord("second", {}, str(tmp_path / "a")))
     history = json.loads((tmp_path / "b" / "perp.json").read_text())["history"]
     assert [h["command"] for h in history] == ["test", "second"]
@@ -76,14 +76,14 @@ class Boom(RuntimeError):
 
 def test_failure_midway_leaves_no_output_and_input_unchanged(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
     before = tree_digest(tiny_dir)
-    ckpt = checkpoint.load(tiny_dir)
+    ckpt = checkpoint.open(tiny_dir)
     masks = magnitude_masks(ckpt.model, apply=False)
     apply(ckpt.model, masks)
 
-    def failing_write_masks(path, m):  # the weights are written, the masks never are
+    def failing_write_masks(*args):  # the weights are written, the masks never are
         raise Boom("disk died after half the files")
 
-    monkeypatch.setattr(checkpoint, "write_masks", failing_write_masks)
+    monkeypatch.setattr(shards, "write_masks", failing_write_masks)
     out = tmp_path / "out"
     with pytest.raises(Boom):
         checkpoint.save(out, ckpt.model, ckpt.tokenizer, masks, ckpt.manifest, _step())
@@ -93,7 +93,7 @@ def test_failure_midway_leaves_no_output_and_input_unchanged(tiny_dir: Path, tmp
 
 
 def test_keyboard_interrupt_during_write_leaves_nothing(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
-    ckpt = checkpoint.load(tiny_dir)
+    ckpt = checkpoint.open(tiny_dir)
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -108,7 +108,7 @@ def test_a_swallowed_signal_still_stops_the_commit(tiny_dir: Path, tmp_path: Pat
     # a library swallowed the KeyboardInterrupt (in a __del__, say); the record remains
     from perp_cli import errors
 
-    ckpt = checkpoint.load(tiny_dir)
+    ckpt = checkpoint.open(tiny_dir)
     monkeypatch.setattr(errors, "received_signals", [])
     monkeypatch.setattr(ckpt.tokenizer, "save_pretrained", lambda *a, **k: errors.received_signals.append("interrupted (SIGINT)"))
     with pytest.raises(errors.Interrupted, match="SIGINT"):
@@ -120,7 +120,7 @@ def test_stale_temporary_from_killed_process_is_cleaned(tiny_dir: Path, tmp_path
     stale = tmp_path / f".out{checkpoint.TMP_MARKER}999999"  # a pid that is not running
     stale.mkdir()
     (stale / "model.safetensors").write_bytes(b"half")
-    ckpt = checkpoint.load(tiny_dir)
+    ckpt = checkpoint.open(tiny_dir)
     checkpoint.save(tmp_path / "out", ckpt.model, ckpt.tokenizer, None, ckpt.manifest, _step())
     assert not stale.exists() and (tmp_path / "out" / "perp.json").is_file()
 
@@ -131,7 +131,7 @@ def test_existing_output_needs_overwrite_and_is_replaced_whole(tiny_dir: Path, t
     (out / "old-file").write_text("x")
     with pytest.raises(UsageError, match="already exists"):
         checkpoint.check_output(out, [tiny_dir], overwrite=False)
-    ckpt = checkpoint.load(tiny_dir)
+    ckpt = checkpoint.open(tiny_dir)
     checkpoint.save(out, ckpt.model, ckpt.tokenizer, None, ckpt.manifest, _step(), overwrite=True)
     assert not (out / "old-file").exists() and (out / "perp.json").exists()
 
@@ -148,7 +148,7 @@ def test_output_inside_input_or_symlink_is_refused(tiny_dir: Path, tmp_path: Pat
 
 
 def test_weights_changed_behind_the_masks_back_are_refused(tiny_dir: Path, tmp_path: Path) -> None:
-    ckpt = checkpoint.load(tiny_dir)
+    ckpt = checkpoint.open(tiny_dir)
     masks = magnitude_masks(ckpt.model, apply=False)
     apply(ckpt.model, masks)
     name = masks.names()[0]
@@ -159,7 +159,7 @@ def test_weights_changed_behind_the_masks_back_are_refused(tiny_dir: Path, tmp_p
 
 
 def test_nan_weights_are_never_written(tiny_dir: Path, tmp_path: Path) -> None:
-    ckpt = checkpoint.load(tiny_dir)
+    ckpt = checkpoint.open(tiny_dir)
     next(ckpt.model.parameters()).data[0, 0] = float("nan")
     with pytest.raises(NumericalError):
         checkpoint.save(tmp_path / "o", ckpt.model, ckpt.tokenizer, None, ckpt.manifest, _step())
@@ -167,7 +167,7 @@ def test_nan_weights_are_never_written(tiny_dir: Path, tmp_path: Path) -> None:
 
 
 def test_mask_hash_mismatch_and_foreign_masks_are_refused(tiny_dir: Path, tmp_path: Path) -> None:
-    ckpt = checkpoint.load(tiny_dir)
+    ckpt = checkpoint.open(tiny_dir)
     masks = magnitude_masks(ckpt.model, apply=False)
     apply(ckpt.model, masks)
     out = tmp_path / "o"
@@ -176,10 +176,10 @@ def test_mask_hash_mismatch_and_foreign_masks_are_refused(tiny_dir: Path, tmp_pa
     manifest["masks_sha256"] = "0" * 64
     (out / "perp.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="sha256"):
-        checkpoint.load(out)
+        checkpoint.open(out)
     # masks of another model (llama names) on an OPT model
     other = save_tiny(tmp_path / "llama", "llama")
-    lck = checkpoint.load(other)
+    lck = checkpoint.open(other)
     lmasks = magnitude_masks(lck.model, apply=False)
     apply(lck.model, lmasks)
     checkpoint.save(tmp_path / "l", lck.model, lck.tokenizer, lmasks, lck.manifest, _step())
@@ -187,17 +187,17 @@ def test_mask_hash_mismatch_and_foreign_masks_are_refused(tiny_dir: Path, tmp_pa
     (out / "perp.json").write_text(json.dumps(manifest))
     (out / "masks.safetensors").write_bytes((tmp_path / "l" / "masks.safetensors").read_bytes())
     with pytest.raises(CheckpointError, match="names no parameter"):
-        checkpoint.load(out)
+        checkpoint.open(out)
 
 
 def test_newer_manifest_version_is_refused(tiny_dir: Path, tmp_path: Path) -> None:
-    ckpt = checkpoint.load(tiny_dir)
+    ckpt = checkpoint.open(tiny_dir)
     checkpoint.save(tmp_path / "o", ckpt.model, ckpt.tokenizer, None, ckpt.manifest, _step())
     manifest = json.loads((tmp_path / "o" / "perp.json").read_text())
     manifest["format_version"] = 99
     (tmp_path / "o" / "perp.json").write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="format version 99"):
-        checkpoint.load(tmp_path / "o")
+        checkpoint.open(tmp_path / "o")
 
 
 def test_pickle_only_directory_is_refused(tmp_path: Path) -> None:
@@ -206,24 +206,24 @@ def test_pickle_only_directory_is_refused(tmp_path: Path) -> None:
     os.remove(d / "model.safetensors")
     torch.save({}, d / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="--allow-pickle"):
-        checkpoint.load(d)
+        checkpoint.open(d)
 
 
 def test_corrupt_weights_and_missing_shard(tiny_dir: Path, tmp_path: Path) -> None:
     (tiny_dir / "model.safetensors").write_bytes(b"\x00garbage" * 10)
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
-        checkpoint.load(tiny_dir)
+        checkpoint.open(tiny_dir)
     sharded = tmp_path / "sharded"
     tiny.build_model("opt").save_pretrained(sharded, max_shard_size="100KB")
     shard = sorted(sharded.glob("model-0*.safetensors"))[0]
     shard.unlink()
     with pytest.raises(CheckpointError, match="missing shard"):
-        checkpoint.load(sharded)
+        checkpoint.open(sharded)
 
 
 def test_missing_dir_and_unmapped_architecture(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="no such directory"):
-        checkpoint.load(tmp_path / "nope")
+        checkpoint.open(tmp_path / "nope")
     from transformers import AutoModelForCausalLM
 
     # XLM keeps attention and feed-forward layers in separate ModuleLists: no block class to find
@@ -231,13 +231,13 @@ def test_missing_dir_and_unmapped_architecture(tmp_path: Path) -> None:
     from perp_cli.errors import ArchitectureError
 
     with pytest.raises(ArchitectureError, match="cannot find the decoder blocks of XLMWithLMHeadModel"):
-        checkpoint.load(tmp_path / "xlm")
+        checkpoint.open(tmp_path / "xlm")
 
 
 def test_tokenizer_is_optional_until_needed(tmp_path: Path) -> None:
     d = tmp_path / "notok"
     tiny.build_model("opt").save_pretrained(d)
-    ckpt = checkpoint.load(d)
+    ckpt = checkpoint.open(d)
     assert ckpt.tokenizer is None
     with pytest.raises(CheckpointError, match="no tokenizer"):
         ckpt.require_tokenizer()
@@ -247,7 +247,7 @@ def test_shared_checkpoints_load_dense(tmp_path: Path) -> None:
     from conftest import shared_path
 
     for name in ("tiny-opt", "stories260K"):
-        ckpt = checkpoint.load(shared_path("models", name))
+        ckpt = checkpoint.open(shared_path("models", name))
         assert ckpt.masks is None and ckpt.tokenizer is not None
         assert len(arch.matrices(ckpt.model)) > 0
 
@@ -255,7 +255,7 @@ def test_shared_checkpoints_load_dense(tmp_path: Path) -> None:
 def test_out_of_disk_is_a_clear_error_and_leaves_nothing(tiny_dir: Path, tmp_path: Path, monkeypatch) -> None:
     import errno as _errno
 
-    ckpt = checkpoint.load(tiny_dir)
+    ckpt = checkpoint.open(tiny_dir)
     masks = magnitude_masks(ckpt.model, apply=False)
     apply(ckpt.model, masks)
 
@@ -284,7 +284,7 @@ def test_temporary_of_a_reused_pid_is_stale(tiny_dir: Path, tmp_path: Path) -> N
 
 
 def test_foreign_content_rules(tiny_dir: Path, tmp_path: Path) -> None:
-    ckpt = checkpoint.load(tiny_dir)
+    ckpt = checkpoint.open(tiny_dir)
     out = tmp_path / "out"
     checkpoint.save(out, ckpt.model, ckpt.tokenizer, None, ckpt.manifest, _step())
     assert checkpoint.foreign_content(out) is None
@@ -305,4 +305,4 @@ def test_missing_or_unexpected_tensor_is_refused_before_loading(tiny_dir: Path) 
     weights["model.decoder.layers.0.extra.weight"] = torch.zeros(2)
     save_file(weights, str(f), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="extra.weight in the weights is not part of"):
-        checkpoint.load(tiny_dir)
+        checkpoint.open(tiny_dir)

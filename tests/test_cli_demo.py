@@ -39,14 +39,14 @@ def test_demo_on_the_embedded_model_prunes_visibly_and_recovers(tmp_path: Path, 
     assert 0 < results[2]["trainable_share"] < 0.1  # PERP trains a small share of the parameters
     assert f"PERP closed {share:.0%} of the gap" in result.stderr
 
-    merged = checkpoint.load(out / "3-merged")  # verifies masks: every pruned weight exactly 0
+    merged = checkpoint.open(out / "3-merged")  # verifies masks: every pruned weight exactly 0
     assert abs(merged.masks.total_sparsity() - 0.8) < 1e-3  # 80% of 128-column blocks, rounded
     history = json.loads((out / "3-merged" / "perp.json").read_text())["history"]
     assert [h["command"] for h in history] == ["demo-init", "prune", "retrain", "merge"]
     assert history[2]["args"]["add_biases"] is True  # LLaMA has no biases: the demo adds them
     assert merged.model.config.attention_bias and merged.model.config.mlp_bias
     assert not (out / "3-merged" / "adapters.safetensors").exists()
-    pruned_ckpt = checkpoint.load(out / "1-pruned")
+    pruned_ckpt = checkpoint.open(out / "1-pruned")
     for name, keep in pruned_ckpt.masks.masks.items():  # the masks survive retraining and merging unchanged
         assert (merged.masks[name] == keep).all()
 

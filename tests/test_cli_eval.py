@@ -23,7 +23,7 @@ def dense_and_pruned(tmp_path: Path) -> tuple[Path, Path]:
     """A tiny dense OPT directory and a 50% magnitude-pruned perp checkpoint of it whose
     history carries a retrain step reporting its trainable share."""
     dense = save_tiny(tmp_path / "dense", "opt", seed=0)
-    ckpt = checkpoint.load(dense)
+    ckpt = checkpoint.open(dense)
     masks = magnitude_masks(ckpt.model, 0.5)
     manifest = dict(ckpt.manifest)
     manifest["history"] = [StepRecord("retrain", {}, str(dense), results={"trainable_share": 0.0125}).finish()]
@@ -33,7 +33,7 @@ def dense_and_pruned(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _direct_ppl(directory: Path, data: Path, seqlen: int) -> float:
-    ckpt = checkpoint.load(directory)
+    ckpt = checkpoint.open(directory)
     ids = eval_token_ids(ckpt.tokenizer, load_source(str(data), "test"), seqlen)
     return perplexity(ckpt.model, ids, seqlen).ppl
 
@@ -81,7 +81,7 @@ def test_record_appends_to_the_manifest_only(dense_and_pruned, calib_file: Path,
     assert entry["results"]["perplexity"][calib_file.name]["windows"] == 3
     assert entry["data"][calib_file.name]["token_ids_sha256"]
     assert {k: v for k, v in manifest.items() if k != "evaluations"} == old  # history, masks hash untouched
-    assert checkpoint.load(pruned).masks is not None  # still a valid checkpoint
+    assert checkpoint.open(pruned).masks is not None  # still a valid checkpoint
     assert not list(pruned.glob(".perp.json*"))  # no temp file left behind
 
 
@@ -126,7 +126,7 @@ def _save_with_masklora(pruned: Path, out: Path) -> tuple[dict[str, torch.Tensor
     """`pruned` plus unmerged MaskLoRA adapters (rank 4, alpha 8) with nonzero B."""
     from perp_cli import adapters
 
-    ckpt = checkpoint.load(pruned)
+    ckpt = checkpoint.open(pruned)
     torch.manual_seed(0)
     attached = adapters.attach(ckpt.model, "masklora", rank=4, alpha=8.0, masks=ckpt.masks)
     with torch.no_grad():
@@ -144,7 +144,7 @@ def test_unmerged_adapters_are_applied(dense_and_pruned, calib_file: Path, tmp_p
     out = tmp_path / "with-adapters"
     tensors, config = _save_with_masklora(pruned, out)
     # expected, by hand: W + (alpha / r) * (M * BA) written into a plain copy of the model
-    plain = checkpoint.load(pruned)
+    plain = checkpoint.open(pruned)
     by_name = {m.name: m for m in arch.matrices(plain.model)}
     with torch.no_grad():
         for key in config["matrices"]:

@@ -46,9 +46,9 @@ def test_merge_keeps_masks_and_function(work, kind):
     assert summary["adapter"] == ("scalelora" if kind == "multlora" else kind)
     assert not (out / "adapters.safetensors").exists() and not (out / "adapters.json").exists()
 
-    unmerged = checkpoint.load(src)
+    unmerged = checkpoint.open(src)
     adapters.attach_from_checkpoint(unmerged)
-    merged = checkpoint.load(out)  # verifies masked weights are zero
+    merged = checkpoint.open(out)  # verifies masked weights are zero
     with torch.no_grad():
         assert torch.allclose(merged.model(IDS).logits, unmerged.model(IDS).logits, atol=1e-5, rtol=1e-4)
     assert merged.masks.masks.keys() == unmerged.masks.masks.keys()
@@ -91,7 +91,7 @@ def test_merge_on_llama_after_add_biases(tmp_path, work):
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert model.config.attention_bias
-    reference = checkpoint.load(tmp_path / "rt")
+    reference = checkpoint.open(tmp_path / "rt")
     adapters.attach_from_checkpoint(reference)
     with torch.no_grad():
         assert torch.allclose(model(IDS).logits, reference.model(IDS).logits, atol=1e-5, rtol=1e-4)

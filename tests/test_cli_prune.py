@@ -33,7 +33,7 @@ def test_prune_writes_a_consistent_checkpoint_with_manifest_and_json(tiny_dir: P
     assert summary["calibration"]["shape"] == [4, 64] and len(summary["calibration"]["token_ids_sha256"]) == 64
     assert tree_digest(tiny_dir) == before  # the input is never modified
 
-    ckpt = checkpoint.load(out)  # verifies mask hash, exact zeros, finiteness
+    ckpt = checkpoint.open(out)  # verifies mask hash, exact zeros, finiteness
     assert ckpt.masks is not None and len(ckpt.masks) == 12
     step = json.loads((out / "perp.json").read_text())["history"][-1]
     assert step["command"] == "prune" and step["args"]["method"] == "sparsegpt" and step["seed"] == 0
@@ -66,7 +66,7 @@ def test_pruning_a_pruned_checkpoint_keeps_old_zeros(tiny_dir: Path, calib_file:
     assert run_cli("prune", tiny_dir, "-o", first, "--method", "magnitude", "-q").exit_code == 0
     result = run_cli("prune", first, "-o", second, "--method", "wanda", "--sparsity", "0.7", *_calib(calib_file), "--json", "-q")
     assert result.exit_code == 0, result.stderr
-    old, new = checkpoint.load(first).masks, checkpoint.load(second).masks
+    old, new = checkpoint.open(first).masks, checkpoint.open(second).masks
     assert all(not (new[n] & ~old[n]).any() for n in old.names())
     history = json.loads((second / "perp.json").read_text())["history"]
     assert [h["command"] for h in history] == ["prune", "prune"]

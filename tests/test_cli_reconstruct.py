@@ -52,7 +52,7 @@ def test_reconstruct_writes_a_normal_checkpoint_with_per_block_errors(pruned_dir
 
     out = outs[-1]  # the run `summary` describes
     assert not (out / "adapters.safetensors").exists() and not (out / "adapters.json").exists()
-    rec, pruned = checkpoint.load(out), checkpoint.load(pruned_dir)  # verifies masks and exact zeros
+    rec, pruned = checkpoint.open(out), checkpoint.open(pruned_dir)  # verifies masks and exact zeros
     assert rec.masks.names() == pruned.masks.names()
     assert all(torch.equal(rec.masks[n], pruned.masks[n]) for n in pruned.masks.names())
     history = json.loads((out / "perp.json").read_text())["history"]
@@ -129,7 +129,7 @@ def test_sublayer_granularity_end_to_end(pruned_dir: Path, calib_file: Path, tmp
     step = json.loads((tmp_path / "out" / "perp.json").read_text())["history"][-1]
     assert step["args"]["granularity"] == step["results"]["granularity"] == "sublayer"
     assert [(b["block"], b["part"]) for b in step["results"]["blocks"]] == [(0, "attention"), (0, "mlp"), (1, "attention"), (1, "mlp")]
-    rec, pruned = checkpoint.load(tmp_path / "out"), checkpoint.load(pruned_dir)  # verifies masks and exact zeros
+    rec, pruned = checkpoint.open(tmp_path / "out"), checkpoint.open(pruned_dir)  # verifies masks and exact zeros
     assert all(torch.equal(rec.masks[n], pruned.masks[n]) for n in pruned.masks.names())
     # interleaved pruning reconstructs whole blocks only
     result = run_cli("reconstruct", pruned_dir, "-o", tmp_path / "x", *_quick(calib_file), "--granularity", "sublayer", "--prune-method", "wanda")
@@ -164,7 +164,7 @@ def test_prune_method_prunes_and_reconstructs_in_one_pass(tiny_dir: Path, calib_
     assert summary["interleaved_pruning"]["method"] == "wanda"
     assert summary["interleaved_pruning"]["scope"] == "matrix"  # the paper recipe picks PERP's comparison group
     assert (summary["order"], summary["mode"], summary["restore"], summary["lr"]) == ("fixed", "train", False, 3e-3)
-    rec = checkpoint.load(out)  # verifies masks and exact zeros
+    rec = checkpoint.open(out)  # verifies masks and exact zeros
     assert abs(rec.masks.total_sparsity() - 0.5) < 1e-6
     step = json.loads((out / "perp.json").read_text())["history"][-1]
     assert step["args"]["prune"]["method"] == "wanda" and step["args"]["recipe"] == "paper"
@@ -201,9 +201,9 @@ def test_reconstruction_beats_pruning_alone_on_tiny_opt(method: str, tmp_path: P
     from perp_cli import data
     from perp_cli.perplexity import eval_token_ids, perplexity
 
-    base = checkpoint.load(pruned, need_tokenizer=True)
+    base = checkpoint.open(pruned, need_tokenizer=True)
     ids = eval_token_ids(base.tokenizer, data.load_source(str(wiki)), 256)
     before = perplexity(base.model, ids, 256, batch_size=8, max_windows=24).ppl
-    after = perplexity(checkpoint.load(rec).model, ids, 256, batch_size=8, max_windows=24).ppl
+    after = perplexity(checkpoint.open(rec).model, ids, 256, batch_size=8, max_windows=24).ppl
     print(f"{method} 60%: {before:.2f} -> {after:.2f}")
     assert after < before, (method, before, after)

@@ -11,7 +11,7 @@ import torch
 from conftest import run_cli, save_tiny, shared_path
 from safetensors.torch import load_file
 
-from perp_cli import adapters, arch, checkpoint, data, mask
+from perp_cli import adapters, arch, checkpoint, data, mask, shards
 from perp_cli.mask import MaskSet
 
 QUICK = ("--seqlen", "32", "--steps", "3", "--batch-size", "2", "--lr", "1e-2", "-q", "--json")
@@ -55,8 +55,8 @@ def test_biases_norms_changes_only_those_tensors_and_reports_the_share(work):
     assert last["command"] == "retrain" and last["results"]["trainable_parameters"] == trainable
     assert {"final_loss", "tokens_per_s", "peak_memory", "train_wall_time_s"} <= set(last["results"])
     assert last["data"]["train"]["token_ids_sha256"]
-    masks_in = checkpoint.read_masks(work["pruned"], None)
-    masks_out = checkpoint.read_masks(work["root"] / "bn", manifest)
+    masks_in = shards.MaskReader.open(work["pruned"], None).mask_set()
+    masks_out = shards.MaskReader.open(work["root"] / "bn", manifest).mask_set()
     assert masks_in.masks.keys() == masks_out.masks.keys()
     assert all(torch.equal(masks_in[n], masks_out[n]) for n in masks_in.names())
     assert not (work["root"] / "bn" / "adapters.json").exists()
@@ -66,7 +66,7 @@ def test_full_retraining_keeps_the_masks_exactly(work):
     result = retrain(work, "all", "--train", "all", "--weight-decay", "0.1")
     assert result.exit_code == 0, result.stderr
     assert result.json()["trainable_share"] == 1.0
-    ckpt = checkpoint.load(work["root"] / "all")  # verifies masked weights are zero
+    ckpt = checkpoint.open(work["root"] / "all")  # verifies masked weights are zero
     before = weights(work["pruned"])
     for name, keep in ckpt.masks.masks.items():
         p = ckpt.model.get_parameter(name)
@@ -86,7 +86,7 @@ def test_masklora_writes_unmerged_adapters_and_leaves_base_matrices_alone(work):
     for m in cfg["matrices"]:
         assert torch.equal(before[m], after[m])  # the update lives in the adapter until `perp merge`
     assert (work["pruned"] / "model.safetensors").read_bytes() == input_bytes  # input untouched
-    ckpt = checkpoint.load(out)
+    ckpt = checkpoint.open(out)
     ids = torch.randint(4, 260, (1, 16))
     base = ckpt.model(ids).logits
     assert len(adapters.attach_from_checkpoint(ckpt)) == 4
@@ -207,7 +207,7 @@ def test_perp_closes_the_gap_on_the_real_tiny_opt(tmp_path):
     model_dir = shared_path("models", "tiny-opt")
     c4 = shared_path("data", "c4", "c4-train.00000-of-01024.first1000.jsonl")
     wiki = shared_path("data", "wikitext-2-raw", "wiki.test.raw")
-    ckpt = checkpoint.load(model_dir, need_tokenizer=True)
+    ckpt = checkpoint.open(model_dir, need_tokenizer=True)
     ids = eval_token_ids(ckpt.tokenizer, data.load_source(str(wiki)), 256)
 
     def ppl(model) -> float:
@@ -224,7 +224,7 @@ def test_perp_closes_the_gap_on_the_real_tiny_opt(tmp_path):
         result = run_cli("retrain", pruned, "-o", out, "--data", c4, "--seqlen", "256", "--batch-size", "4", "--steps", "100",
                          "--lr", "5e-4", "--warmup", "0.1", "--schedule", "linear", "--device", "cpu", "-q", *extra)
         assert result.exit_code == 0, result.stderr
-        retrained = checkpoint.load(out)
+        retrained = checkpoint.open(out)
         adapters.attach_from_checkpoint(retrained)
         closed[name] = (pruned_ppl - ppl(retrained.model)) / (pruned_ppl - dense)
     assert pruned_ppl > dense * 1.15
@@ -247,7 +247,7 @@ def test_paper_recipe_trains_lm_head_lora_masklora_on_padded_documents(work):
     assert "lm_head.weight" in after and not torch.equal(after["lm_head.weight"], before["model.decoder.embed_tokens.weight"])
     assert torch.equal(after["model.decoder.embed_tokens.weight"], before["model.decoder.embed_tokens.weight"])
     assert (work["root"] / "paper" / "adapters.safetensors").exists()  # MaskLoRA stays unmerged until `perp merge`
-    checkpoint.load(work["root"] / "paper")  # masks and exact zeros verified
+    checkpoint.open(work["root"] / "paper")  # masks and exact zeros verified
     for extra, message in [(["--recipe", "nope"], "--recipe"), (["--data-mode", "nope"], "--data-mode"),
                            (["--recipe", "paper"], "not documents")]:
         bad = retrain(work, "bad", *extra)

@@ -117,7 +117,7 @@ def test_two_processes_reach_the_parameters_of_one_and_write_once(work, name, ex
         assert frozen and all(torch.equal(before[n], after_two[n]) for n in frozen)  # no gradient, no step
         assert not torch.equal(before["model.norm.weight"], after_two["model.norm.weight"])
     else:
-        ckpt = checkpoint.load(two)  # verifies every masked weight is exactly zero
+        ckpt = checkpoint.open(two)  # verifies every masked weight is exactly zero
         for n, keep in ckpt.masks.masks.items():
             assert mask.nonzeros_outside(ckpt.model.get_parameter(n), keep) == 0
             assert not torch.equal(before[n], after_two[n])
@@ -127,8 +127,8 @@ def test_two_processes_reach_the_parameters_of_one_and_write_once(work, name, ex
 
 
 def test_device_map_auto_without_a_gpu_puts_everything_on_the_cpu(work):
-    plain = checkpoint.load(work["pruned"])
-    mapped = checkpoint.load(work["pruned"], device_map="auto")
+    plain = checkpoint.open(work["pruned"])
+    mapped = checkpoint.open(work["pruned"], device_map="auto")
     assert {p.device.type for p in mapped.model.parameters()} == {"cpu"}
     assert checkpoint.offloaded_parameters(mapped.model) == []
     ids = random_tokens(2, 16, high=260)
@@ -136,10 +136,10 @@ def test_device_map_auto_without_a_gpu_puts_everything_on_the_cpu(work):
 
 
 def test_offloaded_weights_are_verified_and_evaluated_one_module_at_a_time(work, tmp_path):
-    plain = checkpoint.load(work["pruned"])
+    plain = checkpoint.open(work["pruned"])
     on_disk = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
                "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
-    mapped = checkpoint.load(work["pruned"], device_map=on_disk, offload_dir=tmp_path / "offload")
+    mapped = checkpoint.open(work["pruned"], device_map=on_disk, offload_dir=tmp_path / "offload")
     offloaded = checkpoint.offloaded_parameters(mapped.model)
     assert offloaded and all(n.startswith("model.layers.1.") for n in offloaded)
     ids = torch.arange(4, 4 + 8 * 32).remainder(256).view(-1)
@@ -156,7 +156,7 @@ def test_offloaded_weights_are_verified_and_evaluated_one_module_at_a_time(work,
     weights[name] = weights[name].masked_fill(~plain.masks[name], 1.0)
     save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match="disagree"):
-        checkpoint.load(broken, device_map=on_disk, offload_dir=tmp_path / "offload2")
+        checkpoint.open(broken, device_map=on_disk, offload_dir=tmp_path / "offload2")
 
 
 def test_cli_device_map_auto_gives_the_same_eval_and_retrain_as_a_device(work):

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from perp_cli import arch, checkpoint
+from perp_cli import arch, checkpoint, shards
 from perp_cli.inspection import expectation_failures, inspect_checkpoint
 from perp_cli.manifest import StepRecord
 from perp_cli.mask import MaskSet, Pattern, apply
@@ -18,7 +18,7 @@ from conftest import run_cli, shared_path
 
 def _nm_pruned(src: Path, out: Path, n: int = 2, m: int = 4) -> Path:
     """Keep the n largest of every m consecutive inputs, in each matrix's [out, in] view."""
-    ckpt = checkpoint.load(src)
+    ckpt = checkpoint.open(src)
     masks: dict[str, torch.Tensor] = {}
     for mat in arch.matrices(ckpt.model):
         w = mat.weight()
@@ -39,7 +39,7 @@ def _nm_pruned(src: Path, out: Path, n: int = 2, m: int = 4) -> Path:
 
 def test_nm_checkpoint_of_every_family_is_consistent(family_dir: Path, tmp_path: Path) -> None:
     out = _nm_pruned(family_dir, tmp_path / "pruned")
-    report = inspect_checkpoint(checkpoint.load(out, verify=False))
+    report = inspect_checkpoint(checkpoint.open(out, verify=False))
     assert report.consistent and report.pattern == "2:4"
     assert abs(report.total_sparsity - 0.5) < 1e-9
     assert all(abs(m.zero_fraction - 0.5) < 1e-9 for m in report.matrices)
@@ -53,7 +53,7 @@ def test_inspect_detects_weight_changed_behind_masks_back(tiny_dir: Path, tmp_pa
     out = _nm_pruned(tiny_dir, tmp_path / "pruned")
     weights = load_file(str(out / "model.safetensors"))
     name = "model.decoder.layers.1.fc2.weight"
-    masks = checkpoint.read_masks(out, None)
+    masks = shards.MaskReader.open(out, None).mask_set()
     w = weights[name]
     w[~masks[name]] = 0.125  # every pruned weight of fc2 revived
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -70,7 +70,7 @@ def test_expectations_fail_with_exit_3(tiny_dir: Path, tmp_path: Path) -> None:
     out = _nm_pruned(tiny_dir, tmp_path / "pruned")
     assert run_cli("inspect", out, "--expect-sparsity", "0.7", "-q").exit_code == 3
     assert run_cli("inspect", out, "--expect-pattern", "4:8", "-q").exit_code == 3
-    report = inspect_checkpoint(checkpoint.load(out))
+    report = inspect_checkpoint(checkpoint.open(out))
     assert expectation_failures(report, 0.5, 0.001, "2:4") == []
     assert run_cli("inspect", tiny_dir, "--expect-pattern", "2:4", "-q").exit_code == 3
 

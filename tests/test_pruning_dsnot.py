@@ -148,8 +148,8 @@ def test_keep_refines_a_pruned_checkpoint(tmp_path, calib_file) -> None:
 
     from perp_cli import checkpoint
 
-    before = checkpoint.load(tmp_path / "w").masks
-    after = checkpoint.load(tmp_path / "r").masks
+    before = checkpoint.open(tmp_path / "w").masks
+    after = checkpoint.open(tmp_path / "r").masks
     changed = 0
     for name, keep in after.masks.items():
         assert torch.equal(keep.sum(dim=1), before[name].sum(dim=1))  # row counts unchanged
@@ -176,5 +176,5 @@ def test_refining_a_permuted_nm_checkpoint_stays_nm_in_its_order(tmp_path, calib
     assert run_cli("prune", tmp_path / "r", "-o", tmp_path / "w", "--method", "wanda", "--pattern", "2:4", *calib).exit_code == 0
     from perp_cli import checkpoint
 
-    assert checkpoint.load(tmp_path / "w").masks.permutations == {}
+    assert checkpoint.open(tmp_path / "w").masks.permutations == {}
     assert run_cli("inspect", tmp_path / "w", "--expect-pattern", "2:4", "-q").exit_code == 0

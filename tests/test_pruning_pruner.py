@@ -182,7 +182,7 @@ def test_real_tiny_opt_sparsegpt_beats_magnitude_at_70_percent() -> None:
     model_dir = shared_path("models", "tiny-opt")
     c4 = shared_path("data", "c4", "c4-train.00000-of-01024.first1000.jsonl")
     wiki = shared_path("data", "wikitext-2-raw", "wiki.test.raw")
-    base = checkpoint.load(model_dir, need_tokenizer=True)
+    base = checkpoint.open(model_dir, need_tokenizer=True)
     text = data.load_source(str(wiki)).joined()[:200_000]  # the first 20 windows need ~6k tokens
     ids = torch.tensor(base.tokenizer(text)["input_ids"])
     ppl = {}

@@ -70,7 +70,7 @@ def test_permuted_masks_keep_the_function_and_are_nm_in_their_order(tmp_path, ca
     result = run_cli("prune", dense, "-o", tmp_path / "p", "--method", "ria", "--pattern", "2:4", "--permute", "--json", *calib)
     assert result.exit_code == 0, result.stderr
     assert run_cli("inspect", tmp_path / "p", "--expect-pattern", "2:4", "-q").exit_code == 0
-    ckpt = checkpoint.load(tmp_path / "p")
+    ckpt = checkpoint.open(tmp_path / "p")
     assert set(ckpt.masks.permutations) == set(ckpt.masks.names())
     unpermuted_ok = 0
     for name, keep in ckpt.masks.masks.items():

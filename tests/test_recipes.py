@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import assert_same_tensors, read_weights, save_tiny
-from perp_cli import data
+from perp_cli import checkpoint, data
 from perp_cli.errors import UsageError
 from perp_cli.evaluation import EvalSettings
 from perp_cli.pruner import PruneConfig
@@ -42,9 +42,7 @@ def _last_step(path: Path) -> dict:
 
 def _masked_weights_are_zero(path: Path) -> float:
     """The fraction of masked weights over the masked tensors, after checking each is exactly 0 under its mask."""
-    from perp_cli.checkpoint import load
-
-    ckpt = load(path, need_tokenizer=False)
+    ckpt = checkpoint.open(path, need_tokenizer=False)
     params = dict(ckpt.model.named_parameters())
     kept = total = 0
     for name, keep in ckpt.masks.masks.items():
@@ -134,9 +132,7 @@ def test_evaluate_scores_each_model_and_writes_the_summary(dense: Path, pruned: 
 
 
 def test_calibration_is_sampled_once_with_its_record(dense: Path) -> None:
-    from perp_cli.checkpoint import load
-
-    ckpt = load(dense, need_tokenizer=True)
+    ckpt = checkpoint.open(dense, need_tokenizer=True)
     config = data.CalibrationConfig(**CALIB)
     first, second = data.calibration(ckpt.tokenizer, ckpt.model, config, 0), data.calibration(ckpt.tokenizer, ckpt.model, config, 0)
     assert torch.equal(first.tokens, second.tokens) and first.record == second.record

@@ -17,7 +17,7 @@ from conftest import assert_same_tensors, magnitude_masks, read_weights, run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from perp_cli import adapters, arch, checkpoint, engine, merging, pruner, reconstruction, shards, streaming, tiny
+from perp_cli import adapters, arch, checkpoint, engine, memory, merging, pruner, reconstruction, shards, streaming, tiny
 from perp_cli.manifest import StepRecord, empty_manifest
 from perp_cli.pruner import PruneConfig
 from perp_cli.reconstruction import ReconstructConfig
@@ -75,7 +75,7 @@ def test_every_command_writes_the_same_output_in_every_residency(command: str, r
     ma, mb = (json.loads((d / "perp.json").read_text()) for d in (reference, other))
     assert ma["sparsity"] == mb["sparsity"] and ma["masks_sha256"] == mb["masks_sha256"]
     assert not list(other.glob(".*"))  # no spool left behind
-    checkpoint.load(other)
+    checkpoint.open(other)
 
 
 # ----------------------------------------------------------------------------- prune
@@ -124,7 +124,7 @@ def _assert_same_pruned(memory: Path, streamed: Path, sum_a: dict, sum_b: dict) 
     assert not sum_a["streaming"] and sum_b["streaming"]
     for key in ("sparsity", "sparsity_all_masked", "per_tensor", "calibration", "notes"):
         assert sum_a[key] == sum_b[key], key
-    checkpoint.load(streamed)  # mask hash, exact zeros, finiteness: the reader's own checks
+    checkpoint.open(streamed)  # mask hash, exact zeros, finiteness: the reader's own checks
 
 
 # Each family once, each method at least twice; sharded input everywhere.
@@ -182,7 +182,7 @@ def test_pruning_a_pruned_bfloat16_checkpoint_keeps_its_masks_and_dtype(tmp_path
     assert next(iter(read_weights(first).values())).dtype == torch.bfloat16
     memory, streamed, sum_a, sum_b = _prune_both(first, tmp_path, ["--method", "sparsegpt", "--sparsity", "0.7", *_calib(calib_file)])
     _assert_same_pruned(memory, streamed, sum_a, sum_b)
-    old, new = checkpoint.load(first).masks, checkpoint.load(streamed).masks
+    old, new = checkpoint.open(first).masks, checkpoint.open(streamed).masks
     assert all(not (new[n] & ~old[n]).any() for n in old.names())
 
 
@@ -316,9 +316,9 @@ def test_auto_streams_only_when_the_weights_would_not_fit(tiny_dir: Path, monkey
     size = streaming.weights_bytes(tiny_dir, "auto")
     assert size == sum(t.numel() * t.element_size() for t in load_file(tiny_dir / "model.safetensors").values())
     assert streaming.weights_bytes(tiny_dir, "bfloat16") == size // 2
-    monkeypatch.setattr(streaming, "available_memory", lambda: 100 * size)
+    monkeypatch.setattr(memory, "process_limit", lambda: 100 * size)
     assert not streaming.decide("auto", tiny_dir, refusal=pruner.streaming_refusal(config)).stream
-    monkeypatch.setattr(streaming, "available_memory", lambda: size)
+    monkeypatch.setattr(memory, "process_limit", lambda: size)
     assert streaming.decide("auto", tiny_dir, refusal=pruner.streaming_refusal(config)).stream
     assert not streaming.decide("auto", tiny_dir, refusal=pruner.streaming_refusal(PruneConfig(method="wanda", scope="global"))).stream
     assert not streaming.decide("auto", "org/hub-id", refusal=pruner.streaming_refusal(config)).stream
@@ -452,7 +452,7 @@ def _assert_same_reconstruction(src: Path, memory: Path, streamed: Path, sum_a: 
         assert sum_a[key] == sum_b[key], key
     assert not sum_a["streaming"] and sum_b["streaming"] and step_b["results"]["streaming"]["shards"] == sum_b["shards"]["shards"]
     assert not list(streamed.glob(".*"))  # no mask spool left behind
-    checkpoint.load(streamed)  # mask hash, exact zeros, finiteness: the reader's own checks
+    checkpoint.open(streamed)  # mask hash, exact zeros, finiteness: the reader's own checks
 
 
 RECONSTRUCT_CASES = [
@@ -573,7 +573,7 @@ def test_one_pruned_and_one_dense_block_in_memory_at_a_time(pruned: dict, tmp_pa
     # every weight, then every mask (assembled from the spool at the end), written once
     assert len(writes) == len(read_weights(tmp_path / "out")) + len(load_file(tmp_path / "out" / "masks.safetensors"))
     assert not _live(model) and not _live(dense_model) and not real_masks()
-    checkpoint.load(tmp_path / "out")
+    checkpoint.open(tmp_path / "out")
 
 
 # ----------------------------------------------------------------------------- failures
@@ -645,7 +645,7 @@ def test_reconstruct_usage_errors(args: list[str], message: str, pruned: dict, t
 def test_auto_counts_both_models_of_a_reconstruct(pruned: dict, monkeypatch) -> None:
     src, _ = pruned["opt"]
     size = streaming.weights_bytes(src, "auto")
-    monkeypatch.setattr(streaming, "available_memory", lambda: 3 * size)
+    monkeypatch.setattr(memory, "process_limit", lambda: 3 * size)
     assert not streaming.decide("auto", src).stream  # one model: 1/3 of the memory
     assert streaming.decide("auto", src, models=2).stream  # pruned + dense: 2/3
     assert not streaming.decide("off", src, models=2).stream
@@ -654,7 +654,7 @@ def test_auto_counts_both_models_of_a_reconstruct(pruned: dict, monkeypatch) -> 
 def test_mask_reader_reads_one_block_of_masks(pruned: dict) -> None:
     src, _ = pruned["llama"]
     reader = shards.MaskReader.open(src, checkpoint.read_manifest(src))
-    full = checkpoint.read_masks(src, checkpoint.read_manifest(src))
+    full = reader.mask_set()
     names = [n for n in sorted(full.names()) if n.startswith("model.layers.1.")]
     got = reader.read(names)
     assert list(got) == names and all(torch.equal(got[n], full[n]) for n in names)
@@ -744,7 +744,7 @@ def test_streamed_merge_is_bit_identical_to_the_in_memory_one(family: str, kind:
     assert rb["probe_relative_diff"] is None and ra["probe_relative_diff"] <= ra["tolerance"]
     assert not sum_a["streaming"] and sum_b["streaming"] and rb["streaming"]["shards"] > 1
     assert not list(streamed.glob(".*")) and not list(tmp_path.glob(".streamed*"))  # no spool, no temporary
-    checkpoint.load(streamed)  # mask hash, exact zeros, finiteness: the reader's own checks
+    checkpoint.open(streamed)  # mask hash, exact zeros, finiteness: the reader's own checks
 
 
 def test_single_file_merge_has_the_bytes_save_pretrained_writes(tmp_path: Path) -> None:
@@ -756,7 +756,7 @@ def test_single_file_merge_has_the_bytes_save_pretrained_writes(tmp_path: Path) 
     memory, streamed, _, _ = _merge_both(src, tmp_path, [], shard="5GB")
     assert (memory / "model.safetensors").read_bytes() == (streamed / "model.safetensors").read_bytes()
     merged = AutoModelForCausalLM.from_pretrained(streamed)
-    reference = checkpoint.load(src)
+    reference = checkpoint.open(src)
     adapters.attach_from_checkpoint(reference)
     ids = torch.randint(4, tiny.VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -833,7 +833,7 @@ def test_a_non_finite_adapter_in_the_last_block_leaves_no_output(tmp_path: Path)
 def test_weights_that_disagree_with_their_masks_are_refused(tmp_path: Path) -> None:
     src = adapted(tmp_path / "in", "llama", "scalelora", shard="5GB")
     tensors = load_file(src / "model.safetensors")
-    masks = checkpoint.read_masks(src, None)
+    masks = shards.MaskReader.open(src, None).mask_set()
     name = next(n for n in masks.names() if n.startswith("model.layers.1."))
     tensors[name][~masks[name]] = 1.0  # pruned weights of block 1 come back
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})

@@ -144,7 +144,7 @@ def reference_run(model: nn.Module, tokens: torch.Tensor, sparsity: float, n: in
 def tiny_opt():
     model_dir = shared_path("models", "tiny-opt")
     c4 = shared_path("data", "c4", "c4-train.00000-of-01024.first1000.jsonl")
-    base = checkpoint.load(model_dir, need_tokenizer=True)
+    base = checkpoint.open(model_dir, need_tokenizer=True)
     tokens = data.sample_windows(base.tokenizer, data.load_source(str(c4)), NSAMPLES, SEQLEN, seed=0)
     return base, tokens
 

@@ -38,7 +38,7 @@ def inspect(
     Exit 0 when weights and masks agree (and expectations hold); exit 3 when a masked
     weight is nonzero, an N:M group holds too many weights, or an --expect-* fails.
     """
-    ckpt = checkpoint.load(model, dtype="auto", device="cpu", allow_pickle=allow_pickle,
+    ckpt = checkpoint.open(model, dtype="auto", device="cpu", allow_pickle=allow_pickle,
                            trust_remote_code=trust_remote_code, verify=False, trust_inputs=trust_inputs)
     if show_arch:
         found = arch.map_report(ckpt.model)

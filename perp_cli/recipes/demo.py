@@ -15,7 +15,7 @@ EMBEDDED_MODEL = "demo/model"
 def write_embedded_default(out: Path) -> None:
     """The shipped model (float16 on disk, to stay small) as a float32 checkpoint: the demo's step 0."""
     with as_file(files("perp_cli").joinpath(EMBEDDED_MODEL)) as source:
-        ckpt = checkpoint.load(source, dtype="float32", need_tokenizer=True)
+        ckpt = checkpoint.open(source, dtype="float32", need_tokenizer=True)
     step = StepRecord("demo-init", {"model": "perp embedded demo model", "dtype": "float32"}, input=None, seed=0)
     checkpoint.save(out, ckpt.model, ckpt.tokenizer, None, {"history": []}, step, overwrite=True)
 

@@ -63,7 +63,7 @@ def evaluate_checkpoints(models: list[str], settings: EvalSettings, report: Repo
     cache = TokenCache()
     results = []
     for model in models:
-        ckpt = checkpoint.load(
+        ckpt = checkpoint.open(
             model, dtype=settings.dtype, device=settings.device, allow_pickle=settings.allow_pickle,
             trust_remote_code=settings.trust_remote_code, need_tokenizer=True,
             device_map=settings.device_map, offload_dir=settings.offload_dir, trust_inputs=settings.trust_inputs,

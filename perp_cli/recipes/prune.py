@@ -76,7 +76,7 @@ def _dense_model(ckpt: checkpoint.Checkpoint, config: Config) -> Any:
     if ckpt.masks is None:
         raise UsageError(f"--refine on {ckpt.source}: it has no masks.safetensors (prune it first, or pass a --method)")
     source = reconstruction.dense_source(ckpt, config.dense)
-    model = checkpoint.load(source, dtype=config.dtype, device="cpu", trust_remote_code=config.trust_remote_code,
+    model = checkpoint.open(source, dtype=config.dtype, device="cpu", trust_remote_code=config.trust_remote_code,
                             need_tokenizer=False, trust_inputs=config.trust_inputs).model
     reconstruction.check_compatible(ckpt.model, model)
     return model

@@ -200,7 +200,7 @@ def run(config: Config, report: Reporter = SILENT) -> Outcome:
         dist.local_slice(cfg.batch_size)  # an uneven split fails now, not after loading
 
     # --- the library calls: open ------------------------------------------------------
-    ckpt = checkpoint.load(config.model, dtype=config.dtype, device=str(dist.device) if dist else config.device,
+    ckpt = checkpoint.open(config.model, dtype=config.dtype, device=str(dist.device) if dist else config.device,
                            allow_pickle=config.allow_pickle, trust_remote_code=config.trust_remote_code, need_tokenizer=True,
                            device_map=config.device_map, trust_inputs=config.trust_inputs)
     # -----------------------------------------------------------------------------------

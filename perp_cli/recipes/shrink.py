@@ -30,7 +30,7 @@ def run(config: Config) -> Outcome:
     shard_bytes = config.shard_bytes
     config.check_output(cfg.calib)
     # --- the library calls ------------------------------------------------------------
-    ckpt = checkpoint.load(config.model, dtype=config.dtype, device="cpu", allow_pickle=config.allow_pickle,
+    ckpt = checkpoint.open(config.model, dtype=config.dtype, device="cpu", allow_pickle=config.allow_pickle,
                            trust_remote_code=config.trust_remote_code, need_tokenizer=True, trust_inputs=config.trust_inputs)
     check_activation_memory(ckpt.model, cfg.nsamples, cfg.seqlen, 1, None, "calibration")
     step = config.record("shrink", {**vars(cfg), "model": config.model, "output": str(config.output), "dtype": config.dtype,

@@ -78,7 +78,7 @@ def _check_after(out: Path, proc: subprocess.Popen, sig: int) -> str:
     if out.exists():
         # the step finished before the signal, or SIGKILL landed after the rename
         assert (out / "perp.json").is_file(), f"partial output directory: {sorted(os.listdir(out))}"
-        checkpoint.load(out)  # loads, hashes agree, masked weights are zero
+        checkpoint.open(out)  # loads, hashes agree, masked weights are zero
         return "completed"
     if sig == signal.SIGKILL:
         assert proc.returncode == -signal.SIGKILL
@@ -115,6 +115,6 @@ def test_signals_at_random_points_lose_nothing(workdir: Path, command: str) -> N
         rerun = _run(make_args(workdir, out) + (["--overwrite"] if out.exists() else []))
         assert rerun.returncode == 0, rerun.stderr
         assert _temporaries(out) == [], "a rerun must clean up temporaries of killed runs"
-        checkpoint.load(out)
+        checkpoint.open(out)
     assert tree_digest(source) == before
     print(f"{command}: {outcomes}")
