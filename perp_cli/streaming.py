@@ -304,7 +304,7 @@ class StreamedBlocks:
         for name, t in self._read(set(arch.block_names(self.model, self.names, index))).items():
             _set_tensor(self.model, name, t)
         own = self.old.masks.select(self.own_masks(index)) if self.old is not None else None
-        problems = mask_problems(self.model, MaskSet(own, self.old.pattern)) if own else []
+        problems = mask_problems(self.model, MaskSet(own, self.old.pattern, self.old.permutations)) if own else []
         if problems:
             raise CheckpointError(f"{self.source}: weights and masks disagree: {problems[0]} (run `perp inspect` for all)")
 
@@ -317,7 +317,7 @@ class StreamedBlocks:
         own = self.own_masks(index)
         if self.writer is not None:
             keep = self.masks_of(index) if self.masks_of is not None else {n: self.old.masks[n] for n in own}
-            masks = MaskSet(keep, self.pattern)
+            masks = MaskSet(keep, self.pattern, self.old.permutations if self.old is not None else {})  # --permute's N:M order
             apply(self.model, masks)
             problems = mask_problems(self.model, masks)
             if problems:

@@ -487,6 +487,29 @@ def test_streamed_reconstruct_is_bit_identical_to_the_in_memory_one(
         assert json.loads((streamed / "config.json").read_text())["mlp_bias"] is True
 
 
+def test_a_permuted_nm_checkpoint_reconstructs_and_merges_streamed_as_in_memory(tmp_path: Path) -> None:
+    """RIA's --permute stores N:M masks whose groups run in a permuted input order; the
+    streamed per-block checks must read them in that order (they once refused them)."""
+    dense = save_tiny(tmp_path / "dense", "llama")
+    src = tmp_path / "ria"
+    result = run_cli("prune", dense, "-o", src, "--method", "ria", "--pattern", "2:4", "--permute", "--calib", CORPUS,
+                     "--nsamples", "4", "--seqlen", "32", "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.stderr
+    assert "input_permutations" in _metadata(src / "masks.safetensors")
+    rec = tmp_path / "reconstruct"
+    memory, streamed, sum_a, sum_b = _reconstruct_both(src, rec, [*QUICK, "--train", "norms", "--adapter", "masklora"])
+    _assert_same_reconstruction(src, memory, streamed, sum_a, sum_b)
+    assert _metadata(streamed / "masks.safetensors") == _metadata(src / "masks.safetensors")
+    adapted = tmp_path / "retrained"
+    result = run_cli("retrain", src, "-o", adapted, "--train", "norms", "--adapter", "masklora", "--data", CORPUS, "--seqlen", "32", "--steps", "2",
+                     "--batch-size", "2", "--lr", "1e-2", "--device", "cpu", "-q")
+    assert result.exit_code == 0, result.stderr
+    merged_memory, merged_streamed, _, _ = _merge_both(adapted, tmp_path / "merge", [], "60KB")
+    assert_same_tensors(read_weights(merged_memory), read_weights(merged_streamed))
+    assert _metadata(merged_streamed / "masks.safetensors") == _metadata(src / "masks.safetensors")
+    checkpoint.open(merged_streamed)
+
+
 def test_streamed_reconstruct_loads_in_plain_transformers(pruned: dict, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
