@@ -25,7 +25,7 @@ from typing import Annotated, Any, Callable
 import torch
 import typer
 
-from perp_cli.cli.common import DeviceOpt, OverwriteOpt, QuietOpt, SeedOpt, require_range
+from perp_cli.cli.common import DeviceOpt, OverwriteOpt, QuietOpt, SeedOpt
 from perp_cli.errors import PerpError, UsageError
 from perp_cli.progress import console
 from perp_cli.recipes.demo import lacks_biases, write_embedded_default
@@ -76,7 +76,8 @@ def demo(
     run_command: Callable[[list[str]], int] = ctx.find_root().obj  # `perp`'s own main: each step runs as from the shell
     if method not in METHODS:
         raise UsageError(f"--method {method!r} is not one of {', '.join(METHODS)}")
-    require_range("--sparsity", sparsity, 0.0, 1.0)
+    if not 0.0 <= sparsity < 1.0:
+        raise UsageError(f"--sparsity must be in [0.0, 1.0), got {sparsity}")
     if output.exists() and not overwrite:
         raise UsageError(f"{output} already exists; pass --overwrite or choose another -o")
     output.mkdir(parents=True, exist_ok=True)
