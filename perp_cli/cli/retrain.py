@@ -68,12 +68,8 @@ def retrain_cmd(
     """
     if recipe not in RECIPES:
         raise UsageError(f"--recipe {recipe!r} is not one of {', '.join(RECIPES)}")
-    preset = RECIPES[recipe]
-    train = preset["train"] if train is None else train
-    adapter = preset["adapter"] if adapter is None else adapter
-    batch_size = preset["batch_size"] if batch_size is None else batch_size
-    grad_accum = preset["grad_accum"] if grad_accum is None else grad_accum
-    data_mode = preset["data_mode"] if data_mode is None else data_mode
+    chosen = {"train": train, "adapter": adapter, "batch_size": batch_size, "grad_accum": grad_accum, "data_mode": data_mode}
+    train, adapter, batch_size, grad_accum, data_mode = (RECIPES[recipe][k] if v is None else v for k, v in chosen.items())
     if data_mode not in ("windows", "documents"):
         raise UsageError(f"--data-mode {data_mode!r} is not one of windows, documents")
     opts = RetrainOptions(train=train, adapter=adapter, adapter_targets=adapter_targets, rank=rank, alpha=alpha,
