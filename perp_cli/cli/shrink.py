@@ -14,7 +14,7 @@ from perp_cli.cli.common import (AllowPickleOpt, CalibConcatOpt, CalibOpt, Calib
 from perp_cli.errors import UsageError
 from perp_cli.progress import console
 from perp_cli.recipes import shrink as recipe
-from perp_cli.shrinking import ShrinkConfig
+from perp_cli.shrinking import COUNT_FLAGS, ShrinkConfig
 
 
 def shrink_cmd(
@@ -62,8 +62,7 @@ def shrink_cmd(
     perp shrink MODEL -o OUT --structure width --remove-ratio 0.25 --multiple-of 64.
     """
     counts = {"depth": remove_blocks, "width": remove_channels, "heads": remove_heads, "experts": remove_experts}
-    flags = {"depth": "--remove-blocks", "width": "--remove-channels", "heads": "--remove-heads", "experts": "--remove-experts"}
-    wrong = [flags[s] for s, v in counts.items() if v is not None and s != structure]
+    wrong = [COUNT_FLAGS[s] for s, v in counts.items() if v is not None and s != structure]
     if wrong and structure in counts:
         raise UsageError(f"{wrong[0]} does not apply to --structure {structure}")
     config = ShrinkConfig(

@@ -19,6 +19,7 @@ from perp_cli import trainable as trainable_mod
 from perp_cli.distributed import Distributed
 from perp_cli.errors import UsageError
 from perp_cli.progress import SILENT, Reporter
+from perp_cli import recipes
 from perp_cli.recipes import Step, check_rank
 from perp_cli.training import TrainConfig, train_lm
 
@@ -121,10 +122,8 @@ class Config(Step):
     device_map: str | None = None
 
 
-@dataclass
-class Outcome:
-    output: Path
-    results: dict[str, Any]  # the step's perp.json results
+@dataclass(kw_only=True)
+class Outcome(recipes.Outcome):
     written: bool  # False on the ranks of a data-parallel run that are not rank 0
 
 
@@ -229,7 +228,7 @@ def run(config: Config, report: Reporter = SILENT) -> Outcome:
         dist.on_main(write)
         dist.close()
     # -----------------------------------------------------------------------------------
-    return Outcome(config.output, results, written=dist is None or dist.is_main)
+    return Outcome(results=results, written=dist is None or dist.is_main)
 
 
 def _write_peft(where: Path, cfg: dict, tensors: dict, overwrite: bool) -> None:
