@@ -121,7 +121,7 @@ def main() -> None:
             adapters.detach(ckpt.model)
             real = int((windows != data.PAD).sum())
             row("retrain", f"wanda 50% + retrain --recipe {recipe} ({args.retrain_steps} steps)", ppl(ckpt.model),
-                f"{real:,} real tokens, {outcome.trainable_parameters:,} trainable, {time.perf_counter() - start:.0f}s")
+                f"{real:,} real tokens, {outcome.results['trainable_parameters']:,} trainable, {time.perf_counter() - start:.0f}s")
 
 
 if __name__ == "__main__":

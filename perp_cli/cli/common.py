@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import copy
 import functools
-import inspect
 import json
 import math
 import sys
-import typing
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
 import typer
 
-from perp_cli.data import CalibrationConfig
 from perp_cli.errors import UsageError
 
 ModelArg = Annotated[
@@ -27,6 +22,8 @@ OutputOpt = Annotated[
     typer.Option("--output", "-o", help="Output checkpoint directory (written atomically; must not exist unless --overwrite).", show_default=False),
 ]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing output directory (only after the new one is complete).")]
+OverwriteForeignOpt = Annotated[bool, typer.Option("--overwrite-foreign", help="Replace an existing output directory even if perp did not write it (no perp.json, or files perp does not write): everything in it is deleted once the new output is complete. Implies --overwrite. Never replaces a directory that holds an input of the step.")]
+TrustInputsOpt = Annotated[bool, typer.Option("--trust-inputs", help="Skip the integrity checks of what perp.json records (sha256 of the weights, masks and adapters, the recorded sparsity, the source model's weights), for inputs you changed on purpose. Shapes and consistency are still checked.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="Weight dtype: auto (the checkpoint's), float32, bfloat16, float16.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed; the same seed and inputs give bit-identical outputs on CPU.")]
@@ -41,23 +38,19 @@ OffloadActivationsOpt = Annotated[bool, typer.Option("--offload-activations", he
 MaxMemoryOpt = Annotated[str | None, typer.Option("--max-memory", help="Most device memory the calibration activations may take, every copy together (reconstruction also keeps dense targets and block outputs), e.g. 8GiB; the rest wait on the host, or on disk with --offload-dir. Same result, bit for bit. Default: no limit. On a CPU the host is the device: use --offload-dir.", show_default=False)]
 ActivationDirOpt = Annotated[Path | None, typer.Option("--offload-dir", help="Keep the calibration activations beyond --max-memory (all of them without it) in files in this directory, read back one micro-batch at a time: host memory then holds one block and one micro-batch. Files are removed when done.", show_default=False)]
 
+# the calibration windows of a step (perp_cli.data.CalibrationConfig)
+CalibOpt = Annotated[str, typer.Option("--calib", help="Calibration text: c4 or wikitext2 (hub, needs network), or a local .txt/.raw/.jsonl/.parquet file or datasets directory.")]
+CalibTextFieldOpt = Annotated[str, typer.Option("--text-field", help="Text field of .jsonl/.parquet/datasets calibration data.")]
+NsamplesOpt = Annotated[int, typer.Option("--nsamples", help="Number of calibration windows.")]
+CalibSeqlenOpt = Annotated[int | None, typer.Option("--seqlen", help="Tokens per calibration window. Default: min(2048, the model's max positions).", show_default=False)]
+CalibConcatOpt = Annotated[bool, typer.Option("--calib-concat", help="Draw windows from all documents joined together (when too few documents are longer than --seqlen).")]
+
 
 def emit_json(summary: dict[str, Any]) -> None:
     """The --json summary: one JSON document on stdout."""
     sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
     sys.stdout.flush()
 
-
-def require_range(name: str, value: float, low: float, high: float, high_inclusive: bool = False) -> None:
-    """A usage error unless low <= value < high (or <= high)."""
-    ok = low <= value <= high if high_inclusive else low <= value < high
-    if not ok:
-        bracket = "]" if high_inclusive else ")"
-        raise UsageError(f"{name} must be in [{low}, {high}{bracket}, got {value}")
-
-
-OverwriteForeignOpt = Annotated[bool, typer.Option("--overwrite-foreign", help="Replace an existing output directory even if perp did not write it (no perp.json, or files perp does not write): everything in it is deleted once the new output is complete. Implies --overwrite. Never replaces a directory that holds an input of the step.")]
-TrustInputsOpt = Annotated[bool, typer.Option("--trust-inputs", help="Skip the integrity checks of what perp.json records (sha256 of the weights, masks and adapters, the recorded sparsity, the source model's weights), for inputs you changed on purpose. Shapes and consistency are still checked.")]
 
 # --- the one place where option values are validated, whatever the command ------------
 
@@ -92,10 +85,8 @@ def check_values(values: dict[str, Any]) -> None:
 
 
 def validated(command: Callable[..., Any]) -> Callable[..., Any]:
-    """`command` with its option groups spread (`grouped`) and its option values checked
-    (`check_values`) before it runs; the app registers every subcommand through it."""
-
-    command = grouped(command)
+    """`command` with its option values checked (`check_values`) before it runs; the app
+    registers every subcommand through it."""
 
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -103,156 +94,3 @@ def validated(command: Callable[..., Any]) -> Callable[..., Any]:
         return command(*args, **kwargs)
 
     return run
-
-
-# --- option groups: options several commands share, declared once ---------------------
-
-
-@dataclass(frozen=True)
-class Group:
-    """Marks a command parameter `name: Annotated[T, Group(options)]`: the command takes
-    the parameters of the function `options` (each an option, in that place of its
-    signature, so `--help` lists them there) and receives `options(**their values)`.
-    `help` replaces the help text of some of them for this command."""
-
-    options: Callable[..., Any]
-    help: tuple[tuple[str, str], ...] = ()
-
-
-GROUPED: Any = None  # the default of a `Group` parameter (the command always receives its group)
-
-
-def _group_parameters(group: Group) -> list[inspect.Parameter]:
-    hints = typing.get_type_hints(group.options, include_extras=True)
-    helps = dict(group.help)
-    params = []
-    for p in inspect.signature(group.options).parameters.values():
-        hint = hints[p.name]
-        if p.name in helps:  # the same option, told in this command's words
-            info = copy.copy(hint.__metadata__[0])
-            info.help = helps[p.name]
-            hint = Annotated[hint.__origin__, info]
-        params.append(p.replace(annotation=hint))
-    return params
-
-
-def grouped(command: Callable[..., Any]) -> Callable[..., Any]:
-    """`command` with each `Group` parameter spread into the options it stands for."""
-    hints = typing.get_type_hints(command, include_extras=True)
-    params, groups = [], {}
-    for p in inspect.signature(command).parameters.values():
-        marks = [m for m in getattr(hints[p.name], "__metadata__", ()) if isinstance(m, Group)]
-        if marks:
-            inner = _group_parameters(marks[0])
-            groups[p.name] = (marks[0].options, [q.name for q in inner])
-            params += inner
-        else:
-            params.append(p.replace(annotation=hints[p.name]))
-
-    @functools.wraps(command)
-    def run(**kwargs: Any) -> Any:
-        for name, (options, names) in groups.items():
-            kwargs[name] = options(**{n: kwargs.pop(n) for n in names})
-        return command(**kwargs)
-
-    run.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
-    run.__annotations__ = {p.name: p.annotation for p in params}
-    return run
-
-
-@dataclass(frozen=True)
-class Writing:
-    """How a writing command treats its output and inputs, and what it shows."""
-
-    overwrite: bool
-    overwrite_foreign: bool
-    trust_inputs: bool
-    json: bool
-    quiet: bool
-    allow_pickle: bool
-    trust_remote_code: bool
-
-    def step(self) -> dict[str, bool]:
-        """The part of a recipe's config (`recipes.Step`) these options set."""
-        return {"overwrite": self.overwrite, "overwrite_foreign": self.overwrite_foreign, "trust_inputs": self.trust_inputs,
-                "allow_pickle": self.allow_pickle, "trust_remote_code": self.trust_remote_code}
-
-
-def writing_options(
-    overwrite: OverwriteOpt = False,
-    overwrite_foreign: OverwriteForeignOpt = False,
-    trust_inputs: TrustInputsOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    allow_pickle: AllowPickleOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
-) -> Writing:
-    return Writing(overwrite, overwrite_foreign, trust_inputs, json_out, quiet, allow_pickle, trust_remote_code)
-
-
-WritingOpts = Annotated[Writing, Group(writing_options)]
-
-CALIB_HELP = "Calibration text: c4 or wikitext2 (hub, needs network), or a local .txt/.raw/.jsonl/.parquet file or datasets directory."
-
-
-def calibration_options(
-    calib: Annotated[str, typer.Option("--calib", help=CALIB_HELP)] = "c4",
-    text_field: Annotated[str, typer.Option("--text-field", help="Text field of .jsonl/.parquet/datasets calibration data.")] = "text",
-    nsamples: Annotated[int, typer.Option("--nsamples", help="Number of calibration windows.")] = 128,
-    seqlen: Annotated[int | None, typer.Option("--seqlen", help="Tokens per calibration window. Default: min(2048, the model's max positions).", show_default=False)] = None,
-    calib_concat: Annotated[bool, typer.Option("--calib-concat", help="Draw windows from all documents joined together (when too few documents are longer than --seqlen).")] = False,
-) -> CalibrationConfig:
-    return CalibrationConfig(calib=calib, text_field=text_field, nsamples=nsamples, seqlen=seqlen, calib_concat=calib_concat)
-
-
-CalibrationOpts = Annotated[CalibrationConfig, Group(calibration_options)]
-
-
-@dataclass(frozen=True)
-class ActivationOptions:
-    """Where the engine's calibration activations live (perp_cli.activations)."""
-
-    offload: bool
-    max_memory: str | None
-    offload_dir: Path | None
-
-    @property
-    def directory(self) -> str | None:
-        return None if self.offload_dir is None else str(self.offload_dir)
-
-
-def activation_options(
-    offload_activations: OffloadActivationsOpt = False,
-    max_memory: MaxMemoryOpt = None,
-    offload_dir: ActivationDirOpt = None,
-) -> ActivationOptions:
-    return ActivationOptions(offload_activations, max_memory, offload_dir)
-
-
-ActivationOpts = Annotated[ActivationOptions, Group(activation_options)]
-
-
-@dataclass(frozen=True)
-class Setup:
-    """The dtype, device and seed of a step, and the size of its output shards."""
-
-    max_shard_size: str
-    seed: int
-    device: str
-    dtype: str
-
-    def step(self) -> dict[str, Any]:
-        """The part of a recipe's config (`recipes.Step`) these options set."""
-        return {"max_shard_size": self.max_shard_size, "seed": self.seed, "dtype": self.dtype}
-
-
-def setup_options(
-    max_shard_size: MaxShardSizeOpt = "5GB",
-    seed: SeedOpt = 0,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
-) -> Setup:
-    return Setup(max_shard_size, seed, device, dtype)
-
-
-SetupOpts = Annotated[Setup, Group(setup_options)]

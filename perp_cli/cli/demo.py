@@ -25,7 +25,7 @@ from typing import Annotated, Any, Callable
 import torch
 import typer
 
-from perp_cli.cli.common import DeviceOpt, OverwriteOpt, QuietOpt, SeedOpt, require_range
+from perp_cli.cli.common import DeviceOpt, OverwriteOpt, QuietOpt, SeedOpt
 from perp_cli.errors import PerpError, UsageError
 from perp_cli.progress import console
 from perp_cli.recipes.demo import lacks_biases, write_embedded_default
@@ -76,7 +76,8 @@ def demo(
     run_command: Callable[[list[str]], int] = ctx.find_root().obj  # `perp`'s own main: each step runs as from the shell
     if method not in METHODS:
         raise UsageError(f"--method {method!r} is not one of {', '.join(METHODS)}")
-    require_range("--sparsity", sparsity, 0.0, 1.0)
+    if not 0.0 <= sparsity < 1.0:
+        raise UsageError(f"--sparsity must be in [0.0, 1.0), got {sparsity}")
     if output.exists() and not overwrite:
         raise UsageError(f"{output} already exists; pass --overwrite or choose another -o")
     output.mkdir(parents=True, exist_ok=True)
@@ -128,23 +129,17 @@ def demo(
         console.print("(the `perp` console script is not on PATH; `python -m perp_cli` runs the same commands)")
 
 
-def story(results: list[dict[str, Any]]) -> dict[str, float]:
-    """Dense, pruned and recovered held-out perplexity from `perp eval -o` results (in that order)."""
+def print_story(results: list[dict[str, Any]], method: str, sparsity: float, where: str) -> None:
+    """The demo's last words, from the `perp eval -o` results of the dense, pruned and recovered
+    models: what pruning cost and what the recovery won back."""
     dense, pruned, recovered = (next(iter(r["perplexity"].values()))["ppl"] for r in results)
     share = results[2]["trainable_share"]
-    return {"dense": dense, "pruned": pruned, "recovered": recovered, "gap_closed": gap_closed(dense, pruned, recovered),
-            "trainable_share": float("nan") if share is None else share}
-
-
-def print_story(results: list[dict[str, Any]], method: str, sparsity: float, where: str) -> None:
-    """The demo's last words: what pruning cost and what the recovery won back."""
-    s = story(results)
     console.print(
         f"\n[bold]perplexity[/] on {where}:\n"
-        f"  dense      {s['dense']:9.2f}\n"
-        f"  pruned     {s['pruned']:9.2f}   {method} {sparsity:.0%}: {s['pruned'] - s['dense']:+.2f}\n"
-        f"  recovered  {s['recovered']:9.2f}   PERP, {s['trainable_share']:.2%} of the parameters trained, "
+        f"  dense      {dense:9.2f}\n"
+        f"  pruned     {pruned:9.2f}   {method} {sparsity:.0%}: {pruned - dense:+.2f}\n"
+        f"  recovered  {recovered:9.2f}   PERP, {float('nan') if share is None else share:.2%} of the parameters trained, "
         f"still {sparsity:.0%} sparse\n"
-        f"[bold]PERP closed {s['gap_closed']:.0%} of the gap that pruning opened[/].",
+        f"[bold]PERP closed {gap_closed(dense, pruned, recovered):.0%} of the gap that pruning opened[/].",
         highlight=False,
     )

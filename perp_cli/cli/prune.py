@@ -10,9 +10,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from perp_cli.cli.common import (GROUPED, ActivationOpts, Group, ModelArg,
-                                 OutputOpt, SetupOpts, WritingOpts, calibration_options, emit_json)
-from perp_cli.data import CalibrationConfig
+from perp_cli.cli.common import (ActivationDirOpt, AllowPickleOpt, CalibConcatOpt, CalibSeqlenOpt, CalibTextFieldOpt, DeviceOpt, DtypeOpt,
+                                 JsonOpt, MaxMemoryOpt, MaxShardSizeOpt, ModelArg, NsamplesOpt, OffloadActivationsOpt, OutputOpt,
+                                 OverwriteForeignOpt, OverwriteOpt, QuietOpt, SeedOpt, TrustInputsOpt, TrustRemoteCodeOpt, emit_json)
 from perp_cli.progress import Reporter, console
 from perp_cli.pruner import PruneConfig
 from perp_cli.recipes import prune as recipe
@@ -28,7 +28,11 @@ def prune_cmd(
     targets: Annotated[str | None, typer.Option("--targets", help="Regex on parameter names: prune only matching matrices (default: every block matrix; embeddings and lm_head are never pruned).", show_default=False)] = None,
     exclude: Annotated[str | None, typer.Option("--exclude", help="Regex on parameter names: leave matching matrices dense.", show_default=False)] = None,
     skip_indivisible: Annotated[bool, typer.Option("--skip-indivisible", help="With N:M, leave matrices whose input dimension is not a multiple of M dense (reported) instead of failing.")] = False,
-    calibration: Annotated[CalibrationConfig, Group(calibration_options, help=(("calib", "Calibration text for wanda/sparsegpt: c4 or wikitext2 (hub, needs network), or a local .txt/.raw/.jsonl/.parquet file or datasets directory."),))] = GROUPED,
+    calib: Annotated[str, typer.Option("--calib", help="Calibration text for wanda/sparsegpt: c4 or wikitext2 (hub, needs network), or a local .txt/.raw/.jsonl/.parquet file or datasets directory.")] = "c4",
+    text_field: CalibTextFieldOpt = "text",
+    nsamples: NsamplesOpt = 128,
+    seqlen: CalibSeqlenOpt = None,
+    calib_concat: CalibConcatOpt = False,
     damp: Annotated[float, typer.Option("--damp", help="SparseGPT damping, as a fraction of the Hessian's mean diagonal (raised x10 and retried if the Cholesky fails).")] = 0.01,
     blocksize: Annotated[int, typer.Option("--blocksize", help="SparseGPT column block size (mask chosen per block; lazy updates between blocks).")] = 128,
     sparsegpt_selection: Annotated[str, typer.Option("--sparsegpt-selection", help="SparseGPT's mask rule per column block (unstructured): reference = prune every weight whose score is <= the (k+1)-th smallest, k = floor(S·n), as IST-DASLab/sparsegpt does (k+1 per block, more on ties: a hair above S); exact = exactly k per block (S met exactly). N:M is the same under both.")] = "reference",
@@ -42,10 +46,21 @@ def prune_cmd(
     refine_skip: Annotated[str, typer.Option("--refine-skip", help="DSnoT: leave these matrices' masks as the method chose them: mlp (the reference's default: refine attention only), attention, or none.")] = "mlp",
     dense: Annotated[str | None, typer.Option("--dense", help="With --method keep --refine: the dense model MODEL was pruned from (the grown weights take its values). Default: the source model recorded in MODEL's perp.json.", show_default=False)] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward micro-batch.")] = 8,
-    memory: ActivationOpts = GROUPED,
+    offload_activations: OffloadActivationsOpt = False,
+    max_memory: MaxMemoryOpt = None,
+    offload_dir: ActivationDirOpt = None,
     streaming_mode: Annotated[str, typer.Option("--streaming", help="Read and write the weights one decoder block at a time (peak memory: one block plus the calibration activations; same output, bit for bit): on, off, or auto = on when the weights would take more than half of the available memory. Needs a local safetensors checkpoint; not with --scope global.")] = "auto",
-    setup: SetupOpts = GROUPED,
-    out: WritingOpts = GROUPED,
+    max_shard_size: MaxShardSizeOpt = "5GB",
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    overwrite_foreign: OverwriteForeignOpt = False,
+    trust_inputs: TrustInputsOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Prune a checkpoint and write weights with exact zeros, masks and a manifest.
 
@@ -63,16 +78,20 @@ def prune_cmd(
     config = PruneConfig(
         method=method, sparsity=sparsity, pattern=pattern, scope=scope, targets=targets, exclude=exclude,
         skip_indivisible=skip_indivisible, damp=damp, blocksize=blocksize, sparsegpt_selection=sparsegpt_selection,
-        **vars(calibration), seed=setup.seed, device=setup.device,
-        batch_size=batch_size, offload_activations=memory.offload, max_memory=memory.max_memory, offload_dir=memory.directory, quiet=out.quiet,
+        calib=calib, text_field=text_field, nsamples=nsamples, seqlen=seqlen, calib_concat=calib_concat, seed=seed, device=device,
+        batch_size=batch_size, offload_activations=offload_activations, max_memory=max_memory,
+        offload_dir=None if offload_dir is None else str(offload_dir), quiet=quiet,
         allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda, permute=permute, refine=refine,
         refine_iters=refine_iters, refine_threshold=refine_threshold, refine_skip=refine_skip,
     )
-    outcome = recipe.run(recipe.Config(model=model, output=output, prune=config, dense=dense, streaming=streaming_mode,
-                                       **setup.step(), **out.step()), Reporter(out.quiet))
+    outcome = recipe.run(recipe.Config(
+        model=model, output=output, prune=config, dense=dense, streaming=streaming_mode, dtype=dtype, max_shard_size=max_shard_size,
+        seed=seed, overwrite=overwrite, overwrite_foreign=overwrite_foreign, trust_inputs=trust_inputs, allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    ), Reporter(quiet))
     results = outcome.results
     achieved = results["sparsity_achieved"]
-    if out.json:
+    if json_out:
         emit_json({
             "output": str(output), "method": results["method"], "pattern": results["pattern"], "scope": results["scope"],
             "sparsity": achieved["pruned_tensors"], "sparsity_all_masked": achieved["all_masked_tensors"],
@@ -81,7 +100,7 @@ def prune_cmd(
             "calibration": outcome.data, "streaming": outcome.streaming,
             **{k: results[k] for k in ("allocation", "permuted", "refine") if k in results},
         })
-    if not out.quiet:
+    if not quiet:
         _render(results, str(output))
 
 

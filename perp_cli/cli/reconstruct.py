@@ -8,9 +8,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from perp_cli.cli.common import (GROUPED, ActivationOpts, Group, ModelArg,
-                                 OutputOpt, SetupOpts, WritingOpts, calibration_options, emit_json)
-from perp_cli.data import CalibrationConfig
+from perp_cli.cli.common import (ActivationDirOpt, AllowPickleOpt, CalibConcatOpt, CalibOpt, CalibSeqlenOpt, CalibTextFieldOpt, DeviceOpt,
+                                 DtypeOpt, JsonOpt, MaxMemoryOpt, MaxShardSizeOpt, ModelArg, OffloadActivationsOpt, OutputOpt,
+                                 OverwriteForeignOpt, OverwriteOpt, QuietOpt, SeedOpt, TrustInputsOpt, TrustRemoteCodeOpt, emit_json)
 from perp_cli.errors import UsageError
 from perp_cli.progress import Reporter, console
 from perp_cli.pruner import PruneConfig
@@ -30,7 +30,11 @@ def reconstruct_cmd(
     adapter_targets: Annotated[str | None, typer.Option("--adapter-targets", help="Regex (re.search) on matrix names; experts are NAME[e]. Default: every prunable matrix.", show_default=False)] = None,
     rank: Annotated[int, typer.Option("--rank", help="Adapter rank r.")] = 16,
     alpha: Annotated[float, typer.Option("--alpha", help="Adapter scaling numerator: the update is (alpha/rank)·BA (unused by scalelora).")] = 32.0,
-    calibration: Annotated[CalibrationConfig, Group(calibration_options, help=(("nsamples", "Number of calibration windows (the activations every block trains on)."),))] = GROUPED,
+    calib: CalibOpt = "c4",
+    text_field: CalibTextFieldOpt = "text",
+    nsamples: Annotated[int, typer.Option("--nsamples", help="Number of calibration windows (the activations every block trains on).")] = 128,
+    seqlen: CalibSeqlenOpt = None,
+    calib_concat: CalibConcatOpt = False,
     recipe: Annotated[str, typer.Option("--recipe", help="Defaults for --steps-per-block, --batch-size, --lr, --order, --mode, --restore (an explicit option wins): perp = 100 steps x 8 windows, lr 1e-3, shuffle, eval, restore; paper = PERP's reference code: 20 steps x 1 window, lr 5e-4, fixed order, train mode, no restore (and --scope matrix for --prune-method wanda). docs/fidelity.md compares them.")] = "perp",
     steps_per_block: Annotated[int | None, typer.Option("--steps-per-block", help="AdamW steps per block, each on one micro-batch of --batch-size windows. Default: 100 (perp), 20 (paper).", show_default=False)] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Calibration windows per micro-batch (forward passes and training steps). Default: 8 (perp), 1 (paper).", show_default=False)] = None,
@@ -45,10 +49,21 @@ def reconstruct_cmd(
     sparsegpt_selection: Annotated[str, typer.Option("--sparsegpt-selection", help="With --prune-method sparsegpt: reference or exact, as in `perp prune`.")] = "reference",
     warmup: Annotated[float, typer.Option("--warmup", help="Linear warmup, as a fraction of --steps-per-block, in [0, 1).")] = 0.1,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW decoupled weight decay (pruned weights stay 0 regardless).")] = 0.0,
-    memory: ActivationOpts = GROUPED,
+    offload_activations: OffloadActivationsOpt = False,
+    max_memory: MaxMemoryOpt = None,
+    offload_dir: ActivationDirOpt = None,
     streaming_mode: Annotated[str, typer.Option("--streaming", help="Read both models one decoder block at a time and write each reconstructed block at once (peak memory: a pruned and a dense block plus the calibration activations and targets; same output, bit for bit): on, off, or auto = on when the two models' weights would take more than half of the available memory. Needs local safetensors checkpoints (MODEL and --dense).")] = "auto",
-    setup: SetupOpts = GROUPED,
-    out: WritingOpts = GROUPED,
+    max_shard_size: MaxShardSizeOpt = "5GB",
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    overwrite_foreign: OverwriteForeignOpt = False,
+    trust_inputs: TrustInputsOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Layer-wise reconstruction of a pruned checkpoint against its dense model (PERP).
 
@@ -68,10 +83,11 @@ def reconstruct_cmd(
         raise UsageError(f"--recipe {recipe!r} is not one of {', '.join(RECIPES)}")
     chosen = {"steps_per_block": steps_per_block, "batch_size": batch_size, "lr": lr, "order": order, "mode": mode, "restore": restore}
     settings = {k: RECIPES[recipe][k] if v is None else v for k, v in chosen.items()}
+    calibration = {"calib": calib, "text_field": text_field, "nsamples": nsamples, "seqlen": seqlen, "calib_concat": calib_concat}
     config = ReconstructConfig(
         train=train, adapter=adapter, adapter_targets=adapter_targets, rank=rank, alpha=alpha, add_biases=add_biases,
-        target=target, granularity=granularity, warmup=warmup, weight_decay=weight_decay, seed=setup.seed, device=setup.device, offload=memory.offload,
-        max_memory=memory.max_memory, offload_dir=memory.directory, quiet=out.quiet, **vars(calibration), **settings,
+        target=target, granularity=granularity, warmup=warmup, weight_decay=weight_decay, seed=seed, device=device, offload=offload_activations,
+        max_memory=max_memory, offload_dir=None if offload_dir is None else str(offload_dir), quiet=quiet, **calibration, **settings,
     )
     prune_config = None
     if prune_method is not None:
@@ -79,17 +95,20 @@ def reconstruct_cmd(
             scope = "matrix"  # PERP's code compares a Wanda score with the whole matrix, not per output row
         prune_config = PruneConfig(
             method=prune_method, sparsity=sparsity, pattern=pattern, scope=scope, sparsegpt_selection=sparsegpt_selection,
-            **vars(calibration), seed=setup.seed, device=setup.device, batch_size=config.batch_size, quiet=True,
+            **calibration, seed=seed, device=device, batch_size=config.batch_size, quiet=True,
         )
     elif sparsity is not None or scope is not None or pattern != "unstructured":
         raise UsageError("--sparsity/--pattern/--scope choose how --prune-method prunes; without it MODEL is already pruned")
-    outcome = run(Config(model=model, output=output, reconstruct=config, dense=dense, prune=prune_config, preset=recipe,
-                         streaming=streaming_mode, **setup.step(), **out.step()), Reporter(out.quiet))
+    outcome = run(Config(
+        model=model, output=output, reconstruct=config, dense=dense, prune=prune_config, preset=recipe, streaming=streaming_mode,
+        dtype=dtype, max_shard_size=max_shard_size, seed=seed, overwrite=overwrite, overwrite_foreign=overwrite_foreign,
+        trust_inputs=trust_inputs, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+    ), Reporter(quiet))
     results = outcome.results
-    if out.json:
+    if json_out:
         emit_json({"output": str(output), "dense": outcome.dense, **results, "calibration": outcome.data,
                    "streaming": outcome.streaming, "shards": results.get("streaming")})
-    if not out.quiet:
+    if not quiet:
         _render(results, outcome.dense, str(output))
 
 

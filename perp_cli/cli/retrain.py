@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from perp_cli.cli.common import GROUPED, DeviceOpt, DtypeOpt, ModelArg, OutputOpt, SeedOpt, WritingOpts, emit_json
+from perp_cli.cli.common import (AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, OutputOpt, OverwriteForeignOpt, OverwriteOpt,
+                                 QuietOpt, SeedOpt, TrustInputsOpt, TrustRemoteCodeOpt, emit_json)
 from perp_cli.errors import UsageError
 from perp_cli.progress import Reporter, console
 from perp_cli.recipes.retrain import RECIPES, Config, RetrainOptions, run
@@ -47,7 +48,13 @@ def retrain_cmd(
     device: DeviceOpt = "auto",
     device_map: Annotated[str | None, typer.Option("--device-map", help="auto (or balanced, balanced_low_0, sequential): spread the blocks over all visible GPUs with Accelerate (everything on the CPU without one), instead of --device; the model must fit in the GPUs (offloaded weights cannot train). Not with torchrun / accelerate launch. Default: off.", show_default=False)] = None,
     dtype: DtypeOpt = "auto",
-    out: WritingOpts = GROUPED,
+    overwrite: OverwriteOpt = False,
+    overwrite_foreign: OverwriteForeignOpt = False,
+    trust_inputs: TrustInputsOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Retrain a pruned checkpoint PERP-style; pruned weights stay exactly zero.
 
@@ -61,12 +68,8 @@ def retrain_cmd(
     """
     if recipe not in RECIPES:
         raise UsageError(f"--recipe {recipe!r} is not one of {', '.join(RECIPES)}")
-    preset = RECIPES[recipe]
-    train = preset["train"] if train is None else train
-    adapter = preset["adapter"] if adapter is None else adapter
-    batch_size = preset["batch_size"] if batch_size is None else batch_size
-    grad_accum = preset["grad_accum"] if grad_accum is None else grad_accum
-    data_mode = preset["data_mode"] if data_mode is None else data_mode
+    chosen = {"train": train, "adapter": adapter, "batch_size": batch_size, "grad_accum": grad_accum, "data_mode": data_mode}
+    train, adapter, batch_size, grad_accum, data_mode = (RECIPES[recipe][k] if v is None else v for k, v in chosen.items())
     if data_mode not in ("windows", "documents"):
         raise UsageError(f"--data-mode {data_mode!r} is not one of windows, documents")
     opts = RetrainOptions(train=train, adapter=adapter, adapter_targets=adapter_targets, rank=rank, alpha=alpha,
@@ -77,13 +80,14 @@ def retrain_cmd(
     outcome = run(Config(
         model=model, output=output, options=opts, train=cfg, preset=recipe, data=data_source, text_field=text_field, data_mode=data_mode,
         seqlen=seqlen, steps=steps, tokens=tokens, eval_data=eval_data, eval_windows=eval_windows, export_peft=export_peft,
-        device=device, device_map=device_map, dtype=dtype, seed=seed, **out.step(),
-    ), Reporter(out.quiet))
+        device=device, device_map=device_map, dtype=dtype, seed=seed, overwrite=overwrite, overwrite_foreign=overwrite_foreign,
+        trust_inputs=trust_inputs, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+    ), Reporter(quiet))
     if not outcome.written:
         return
-    if out.json:
+    if json_out:
         emit_json({"output": str(output), **outcome.results, **({"export_peft": str(export_peft)} if export_peft else {})})
-    if not out.quiet:
+    if not quiet:
         _render(outcome.results, str(output))
 
 

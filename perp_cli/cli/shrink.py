@@ -8,11 +8,13 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from perp_cli.cli.common import (GROUPED, CalibrationOpts, ModelArg, OffloadActivationsOpt,
-                                 OutputOpt, SetupOpts, WritingOpts, emit_json)
+from perp_cli.cli.common import (AllowPickleOpt, CalibConcatOpt, CalibOpt, CalibSeqlenOpt, CalibTextFieldOpt, DeviceOpt, DtypeOpt, JsonOpt,
+                                 MaxShardSizeOpt, ModelArg, NsamplesOpt, OffloadActivationsOpt, OutputOpt, OverwriteForeignOpt,
+                                 OverwriteOpt, QuietOpt, SeedOpt, TrustInputsOpt, TrustRemoteCodeOpt, emit_json)
+from perp_cli.errors import UsageError
 from perp_cli.progress import console
 from perp_cli.recipes import shrink as recipe
-from perp_cli.shrinking import ShrinkConfig
+from perp_cli.shrinking import COUNT_FLAGS, ShrinkConfig
 
 
 def shrink_cmd(
@@ -26,11 +28,24 @@ def shrink_cmd(
     remove_heads: Annotated[int | None, typer.Option("--remove-heads", help="heads: remove this many attention heads from every block; a multiple of heads / key-value heads (whole groups go).", show_default=False)] = None,
     remove_experts: Annotated[int | None, typer.Option("--remove-experts", help="experts: remove this many experts from every MoE block (at least num_experts_per_tok stay).", show_default=False)] = None,
     multiple_of: Annotated[int, typer.Option("--multiple-of", help="width: round the kept MLP width down to a multiple of this (e.g. 64 for fast kernels); more channels go.")] = 1,
-    calibration: CalibrationOpts = GROUPED,
+    calib: CalibOpt = "c4",
+    text_field: CalibTextFieldOpt = "text",
+    nsamples: NsamplesOpt = 128,
+    seqlen: CalibSeqlenOpt = None,
+    calib_concat: CalibConcatOpt = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Calibration windows per forward micro-batch.")] = 8,
     offload_activations: OffloadActivationsOpt = False,
-    setup: SetupOpts = GROUPED,
-    out: WritingOpts = GROUPED,
+    max_shard_size: MaxShardSizeOpt = "5GB",
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    overwrite: OverwriteOpt = False,
+    overwrite_foreign: OverwriteForeignOpt = False,
+    trust_inputs: TrustInputsOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
 ) -> None:
     """Remove whole blocks, MLP channels, attention heads or experts and write a SMALLER
     dense model: a plain Hugging Face directory (no masks) that loads and runs faster in
@@ -47,24 +62,23 @@ def shrink_cmd(
     perp shrink MODEL -o OUT --structure width --remove-ratio 0.25 --multiple-of 64.
     """
     counts = {"depth": remove_blocks, "width": remove_channels, "heads": remove_heads, "experts": remove_experts}
-    wrong = [flag for s, flag, v in (("depth", "--remove-blocks", remove_blocks), ("width", "--remove-channels", remove_channels),
-                                     ("heads", "--remove-heads", remove_heads), ("experts", "--remove-experts", remove_experts))
-             if v is not None and s != structure]
+    wrong = [COUNT_FLAGS[s] for s, v in counts.items() if v is not None and s != structure]
     if wrong and structure in counts:
-        from perp_cli.errors import UsageError
-
         raise UsageError(f"{wrong[0]} does not apply to --structure {structure}")
     config = ShrinkConfig(
-        structure=structure, remove_ratio=remove_ratio, remove_count=counts.get(structure), keep_ratio=keep_ratio,
-        multiple_of=multiple_of, **vars(calibration), seed=setup.seed, device=setup.device, batch_size=batch_size,
-        offload_activations=offload_activations, quiet=out.quiet,
+        structure=structure, remove_ratio=remove_ratio, remove_count=counts.get(structure), keep_ratio=keep_ratio, multiple_of=multiple_of,
+        calib=calib, text_field=text_field, nsamples=nsamples, seqlen=seqlen, calib_concat=calib_concat, seed=seed, device=device,
+        batch_size=batch_size, offload_activations=offload_activations, quiet=quiet,
     )
-    outcome = recipe.run(recipe.Config(model=model, output=output, shrink=config, **setup.step(), **out.step()))
+    outcome = recipe.run(recipe.Config(
+        model=model, output=output, shrink=config, dtype=dtype, max_shard_size=max_shard_size, seed=seed, overwrite=overwrite,
+        overwrite_foreign=overwrite_foreign, trust_inputs=trust_inputs, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+    ))
     results = outcome.results
-    if out.json:
+    if json_out:
         emit_json({"output": str(output), **{k: results[k] for k in ("structure", "removed", "sizes", "parameters", "shrink_time_s")},
                    "calibration": outcome.data})
-    if not out.quiet:
+    if not quiet:
         p = results["parameters"]
         sizes = ", ".join(f"{k} {a} → {b}" for k, (a, b) in results["sizes"].items() if a != b)
         console.print(

@@ -5,12 +5,12 @@ The layers: `cli` parses options, builds a recipe's config, calls `run` and rend
 outcome; a recipe wires the components below it (checkpoint, data, engine, pruner,
 reconstruction, merging, ...) and never prints (its notes go to the `Reporter` it is
 given). This module holds what every writing recipe shares: the input/output part of
-its config and the checks that come before any work.
+its config, the outcome it returns, and the checks that come before any work.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,15 @@ class Step:
     def record(self, command: str, args: dict[str, Any]) -> StepRecord:
         """The step's perp.json record, its results filled in by the recipe."""
         return StepRecord(command, args=args, input=self.model, seed=self.seed)
+
+
+@dataclass(kw_only=True)
+class Outcome:
+    """What a writing recipe hands back for its command to show."""
+
+    results: dict[str, Any]  # the step's perp.json results
+    data: dict[str, Any] = field(default_factory=dict)  # the calibration record ({} without calibration)
+    streaming: bool = False  # whether the weights were read and written one block at a time
 
 
 def check_rank(model: Any, rank: int, targets: str | None) -> None:

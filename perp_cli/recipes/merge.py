@@ -4,8 +4,6 @@ its adapters into the weights, check, write."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from rich.markup import escape
 
@@ -13,6 +11,7 @@ from perp_cli import checkpoint, streaming
 from perp_cli.errors import UsageError
 from perp_cli.merging import MergeReport, merge
 from perp_cli.progress import SILENT, Reporter, make_progress
+from perp_cli import recipes
 from perp_cli.recipes import Step
 
 
@@ -23,12 +22,9 @@ class Config(Step):
     streaming: str = "auto"  # on | off | auto
 
 
-@dataclass
-class Outcome:
-    output: Path
+@dataclass(kw_only=True)
+class Outcome(recipes.Outcome):
     report: MergeReport
-    results: dict[str, Any]  # the step's perp.json results
-    streaming: bool
 
 
 def run(config: Config, report: Reporter = SILENT) -> Outcome:
@@ -54,4 +50,4 @@ def run(config: Config, report: Reporter = SILENT) -> Outcome:
         step.results = merged.results()
         sink.finish(ckpt.masks if merged.densified_density is None else None)
     # -----------------------------------------------------------------------------------
-    return Outcome(config.output, merged, step.results, decision.stream)
+    return Outcome(results=step.results, streaming=decision.stream, report=merged)

@@ -3,8 +3,7 @@ windows when the method needs them, prune, write the output with its masks."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 from rich.markup import escape
@@ -13,7 +12,7 @@ from perp_cli import activations, checkpoint, data, reconstruction, streaming
 from perp_cli.errors import UsageError
 from perp_cli.progress import SILENT, Reporter
 from perp_cli.pruner import PruneConfig, plan, prune, streaming_refusal
-from perp_cli.recipes import Step, check_activation_memory
+from perp_cli.recipes import Outcome, Step, check_activation_memory
 
 CALIBRATED = ("wanda", "sparsegpt", "ria")
 
@@ -23,14 +22,6 @@ class Config(Step):
     prune: PruneConfig
     dense: str | None = None  # --method keep --refine: the dense model (default: the recorded source)
     streaming: str = "auto"  # on | off | auto
-
-
-@dataclass
-class Outcome:
-    output: Path
-    results: dict[str, Any]  # the step's perp.json results
-    data: dict[str, Any] = field(default_factory=dict)  # the calibration record ({} data-free)
-    streaming: bool = False
 
 
 def run(config: Config, report: Reporter = SILENT) -> Outcome:
@@ -63,7 +54,7 @@ def run(config: Config, report: Reporter = SILENT) -> Outcome:
         step.data, step.results = data_record, results
         sink.finish(masks)
     # -----------------------------------------------------------------------------------
-    return Outcome(config.output, results, data_record, decision.stream)
+    return Outcome(results=results, data=data_record, streaming=decision.stream)
 
 
 def _sampler(ckpt: checkpoint.Checkpoint, cfg: PruneConfig) -> data.Windows:

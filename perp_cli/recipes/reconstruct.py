@@ -5,7 +5,6 @@ memory or streamed), sample the calibration windows, reconstruct block by block
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
@@ -15,6 +14,7 @@ from perp_cli.errors import UsageError
 from perp_cli.progress import SILENT, Reporter
 from perp_cli.pruner import PruneConfig, plan
 from perp_cli.reconstruction import ReconstructConfig, check_compatible, dense_source, prepare, reconstruct
+from perp_cli import recipes
 from perp_cli.recipes import Step, check_activation_memory, check_rank
 
 
@@ -27,13 +27,9 @@ class Config(Step):
     streaming: str = "auto"  # on | off | auto
 
 
-@dataclass
-class Outcome:
-    output: Path
+@dataclass(kw_only=True)
+class Outcome(recipes.Outcome):
     dense: str  # the dense reference used
-    results: dict[str, Any]  # the step's perp.json results
-    data: dict[str, Any]  # the calibration record
-    streaming: bool
 
 
 def run(config: Config, report: Reporter = SILENT) -> Outcome:
@@ -105,7 +101,7 @@ def run(config: Config, report: Reporter = SILENT) -> Outcome:
         step.results = results = outcome.results()
         sink.finish(outcome.masks)
     # -----------------------------------------------------------------------------------
-    return Outcome(config.output, dense_dir, results, record, decision.stream)
+    return Outcome(results=results, data=record, streaming=decision.stream, dense=dense_dir)
 
 
 def _args(config: Config, dense_dir: str, seqlen: int, decision: streaming.Decision) -> dict[str, Any]:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -19,8 +19,9 @@ from perp_cli import trainable as trainable_mod
 from perp_cli.distributed import Distributed
 from perp_cli.errors import UsageError
 from perp_cli.progress import SILENT, Reporter
+from perp_cli import recipes
 from perp_cli.recipes import Step, check_rank
-from perp_cli.training import TrainConfig, TrainResult, train_lm
+from perp_cli.training import TrainConfig, train_lm
 
 
 @dataclass
@@ -46,37 +47,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass
-class RetrainOutcome:
-    result: TrainResult
-    trainable_parameters: int
-    total_parameters: int
-    trained: list[str]
-    tied_lm_head: bool
-    added_biases: list[str]
-    dense: bool
-    adapters: dict[str, adapters_mod.Adapter] = field(default_factory=dict)
-    adapters_state: dict[str, torch.Tensor] | None = None
-    adapters_config: dict[str, Any] | None = None
-    lm_head_lora: str | None = None  # None, "merged", or "merged, lm_head untied"
-
-    @property
-    def trainable_share(self) -> float:
-        return self.trainable_parameters / self.total_parameters
-
-    def results(self) -> dict[str, Any]:
-        return {
-            "trainable_parameters": self.trainable_parameters,
-            "total_parameters": self.total_parameters,
-            "trainable_share": round(self.trainable_share, 8),
-            "trained": self.trained,
-            "tied_lm_head": self.tied_lm_head,
-            "added_biases": len(self.added_biases),
-            "dense_retraining": self.dense,
-            "adapters": len(self.adapters),
-            "lm_head_lora": self.lm_head_lora,
-            **self.result.summary(),
-        }
+class RetrainOutcome(NamedTuple):
+    results: dict[str, Any]  # what perp.json records of the training
+    adapters: dict[str, adapters_mod.Adapter]  # detached and unmerged ({} without an adapter)
 
 
 def retrain(
@@ -89,26 +62,19 @@ def retrain(
     dist: Distributed | None = None,
     report: Reporter = SILENT,
 ) -> RetrainOutcome:
-    """PERP retraining of `ckpt.model` in place; adapters come back detached and unmerged.
+    """PERP retraining of `ckpt.model` in place, with the options `run` checks before loading;
+    adapters come back detached and unmerged.
 
     `lm_head-lora` in `opts.train` is the exception: that LoRA is dense (lm_head is
     never pruned) and is merged into lm_head before this returns, untying a tied lm_head
     so the input embeddings do not change (the checkpoint then stores the matrix twice).
-
-    The model's weights afterwards are the base weights with the trained subset updated;
-    the adapters' tensors and config are returned for `adapters.safetensors`/`.json`.
     `dist` makes this one rank of a data-parallel run (see `train_lm`).
     """
     model = ckpt.model
-    cfg.validate()
     if ckpt.adapters_config is not None:
         raise UsageError(f"{ckpt.source} has unmerged adapters; run `perp merge` on it first")
     kind = adapters_mod.canonical_kind(opts.adapter) if opts.adapter and opts.adapter != "none" else None
     parts = trainable_mod.parse_spec(opts.train)
-    if parts == ["none"] and kind is None:
-        raise UsageError("--train none with --adapter none trains nothing; choose a subset or an adapter")
-    if kind in adapters_mod.NEEDS_MASK and ckpt.masks is None:
-        raise UsageError(f"--adapter {kind} needs the pruning masks, but {ckpt.source} has no masks.safetensors (a dense model: use scalelora or lora)")
     if opts.untie_lm_head:
         trainable_mod.untie_lm_head(model)
     added = trainable_mod.add_biases(model) if opts.add_biases else []
@@ -126,23 +92,16 @@ def retrain(
         adapters_mod.detach(model)
         if handle is not None:
             handle.remove()
-    head_state = None
+    head_state = None  # None, "merged", or "merged, lm_head untied"
     if head is not None:  # dense (lm_head is never pruned): merged now, untied first if tied
         head_state = "merged, lm_head untied" if adapters_mod.merge_lm_head(model, head) else "merged"
     n_train = sum(p.numel() for p in params.values()) + sum(p.numel() for a in trained.values() for p in a.parameters())
-    return RetrainOutcome(
-        result=result,
-        trainable_parameters=n_train,
-        total_parameters=trainable_mod.count_parameters(model),
-        trained=parts,
-        tied_lm_head=tied,
-        added_biases=added,
-        dense=ckpt.masks is None,
-        adapters=adapters,
-        adapters_state=adapters_mod.state_dict(adapters) if adapters else None,
-        adapters_config=adapters_mod.config(adapters, opts.adapter_targets) if adapters else None,
-        lm_head_lora=head_state,
-    )
+    total = trainable_mod.count_parameters(model)
+    return RetrainOutcome({
+        "trainable_parameters": n_train, "total_parameters": total, "trainable_share": round(n_train / total, 8), "trained": parts,
+        "tied_lm_head": tied, "added_biases": len(added), "dense_retraining": ckpt.masks is None, "adapters": len(adapters),
+        "lm_head_lora": head_state, **result.summary(),
+    }, adapters)
 
 
 @dataclass(kw_only=True)
@@ -163,10 +122,8 @@ class Config(Step):
     device_map: str | None = None
 
 
-@dataclass
-class Outcome:
-    output: Path
-    results: dict[str, Any]  # the step's perp.json results
+@dataclass(kw_only=True)
+class Outcome(recipes.Outcome):
     written: bool  # False on the ranks of a data-parallel run that are not rank 0
 
 
@@ -179,8 +136,6 @@ def run(config: Config, report: Reporter = SILENT) -> Outcome:
         raise UsageError("give --steps or --tokens, not both")
     if cfg.eval_every and config.eval_data is None:
         raise UsageError("--eval-every needs --eval-data (held-out text)")
-    if config.eval_windows < 1:
-        raise UsageError(f"--eval-windows must be at least 1, got {config.eval_windows}")
     cfg.validate()
     if trainable_mod.parse_spec(opts.train) == ["none"] and kind is None:
         raise UsageError("--train none with --adapter none trains nothing; choose a subset or an adapter")
@@ -237,8 +192,10 @@ def run(config: Config, report: Reporter = SILENT) -> Outcome:
         eval_ids = eval_token_ids(ckpt.tokenizer, eval_source, seqlen)
         eval_record = {**eval_source.describe(), "windows": config.eval_windows, "seqlen": seqlen}
 
-        def eval_fn() -> float:
+        def held_out_perplexity() -> float:
             return perplexity(ckpt.model, eval_ids, seqlen, cfg.batch_size, max_windows=config.eval_windows, quiet=True).ppl
+
+        eval_fn = held_out_perplexity
 
     step = config.record("retrain", {
         "model": config.model, "output": str(config.output), "recipe": config.preset, "data_mode": config.data_mode, "train": opts.train,
@@ -252,16 +209,16 @@ def run(config: Config, report: Reporter = SILENT) -> Outcome:
     # --- the library calls: train and write -------------------------------------------
     outcome = retrain(ckpt, opts, cfg, windows, eval_fn=eval_fn, quiet=report.quiet, dist=dist, report=report)
     step.data = {"train": data.describe_tokens(source, windows), **({"eval": eval_record} if eval_record else {})}
-    results = outcome.results()
-    results.update(dist.describe(cfg.batch_size) if dist else {"world_size": 1})
-    if outcome.tied_lm_head:
+    results = {**outcome.results, **(dist.describe(cfg.batch_size) if dist else {"world_size": 1})}
+    if results["tied_lm_head"]:
         results["note"] = "lm_head is tied to the input embeddings: training one trained the other"
     step.results = results
 
     def write() -> None:
         peft = adapters_mod.peft_files(outcome.adapters, ckpt.model, str(config.output.resolve())) if config.export_peft else None
         checkpoint.save(config.output, ckpt.model, ckpt.tokenizer, ckpt.masks, manifest_in=ckpt.manifest, step=step,
-                        overwrite=config.replace, adapters=outcome.adapters_state, adapters_config=outcome.adapters_config)
+                        overwrite=config.replace, adapters=adapters_mod.state_dict(outcome.adapters) if outcome.adapters else None,
+                        adapters_config=adapters_mod.config(outcome.adapters, opts.adapter_targets) if outcome.adapters else None)
         if peft is not None:
             _write_peft(config.export_peft, *peft, overwrite=config.replace)
 
@@ -271,7 +228,7 @@ def run(config: Config, report: Reporter = SILENT) -> Outcome:
         dist.on_main(write)
         dist.close()
     # -----------------------------------------------------------------------------------
-    return Outcome(config.output, results, written=dist is None or dist.is_main)
+    return Outcome(results=results, written=dist is None or dist.is_main)
 
 
 def _write_peft(where: Path, cfg: dict, tensors: dict, overwrite: bool) -> None:

@@ -4,24 +4,15 @@ write the smaller dense model."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 from perp_cli import checkpoint, data
-from perp_cli.recipes import Step, check_activation_memory
+from perp_cli.recipes import Outcome, Step, check_activation_memory
 from perp_cli.shrinking import ShrinkConfig, shrink, validate
 
 
 @dataclass(kw_only=True)
 class Config(Step):
     shrink: ShrinkConfig
-
-
-@dataclass
-class Outcome:
-    output: Path
-    results: dict[str, Any]  # the step's perp.json results
-    data: dict[str, Any]  # the calibration record
 
 
 def run(config: Config) -> Outcome:
@@ -40,4 +31,4 @@ def run(config: Config) -> Outcome:
     checkpoint.save(config.output, outcome.model, ckpt.tokenizer, None, manifest_in=ckpt.manifest, step=step,
                     overwrite=config.replace, max_shard_size=shard_bytes)
     # -----------------------------------------------------------------------------------
-    return Outcome(config.output, outcome.results, outcome.data)
+    return Outcome(results=outcome.results, data=outcome.data)
