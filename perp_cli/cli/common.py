@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import sys
+import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
@@ -37,6 +40,54 @@ MaxShardSizeOpt = Annotated[str, typer.Option("--max-shard-size", help="Largest 
 OffloadActivationsOpt = Annotated[bool, typer.Option("--offload-activations", help="Keep the calibration activations (and reconstruction's targets) on the host, one micro-batch at a time on the device (same as --max-memory 0).")]
 MaxMemoryOpt = Annotated[str | None, typer.Option("--max-memory", help="Most device memory the calibration activations may take, every copy together (reconstruction also keeps dense targets and block outputs), e.g. 8GiB; the rest wait on the host, or on disk with --offload-dir. Same result, bit for bit. Default: no limit. On a CPU the host is the device: use --offload-dir.", show_default=False)]
 ActivationDirOpt = Annotated[Path | None, typer.Option("--offload-dir", help="Keep the calibration activations beyond --max-memory (all of them without it) in files in this directory, read back one micro-batch at a time: host memory then holds one block and one micro-batch. Files are removed when done.", show_default=False)]
+
+@dataclass(frozen=True)
+class Writing:
+    """The options every command that writes a checkpoint ends with (see `writes_checkpoint`)."""
+
+    overwrite: bool
+    overwrite_foreign: bool
+    trust_inputs: bool
+    json: bool
+    quiet: bool
+    allow_pickle: bool
+    trust_remote_code: bool
+
+    def step(self) -> dict[str, bool]:
+        """The fields of a recipe's `Step` these options set."""
+        return {"overwrite": self.overwrite, "overwrite_foreign": self.overwrite_foreign, "trust_inputs": self.trust_inputs,
+                "allow_pickle": self.allow_pickle, "trust_remote_code": self.trust_remote_code}
+
+
+def _writing_options(
+    overwrite: OverwriteOpt = False,
+    overwrite_foreign: OverwriteForeignOpt = False,
+    trust_inputs: TrustInputsOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    allow_pickle: AllowPickleOpt = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+) -> Writing:
+    return Writing(overwrite, overwrite_foreign, trust_inputs, json_out, quiet, allow_pickle, trust_remote_code)
+
+
+def writes_checkpoint(command: Callable[..., Any]) -> Callable[..., Any]:
+    """`command(..., *, writing: Writing)` as typer sees it: its own options, then those of
+    `_writing_options` (last in --help), which it receives as one `Writing`."""
+    hints = typing.get_type_hints(command, include_extras=True) | typing.get_type_hints(_writing_options, include_extras=True)
+    tail = list(inspect.signature(_writing_options).parameters.values())
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "writing"]
+    params = [p.replace(annotation=hints[p.name]) for p in own + tail]
+
+    @functools.wraps(command)
+    def run(**kwargs: Any) -> Any:
+        writing = _writing_options(**{p.name: kwargs.pop(p.name) for p in tail})
+        return command(**kwargs, writing=writing)
+
+    run.__signature__ = inspect.Signature(params, return_annotation=None)  # type: ignore[attr-defined]
+    run.__annotations__ = {p.name: p.annotation for p in params}
+    return run
+
 
 # the calibration windows of a step (perp_cli.data.CalibrationConfig)
 CalibOpt = Annotated[str, typer.Option("--calib", help="Calibration text: c4 or wikitext2 (hub, needs network), or a local .txt/.raw/.jsonl/.parquet file or datasets directory.")]

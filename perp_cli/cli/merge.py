@@ -7,12 +7,12 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from perp_cli.cli.common import (AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, MaxShardSizeOpt, ModelArg, OutputOpt, OverwriteForeignOpt,
-                                 OverwriteOpt, QuietOpt, SeedOpt, TrustInputsOpt, TrustRemoteCodeOpt, emit_json)
+from perp_cli.cli.common import DeviceOpt, DtypeOpt, MaxShardSizeOpt, ModelArg, OutputOpt, SeedOpt, Writing, emit_json, writes_checkpoint
 from perp_cli.progress import Reporter, console
 from perp_cli.recipes import merge as recipe
 
 
+@writes_checkpoint
 def merge_cmd(
     model: ModelArg,
     output: OutputOpt,
@@ -22,13 +22,8 @@ def merge_cmd(
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "auto",
     seed: SeedOpt = 0,
-    overwrite: OverwriteOpt = False,
-    overwrite_foreign: OverwriteForeignOpt = False,
-    trust_inputs: TrustInputsOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    allow_pickle: AllowPickleOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
+    *,
+    writing: Writing,
 ) -> None:
     """Merge adapters written by `perp retrain` (masklora: W + s·(M⊙BA); scalelora: W ⊙ BA;
     lora-prune: W + M⊙(s·BA); lora: W + s·BA, only with --allow-densify).
@@ -40,14 +35,13 @@ def merge_cmd(
     """
     outcome = recipe.run(recipe.Config(
         model=model, output=output, allow_densify=allow_densify, streaming=streaming_mode, device=device, dtype=dtype,
-        max_shard_size=max_shard_size, seed=seed, overwrite=overwrite, overwrite_foreign=overwrite_foreign, trust_inputs=trust_inputs,
-        allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-    ), Reporter(quiet))
+        max_shard_size=max_shard_size, seed=seed, **writing.step(),
+    ), Reporter(writing.quiet))
     report = outcome.report
-    if json_out:
+    if writing.json:
         skipped = outcome.results.get("checks_skipped", {})
         emit_json({"output": str(output), **report.to_json(), "checks_skipped": skipped, "streaming": outcome.streaming})
-    if not quiet:
+    if not writing.quiet:
         if report.densified_density is not None:
             console.print(
                 f"[yellow]warning[/]: plain LoRA merged densely: the adapted matrices are now {report.densified_density:.2%} "

@@ -10,14 +10,15 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from perp_cli.cli.common import (ActivationDirOpt, AllowPickleOpt, CalibConcatOpt, CalibSeqlenOpt, CalibTextFieldOpt, DeviceOpt, DtypeOpt,
-                                 JsonOpt, MaxMemoryOpt, MaxShardSizeOpt, ModelArg, NsamplesOpt, OffloadActivationsOpt, OutputOpt,
-                                 OverwriteForeignOpt, OverwriteOpt, QuietOpt, SeedOpt, TrustInputsOpt, TrustRemoteCodeOpt, emit_json)
+from perp_cli.cli.common import (ActivationDirOpt, CalibConcatOpt, CalibSeqlenOpt, CalibTextFieldOpt, DeviceOpt, DtypeOpt, MaxMemoryOpt,
+                                 MaxShardSizeOpt, ModelArg, NsamplesOpt, OffloadActivationsOpt, OutputOpt, SeedOpt, Writing, emit_json,
+                                 writes_checkpoint)
 from perp_cli.progress import Reporter, console
 from perp_cli.pruner import PruneConfig
 from perp_cli.recipes import prune as recipe
 
 
+@writes_checkpoint
 def prune_cmd(
     model: ModelArg,
     output: OutputOpt,
@@ -54,13 +55,8 @@ def prune_cmd(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    overwrite: OverwriteOpt = False,
-    overwrite_foreign: OverwriteForeignOpt = False,
-    trust_inputs: TrustInputsOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    allow_pickle: AllowPickleOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
+    *,
+    writing: Writing,
 ) -> None:
     """Prune a checkpoint and write weights with exact zeros, masks and a manifest.
 
@@ -80,18 +76,17 @@ def prune_cmd(
         skip_indivisible=skip_indivisible, damp=damp, blocksize=blocksize, sparsegpt_selection=sparsegpt_selection,
         calib=calib, text_field=text_field, nsamples=nsamples, seqlen=seqlen, calib_concat=calib_concat, seed=seed, device=device,
         batch_size=batch_size, offload_activations=offload_activations, max_memory=max_memory,
-        offload_dir=None if offload_dir is None else str(offload_dir), quiet=quiet,
+        offload_dir=None if offload_dir is None else str(offload_dir), quiet=writing.quiet,
         allocation=allocation, owl_m=owl_m, owl_lambda=owl_lambda, permute=permute, refine=refine,
         refine_iters=refine_iters, refine_threshold=refine_threshold, refine_skip=refine_skip,
     )
     outcome = recipe.run(recipe.Config(
         model=model, output=output, prune=config, dense=dense, streaming=streaming_mode, dtype=dtype, max_shard_size=max_shard_size,
-        seed=seed, overwrite=overwrite, overwrite_foreign=overwrite_foreign, trust_inputs=trust_inputs, allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-    ), Reporter(quiet))
+        seed=seed, **writing.step(),
+    ), Reporter(writing.quiet))
     results = outcome.results
     achieved = results["sparsity_achieved"]
-    if json_out:
+    if writing.json:
         emit_json({
             "output": str(output), "method": results["method"], "pattern": results["pattern"], "scope": results["scope"],
             "sparsity": achieved["pruned_tensors"], "sparsity_all_masked": achieved["all_masked_tensors"],
@@ -100,7 +95,7 @@ def prune_cmd(
             "calibration": outcome.data, "streaming": outcome.streaming,
             **{k: results[k] for k in ("allocation", "permuted", "refine") if k in results},
         })
-    if not quiet:
+    if not writing.quiet:
         _render(results, str(output))
 
 

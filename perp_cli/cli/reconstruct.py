@@ -8,9 +8,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from perp_cli.cli.common import (ActivationDirOpt, AllowPickleOpt, CalibConcatOpt, CalibOpt, CalibSeqlenOpt, CalibTextFieldOpt, DeviceOpt,
-                                 DtypeOpt, JsonOpt, MaxMemoryOpt, MaxShardSizeOpt, ModelArg, OffloadActivationsOpt, OutputOpt,
-                                 OverwriteForeignOpt, OverwriteOpt, QuietOpt, SeedOpt, TrustInputsOpt, TrustRemoteCodeOpt, emit_json)
+from perp_cli.cli.common import (ActivationDirOpt, CalibConcatOpt, CalibOpt, CalibSeqlenOpt, CalibTextFieldOpt, DeviceOpt, DtypeOpt,
+                                 MaxMemoryOpt, MaxShardSizeOpt, ModelArg, OffloadActivationsOpt, OutputOpt, SeedOpt, Writing, emit_json,
+                                 writes_checkpoint)
 from perp_cli.errors import UsageError
 from perp_cli.progress import Reporter, console
 from perp_cli.pruner import PruneConfig
@@ -18,6 +18,7 @@ from perp_cli.recipes.reconstruct import Config, run
 from perp_cli.reconstruction import RECIPES, ReconstructConfig
 
 
+@writes_checkpoint
 def reconstruct_cmd(
     model: ModelArg,
     output: OutputOpt,
@@ -57,13 +58,8 @@ def reconstruct_cmd(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    overwrite: OverwriteOpt = False,
-    overwrite_foreign: OverwriteForeignOpt = False,
-    trust_inputs: TrustInputsOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    allow_pickle: AllowPickleOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
+    *,
+    writing: Writing,
 ) -> None:
     """Layer-wise reconstruction of a pruned checkpoint against its dense model (PERP).
 
@@ -87,7 +83,7 @@ def reconstruct_cmd(
     config = ReconstructConfig(
         train=train, adapter=adapter, adapter_targets=adapter_targets, rank=rank, alpha=alpha, add_biases=add_biases,
         target=target, granularity=granularity, warmup=warmup, weight_decay=weight_decay, seed=seed, device=device, offload=offload_activations,
-        max_memory=max_memory, offload_dir=None if offload_dir is None else str(offload_dir), quiet=quiet, **calibration, **settings,
+        max_memory=max_memory, offload_dir=None if offload_dir is None else str(offload_dir), quiet=writing.quiet, **calibration, **settings,
     )
     prune_config = None
     if prune_method is not None:
@@ -101,14 +97,13 @@ def reconstruct_cmd(
         raise UsageError("--sparsity/--pattern/--scope choose how --prune-method prunes; without it MODEL is already pruned")
     outcome = run(Config(
         model=model, output=output, reconstruct=config, dense=dense, prune=prune_config, preset=recipe, streaming=streaming_mode,
-        dtype=dtype, max_shard_size=max_shard_size, seed=seed, overwrite=overwrite, overwrite_foreign=overwrite_foreign,
-        trust_inputs=trust_inputs, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-    ), Reporter(quiet))
+        dtype=dtype, max_shard_size=max_shard_size, seed=seed, **writing.step(),
+    ), Reporter(writing.quiet))
     results = outcome.results
-    if json_out:
+    if writing.json:
         emit_json({"output": str(output), "dense": outcome.dense, **results, "calibration": outcome.data,
                    "streaming": outcome.streaming, "shards": results.get("streaming")})
-    if not quiet:
+    if not writing.quiet:
         _render(results, outcome.dense, str(output))
 
 

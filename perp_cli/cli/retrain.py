@@ -8,14 +8,14 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from perp_cli.cli.common import (AllowPickleOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, OutputOpt, OverwriteForeignOpt, OverwriteOpt,
-                                 QuietOpt, SeedOpt, TrustInputsOpt, TrustRemoteCodeOpt, emit_json)
+from perp_cli.cli.common import DeviceOpt, DtypeOpt, ModelArg, OutputOpt, SeedOpt, Writing, emit_json, writes_checkpoint
 from perp_cli.errors import UsageError
 from perp_cli.progress import Reporter, console
 from perp_cli.recipes.retrain import RECIPES, Config, RetrainOptions, run
 from perp_cli.training import TrainConfig
 
 
+@writes_checkpoint
 def retrain_cmd(
     model: ModelArg,
     output: OutputOpt,
@@ -48,13 +48,8 @@ def retrain_cmd(
     device: DeviceOpt = "auto",
     device_map: Annotated[str | None, typer.Option("--device-map", help="auto (or balanced, balanced_low_0, sequential): spread the blocks over all visible GPUs with Accelerate (everything on the CPU without one), instead of --device; the model must fit in the GPUs (offloaded weights cannot train). Not with torchrun / accelerate launch. Default: off.", show_default=False)] = None,
     dtype: DtypeOpt = "auto",
-    overwrite: OverwriteOpt = False,
-    overwrite_foreign: OverwriteForeignOpt = False,
-    trust_inputs: TrustInputsOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    allow_pickle: AllowPickleOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
+    *,
+    writing: Writing,
 ) -> None:
     """Retrain a pruned checkpoint PERP-style; pruned weights stay exactly zero.
 
@@ -80,14 +75,13 @@ def retrain_cmd(
     outcome = run(Config(
         model=model, output=output, options=opts, train=cfg, preset=recipe, data=data_source, text_field=text_field, data_mode=data_mode,
         seqlen=seqlen, steps=steps, tokens=tokens, eval_data=eval_data, eval_windows=eval_windows, export_peft=export_peft,
-        device=device, device_map=device_map, dtype=dtype, seed=seed, overwrite=overwrite, overwrite_foreign=overwrite_foreign,
-        trust_inputs=trust_inputs, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-    ), Reporter(quiet))
+        device=device, device_map=device_map, dtype=dtype, seed=seed, **writing.step(),
+    ), Reporter(writing.quiet))
     if not outcome.written:
         return
-    if json_out:
+    if writing.json:
         emit_json({"output": str(output), **outcome.results, **({"export_peft": str(export_peft)} if export_peft else {})})
-    if not quiet:
+    if not writing.quiet:
         _render(outcome.results, str(output))
 
 

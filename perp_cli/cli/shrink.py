@@ -8,15 +8,15 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from perp_cli.cli.common import (AllowPickleOpt, CalibConcatOpt, CalibOpt, CalibSeqlenOpt, CalibTextFieldOpt, DeviceOpt, DtypeOpt, JsonOpt,
-                                 MaxShardSizeOpt, ModelArg, NsamplesOpt, OffloadActivationsOpt, OutputOpt, OverwriteForeignOpt,
-                                 OverwriteOpt, QuietOpt, SeedOpt, TrustInputsOpt, TrustRemoteCodeOpt, emit_json)
+from perp_cli.cli.common import (CalibConcatOpt, CalibOpt, CalibSeqlenOpt, CalibTextFieldOpt, DeviceOpt, DtypeOpt, MaxShardSizeOpt,
+                                 ModelArg, NsamplesOpt, OffloadActivationsOpt, OutputOpt, SeedOpt, Writing, emit_json, writes_checkpoint)
 from perp_cli.errors import UsageError
 from perp_cli.progress import console
 from perp_cli.recipes import shrink as recipe
 from perp_cli.shrinking import COUNT_FLAGS, ShrinkConfig
 
 
+@writes_checkpoint
 def shrink_cmd(
     model: ModelArg,
     output: OutputOpt,
@@ -39,13 +39,8 @@ def shrink_cmd(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
-    overwrite: OverwriteOpt = False,
-    overwrite_foreign: OverwriteForeignOpt = False,
-    trust_inputs: TrustInputsOpt = False,
-    json_out: JsonOpt = False,
-    quiet: QuietOpt = False,
-    allow_pickle: AllowPickleOpt = False,
-    trust_remote_code: TrustRemoteCodeOpt = False,
+    *,
+    writing: Writing,
 ) -> None:
     """Remove whole blocks, MLP channels, attention heads or experts and write a SMALLER
     dense model: a plain Hugging Face directory (no masks) that loads and runs faster in
@@ -68,17 +63,16 @@ def shrink_cmd(
     config = ShrinkConfig(
         structure=structure, remove_ratio=remove_ratio, remove_count=counts.get(structure), keep_ratio=keep_ratio, multiple_of=multiple_of,
         calib=calib, text_field=text_field, nsamples=nsamples, seqlen=seqlen, calib_concat=calib_concat, seed=seed, device=device,
-        batch_size=batch_size, offload_activations=offload_activations, quiet=quiet,
+        batch_size=batch_size, offload_activations=offload_activations, quiet=writing.quiet,
     )
     outcome = recipe.run(recipe.Config(
-        model=model, output=output, shrink=config, dtype=dtype, max_shard_size=max_shard_size, seed=seed, overwrite=overwrite,
-        overwrite_foreign=overwrite_foreign, trust_inputs=trust_inputs, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+        model=model, output=output, shrink=config, dtype=dtype, max_shard_size=max_shard_size, seed=seed, **writing.step(),
     ))
     results = outcome.results
-    if json_out:
+    if writing.json:
         emit_json({"output": str(output), **{k: results[k] for k in ("structure", "removed", "sizes", "parameters", "shrink_time_s")},
                    "calibration": outcome.data})
-    if not quiet:
+    if not writing.quiet:
         p = results["parameters"]
         sizes = ", ".join(f"{k} {a} → {b}" for k, (a, b) in results["sizes"].items() if a != b)
         console.print(
