@@ -194,6 +194,10 @@ def run_child(argv: list[str]) -> tuple[int, float, float | None, float, str]:
     for line in child.stderr.splitlines():
         if line.startswith('{"vm_hwm_mib"'):
             hwm = json.loads(line)["vm_hwm_mib"]
+        elif line.startswith('{"sampled"'):  # --timeline: the child's sampled peak, its stack and timeline
+            sampled = json.loads(line)["sampled"]
+            print(f"  sampled peak {sampled['peak_mib']:.0f} MiB at {' <- '.join(reversed(sampled['at_peak']))}\n"
+                  f"  timeline (s, MiB): {sampled['timeline']}", file=sys.stderr, flush=True)
     if child.code != 0:
         sys.stderr.write(child.stderr[-2000:])
     return child.code, child.peak_mib, hwm, child.seconds, child.stdout
