@@ -596,8 +596,12 @@ def attach_saved(
     tensors: dict[str, torch.Tensor],
     cfg: dict[str, Any],
     masks: MaskSet | None,
+    pack_masks: bool = False,
 ) -> dict[str, Adapter]:
-    """Re-attach adapters written by `state_dict` + `config`, checking they fit the model."""
+    """Re-attach adapters written by `state_dict` + `config`, checking they fit the model.
+
+    `pack_masks`: each adapter holds its mask bit-packed from the start (`Adapter.pack_mask`),
+    so bool masks of every matrix never coexist (a quarter of a float32 model)."""
     if not isinstance(cfg, dict) or "type" not in cfg or "matrices" not in cfg:
         raise CheckpointError("adapters.json lacks 'type' or 'matrices'; it was not written by perp retrain")
     if int(cfg.get("format", 1)) > CONFIG_FORMAT:
@@ -620,6 +624,8 @@ def attach_saved(
         if a_t is None or b_t is None or tuple(a_t.shape) != (rank, in_f) or tuple(b_t.shape) != (out_f, rank):
             raise CheckpointError(f"adapters.safetensors lacks {key}.lora_A/B of shapes {(rank, in_f)} / {(out_f, rank)}")
         adapter = Adapter(kind, out_f, in_f, rank, alpha, mask=matrix_mask(m, masks), device=m.parameter.device)
+        if pack_masks:
+            adapter.pack_mask()
         with torch.no_grad():
             adapter.lora_A.copy_(a_t)
             adapter.lora_B.copy_(b_t)
@@ -629,15 +635,16 @@ def attach_saved(
     return out
 
 
-def attach_from_checkpoint(ckpt: Any) -> dict[str, Adapter]:
-    """Re-attach a checkpoint's unmerged adapters to `ckpt.model` in place.
+def attach_from_checkpoint(ckpt: Any, pack_masks: bool = False) -> dict[str, Adapter]:
+    """Re-attach a checkpoint's unmerged adapters to `ckpt.model` in place (`pack_masks`:
+    as in `attach_saved`).
 
     After this the model computes exactly what `perp merge` would write (lora-prune in
     eval mode is masked). Returns the adapters (empty when the checkpoint has none).
     """
     if ckpt.adapters_config is None:
         return {}
-    return attach_saved(ckpt.model, ckpt.adapters or {}, ckpt.adapters_config, ckpt.masks)
+    return attach_saved(ckpt.model, ckpt.adapters or {}, ckpt.adapters_config, ckpt.masks, pack_masks)
 
 
 # ----------------------------------------------------------------------------- PEFT export
