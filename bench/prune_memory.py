@@ -333,9 +333,11 @@ def main() -> None:
                     runs.append({"vocab": vocab, "params": params, "on_disk": on_disk, "label": label, "command": command,
                                  "mode": mode, "where": where, "peak": peak, "hwm": hwm, "seconds": seconds,
                                  "weights": weights, "activations": activations, "sparsity": summary.get("sparsity")})
-                    shutil.rmtree(out, ignore_errors=True)
-            for directory in (model_dir, pruned, adapted):
-                shutil.rmtree(directory, ignore_errors=True)
+                    if not args.keep:
+                        shutil.rmtree(out, ignore_errors=True)
+            if not args.keep:  # the next vocabulary's model must not share the disk with this one's
+                for directory in (model_dir, pruned, adapted):
+                    shutil.rmtree(directory, ignore_errors=True)
 
         hidden, inter, kv = args.hidden, args.intermediate, args.hidden * args.kv_heads // args.heads
         block = (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * inter + 2 * hidden) * 4

@@ -37,7 +37,7 @@ from torch import nn
 
 from perp_cli import arch
 from perp_cli.errors import CheckpointError, NumericalError, UsageError
-from perp_cli.mask import MaskSet, pack_bits, unpack_bits
+from perp_cli.mask import MaskSet, nonzeros_outside
 
 CONFIG_FORMAT = 1
 _HOOK_ATTR = "_perp_adapted"
@@ -81,11 +81,24 @@ class LoRA:
         pass then creates a single weight-sized tensor per matrix instead of four, which
         keeps MaskLoRA's peak memory close to what its saved tensors need.
         """
-        w = adapter.product()
-        w.mul_(adapter.scale)
-        if self.masked(adapter, training):
-            w.mul_(adapter.mask)
-        return w.add_(weight).to(weight.dtype)
+        return self.combine(adapter, adapter.product(), weight, adapter.mask if self.masked(adapter, training) else None)
+
+    def combine(self, adapter: Adapter, ba: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """The effective weight from `BA` (overwritten), W and the keep-mask (None:
+        unmasked), whole or the same rows of each."""
+        ba.mul_(adapter.scale)
+        if keep is not None and ba.requires_grad:
+            # autograd keeps the mask for backward: `keep` itself, which the adapter holds
+            # anyway (an inverted mask would be a new byte per weight kept per matrix)
+            ba.mul_(keep)
+        elif keep is not None:
+            # without gradients: `ba.mul_(keep)` would first cast the mask to a float copy (4
+            # bytes per weight); zeroing through the inverted mask, a slice of rows at a time,
+            # costs a few MiB. The same values (after adding W, whose pruned entries are zero)
+            rows = max(1, _CHUNK // max(1, ba.shape[-1]))
+            for r in range(0, ba.shape[0], rows):
+                ba[r : r + rows].masked_fill_(~keep[r : r + rows], 0.0)
+        return ba.add_(weight).to(weight.dtype)
 
     def delta(self, adapter: Adapter, weight: torch.Tensor, training: bool) -> torch.Tensor:
         """The additive update `effective - W`, float32 `[out, in]`."""
@@ -94,9 +107,10 @@ class LoRA:
             update = torch.where(adapter.mask, update, torch.zeros((), dtype=update.dtype, device=update.device))
         return update
 
-    def merge(self, adapter: Adapter, weight: torch.Tensor) -> torch.Tensor:
-        """The merged weight: the eval-mode forward weight (lora-prune masked)."""
-        return self.forward(adapter, weight, training=False)
+    def merge(self, adapter: Adapter, weight: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """The merged weight: the eval-mode forward weight (lora-prune masked), bit for bit,
+        with the mask `keep` (`adapter.mask`) passed in, since the merge checks use it too."""
+        return self.combine(adapter, adapter.product(), weight, keep if self.masked(adapter, training=False) else None)
 
     def unmerge(self, adapter: Adapter, merged: torch.Tensor, key: str) -> torch.Tensor:
         """The weight before `merge`, float32 (up to float rounding, as PEFT's): W - delta."""
@@ -156,8 +170,8 @@ class ScaleLoRA(LoRA):
     def lowrank_path(self, adapter: Adapter, training: bool) -> bool:
         return False
 
-    def forward(self, adapter: Adapter, weight: torch.Tensor, training: bool) -> torch.Tensor:
-        return adapter.product().mul_(weight).to(weight.dtype)
+    def combine(self, adapter: Adapter, ba: torch.Tensor, weight: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        return ba.mul_(weight).to(weight.dtype)
 
     def delta(self, adapter: Adapter, weight: torch.Tensor, training: bool) -> torch.Tensor:
         """W ⊙ (BA - 1)."""
@@ -222,29 +236,29 @@ class Adapter(nn.Module):
         if mask is not None and tuple(mask.shape) != (out_features, in_features):
             raise ValueError(f"mask shape {tuple(mask.shape)} does not match the matrix {(out_features, in_features)}")
         self._mask = None if mask is None else mask.to(device=device, dtype=torch.bool)
-        self._packed_mask: tuple[torch.Tensor, tuple[int, ...], torch.device] | None = None
+        self._mask_source: Callable[[], torch.Tensor] | None = None
         self.merged = False
         self.reset_parameters()
 
     @property
     def has_mask(self) -> bool:
-        return self._mask is not None or self._packed_mask is not None
+        return self._mask is not None or self._mask_source is not None
 
     @property
     def mask(self) -> torch.Tensor | None:
-        """The `[out, in]` keep-mask (bool), or None; unpacked anew at each use when held packed."""
-        if self._packed_mask is not None:
-            packed, shape, device = self._packed_mask
-            return unpack_bits(packed, shape).to(device)
+        """The `[out, in]` keep-mask (bool), or None; read anew at each use when shared."""
+        if self._mask_source is not None:
+            return self._mask_source()
         return self._mask
 
-    def pack_mask(self) -> None:
-        """Hold the mask bit-packed, 1 bit per weight (each use unpacks it): for a pass
-        that uses every mask once, such as `perp merge`, where bool masks for every matrix
-        would add a quarter of a float32 model to the peak. Training keeps them unpacked."""
-        if self._mask is not None:
-            self._packed_mask = (pack_bits(self._mask), tuple(self._mask.shape), self._mask.device)
-            self._mask = None
+    def share_mask(self, source: Callable[[], torch.Tensor]) -> None:
+        """Read the mask from `source()` at each use instead of holding it: for a pass
+        that uses every mask a few times, one matrix at a time, such as `perp merge`. The
+        checkpoint's packed masks are then the only copy (bool masks for every matrix
+        would add a quarter of a float32 model to the peak, packed copies 1/32 of it).
+        Training keeps its masks unpacked."""
+        self._mask = None
+        self._mask_source = source
 
     def reset_parameters(self) -> None:
         with torch.no_grad():
@@ -271,12 +285,12 @@ class Adapter(nn.Module):
         if self.merged:
             raise UsageError(f"adapter on {matrix.key} is already merged")
         w = matrix.weight()
-        new = self.variant.merge(self, w)
-        if not torch.isfinite(new).all():
+        keep = self.mask  # unpacked once: the merge and its checks use it
+        new = self.variant.merge(self, w, keep)
+        if not _all_finite(new):
             raise NumericalError(f"merging the adapter into {matrix.key} gives NaN or inf; nothing was changed")
-        keep = self.mask
         if keep is not None and not allow_densify:
-            outside = int(((new != 0) & ~keep).sum())
+            outside = nonzeros_outside(new, keep)
             if outside:
                 raise NumericalError(
                     f"merging the {self.kind} adapter into {matrix.key} would put {outside} nonzeros where the mask says pruned"
@@ -292,6 +306,17 @@ class Adapter(nn.Module):
         w = matrix.weight()
         w.copy_(self.variant.unmerge(self, w, matrix.key).to(w.dtype))
         self.merged = False
+
+
+_CHUNK = 1 << 20  # elements
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in `t`, checked a slice at a time: `isfinite` of a whole matrix
+    allocates an `abs` copy and two byte-per-weight temporaries (77 MiB for a 5632 x 2048
+    float32 matrix), more than the merged matrix itself."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i : i + _CHUNK]).all()) for i in range(0, flat.numel(), _CHUNK))
 
 
 # ----------------------------------------------------------------------------- lm_head
@@ -321,7 +346,7 @@ def merge_lm_head(model: nn.Module, adapter: Adapter) -> bool:
 
     head = model.get_output_embeddings()
     new = head.weight.float() + adapter.variant.delta(adapter, head.weight, training=False)
-    if not torch.isfinite(new).all():
+    if not _all_finite(new):
         raise NumericalError("merging the lm_head LoRA gives NaN or inf; nothing was changed")
     untied = lm_head_is_tied(model) and untie_lm_head(model)
     head.weight.copy_(new.to(head.weight.dtype))
@@ -351,7 +376,11 @@ class _Adapted:
             return self.original(*args, **kwargs)
         training = self.owner.training
         (matrix, adapter), *others = live
-        if not others and matrix.expert is None and adapter.variant.lowrank_path(adapter, training):
+        # W x + s·B(Ax) saves no weight-sized tensor for backward; without gradients the
+        # weight is built as a merge writes it, so an attached adapter computes what its
+        # merge will, bit for bit (reconstruction decides whether to keep a block so)
+        lowrank = torch.is_grad_enabled() and adapter.variant.lowrank_path(adapter, training)
+        if not others and matrix.expert is None and lowrank:
             out = self.original(*args, **kwargs)
             x = args[0] if args else next(iter(kwargs.values()))
             return out + adapter.lowrank(x).to(out.dtype)
@@ -595,10 +624,11 @@ def saved_adapter(
     kind: str, m: arch.Matrix, rank: int, alpha: float, masks: MaskSet | None, tensors: dict[str, torch.Tensor]
 ) -> Adapter:
     """Matrix `m`'s adapter rebuilt from its saved `{key}.lora_A/B` in `tensors`."""
-    adapter = Adapter(kind, *m.shape, rank, alpha, mask=matrix_mask(m, masks), device=m.parameter.device)
-    with torch.no_grad():
-        adapter.lora_A.copy_(tensors[f"{m.key}.lora_A"])
-        adapter.lora_B.copy_(tensors[f"{m.key}.lora_B"])
+    device = m.parameter.device
+    adapter = Adapter(kind, *m.shape, rank, alpha, mask=matrix_mask(m, masks), device=device)
+    with torch.no_grad():  # the loaded factors themselves (float32 on the device: no copy), not a second copy
+        adapter.lora_A.set_(tensors[f"{m.key}.lora_A"].to(device=device, dtype=torch.float32))
+        adapter.lora_B.set_(tensors[f"{m.key}.lora_B"].to(device=device, dtype=torch.float32))
     return adapter
 
 
@@ -607,12 +637,12 @@ def attach_saved(
     tensors: dict[str, torch.Tensor],
     cfg: dict[str, Any],
     masks: MaskSet | None,
-    pack_masks: bool = False,
+    share_masks: bool = False,
 ) -> dict[str, Adapter]:
     """Re-attach adapters written by `state_dict` + `config`, checking they fit the model.
 
-    `pack_masks`: each adapter holds its mask bit-packed from the start (`Adapter.pack_mask`),
-    so bool masks of every matrix never coexist (a quarter of a float32 model)."""
+    `share_masks`: each adapter reads its mask from `masks`' packed bits at each use
+    (`Adapter.share_mask`) instead of holding a copy."""
     if attached(model):
         raise UsageError("the model already has adapters attached")
 
@@ -622,15 +652,30 @@ def attach_saved(
     kind, rank, alpha, chosen = saved_matrices(model, cfg, shape_of, masks is not None)
     pairs = []
     for m in chosen.values():
-        adapter = saved_adapter(kind, m, rank, alpha, masks, tensors)
-        if pack_masks:
-            adapter.pack_mask()
+        shared = share_masks and masks is not None and m.name in masks
+        adapter = saved_adapter(kind, m, rank, alpha, None if shared else masks, tensors)
+        if shared:
+            adapter.share_mask(_mask_reader(m, masks))
         pairs.append((m, adapter))
     return _wire(pairs)
 
 
-def attach_from_checkpoint(ckpt: Any, pack_masks: bool = False) -> dict[str, Adapter]:
-    """Re-attach a checkpoint's unmerged adapters to `ckpt.model` in place (`pack_masks`:
+def _mask_reader(m: arch.Matrix, masks: MaskSet) -> Callable[[], torch.Tensor]:
+    """Unpacks matrix `m`'s `[out, in]` keep-mask from `masks` at each call (for an
+    expert of a fused parameter, that expert's bits only)."""
+    expected = tuple(m.parameter.shape)
+    if tuple(masks.masks.shape(m.name)) != expected:
+        raise CheckpointError(f"the mask of {m.name} has shape {tuple(masks.masks.shape(m.name))}, the weight {expected}")
+    device = m.parameter.device
+
+    def read() -> torch.Tensor:
+        return m.to_param_layout(masks.masks.part(m.name, m.expert)).to(device)
+
+    return read
+
+
+def attach_from_checkpoint(ckpt: Any, share_masks: bool = False) -> dict[str, Adapter]:
+    """Re-attach a checkpoint's unmerged adapters to `ckpt.model` in place (`share_masks`:
     as in `attach_saved`).
 
     After this the model computes exactly what `perp merge` would write (lora-prune in
@@ -638,7 +683,7 @@ def attach_from_checkpoint(ckpt: Any, pack_masks: bool = False) -> dict[str, Ada
     """
     if ckpt.adapters_config is None:
         return {}
-    return attach_saved(ckpt.model, ckpt.adapters or {}, ckpt.adapters_config, ckpt.masks, pack_masks)
+    return attach_saved(ckpt.model, ckpt.adapters or {}, ckpt.adapters_config, ckpt.masks, share_masks)
 
 
 # ----------------------------------------------------------------------------- PEFT export

@@ -53,13 +53,15 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, shape: tuple[int, ...] | list[int]) -> torch.Tensor:
-    """Inverse of `pack_bits`: a bool tensor of `shape` (one table look-up per byte)."""
+    """Inverse of `pack_bits`: a bool tensor of `shape` (one table look-up per byte;
+    `index_select` with int32 indices, where `table[index]` would widen them to int64 first:
+    4x faster, and the temporaries at 1/2 instead of 1.5 bytes per weight)."""
     numel = 1
     for s in shape:
         numel *= int(s)
     if packed.numel() != (numel + 7) // 8:
         raise ValueError(f"packed mask has {packed.numel()} bytes, shape {tuple(shape)} needs {(numel + 7) // 8}")
-    bits = _BYTE_BITS.to(packed.device)[packed.reshape(-1).int()].view(torch.bool)
+    bits = torch.index_select(_BYTE_BITS.to(packed.device), 0, packed.reshape(-1).int()).view(torch.bool)
     return bits[:numel].reshape(tuple(int(s) for s in shape))
 
 
@@ -139,6 +141,20 @@ class PackedMasks(MutableMapping[str, torch.Tensor]):
         out = PackedMasks()
         out._entries = {n: self._entries[n] for n in names}
         return out
+
+    def part(self, name: str, index: int | None = None) -> torch.Tensor:
+        """Mask `name` unpacked, or only its slice `[index]` along the first dimension (one
+        expert of a fused parameter): when the slice starts on a byte, just its bytes are
+        unpacked."""
+        if index is None:
+            return self[name]
+        data, shape = self._entries[name]
+        per = 1
+        for d in shape[1:]:
+            per *= d
+        if data.is_meta or per % 8:
+            return self[name][index]
+        return unpack_bits(data[index * per // 8 : (index + 1) * per // 8], shape[1:])
 
     def packed(self, name: str) -> torch.Tensor:
         """The stored bits of a (non-meta) mask, as `pack_bits` gives them."""
@@ -292,10 +308,12 @@ def zero_pruned_(weight: torch.Tensor, pruned: torch.Tensor) -> None:
 
 def nonzeros_outside(weight: torch.Tensor, keep: torch.Tensor) -> int:
     """How many weights are nonzero where the mask says pruned (counted a slice of
-    ~4M weights at a time: the bool temporaries of a whole matrix set the peak of a save)."""
+    ~1M weights at a time: the bool temporaries of a whole matrix set the peak of a save;
+    `count_nonzero`, since a bool `sum` first widens the slice to int64)."""
     flat_w, flat_k = weight.reshape(-1), keep.reshape(-1)
-    step = 1 << 22
-    return sum(int(((flat_w[i : i + step] != 0) & ~flat_k[i : i + step].to(weight.device)).sum()) for i in range(0, flat_w.numel(), step))
+    step = 1 << 20
+    return sum(int(torch.count_nonzero((flat_w[i : i + step] != 0) & ~flat_k[i : i + step].to(weight.device)))
+               for i in range(0, flat_w.numel(), step))
 
 
 def nm_violations(keep: torch.Tensor, pattern: Pattern, transposed: bool = False, permutation: torch.Tensor | None = None) -> int:

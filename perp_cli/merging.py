@@ -236,8 +236,8 @@ def merge_checkpoint(ckpt: Any, allow_densify: bool = False, seed: int = PROBE_S
     """Re-attach `ckpt`'s saved adapters and merge them into `ckpt.model` (see module doc)."""
     if ckpt.adapters_config is None:
         raise UsageError(f"{ckpt.source} has no adapters.safetensors/adapters.json: nothing to merge")
-    # each mask is used a few times, one matrix at a time: packed as each adapter is attached, no bool copy of every mask
-    adapters_mod.attach_from_checkpoint(ckpt, pack_masks=True)
+    # each mask is used a few times, one matrix at a time: read from the checkpoint's packed masks, no copy of any
+    adapters_mod.attach_from_checkpoint(ckpt, share_masks=True)
     try:
         return merge_attached(ckpt.model, ckpt.masks, allow_densify, seed=seed)
     finally:

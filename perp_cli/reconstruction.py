@@ -417,53 +417,48 @@ class _Reconstructor:
 
     def train(
         self, s: engine.BlockStep, part: str, module: nn.Module, inputs: engine.BlockInputs, targets: ActivationStore, seed: int
-    ) -> tuple[int, int, float | None, float | None]:
-        """Train `module` (block `s.index` or one of its halves) towards `targets`, merge
-        its adapters; returns the trainable parameter count, tokens seen, and the first
-        and last training losses."""
+    ) -> tuple[int, int, float | None, float | None, dict[str, torch.Tensor]]:
+        """Train `module` (block `s.index` or one of its halves) towards `targets`, its
+        adapters left attached and unmerged (the caller merges or drops them); returns the
+        trainable parameter count, tokens seen, the first and last training losses, and
+        the trained parameters as they were before (when `restore` may put them back)."""
         cfg, model = self.cfg, self.model
         params = {n: p for n, p in trainable_mod.select_trainable(model, cfg.train, block=s.index).items() if self.owns(s, part, n)}
+        snapshot = {n: p.detach().to("cpu", copy=True) for n, p in params.items()} if cfg.restore else {}
         trainable_mod.set_trainable(model, params)
         torch.manual_seed(seed)
         adapters = self.attach(s, part)
         label = f"block {s.index}" + ("" if part == "block" else f" {part}")
-        try:
-            adapter_params = [p for a in adapters.values() for p in a.parameters()]
-            if not params and not adapter_params:
-                return 0, 0, None, None
-            keep = [(p, self.masks[name]) for name, p in params.items() if name in self.masks]
-            generator = torch.Generator().manual_seed(seed)
-            order = batch_order(len(inputs), cfg.steps_per_block, generator, cfg.order)
-            steps = cfg.steps_per_block
+        adapter_params = [p for a in adapters.values() for p in a.parameters()]
+        if not params and not adapter_params:
+            return 0, 0, None, None, snapshot
+        keep = [(p, self.masks[name]) for name, p in params.items() if name in self.masks]
+        generator = torch.Generator().manual_seed(seed)
+        order = batch_order(len(inputs), cfg.steps_per_block, generator, cfg.order)
+        steps = cfg.steps_per_block
 
-            with mixed_precision(s.block, list(params.values())) as amp:
+        with mixed_precision(s.block, list(params.values())) as amp:
 
-                def loss_fn(step: int, micro: int) -> torch.Tensor:
-                    if step % 10 == 0 or step + 1 == steps:
-                        s.status(f"{label}: step {step + 1}/{steps}")
-                    k = order[step]
-                    x = inputs.batch(k)
-                    with amp():
-                        y = inputs.call(module, x)
-                    return (y.float() - targets[k].to(y.device).float()).pow(2).mean()
+            def loss_fn(step: int, micro: int) -> torch.Tensor:
+                if step % 10 == 0 or step + 1 == steps:
+                    s.status(f"{label}: step {step + 1}/{steps}")
+                k = order[step]
+                x = inputs.batch(k)
+                with amp():
+                    y = inputs.call(module, x)
+                return (y.float() - targets[k].to(y.device).float()).pow(2).mean()
 
-                with _training_mode(s.block, cfg.mode, adapters_mod.attached_matrices(model)):
-                    try:
-                        result = fit(
-                            list(params.values()) + adapter_params, loss_fn, cfg.train_config(), keep_masks=keep,
-                            quiet=True, description=label,
-                        )
-                    except NumericalError as exc:
-                        raise NumericalError(f"{label}: {exc}") from exc
-            with torch.no_grad():
-                for matrix, adapter in adapters_mod.attached_matrices(model).values():
-                    adapter.merge(matrix)
-            count = sum(p.numel() for p in params.values()) + sum(p.numel() for p in adapter_params)
-            tokens = sum(inputs.tokens_in(k) for k in order)
-            return count, tokens, result.initial_loss, result.final_loss
-        finally:
-            adapters_mod.detach(model)
-            model.requires_grad_(False)
+            with _training_mode(s.block, cfg.mode, adapters_mod.attached_matrices(model)):
+                try:
+                    result = fit(
+                        list(params.values()) + adapter_params, loss_fn, cfg.train_config(), keep_masks=keep,
+                        quiet=True, description=label,
+                    )
+                except NumericalError as exc:
+                    raise NumericalError(f"{label}: {exc}") from exc
+        count = sum(p.numel() for p in params.values()) + sum(p.numel() for p in adapter_params)
+        tokens = sum(inputs.tokens_in(k) for k in order)
+        return count, tokens, result.initial_loss, result.final_loss, snapshot
 
     def prepare(self, s: engine.BlockStep, inputs: engine.BlockInputs, part: str) -> ActivationStore:
         """What happens before a part of block i trains: here, only its targets."""
@@ -508,15 +503,27 @@ class _Reconstructor:
         targets = self.prepare(s, inputs, part)
         s.status(f"{label}: error before")
         before, _ = block_error(inputs, module, targets)
-        snapshot = {k: v.detach().to("cpu", copy=True) for k, v in s.block.state_dict().items()}  # host: one block on the device
-        count, tokens, loss_first, loss_last = self.train(s, part, module, inputs, targets, seed)
-        s.status(f"{label}: error after")
-        trained, outputs = block_error(inputs, module, targets, keep_outputs=True)
-        restored = self.cfg.restore and not trained <= before  # also catches NaN
-        if not math.isfinite(trained):
-            raise NumericalError(f"{label}: the reconstruction error is {trained} after training")
+        try:
+            count, tokens, loss_first, loss_last, snapshot = self.train(s, part, module, inputs, targets, seed)
+            s.status(f"{label}: error after")
+            # measured with the adapters still attached: in eval mode the layer computes with
+            # the weights their merge writes, bit for bit, so a block put back never needs a
+            # copy of its matrices (the snapshot holds the trained parameters only)
+            trained, outputs = block_error(inputs, module, targets, keep_outputs=True)
+            restored = self.cfg.restore and not trained <= before  # also catches NaN
+            if not math.isfinite(trained):
+                raise NumericalError(f"{label}: the reconstruction error is {trained} after training")
+            if not restored:
+                with torch.no_grad():
+                    for matrix, adapter in adapters_mod.attached_matrices(self.model).values():
+                        adapter.merge(matrix)
+        finally:
+            adapters_mod.detach(self.model)
+            self.model.requires_grad_(False)
         if restored:
-            s.block.load_state_dict(snapshot)
+            with torch.no_grad():
+                for name, value in snapshot.items():
+                    self.model.get_parameter(name).copy_(value)
             outputs = inputs.run(module) if keep_outputs else None
         problem = _mask_violations(self.model, self.masks, s.index)
         if problem:  # cannot happen with masked merges and masked gradients; never let it reach disk

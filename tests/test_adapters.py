@@ -181,6 +181,50 @@ def test_saved_adapters_reattach_to_identical_logits():
         assert torch.equal(model(IDS).logits, want)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "mixtral", "gpt_oss", "llama4_text"])  # Conv1D; fused experts [E, out, in], [E, in, out]
+def test_shared_masks_are_read_from_the_checkpoints_bits_and_merge_identically(family):
+    """`share_masks`: each adapter reads its mask from the MaskSet (no copy of its own),
+    the same bits as an adapter holding it, and merges to the same bytes."""
+    merged = []
+    for share in (False, True):
+        model, masks = pruned(family)
+        ads = adapters.attach(model, "masklora", rank=4, alpha=8, masks=masks)
+        randomize(ads)
+        tensors, cfg = adapters.state_dict(ads), adapters.config(ads, None)
+        adapters.detach(model)
+        again = adapters.attach_saved(model, tensors, cfg, masks, share_masks=share)
+        for m, a in adapters.attached_matrices(model).values():
+            assert torch.equal(a.mask, adapters.matrix_mask(m, masks)), m.key
+            assert (a._mask is None) == share  # shared: nothing held but the reader
+            a.merge(m)
+        merged.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        assert len(again) == len(arch.matrices(model))
+    assert merged[0].keys() == merged[1].keys()
+    assert all(torch.equal(merged[0][n], merged[1][n]) for n in merged[0])
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2", "mixtral"])
+@pytest.mark.parametrize("kind", ["masklora", "scalelora", "lora-prune"])
+def test_a_merge_writes_the_weight_the_unmerged_layer_computed_with(family, kind):
+    """Bit for bit: merging changes no output of the model (eval mode)."""
+    model, masks = pruned(family)
+    ads = adapters.attach(model, kind, rank=4, alpha=8, masks=masks)
+    randomize(ads)
+    for m, a in adapters.attached_matrices(model).values():
+        with torch.no_grad():
+            effective = a.variant.forward(a, m.weight(), training=False)
+        a.merge(m)
+        assert torch.equal(m.weight(), effective), m.key
+
+
+def test_the_finite_check_reads_every_chunk(monkeypatch):
+    monkeypatch.setattr(adapters, "_CHUNK", 5)
+    t = torch.zeros(7, 3)
+    assert adapters._all_finite(t)
+    t[-1, -1] = float("nan")
+    assert not adapters._all_finite(t) and adapters._all_finite(t[:-1])
+
+
 # adapters.json as perp has always written it: each variant's entries (rank 4, alpha 8)
 SAVED = {
     "lora": (2.0, "A kaiming_uniform(a=sqrt(5)), B zeros", False),

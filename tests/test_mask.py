@@ -73,6 +73,19 @@ def test_packed_masks_hold_one_bit_per_weight_and_read_back_exactly() -> None:
     assert torch.equal(held["a"], keeps["a"])
     part = held.select(["b"])
     assert list(part) == ["b"] and part.packed("b") is held.packed("b")  # bits shared, never unpacked
+
+
+def test_a_packed_masks_slice_along_the_first_dimension_unpacks_exactly() -> None:
+    from perp_cli.mask import PackedMasks
+
+    g = torch.Generator().manual_seed(1)
+    # 5 x 8 = 40 bits per expert: each slice starts on a byte; 3 x 7 = 21: it does not
+    keeps = {"aligned": torch.rand(4, 5, 8, generator=g) > 0.5, "unaligned": torch.rand(4, 3, 7, generator=g) > 0.5}
+    held = PackedMasks(keeps)
+    for name, keep in keeps.items():
+        assert torch.equal(held.part(name), keep)
+        for e in range(keep.shape[0]):
+            assert torch.equal(held.part(name, e), keep[e]), (name, e)
     held["a"] = torch.zeros(3, 3, dtype=torch.bool)  # setting packs the new mask
     assert held.shape("a") == (3, 3) and held.kept("a") == 0
     placeholder = torch.empty(4, 4, dtype=torch.bool, device="meta")

@@ -98,11 +98,10 @@ def test_probe_batch_is_fixed_and_within_vocab_and_positions():
 class _Unscaled(adapters.MaskLoRA):
     """A buggy variant: its merge forgets the alpha/r scale (what the per-matrix probe must catch)."""
 
-    def forward(self, adapter, weight, training):
-        w = adapter.product()
-        if self.masked(adapter, training):
-            w.mul_(adapter.mask)
-        return w.add_(weight).to(weight.dtype)
+    def combine(self, adapter, ba, weight, keep):
+        if keep is not None:
+            ba.mul_(keep)
+        return ba.add_(weight).to(weight.dtype)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "mixtral"])  # transposed layout; expert slices

@@ -139,6 +139,22 @@ def test_a_block_made_worse_is_restored_bitwise() -> None:
     assert out.results()["restored_blocks"] == [0, 1]
 
 
+@pytest.mark.parametrize("adapter", ["masklora", "scalelora", "lora-prune"])
+def test_the_error_after_is_the_error_of_the_merged_block_bitwise(adapter) -> None:
+    """The kept block is judged with its adapters attached, then merged: the error it
+    reports is exactly the error of what was merged and saved."""
+    from perp_cli.reconstruction import block_error
+
+    ckpt, dense = _pruned()
+    tokens = random_tokens(8, 32)
+    out = reconstruct(ckpt, dense, tokens, _cfg(adapter=adapter))
+    first = out.blocks[0]
+    assert not first.restored and first.mse_after < first.mse_before
+    inputs = engine.capture_inputs(ckpt.model, tokens, batch_size=4)
+    targets = engine.capture_inputs(dense, tokens, batch_size=4).run(arch.blocks(dense)[0])
+    assert block_error(inputs, arch.blocks(ckpt.model)[0], targets)[0] == first.mse_after
+
+
 def test_train_all_keeps_every_masked_weight_zero() -> None:
     ckpt, dense = _pruned(sparsity=0.7)
     before = _state(ckpt.model)

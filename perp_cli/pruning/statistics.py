@@ -29,6 +29,9 @@ from perp_cli.arch import Matrix
 from perp_cli.errors import ArchitectureError
 
 
+_NORM_CHUNK = 1 << 20  # elements per slice of `NormStat.add`
+
+
 class NormStat:
     """Σ x_j² per input feature over all tokens (Wanda's ‖X_j‖₂², float64 accumulator).
 
@@ -43,7 +46,12 @@ class NormStat:
     def add(self, x: torch.Tensor) -> None:
         start = time.perf_counter()
         x = x.reshape(-1, x.shape[-1])
-        self.sq += x.float().pow(2).sum(dim=0).double()
+        # a slice of ~1M elements at a time: the square stays in cache and is never
+        # micro-batch-sized, and summing short columns is ~5x faster on the CPU than
+        # one sum over every token (each slice's float32 sum is added in float64)
+        rows = max(1, _NORM_CHUNK // max(1, x.shape[1]))
+        for i in range(0, x.shape[0], rows):
+            self.sq += x[i : i + rows].float().pow(2).sum(dim=0)
         self.tokens += x.shape[0]
         self.seconds += time.perf_counter() - start
 
