@@ -29,6 +29,10 @@ read the load average printed at the start and end.
 statistics pass up to the last matrix's input, hooks recording nothing, then the
 propagation): the kernels the reference order needs, so `floor` / forward is the lowest
 ratio Wanda can reach with this pass structure, measured under the same load as Wanda.
+The `own work / forward` column adds up what a method does besides the passes (the
+statistics accumulation inside the hooks, and the scores, selection and updates between the
+passes; the pruner's per-block clocks) over the pair's forward: less noisy than the ratios,
+which move with the passes' own speed from one round to the next.
 """
 
 from __future__ import annotations
@@ -132,6 +136,7 @@ def paired(args: argparse.Namespace, methods: list[str]) -> None:
 
     forward()  # warm-up (first-call allocations and kernel choices), not timed
     pairs: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
+    own: dict[str, list[float]] = {m: [] for m in methods}  # the method's own work / the pair's forward
     for repeat in range(args.repeats):
         for method in methods:
             f = forward()
@@ -140,15 +145,19 @@ def paired(args: argparse.Namespace, methods: list[str]) -> None:
             if method == "floor":
                 floor_pass(copied, tokens, args)
             else:
-                prune(Checkpoint(copied, None, None, {}, "opt-125m-shaped"),
-                      PruneConfig(method, sparsity=0.5, device=args.device, batch_size=args.batch_size, quiet=True), tokens=tokens)
+                _, results, _ = prune(Checkpoint(copied, None, None, {}, "opt-125m-shaped"),
+                                      PruneConfig(method, sparsity=0.5, device=args.device, batch_size=args.batch_size, quiet=True),
+                                      tokens=tokens)
+                # inside the passes: statistics accumulation; between them: scores, masks, updates
+                own[method].append(sum(b.get("accumulate", 0.0) + b.get("prune", 0.0) for b in results["block_seconds"]) / f)
             m = time.perf_counter() - start
             del copied
             pairs[method].append((f, m))
             print(f"  round {repeat + 1}: forward {f:.2f}s, {method} {m:.2f}s, ratio {m / f:.3f} (load {os.getloadavg()[0]:.1f})",
                   file=sys.stderr, flush=True)
     print(json.dumps({m: {"pairs": p, "median_ratio": median([b / a for a, b in p]),
-                          "ratio_of_fastest": min(b for _, b in p) / min(a for a, _ in p)} for m, p in pairs.items()}))
+                          "ratio_of_fastest": min(b for _, b in p) / min(a for a, _ in p),
+                          "own_work": median(own[m]) if own[m] else None} for m, p in pairs.items()}))
 
 
 def gemm_rate(n: int = 2048, repeats: int = 5) -> float:
@@ -232,7 +241,7 @@ def main() -> None:
     if args.paired:
         print(f"load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs", file=sys.stderr)
         print("| method | threads | pairs | forward, median (s) | method, median (s) | median of the pair ratios | "
-              "fastest / fastest |\n|---|---:|---:|---:|---:|---:|---:|")
+              "fastest / fastest | own work / forward |\n|---|---:|---:|---:|---:|---:|---:|---:|")
         methods = [m for m in args.methods.split(",") if m != "forward"]
         for t in [int(t) or torch.get_num_threads() for t in args.threads.split(",")]:
             cmd = [sys.executable, __file__, "--worker", f"paired:{','.join(methods)}", "--layers", str(args.layers), "--nsamples", str(args.nsamples),
@@ -243,7 +252,9 @@ def main() -> None:
             for method in methods:
                 r = report[method]
                 fs, ms = [f for f, _ in r["pairs"]], [m for _, m in r["pairs"]]
-                print(f"| {method} | {t} | {len(fs)} | {median(fs):.2f} | {median(ms):.2f} | **{r['median_ratio']:.3f}** | {r['ratio_of_fastest']:.3f} |", flush=True)
+                own_work = "" if r["own_work"] is None else f"{r['own_work']:.3f}"
+                print(f"| {method} | {t} | {len(fs)} | {median(fs):.2f} | {median(ms):.2f} | **{r['median_ratio']:.3f}** | "
+                      f"{r['ratio_of_fastest']:.3f} | {own_work} |", flush=True)
         print(f"load average at end {os.getloadavg()[0]:.1f}", file=sys.stderr)
         return
 
