@@ -416,18 +416,17 @@ class _Reconstructor:
         return adapters_mod.attach(self.model, self.kind, self.cfg.rank, self.cfg.alpha, only_block, self.masks)
 
     def train(
-        self, s: engine.BlockStep, part: str, module: nn.Module, inputs: engine.BlockInputs, targets: ActivationStore, seed: int
+        self, s: engine.BlockStep, part: str, module: nn.Module, inputs: engine.BlockInputs, targets: ActivationStore, seed: int,
+        adapters: dict[str, adapters_mod.Adapter],
     ) -> tuple[int, int, float | None, float | None, dict[str, torch.Tensor]]:
-        """Train `module` (block `s.index` or one of its halves) towards `targets`, its
-        adapters left attached and unmerged (the caller merges or drops them); returns the
-        trainable parameter count, tokens seen, the first and last training losses, and
-        the trained parameters as they were before (when `restore` may put them back)."""
+        """Train `module` (block `s.index` or one of its halves) and its attached `adapters`
+        towards `targets`; returns the trainable parameter count, tokens seen, the first and
+        last training losses, and the trained parameters as they were before (when
+        `restore` may put them back)."""
         cfg, model = self.cfg, self.model
         params = {n: p for n, p in trainable_mod.select_trainable(model, cfg.train, block=s.index).items() if self.owns(s, part, n)}
         snapshot = {n: p.detach().to("cpu", copy=True) for n, p in params.items()} if cfg.restore else {}
         trainable_mod.set_trainable(model, params)
-        torch.manual_seed(seed)
-        adapters = self.attach(s, part)
         label = f"block {s.index}" + ("" if part == "block" else f" {part}")
         adapter_params = [p for a in adapters.values() for p in a.parameters()]
         if not params and not adapter_params:
@@ -504,7 +503,8 @@ class _Reconstructor:
         s.status(f"{label}: error before")
         before, _ = block_error(inputs, module, targets)
         try:
-            count, tokens, loss_first, loss_last, snapshot = self.train(s, part, module, inputs, targets, seed)
+            torch.manual_seed(seed)  # the adapters' initialisation
+            count, tokens, loss_first, loss_last, snapshot = self.train(s, part, module, inputs, targets, seed, self.attach(s, part))
             s.status(f"{label}: error after")
             # measured with the adapters still attached: in eval mode the layer computes with
             # the weights their merge writes, bit for bit, so a block put back never needs a
@@ -517,7 +517,7 @@ class _Reconstructor:
                 with torch.no_grad():
                     for matrix, adapter in adapters_mod.attached_matrices(self.model).values():
                         adapter.merge(matrix)
-        finally:
+        finally:  # merged or dropped: the adapters live from attaching to here
             adapters_mod.detach(self.model)
             self.model.requires_grad_(False)
         if restored:
