@@ -27,7 +27,7 @@ read the load average printed at the start and end.
 
 `floor` (with `--paired`) runs Wanda's two passes per block without Wanda's work (the
 statistics pass up to the last matrix's input, hooks recording nothing, then the
-propagation): the kernels the reference order needs, so `floor` / forward is the lowest
+propagation, skipped after the last block as in `perp prune`): the kernels the reference order needs, so `floor` / forward is the lowest
 ratio Wanda can reach with this pass structure, measured under the same load as Wanda.
 The `own work / forward` column adds up what a method does besides the passes (the
 statistics accumulation inside the hooks, and the scores, selection and updates between the
@@ -99,7 +99,8 @@ class _NoStatistic:
 def floor_pass(model: torch.nn.Module, tokens: torch.Tensor, args: argparse.Namespace) -> None:
     """`floor`: Wanda's passes without Wanda's work. Per block, as `perp prune --method
     wanda` runs them: the block up to its last matrix's input under the statistics hooks
-    (which record nothing here), then the whole block to propagate (in place); no scores,
+    (which record nothing here), then the whole block to propagate (in place; not the last
+    block, whose outputs nothing reads); no scores,
     masks or zeroing. The kernels the reference order needs: the floor of Wanda's time."""
     from perp_cli import arch, engine
     from perp_cli.pruning.statistics import collecting, target_groups
@@ -111,7 +112,7 @@ def floor_pass(model: torch.nn.Module, tokens: torch.Tensor, args: argparse.Name
         with collecting(model, target_groups(model, s.index, keys), _NoStatistic, s.device):
             s.inputs.run(s.block, keep_outputs=False)
 
-    engine.calibrate(model, tokens, step, device=args.device, batch_size=args.batch_size, in_place=True)
+    engine.calibrate(model, tokens, step, device=args.device, batch_size=args.batch_size, in_place=True, propagate_last=False)
 
 
 def paired(args: argparse.Namespace, methods: list[str]) -> None:

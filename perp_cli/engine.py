@@ -11,7 +11,8 @@ decoder block. Following the SparseGPT/Wanda references, the engine
    (bound to that block's own arguments) to a callback (which may hook the block and run
    it, modify it, or run other modules on the same inputs), then
 3. feeds the inputs through the block *as the callback left it* (the pruned block) to
-   get the next block's inputs, and moves the block back to the host.
+   get the next block's inputs (after the last block only for callers that read its
+   outputs: `propagate_last`), and moves the block back to the host.
 
 Only the current block lives on the device; the rest of the model stays on the host.
 The calibration activations are kept as `perp_cli.activations` places them: on the
@@ -502,6 +503,7 @@ def run_blocks(
     description: str = "blocks",
     residency: Residency | None = None,
     in_place: bool = False,
+    propagate_last: bool = True,
 ) -> BlockInputs | None:
     """Call `step` on every block in order and propagate the inputs through each block
     after `step` returns (or take the inputs `step` returned). Returns the outputs of the
@@ -509,7 +511,10 @@ def run_blocks(
 
     `inputs=None` is a data-free pass (each block on the host, nothing propagated);
     `residency` loads each block before its step and releases it after; `in_place`
-    propagates with `BlockInputs.propagate_in_place`.
+    propagates with `BlockInputs.propagate_in_place`. `propagate_last=False` skips the
+    propagation through the last block, for callers that read only what the steps
+    produce (pruning, statistics): the returned inputs are then the last block's inputs.
+    The references run that pass and discard it; it is one block forward of 2L.
     """
     blocks = arch.blocks(model)
     task = progress.add_task(description, total=len(blocks), status="") if progress is not None else None
@@ -528,12 +533,11 @@ def run_blocks(
         with on_device(block, device):
             status(f"block {index}")
             returned = step(BlockStep(index, block, inputs, device, status))
-            if inputs is not None:
+            if returned is not None:
+                inputs = returned
+            elif inputs is not None and (propagate_last or index < len(blocks) - 1):
                 status(f"block {index}: propagating")
-                if returned is not None:
-                    inputs = returned
-                else:
-                    inputs = inputs.propagate_in_place(block) if in_place else inputs.propagate(block)
+                inputs = inputs.propagate_in_place(block) if in_place else inputs.propagate(block)
         if residency is not None:
             status(f"block {index}: writing")
             residency.release(index, block)
@@ -554,6 +558,7 @@ def calibrate(
     description: str = "blocks",
     residency: Residency | None = None,
     in_place: bool = False,
+    propagate_last: bool = True,
 ) -> BlockInputs:
     """`capture_inputs` then `run_blocks`: the whole block-sequential pass."""
     was_training = model.training
@@ -561,6 +566,7 @@ def calibrate(
     try:
         with residency.outside() if residency is not None else contextlib.nullcontext():
             inputs = capture_inputs(model, tokens, device=device, batch_size=batch_size, offload=offload)
-        return run_blocks(model, inputs, step, progress=progress, description=description, residency=residency, in_place=in_place)
+        return run_blocks(model, inputs, step, progress=progress, description=description, residency=residency, in_place=in_place,
+                          propagate_last=propagate_last)
     finally:
         model.train(was_training)

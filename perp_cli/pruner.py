@@ -646,7 +646,7 @@ def owl_pass(pruner: "_Pruner", tokens: torch.Tensor, device: torch.device, plac
         return None
 
     engine.calibrate(model, tokens, step, device=device, batch_size=config.batch_size, offload=placement,
-                     progress=progress, description="owl statistics")
+                     progress=progress, description="owl statistics", propagate_last=False)
     blocks = sorted(pruner.outlier_ratios)
     allocated = owl.allocate([pruner.outlier_ratios[b] for b in blocks], [counts[b] for b in blocks], pruner.p.sparsity, config.owl_lambda)
     pruner.block_sparsity = dict(zip(blocks, allocated))
@@ -714,6 +714,7 @@ def prune(
                 model, tokens, pruner.step, device=device, batch_size=config.batch_size,
                 offload=placement, progress=progress, description=f"{p.method.name} blocks",
                 residency=blocks, in_place=True,  # the step never keeps s.inputs: one copy of the activations
+                propagate_last=False,  # nothing reads the last block's outputs
             )
             activation_record = {"placement": placement.describe(), "peak_device_bytes": final.hidden.peak_device_bytes}
             del final

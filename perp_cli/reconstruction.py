@@ -649,6 +649,7 @@ def reconstruct(
         engine.calibrate(
             model, tokens, worker.step, device=device, batch_size=cfg.batch_size, offload=run_store,
             progress=progress, description="reconstruct blocks", residency=blocks, in_place=blocks is not None,
+            propagate_last=False,  # the blocks are fitted and written; nothing reads the last one's outputs
         )
     activation_record = {"placement": run_store.placement.describe(), "peak_device_bytes": run_store.peak_device_bytes}
     parts = trainable_mod.parse_spec(cfg.train)

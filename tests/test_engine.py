@@ -93,6 +93,34 @@ def test_returned_inputs_replace_the_propagation() -> None:
     assert all(float(h.abs().sum()) == 0 for h in final.hidden)
 
 
+def test_the_last_propagation_can_be_skipped() -> None:
+    """`propagate_last=False` (pruning, statistics): the last block runs only in its step,
+    the returned inputs are its inputs, and every earlier block still propagates."""
+    model = tiny.build_model("llama")
+    tokens = random_tokens(3, 12)
+    blocks = arch.blocks(model)
+
+    def run(propagate_last: bool) -> tuple[list[int], engine.BlockInputs, list[torch.Tensor]]:
+        runs = [0] * len(blocks)  # forwards of each block (the capture's stand-ins included)
+        handles = [b.register_forward_hook(lambda m, a, out, i=i: runs.__setitem__(i, runs[i] + 1)) for i, b in enumerate(blocks)]
+        entering_last: list[torch.Tensor] = []
+
+        def step(s: engine.BlockStep) -> None:
+            if s.index == len(blocks) - 1:
+                entering_last.append(torch.cat(list(s.inputs.hidden)))
+
+        final = engine.calibrate(model, tokens, step, batch_size=2, propagate_last=propagate_last)
+        for h in handles:
+            h.remove()
+        return runs, final, entering_last
+
+    runs_all, final_all, _ = run(True)
+    runs, final, entering_last = run(False)
+    assert runs[:-1] == runs_all[:-1] and runs[-1] == runs_all[-1] - 2  # the last block's two micro-batches
+    assert torch.equal(torch.cat(list(final.hidden)), entering_last[0])
+    torch.testing.assert_close(torch.cat(list(final_all.hidden)), _last_block_output(model, tokens), rtol=1e-5, atol=1e-5)
+
+
 def test_capture_counts_and_call_arguments() -> None:
     model = tiny.build_model("gpt2")
     inputs = engine.capture_inputs(model, random_tokens(5, 12), batch_size=4)

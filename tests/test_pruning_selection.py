@@ -112,10 +112,22 @@ def test_nm_groups_with_surplus_ties_take_the_lowest_positions_first() -> None:
     assert torch.equal(pruned, expected)
 
 
-def test_kth_smallest_in_row_slices_is_kthvalue(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_kth_smallest_in_row_slices_is_kthvalue(monkeypatch: pytest.MonkeyPatch, threads: int) -> None:
     # rows are selected a slice at a time (bounded temporaries), on the CPU by NumPy's
-    # partition and elsewhere by topk (its path is run here on a float16 copy): the values of kthvalue
+    # partition (the slices spread over torch's threads) and elsewhere by topk (its path is
+    # run here on a float16 copy): the values of kthvalue
     monkeypatch.setattr(selection, "_TOPK_CHUNK_BYTES", 12 * 40)  # a few rows per slice
+    monkeypatch.setattr(selection, "_THREADED_SELECTION_MIN", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _kth_smallest_matches_kthvalue()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _kth_smallest_matches_kthvalue() -> None:
 
     def same(got: torch.Tensor, expected: torch.Tensor) -> None:  # exact values, NaN where kthvalue gives NaN
         torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)

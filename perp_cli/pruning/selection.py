@@ -16,12 +16,14 @@ pruned even if the group then exceeds its count: masks never revive weights.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 _EPS = 1e-9
 _TOPK_CHUNK_BYTES = 32 << 20
+_THREADED_SELECTION_MIN = 1 << 16  # below, starting the threads costs more than they save
 
 
 def prune_count(n: int, sparsity: float) -> int:
@@ -75,15 +77,29 @@ def kth_smallest(scores: torch.Tensor, k: int) -> torch.Tensor:
     5-10x faster than `torch.topk`/`kthvalue`, which carry an index with every value);
     elsewhere from `topk` (the largest of the k smallest, or the smallest of the n−k+1
     largest), or `kthvalue` for one long row. Rows are independent, so they are taken a
-    slice at a time: the temporaries stay under `_TOPK_CHUNK_BYTES`, not matrix-sized."""
+    slice at a time: the temporaries stay under `_TOPK_CHUNK_BYTES`, not matrix-sized.
+    `partition` releases the GIL and runs on one core, so on the CPU the slices are spread
+    over torch's intra-op thread count (the threads every other op of the run uses)."""
     n = scores.shape[-1]
     flat = scores.detach().reshape(-1, n)
     out = torch.empty(flat.shape[0], 1, dtype=scores.dtype, device=scores.device)
     if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
         values = flat.numpy()
+        threads = torch.get_num_threads()
         step = max(1, _TOPK_CHUNK_BYTES // (values.itemsize * n))  # np.partition copies its slice
-        for i in range(0, flat.shape[0], step):
+        if threads > 1:
+            step = min(step, -(-flat.shape[0] // threads))
+        starts = range(0, flat.shape[0], step)
+
+        def take(i: int) -> None:
             out[i : i + step, 0] = torch.from_numpy(np.partition(values[i : i + step], k - 1, axis=1)[:, k - 1])
+
+        if threads > 1 and len(starts) > 1 and flat.numel() >= _THREADED_SELECTION_MIN:
+            with ThreadPoolExecutor(min(threads, len(starts))) as pool:
+                list(pool.map(take, starts))
+        else:
+            for i in starts:
+                take(i)
         return out.reshape(*scores.shape[:-1], 1)
     if flat.shape[0] == 1:
         return torch.kthvalue(scores, k, dim=-1, keepdim=True).values

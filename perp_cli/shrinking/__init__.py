@@ -194,7 +194,7 @@ def shrink(ckpt: Checkpoint, cfg: ShrinkConfig, tokens: data.Windows) -> ShrinkO
         worker = experts_mod.ExpertsPass(plan)
     with make_progress(cfg.quiet) as progress:
         engine.calibrate(model, tokens, worker.step, device=device, batch_size=cfg.batch_size, offload=placement,
-                         progress=progress, description=f"{cfg.structure} scores")
+                         progress=progress, description=f"{cfg.structure} scores", propagate_last=False)
     model.to("cpu")
     removed: dict[str, Any]
     if cfg.structure == "depth":
