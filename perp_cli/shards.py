@@ -74,16 +74,20 @@ def resolve_dtype(dtype: str) -> torch.dtype | str:
     return DTYPES[dtype]
 
 
-def check_tensor_finite(name: str, t: torch.Tensor, where: str, chunk: int = 1 << 22) -> None:
-    """NaN/inf check in chunks: `torch.isfinite` on a whole embedding matrix allocates
-    several temporaries of its size (an `abs` copy among them), more than one block of a
-    large model."""
+def all_finite(t: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """No NaN or inf in `t`, checked a slice of `chunk` elements at a time: `torch.isfinite`
+    of a whole matrix allocates several temporaries of its size (an `abs` copy among them),
+    more than one block of a large model, or the merged matrix itself."""
     if not t.is_floating_point():
-        return
+        return True
     flat = t.detach().reshape(-1)
-    for i in range(0, flat.numel(), chunk):
-        if not torch.isfinite(flat[i : i + chunk]).all():
-            raise NumericalError(f"{where}: parameter {name} contains NaN or inf")
+    return all(bool(torch.isfinite(flat[i : i + chunk]).all()) for i in range(0, flat.numel(), chunk))
+
+
+def check_tensor_finite(name: str, t: torch.Tensor, where: str, chunk: int = 1 << 22) -> None:
+    """`all_finite`, as a one-line error naming the parameter."""
+    if not all_finite(t, chunk):
+        raise NumericalError(f"{where}: parameter {name} contains NaN or inf")
 
 
 def parse_size(text: str | int, option: str = "--max-shard-size", minimum: int = 1) -> int:

@@ -12,10 +12,12 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from perp_cli import tiny
-from perp_cli.errors import CheckpointError, UsageError
+from perp_cli.errors import CheckpointError, NumericalError, UsageError
 from perp_cli.shards import (
     ShardReader,
     ShardWriter,
+    all_finite,
+    check_tensor_finite,
     parse_size,
     plan_shards,
     read_header,
@@ -137,3 +139,13 @@ def test_reader_reports_a_missing_tensor_before_any_work(tmp_path: Path) -> None
     save_file(partial, str(tmp_path / "model.safetensors"))
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.up_proj\.weight is not in the checkpoint"):
         ShardReader(tmp_path, model, state)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_finite_checks_see_every_slice(bad: float) -> None:
+    t = torch.zeros(10, 7)
+    assert all_finite(t, chunk=4) and all_finite(torch.ones(3, dtype=torch.int64), chunk=1)
+    t[9, 6] = bad  # in the last, shorter slice
+    assert not all_finite(t, chunk=4) and not all_finite(t)
+    with pytest.raises(NumericalError, match="parameter w contains NaN or inf"):
+        check_tensor_finite("w", t, "refusing to write", chunk=4)
