@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from perp_cli import arch, memory, shards
-from perp_cli.streaming import StreamedBlocks, build_skeleton, output_names
+from perp_cli.streaming import MaskSpool, StreamedBlocks, build_skeleton, output_names
 from perp_cli.errors import CheckpointError, NumericalError, UsageError, raise_if_signalled
 from perp_cli.manifest import (
     ADAPTERS_CONFIG_NAME,
@@ -792,25 +792,35 @@ class Output:
     In memory, `finish` writes the model at the end. Streamed, `blocks` is the
     `streaming.StreamedBlocks` to hand the engine as its residency: each block is
     written as it is released, and `finish` copies the tensors outside the blocks.
-    Everything else (config, tokenizer, masks with their hash and sparsity, adapters,
-    the manifest, the read-back check) is the same sequence for both.
+    `spool` (`streaming.MaskSpool`) takes the output's masks block by block as a step
+    chooses them (the streamed blocks' masks, an in-memory prune's); a step that holds its
+    masks in memory passes them to `finish` instead. Everything else (config, tokenizer,
+    masks with their hash and sparsity, adapters, the manifest, the read-back check) is
+    the same sequence for both residencies.
     """
 
     def __init__(self, ckpt: Checkpoint, directory: Path, step: StepRecord, max_shard_size: int,
                  writer: shards.ShardWriter | None) -> None:
         self.ckpt, self.directory, self.step, self.max_shard_size = ckpt, directory, step, max_shard_size
         self.writer = writer
-        self.blocks: StreamedBlocks | None = StreamedBlocks(ckpt, writer) if writer is not None else None
+        self.spool = MaskSpool(directory)
+        self.blocks: StreamedBlocks | None = StreamedBlocks(ckpt, writer, self.spool) if writer is not None else None
         self.manifest: dict[str, Any] | None = None
 
     def finish(self, masks: MaskSet | None = None, adapters: dict[str, torch.Tensor] | None = None,
                adapters_config: dict[str, Any] | None = None) -> dict[str, Any]:
         """Write everything but what the blocks already wrote; return the manifest.
 
-        `masks`: in memory, the masks to write (None: none). Streamed, the masks are those
-        the blocks were released with (none when no block had any); `masks` is not used.
-        Before anything of the model is written in memory, the invariants are verified:
-        all weights finite, masked weights exactly zero, N:M groups valid."""
+        `masks`: the masks to write when the step held them in memory (in-memory
+        reconstruct, merge). None, and always when streamed: the spooled masks, if any (a
+        streamed step's, an in-memory prune's). Before anything of the model is written in
+        memory, the invariants are verified: all weights finite; masked weights exactly zero
+        and N:M groups valid (spooled masks: by the step as it spooled each block, as a
+        streamed block is verified when it is released)."""
+        if self.blocks is not None:
+            masks = None  # the blocks were released with their masks (spooled)
+        if masks is not None and self.spool.stored:
+            raise ValueError("internal: masks both spooled and passed to finish")
         model, tmp, step = self.ckpt.model, self.directory, self.step
         if self.blocks is None:
             check_finite(model, "refusing to write")
@@ -832,17 +842,17 @@ class Output:
             self.ckpt.tokenizer.save_pretrained(tmp)
         manifest = next_manifest(self.ckpt.manifest, step)
         digests = None  # each written mask's sha256, to verify the file once the manifest is written
-        if masks is not None and self.blocks is None:
+        if masks is not None:
+            self.spool.discard()
             shapes = {name: list(masks.masks.shape(name)) for name in masks.masks}
             manifest["masks_sha256"] = shards.write_masks(tmp, shapes, masks.pattern, masks.permutations, masks.masks.packed)
             manifest["pattern"], stats = str(masks.pattern), masks.stats()
             digests = {name: sha256_tensor(masks.masks.packed(name)) for name in masks.masks}
-        elif self.blocks is not None and self.blocks.spool.stored:
-            old = self.ckpt.masks.permutations if self.ckpt.masks is not None else None
-            manifest["masks_sha256"] = self.blocks.spool.finish(self.blocks.pattern, old)
-            manifest["pattern"], stats, digests = str(self.blocks.pattern), self.blocks.stats, self.blocks.spool.digests
-        elif self.blocks is not None:
-            self.blocks.spool.path.unlink()
+        elif self.spool.stored:
+            manifest["masks_sha256"] = self.spool.finish()
+            manifest["pattern"], stats, digests = str(self.spool.pattern), self.spool.stats, self.spool.digests
+        else:
+            self.spool.discard()
         if digests is not None:
             manifest["sparsity"] = sparsity_summary(stats)
         if adapters is not None:

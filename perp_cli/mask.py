@@ -13,6 +13,7 @@ the bf16 weights): `PackedMasks` unpacks one mask at a time, when it is read.
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import sys
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -75,14 +76,42 @@ def invert_packed(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return out
 
 
-# set bits of every byte value: counts kept weights without unpacking
-_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int64)
-
-
-def count_bits(packed: torch.Tensor, chunk: int = 1 << 24) -> int:
-    """Set bits of a `pack_bits` tensor (its padding bits are zero)."""
+def count_bits(packed: torch.Tensor, chunk: int = 1 << 22) -> int:
+    """Set bits of a `pack_bits` tensor (its padding bits are zero): a bit-parallel
+    popcount of 8 bytes at a time (three shift-and-mask steps leave each byte holding its
+    own count, then the bytes are summed), a slice of `chunk` bytes at a time."""
     flat = packed.reshape(-1)
-    return sum(int(_POPCOUNT[flat[i:i + chunk].long()].sum()) for i in range(0, flat.numel(), chunk))
+    total = 0
+    for i in range(0, flat.numel(), chunk):
+        part = flat[i : i + chunk]
+        if part.numel() % 8 or part.storage_offset() % 8:  # a word view needs whole, aligned words
+            part = torch.cat([part, torch.zeros((-part.numel()) % 8, dtype=torch.uint8, device=part.device)])
+        x = part.view(torch.int64)
+        x = x - ((x >> 1) & 0x5555555555555555)
+        x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+        total += int(x.view(torch.uint8).sum(dtype=torch.int64))
+    return total
+
+
+def packed_kept_fraction(packed: torch.Tensor, shape: tuple[int, ...] | list[int], kept: int | None = None) -> float:
+    """`unpack_bits(packed, shape).float().mean().item()`, the same float, from the packed
+    bits when the mask has fewer than 2^24 weights (every float32 partial sum of 0/1
+    values is then an exact integer, so that mean is the float32 quotient kept / numel);
+    larger masks are unpacked. Saves the float32 copy of the mask (4 bytes per weight).
+    `kept`: the set bits when already counted."""
+    numel = math.prod(shape)
+    if numel == 0 or numel >= 1 << 24:
+        return unpack_bits(packed, shape).float().mean().item()
+    kept = count_bits(packed) if kept is None else kept
+    return (torch.tensor(float(kept), dtype=torch.float32) / torch.tensor(float(numel), dtype=torch.float32)).item()
+
+
+def packed_stats(packed: torch.Tensor, shape: tuple[int, ...] | list[int]) -> tuple[float, int, int]:
+    """A mask's sparsity (one minus `packed_kept_fraction`), kept and total counts: the
+    one statistic of a mask every manifest and record is made of (`MaskStats`)."""
+    kept = count_bits(packed)
+    return 1.0 - packed_kept_fraction(packed, shape, kept), kept, math.prod(shape)
 
 
 class PackedMasks(MutableMapping[str, torch.Tensor]):
@@ -177,14 +206,8 @@ class PackedMasks(MutableMapping[str, torch.Tensor]):
         return n
 
     def kept_fraction(self, name: str) -> float:
-        """`self[name].float().mean().item()`, the same float, from the packed bits when the
-        mask has fewer than 2^24 weights (every float32 partial sum of 0/1 values is then an
-        exact integer, so that mean is the float32 quotient kept / numel); larger masks are
-        unpacked. Saves the float32 copy of the mask (4 bytes per weight) at the peak."""
-        numel = self.numel(name)
-        if numel == 0 or numel >= 1 << 24:
-            return self[name].float().mean().item()
-        return (torch.tensor(float(self.kept(name)), dtype=torch.float32) / torch.tensor(float(numel), dtype=torch.float32)).item()
+        """`self[name].float().mean().item()`, the same float (`packed_kept_fraction`)."""
+        return packed_kept_fraction(self.packed(name), self.shape(name))
 
     def nbytes(self) -> int:
         """Memory held by the packed masks."""
@@ -255,7 +278,7 @@ class MaskSet:
         return list(self.masks)
 
     def sparsity(self) -> dict[str, float]:
-        # the float mean, as `pruner.keep_stats` (and so a streamed run's manifest) computes it
+        # the float mean, as `packed_stats` (and so every manifest) computes it
         return {n: 1.0 - self.masks.kept_fraction(n) for n in self.masks}
 
     def total_sparsity(self) -> float:
@@ -264,20 +287,15 @@ class MaskSet:
         return 1.0 - kept / total if total else 0.0
 
     def stats(self) -> "MaskStats":
-        """`keep_stats` of every mask, from the packed bits (no unpacked copy)."""
-        return {n: (1.0 - self.masks.kept_fraction(n), self.masks.kept(n), self.masks.numel(n)) for n in self.masks}
+        """`packed_stats` of every mask."""
+        return {n: packed_stats(self.masks.packed(n), self.masks.shape(n)) for n in self.masks}
 
 
 MaskStats = dict[str, tuple[float, int, int]]  # name -> (sparsity, kept, numel)
 
 
-def keep_stats(keep: torch.Tensor) -> tuple[float, int, int]:
-    """A mask's sparsity (the float mean, as `MaskSet.sparsity`) and its exact counts."""
-    return 1.0 - keep.float().mean().item(), int(keep.sum()), keep.numel()
-
-
 def sparsity_summary(stats: MaskStats) -> dict[str, Any]:
-    """The manifest's `sparsity` (and a prune's per-tensor record) from masks' `keep_stats`:
+    """The manifest's `sparsity` (and a prune's per-tensor record) from masks' `packed_stats`:
     the one way perp summarises sparsity, whether the masks are in memory or were
     released block by block."""
     total = sum(v[2] for v in stats.values())

@@ -10,8 +10,10 @@ One recipe for every method:
    methods (Wanda, SparseGPT) run the block-sequential engine: per block, one pass with
    statistics hooks (one statistics object per input group), then each group is pruned
    and the calibration inputs go through the *pruned* block to the next one;
-4. the masks are assembled in each parameter's own layout, applied (exact zeros), and
-   the achieved sparsity is measured from the masks.
+4. as each block is done, its masks are assembled in each parameter's own layout,
+   applied (exact zeros), verified and handed to the output (`_Pruner.hand_over`: the
+   run holds one block's masks, not the model's), and the achieved sparsity is measured
+   from the masks.
 
 `--scope global` needs every score before any mask: for Wanda the scores are then
 collected on the dense model's activations (blocks are not pruned during the pass).
@@ -56,9 +58,9 @@ from torch import nn
 from perp_cli import activations, arch, checkpoint, data, engine, mask
 from perp_cli.arch import Matrix
 from perp_cli.checkpoint import Checkpoint
-from perp_cli.errors import ArchitectureError, UsageError
+from perp_cli.errors import ArchitectureError, CheckpointError, UsageError
 from perp_cli.manifest import peak_memory
-from perp_cli.mask import MaskSet, MaskStats, Pattern, keep_stats
+from perp_cli.mask import MaskSet, MaskStats, Pattern, mask_problems
 from perp_cli.progress import make_progress
 from perp_cli.pruning import METHODS, Method, dsnot, owl
 from perp_cli.pruning.magnitude import magnitude_scores
@@ -105,7 +107,7 @@ REFINEMENTS = ("dsnot",)
 
 
 class PruneOutcome(NamedTuple):
-    masks: MaskSet | None  # None when streaming: the stream wrote them block by block
+    masks: MaskSet | None  # None when spooled (`spool`) or streamed: they went to the output block by block
     results: dict[str, Any]
     data: dict[str, Any]  # calibration source and token hash ({} for data-free methods)
 
@@ -269,7 +271,7 @@ class _Pruner:
         self.block_seconds: list[dict[str, float]] = []  # per calibrated block: statistics pass, pruning, their phases
         self.clock = PhaseClock()  # SparseGPT's phases (inverse, mask, columns, lazy), summed over the run
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.stats: MaskStats = {}  # filled by block_keep (streaming)
+        self.stats: MaskStats = {}  # every final mask's, filled by block_keep
         self.block_sparsity: dict[int, float] = {}  # --allocation owl: each block's target
         self.outlier_ratios: dict[int, float] = {}
         self.permutations: dict[str, torch.Tensor] = {}  # --permute: matrix key -> input order
@@ -364,7 +366,7 @@ class _Pruner:
                 self.score_or_select(m, self.p.method.score(m.weight(), group.stat))
             return
         with self.clock("inverse"):
-            inverse = inverse_hessian(group.stat.hessian(), self.config.damp, where=group.label)
+            inverse = inverse_hessian(group.stat.take_hessian(), self.config.damp, where=group.label, consume=True)
         if inverse.retries:
             self.note("damping", f"{group.label}: Hessian not positive definite, damp raised to {inverse.damp:g} ({inverse.retries} retries)")
         n, mm = (self.p.pattern.n, self.p.pattern.m) if self.p.pattern.structured else (0, 0)
@@ -466,10 +468,33 @@ class _Pruner:
 
     # --- assembling the result
 
-    def mask_set(self) -> MaskSet:
-        """Keep-masks in each parameter's layout; untouched input masks carried over."""
-        old = self.old.masks if self.old is not None else mask.PackedMasks()
-        return MaskSet(self._assemble(old, self.matrices), self.p.pattern, self.permutation_set())
+    def hand_over(self, index: int, sink: Any) -> None:
+        """In memory: block `index`'s final keep-masks (`block_keep`) to `sink` (a
+        `PackedMasks`, or the output's `streaming.MaskSpool`), once the block is done.
+        The input masks it carries over (matrices not pruned now; the other experts of a
+        fused parameter) are applied first, then the block is verified against its masks,
+        as a streamed block is when it is released."""
+        keep = self.block_keep(index)
+        done = {m.name for m in self.matrices if m.block == index and m.expert is None}  # zeroed by `commit`
+        carried = MaskSet(keep.select([n for n in keep if n not in done]))
+        mask.apply(self.model, carried)
+        problems = mask_problems(self.model, MaskSet(keep, self.p.pattern, self.permutation_set()))
+        if problems:
+            raise CheckpointError(f"refusing to write: {problems[0]}")
+        for name in keep:
+            sink.set_packed(name, keep.packed(name), keep.shape(name))
+
+    def hand_over_rest(self, sink: Any) -> None:
+        """Input masks outside every block (none from perp, which prunes only block
+        matrices; possible in a hand-made mask file), carried over as they are."""
+        if self.old is None:
+            return
+        inside = {n for i in range(len(arch.blocks(self.model))) for n in arch.block_names(self.model, self.old.masks, i)}
+        rest = self.old.masks.select([n for n in self.old.masks if n not in inside])
+        mask.apply(self.model, MaskSet(rest))
+        for name in rest:
+            sink.set_packed(name, rest.packed(name), rest.shape(name))
+            self.stats[name] = mask.packed_stats(rest.packed(name), rest.shape(name))
 
     def permutation_set(self) -> dict[str, torch.Tensor]:
         """--permute: each mask's input order (by parameter name), with the input's own."""
@@ -490,7 +515,7 @@ class _Pruner:
         keep = self._assemble(old, matrices)
         for m in matrices:
             del self.pruned[m.key]
-        self.stats.update({n: keep_stats(k) for n, k in keep.items()})
+        self.stats.update({n: mask.packed_stats(keep.packed(n), keep.shape(n)) for n in keep})
         return keep
 
     def _assemble(self, old: mask.PackedMasks, matrices: list[Matrix]) -> mask.PackedMasks:
@@ -667,7 +692,7 @@ def dense_weights(model: nn.Module, matrices: list[Matrix]) -> dict[str, torch.T
 
 def prune(
     ckpt: Checkpoint, config: PruneConfig, tokens: data.Windows | None = None, dense: nn.Module | None = None,
-    blocks: Any = None,
+    blocks: Any = None, spool: Any = None,
 ) -> PruneOutcome:
     """Prune `ckpt.model` in place and return its masks, results and calibration record.
 
@@ -676,6 +701,10 @@ def prune(
     `blocks`: the engine's residency when `ckpt` is streamed (`checkpoint.writing`'s
     `output.blocks`): each block is loaded before its turn and written with its final
     keep-masks once done; the returned `masks` is then None (they are on disk, packed).
+    `spool`: the output's `streaming.MaskSpool` (`checkpoint.writing`'s `output.spool`).
+    In memory, each block's keep-masks go there as soon as the block is pruned, and the
+    returned `masks` is None: the run holds one block's masks, not the model's (1/32 of
+    a float32 model). Without it, they are returned. Streamed, the blocks spool them.
     `dense`: the dense model `--method keep --refine` takes the pruned weights' values
     from (required then).
     """
@@ -694,7 +723,12 @@ def prune(
     data_record: dict[str, Any] = {}
     activation_record: dict[str, Any] = {}
     if blocks is not None:  # the streamed blocks are written with the masks this run chooses
-        blocks.masks_of, blocks.pattern = pruner.block_keep, p.pattern
+        blocks.masks_of, blocks.spool.pattern = pruner.block_keep, p.pattern
+    kept = spool if spool is not None and blocks is None else mask.PackedMasks()  # where in-memory masks go
+    # in memory, each block's masks are handed over once it is done (`--scope global`:
+    # once every block is scored, at the end); streamed, the blocks release them
+    per_block = blocks is None and p.scope != "global"
+    residency = engine.Residency(load=lambda i, b: None, release=lambda i, b: pruner.hand_over(i, kept)) if per_block else blocks
 
     with make_progress(config.quiet) as progress:
         if calibrated:
@@ -708,25 +742,26 @@ def prune(
         if config.allocation == "owl":
             owl_pass(pruner, tokens, device, placement, progress)
         if not calibrated or (p.method.statistic is None and config.refine is None):
-            engine.run_blocks(model, None, pruner.step_data_free, progress=progress, description=f"{p.method.name} blocks", residency=blocks)
+            engine.run_blocks(model, None, pruner.step_data_free, progress=progress, description=f"{p.method.name} blocks", residency=residency)
         else:
             final = engine.calibrate(
                 model, tokens, pruner.step, device=device, batch_size=config.batch_size,
                 offload=placement, progress=progress, description=f"{p.method.name} blocks",
-                residency=blocks, in_place=True,  # the step never keeps s.inputs: one copy of the activations
+                residency=residency, in_place=True,  # the step never keeps s.inputs: one copy of the activations
                 propagate_last=False,  # nothing reads the last block's outputs
             )
             activation_record = {"placement": placement.describe(), "peak_device_bytes": final.hidden.peak_device_bytes}
             del final
         pruner.finish_global()
 
+    masks: MaskSet | None = None
     if blocks is None:
-        masks: MaskSet | None = pruner.mask_set()
-        # the matrices pruned now were zeroed by `commit` with these very masks; only the
-        # carried ones (input masks of matrices not pruned now, fused experts) are applied
-        done = {m.name for m in pruner.matrices if m.expert is None}
-        mask.apply(model, MaskSet(masks.masks.select([n for n in masks.masks if n not in done])))
-        stats = masks.stats()
-    else:
-        masks, stats = None, pruner.stats
-    return PruneOutcome(masks, _results(pruner, stats, skipped, start, device, activation_record), data_record)
+        if not per_block:
+            for index in range(len(arch.blocks(model))):
+                pruner.hand_over(index, kept)
+        pruner.hand_over_rest(kept)
+        if spool is not None:
+            spool.pattern, spool.permutations = p.pattern, pruner.permutation_set()
+        else:
+            masks = MaskSet(kept, p.pattern, pruner.permutation_set())
+    return PruneOutcome(masks, _results(pruner, pruner.stats, skipped, start, device, activation_record), data_record)

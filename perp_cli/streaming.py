@@ -34,7 +34,7 @@ from torch import nn
 from perp_cli import arch, memory, shards
 from perp_cli.errors import CheckpointError, UsageError
 from perp_cli.manifest import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, sha256_tensor
-from perp_cli.mask import MaskSet, Pattern, apply, keep_stats, mask_problems, pack_bits
+from perp_cli.mask import MaskSet, MaskStats, Pattern, apply, mask_problems, pack_bits, packed_stats
 from perp_cli.shards import (
     ShardReader,
     ShardWriter,
@@ -132,10 +132,16 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 class MaskSpool:
-    """Bit-packed keep-masks appended to a scratch file in the staging directory as each
-    block is released, assembled into `masks.safetensors` at the end (`shards.write_masks`,
-    as for masks held in memory). Each mask's sha256 is kept to verify the assembled file
-    (`shards.verify_masks`) without holding any mask in memory."""
+    """The output's keep-masks, bit-packed, appended to a scratch file in the staging
+    directory as each block is done, then assembled into `masks.safetensors`
+    (`shards.write_masks`) by `finish`. A streamed step spools each block as it is
+    released; an in-memory prune spools each block as soon as it is pruned, so neither
+    holds the masks of more than one block (1/32 of a float32 model, ~9 GB for 70B).
+    Each mask's sha256 and statistics are kept to verify the assembled file
+    (`shards.verify_masks`) and write the manifest without reading any mask back.
+
+    `pattern` and `permutations` (N:M input orders, by name) are written with the masks;
+    the step that fills the spool sets them."""
 
     NAME = ".masks.spool"
 
@@ -146,23 +152,35 @@ class MaskSpool:
         self.stored: dict[str, StoredTensor] = {}  # where each packed mask is in the spool
         self.shapes: dict[str, list[int]] = {}
         self.digests: dict[str, str] = {}
+        self.stats: MaskStats = {}
+        self.pattern = Pattern()
+        self.permutations: dict[str, torch.Tensor] = {}
         self.size = 0
 
     def add(self, name: str, keep: torch.Tensor) -> None:
-        packed = pack_bits(keep)
+        self.set_packed(name, pack_bits(keep), tuple(keep.shape))
+
+    def set_packed(self, name: str, packed: torch.Tensor, shape: tuple[int, ...]) -> None:
+        """Append mask `name` given as `pack_bits` gives it (as `PackedMasks.set_packed`)."""
+        if name in self.stored:
+            raise ValueError(f"mask {name} is already spooled")
         with open(self.path, "ab") as f:
             f.write(memoryview(packed.numpy()))
         self.stored[name] = StoredTensor(name, self.NAME, torch.uint8, tuple(packed.shape), self.size, packed.numel())
-        self.shapes[name], self.digests[name] = list(keep.shape), sha256_tensor(packed)
+        self.shapes[name], self.digests[name] = list(shape), sha256_tensor(packed)
+        self.stats[name] = packed_stats(packed, shape)
         self.size += packed.numel()
 
-    def finish(self, pattern: Pattern, permutations: dict[str, torch.Tensor] | None = None) -> str:
-        """Write `masks.safetensors`, drop the spool; return the file's sha256.
-        `permutations`: the input masks' N:M input orders, carried over."""
+    def finish(self) -> str:
+        """Write `masks.safetensors`, drop the spool; return the file's sha256."""
         with open(self.path, "rb", buffering=0) as f:
-            sha = shards.write_masks(self.directory, self.shapes, pattern, permutations or {}, lambda n: read_tensor(f, self.stored[n]))
+            sha = shards.write_masks(self.directory, self.shapes, self.pattern, self.permutations, lambda n: read_tensor(f, self.stored[n]))
         self.path.unlink()
         return sha
+
+    def discard(self) -> None:
+        """No masks: drop the (empty) spool."""
+        self.path.unlink(missing_ok=True)
 
 
 TAIL_CHUNK_BYTES = 1 << 25  # rows copied at a time from an embedding or head: 32 MiB, whatever the vocabulary
@@ -243,10 +261,11 @@ class StreamedBlocks:
     `masks_of(i)`: block i's final keep-masks, set by the step that chooses them (a
     prune: `pruner`'s `block_keep`); by default the input's own masks of block i, read
     for block i's step when the checkpoint holds them lazily (a reconstruct or a merge).
-    `pattern`: the pattern the released masks are checked against and written with.
+    `spool`: where the released masks go (the output's `MaskSpool`, with an output); its
+    `pattern` is the one they are checked against and written with.
     """
 
-    def __init__(self, ckpt: Any, writer: ShardWriter | None = None) -> None:
+    def __init__(self, ckpt: Any, writer: ShardWriter | None = None, spool: MaskSpool | None = None) -> None:
         self.model = ckpt.model
         self.reader: ShardReader = ckpt.weights
         self.writer = writer
@@ -258,10 +277,12 @@ class StreamedBlocks:
         self.names = output_names(self.model)
         self.dtypes = {n: t.dtype for n, t in self.names.items()}
         self.embedding_names, self.tail_names = arch.outside_blocks(self.model, self.names)
-        self.pattern = self.old.pattern if self.old is not None else Pattern()
         self.masks_of: Callable[[int], dict[str, torch.Tensor]] | None = None
-        self.spool = MaskSpool(writer.directory) if writer is not None else None
-        self.stats: dict[str, tuple[float, int, int]] = {}
+        if writer is not None and spool is None:
+            raise ValueError("a streamed output needs the mask spool its blocks' masks go to")
+        self.spool = spool
+        if self.spool is not None and self.old is not None:  # the input's pattern and N:M orders, unless the step sets its own
+            self.spool.pattern, self.spool.permutations = self.old.pattern, dict(self.old.permutations)
 
     # --- reading
 
@@ -317,7 +338,7 @@ class StreamedBlocks:
         own = self.own_masks(index)
         if self.writer is not None:
             keep = self.masks_of(index) if self.masks_of is not None else {n: self.old.masks[n] for n in own}
-            masks = MaskSet(keep, self.pattern, self.old.permutations if self.old is not None else {})  # --permute's N:M order
+            masks = MaskSet(keep, self.spool.pattern, self.spool.permutations)  # --permute's N:M order
             apply(self.model, masks)
             problems = mask_problems(self.model, masks)
             if problems:
@@ -327,7 +348,6 @@ class StreamedBlocks:
                 check_tensor_finite(name, t, "refusing to write")
             for name, k in keep.items():
                 self.spool.add(name, k)
-                self.stats[name] = keep_stats(k)
             self._write({n: t.detach() for n, t in state.items()})
             del state
         self._uninstall(names)

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from perp_cli.errors import UsageError
-from perp_cli.mask import MaskSet, Pattern, apply, invert_packed, nm_violations, nonzeros_outside, pack_bits, unpack_bits, zero_pruned_
+from perp_cli.mask import MaskSet, Pattern, apply, count_bits, invert_packed, nm_violations, nonzeros_outside, pack_bits, packed_stats, unpack_bits, zero_pruned_
 from perp_cli import tiny, arch
 
 
@@ -122,6 +122,9 @@ def test_word_packing_gives_the_bytes_of_the_bytewise_packing(numel: int) -> Non
         assert torch.equal(packed, _pack_reference(view.contiguous()))
         assert torch.equal(unpack_bits(packed, view.shape), view)
         assert torch.equal(invert_packed(packed, view.numel()), pack_bits(~view))  # padding bits stay zero
+        assert count_bits(packed) == int(view.sum()) == count_bits(packed, chunk=3)  # word popcount, any slicing
+        if packed.numel() > 1:  # a view at an odd byte offset is copied into whole words
+            assert count_bits(packed[1:]) == sum(bin(int(b)).count("1") for b in packed[1:])
 
 
 @pytest.mark.parametrize("numel", [1, 3, 1000, 4097, 70001])
@@ -133,6 +136,7 @@ def test_kept_fraction_is_the_float_mean_of_the_mask(numel: int) -> None:
         keep = torch.rand(numel, generator=torch.Generator().manual_seed(numel)) < p
         masks = PackedMasks({"w": keep.reshape(1, -1)})
         assert masks.kept_fraction("w") == keep.float().mean().item()
+        assert packed_stats(pack_bits(keep), (1, numel)) == (1.0 - keep.float().mean().item(), int(keep.sum()), numel)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])

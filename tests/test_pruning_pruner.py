@@ -209,3 +209,48 @@ def test_unknown_sparsegpt_selection_is_a_usage_error() -> None:
 
     with pytest.raises(UsageError, match="--sparsegpt-selection 'nope' is not one of reference, exact"):
         plan(PruneConfig("sparsegpt", sparsegpt_selection="nope"))
+
+
+@pytest.mark.parametrize("method,scope", [("wanda", None), ("magnitude", None), ("wanda", "global")])
+def test_an_in_memory_prune_spools_each_block_as_soon_as_it_is_done(tmp_path, monkeypatch, method: str, scope: str | None) -> None:
+    """With the output's spool, the run holds one block's masks: every earlier block's are
+    in the spool before the next block is pruned (all at the end with --scope global,
+    which ranks every block first). The spooled file equals the masks returned without
+    a spool, bit for bit, and carries the input masks of the blocks not pruned now."""
+    from perp_cli import shards
+    from perp_cli.mask import MaskSet
+    from perp_cli.pruner import _Pruner
+    from perp_cli.streaming import MaskSpool
+
+    base = _ckpt("llama", num_hidden_layers=3)
+    first, _, _ = prune(base, PruneConfig("magnitude", sparsity=0.3))
+    base.masks = first
+    config = dict(sparsity=0.5, scope=scope, targets=r"layers\.[01]\.")
+    tokens = random_tokens(4, 32, 2)
+    reference = copy.deepcopy(base)
+    expected, _, _ = prune(reference, PruneConfig(method, **config), tokens=tokens)
+
+    held_at_each_block = []
+    for name in ("step", "step_data_free"):
+        original = getattr(_Pruner, name)
+
+        def recording(self, s, original=original):
+            held_at_each_block.append((len(self.pruned), len(spool.stored)))
+            return original(self, s)
+
+        monkeypatch.setattr(_Pruner, name, recording)
+    spool = MaskSpool(tmp_path)
+    ckpt = copy.deepcopy(base)
+    masks, results, _ = prune(ckpt, PruneConfig(method, **config), tokens=tokens, spool=spool)
+    assert masks is None
+    matrices_per_block = len([m for m in arch.matrices(ckpt.model) if m.block == 0])
+    spooled_before = [0, matrices_per_block, 2 * matrices_per_block] if scope is None else [0, 0, 0]
+    assert held_at_each_block == [(0, n) for n in spooled_before]
+    sha = spool.finish()
+    written = shards.MaskReader.open(tmp_path, {"masks_sha256": sha}).mask_set()
+    assert sorted(written.names()) == sorted(expected.names()) and str(written.pattern) == str(expected.pattern)
+    assert all(torch.equal(written[n], expected[n]) for n in expected.names())
+    assert spool.stats == MaskSet(expected.masks).stats()
+    assert results["sparsity_achieved"] == prune(copy.deepcopy(base), PruneConfig(method, **config), tokens=tokens).results["sparsity_achieved"]
+    assert all(torch.equal(p, q) for p, q in zip(ckpt.model.state_dict().values(), reference.model.state_dict().values()))
+    assert not (tmp_path / MaskSpool.NAME).exists()

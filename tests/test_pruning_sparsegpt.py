@@ -190,9 +190,51 @@ def test_nan_hessian_is_a_numerical_error_not_nan_weights() -> None:
         inverse_hessian(-torch.eye(3) * 1e12 + torch.ones(3, 3), damp=1e-9)
 
 
-def previous_inverse_hessian(hessian: torch.Tensor, damp: float = 0.01, where: str = "layer") -> InverseHessian:
+@pytest.mark.parametrize("d", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("chunk", [1, 2, 3, 1 << 20])
+def test_flip_in_place_is_flip(d: int, chunk: int) -> None:
+    from perp_cli.pruning.sparsegpt import _flip_in_place
+
+    for layout in ("rows", "columns"):  # LAPACK's factors are stored by columns
+        square = torch.randn(d, d, generator=torch.Generator().manual_seed(d))
+        square = square.t().contiguous().t() if layout == "columns" else square
+        expected, strides, storage = square.flip(0, 1), square.stride(), square.data_ptr()
+        assert torch.equal(_flip_in_place(square, chunk), expected)
+        assert (square.stride(), square.data_ptr()) == (strides, storage)
+
+
+@pytest.mark.parametrize("case", ["calibration", "dead inputs", "damping retries"])
+def test_consuming_the_hessian_gives_the_same_factor_bit_for_bit(case: str) -> None:
+    """`consume=True` reverses and damps H in place (two d x d matrices alive instead of
+    five); U, the dead inputs, the damping and the retries are those of the copying path,
+    which leaves its input untouched."""
+    if case == "damping retries":
+        h = torch.tensor([[1.0, 3.0], [3.0, 1.0]])
+    else:
+        x = torch.randn(24, 4 * SEQLEN, generator=torch.Generator().manual_seed(1))
+        if case == "dead inputs":
+            x[[0, 7, 23]] = 0
+        h = _hessian(x)
+    kept = h.clone()
+    copying = inverse_hessian(h)
+    assert torch.equal(h, kept)  # not consumed: untouched
+    consumed = inverse_hessian(h, consume=True)
+    assert torch.equal(consumed.upper, copying.upper) and torch.equal(consumed.dead, copying.dead)
+    assert (consumed.damp, consumed.retries) == (copying.damp, copying.retries)
+    assert not torch.equal(h, kept)  # the caller gave it up: it held the factorisation's input
+
+
+def test_the_hessian_is_handed_over_not_copied() -> None:
+    stat = HessianStat(4, torch.device("cpu"))
+    stat.add(torch.randn(1, SEQLEN, 4))
+    h = stat.h
+    assert stat.take_hessian() is h and stat.h is None
+
+
+def previous_inverse_hessian(hessian: torch.Tensor, damp: float = 0.01, where: str = "layer", consume: bool = False) -> InverseHessian:
     """perp's factorisation before issue 17's second round, as the reference code does it:
-    LAPACK Cholesky of H, inverse from the factor, upper Cholesky of the inverse (4/3·d³)."""
+    LAPACK Cholesky of H, inverse from the factor, upper Cholesky of the inverse (4/3·d³).
+    `consume` is accepted (the pruner's call) and ignored: H is copied."""
     h = hessian.clone().float()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0

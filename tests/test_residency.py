@@ -904,3 +904,33 @@ def test_real_tiny_opt_pruned_retrained_and_merged_both_ways(tmp_path: Path, cal
     assert_same_tensors(read_weights(memory), read_weights(streamed))
     assert_same_tensors(load_file(memory / "masks.safetensors"), load_file(streamed / "masks.safetensors"))
     assert sum_a["merged_tensors"] == sum_b["merged_tensors"] > 0 and sum_b["masks_kept"]
+
+
+def test_the_mask_spool_assembles_the_file_masks_in_memory_write(tmp_path: Path) -> None:
+    """What a spool assembles is what `shards.write_masks` writes from masks held in
+    memory: the same bytes, hash, statistics and read-back digests; a name spooled twice
+    is an error, and an unused spool leaves nothing behind."""
+    from perp_cli.mask import MaskSet, PackedMasks, Pattern, pack_bits
+
+    generator = torch.Generator().manual_seed(0)
+    keeps = {"b.weight": torch.rand(5, 24, generator=generator) < 0.5, "a.weight": torch.rand(3, 8, 2, generator=generator) < 0.25}
+    order = {"b.weight": torch.randperm(24, generator=generator)}
+    spooled, held = tmp_path / "spooled", tmp_path / "held"
+    spooled.mkdir(), held.mkdir()
+    spool = streaming.MaskSpool(spooled)
+    for name, keep in keeps.items():
+        spool.add(name, keep)
+    with pytest.raises(ValueError, match="already spooled"):
+        spool.set_packed("a.weight", pack_bits(keeps["a.weight"]), (3, 8, 2))
+    spool.pattern, spool.permutations = Pattern(), order
+    sha = spool.finish()
+    masks = MaskSet(PackedMasks(keeps), Pattern(), order)
+    shapes = {n: list(masks.masks.shape(n)) for n in masks.masks}
+    assert shards.write_masks(held, shapes, masks.pattern, order, masks.masks.packed) == sha
+    assert (spooled / shards.MASKS_NAME).read_bytes() == (held / shards.MASKS_NAME).read_bytes()
+    assert spool.stats == masks.stats()
+    shards.verify_masks(spooled, sha, spool.digests)
+    assert sorted(p.name for p in spooled.iterdir()) == [shards.MASKS_NAME]
+    unused = streaming.MaskSpool(tmp_path / "held")
+    unused.discard()
+    assert sorted(p.name for p in held.iterdir()) == [shards.MASKS_NAME]

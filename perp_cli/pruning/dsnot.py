@@ -118,6 +118,9 @@ class WithMoments:
     def hessian(self) -> torch.Tensor:
         return self.primary.hessian()  # type: ignore[union-attr]
 
+    def take_hessian(self) -> torch.Tensor:
+        return self.primary.take_hessian()  # type: ignore[union-attr]
+
 
 @dataclass
 class Refined:

@@ -117,9 +117,27 @@ def _lower_triangular_inverse(lower: torch.Tensor, out: torch.Tensor, leaf: int 
     out[k:, :k].neg_()
 
 
-def _upper_inverse_cholesky(reversed_h: torch.Tensor) -> torch.Tensor | None:
-    """U upper triangular with UᵀU = H⁻¹, from JHJ (H with its order reversed: J), or None
-    if H is not positive definite.
+def _flip_in_place(square: torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+    """`square.flip(0, 1)` written into `square` itself, in its own layout (a matrix
+    stored densely, by rows or by columns as LAPACK returns its factors, reversed in both
+    dimensions is its storage reversed): slices of `chunk` entries from both ends are
+    swapped, so the temporary is one slice, not a second matrix."""
+    dense = square if square.is_contiguous() else square.t()
+    if not dense.is_contiguous():  # strided views: not worth a special case
+        return square.copy_(square.flip(0, 1))
+    flat = dense.view(-1)
+    n = flat.numel()
+    for i in range(0, n // 2, chunk):
+        c = min(chunk, n // 2 - i)
+        front = flat[i : i + c].clone()
+        flat[i : i + c] = flat[n - i - c : n - i].flip(0)
+        flat[n - i - c : n - i] = front.flip(0)
+    return square
+
+
+def _upper_inverse_cholesky(lower: torch.Tensor) -> torch.Tensor | None:
+    """U upper triangular with UᵀU = H⁻¹, from L, the Cholesky factor of JHJ (H with its
+    order reversed: J), or None if U is not finite.
 
     With JHJ = LLᵀ (one Cholesky): H = (JLJ)(JLJ)ᵀ, so H⁻¹ = (JL⁻¹J)ᵀ(JL⁻¹J), and JL⁻¹J is
     upper triangular with a positive diagonal: it is U (the Cholesky factor is unique).
@@ -127,12 +145,9 @@ def _upper_inverse_cholesky(reversed_h: torch.Tensor) -> torch.Tensor | None:
     reference's Cholesky, inverse from it and Cholesky of the inverse (4/3·d³, LAPACK at
     ~40% of the GEMM rate here). The same U up to float32 rounding (docs/fidelity.md).
     """
-    lower, info = torch.linalg.cholesky_ex(reversed_h)
-    if int(info) != 0:
-        return None
     inverse = torch.zeros_like(lower)
     _lower_triangular_inverse(lower, inverse)
-    upper = inverse.flip(0, 1)
+    upper = _flip_in_place(inverse)
     # one pass without a temporary: a NaN or inf anywhere makes the sum non-finite (finite
     # entries of U are far from overflowing a float32 sum)
     if not torch.isfinite(upper.sum()):
@@ -140,22 +155,39 @@ def _upper_inverse_cholesky(reversed_h: torch.Tensor) -> torch.Tensor | None:
     return upper
 
 
-def inverse_hessian(hessian: torch.Tensor, damp: float = 0.01, where: str = "layer") -> InverseHessian:
-    """Dead-input fix, damping and the Cholesky of H⁻¹, raising the damping until it works."""
+def inverse_hessian(hessian: torch.Tensor, damp: float = 0.01, where: str = "layer", consume: bool = False) -> InverseHessian:
+    """Dead-input fix, damping and the Cholesky of H⁻¹, raising the damping until it works.
+
+    `consume=True`: `hessian` (float32, contiguous) is the caller's to give up: it is
+    reversed and damped in place and becomes the factorisation's input, so the d x d
+    matrices alive at once are two (H, then the factor and the inverse) instead of
+    five (H, its reversed copy, the factor, the inverse and U). Same U, bit for bit.
+    Otherwise `hessian` is left as it was (its reversed copy is made)."""
     if not torch.isfinite(hessian.sum()):  # one pass: a NaN or inf anywhere makes the sum non-finite
         raise NumericalError(f"{where}: the calibration Hessian contains NaN or inf (check the model's activations)")
-    h = hessian.detach().float()
+    h = hessian.detach()
+    in_place = consume and h.dtype == torch.float32 and h.is_contiguous()
+    h = h.float()
     diag = torch.diagonal(h)
     dead = diag == 0
     fixed = torch.where(dead, 1.0, diag)  # the diagonal after the dead-input fix H_ii = 1
     mean_diag = torch.mean(fixed)
+    # in the order the factorisation wants; only the diagonal changes between retries
+    reversed_h = _flip_in_place(h) if in_place else h.flip(0, 1)
+    del h, hessian
     for retry in range(MAX_DAMP_RETRIES + 1):
         factor = damp * 10**retry
-        reversed_h = h.flip(0, 1)  # a copy (the input is not modified), in the order the factorisation wants
         reversed_h.diagonal().copy_((fixed + factor * mean_diag).flip(0))  # a float32 product, as the reference rounds it
-        upper = _upper_inverse_cholesky(reversed_h)
+        lower, info = torch.linalg.cholesky_ex(reversed_h)
+        if int(info) != 0:
+            continue
+        del reversed_h  # the factor replaces it (the caller holds no reference when it consumed H)
+        upper = _upper_inverse_cholesky(lower)
         if upper is not None:
             return InverseHessian(upper, dead, factor, retry)
+        # U overflowed (a factor this close to singular is very rare): retry from LLᵀ, the
+        # reversed matrix up to rounding, whose diagonal the next damping overwrites
+        reversed_h = lower @ lower.t()
     raise NumericalError(
         f"{where}: the Hessian stays singular even with damping {damp * 10**MAX_DAMP_RETRIES:g}; "
         "use more calibration samples (--nsamples) or a larger --damp"

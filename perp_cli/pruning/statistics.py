@@ -93,6 +93,12 @@ class HessianStat:
     def hessian(self) -> torch.Tensor:
         return self.h
 
+    def take_hessian(self) -> torch.Tensor:
+        """H, handed over: the statistic no longer holds it (SparseGPT factorises it in
+        place, `inverse_hessian(..., consume=True)`, so no copy is made)."""
+        h, self.h = self.h, None
+        return h
+
 
 StatFactory = Callable[[int, torch.device], Any]
 

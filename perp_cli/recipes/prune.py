@@ -49,7 +49,7 @@ def run(config: Config, report: Reporter = SILENT) -> Outcome:
     dense_model = _dense_model(ckpt, config) if cfg.method == "keep" else None
     with checkpoint.writing(ckpt, config.output, step, overwrite=config.replace, max_shard_size=shard_bytes) as sink:
         masks, results, data_record = prune(ckpt, cfg, tokens=_sampler(ckpt, cfg) if calibrated else None,
-                                            dense=dense_model, blocks=sink.blocks)
+                                            dense=dense_model, blocks=sink.blocks, spool=sink.spool)
         del dense_model
         step.data, step.results = data_record, results
         sink.finish(masks)
