@@ -470,19 +470,10 @@ class _Pruner:
 
     def hand_over(self, index: int, sink: Any) -> None:
         """In memory: block `index`'s final keep-masks (`block_keep`) to `sink` (a
-        `PackedMasks`, or the output's `streaming.MaskSpool`), once the block is done.
-        The input masks it carries over (matrices not pruned now; the other experts of a
-        fused parameter) are applied first, then the block is verified against its masks,
-        as a streamed block is when it is released."""
+        `PackedMasks`, or the output's `streaming.MaskSpool`), once the block is done."""
         keep = self.block_keep(index)
         done = {m.name for m in self.matrices if m.block == index and m.expert is None}  # zeroed by `commit`
-        carried = MaskSet(keep.select([n for n in keep if n not in done]))
-        mask.apply(self.model, carried)
-        problems = mask_problems(self.model, MaskSet(keep, self.p.pattern, self.permutation_set()))
-        if problems:
-            raise CheckpointError(f"refusing to write: {problems[0]}")
-        for name in keep:
-            sink.set_packed(name, keep.packed(name), keep.shape(name))
+        self._hand(keep, [n for n in keep if n not in done], sink)
 
     def hand_over_rest(self, sink: Any) -> None:
         """Input masks outside every block (none from perp, which prunes only block
@@ -491,10 +482,19 @@ class _Pruner:
             return
         inside = {n for i in range(len(arch.blocks(self.model))) for n in arch.block_names(self.model, self.old.masks, i)}
         rest = self.old.masks.select([n for n in self.old.masks if n not in inside])
-        mask.apply(self.model, MaskSet(rest))
-        for name in rest:
-            sink.set_packed(name, rest.packed(name), rest.shape(name))
-            self.stats[name] = mask.packed_stats(rest.packed(name), rest.shape(name))
+        self.stats.update({n: mask.packed_stats(rest.packed(n), rest.shape(n)) for n in rest})
+        self._hand(rest, list(rest), sink)
+
+    def _hand(self, keep: mask.PackedMasks, carried: list[str], sink: Any) -> None:
+        """Apply the `carried` masks of `keep` (the others were applied as they were
+        chosen), verify the model against all of `keep`, as a streamed block is verified
+        when it is released, then give them to `sink`."""
+        mask.apply(self.model, MaskSet(keep.select(carried)))
+        problems = mask_problems(self.model, MaskSet(keep, self.p.pattern, self.permutation_set()))
+        if problems:
+            raise CheckpointError(f"refusing to write: {problems[0]}")
+        for name in keep:
+            sink.set_packed(name, keep.packed(name), keep.shape(name))
 
     def permutation_set(self) -> dict[str, torch.Tensor]:
         """--permute: each mask's input order (by parameter name), with the input's own."""
